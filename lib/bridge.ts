@@ -1,0 +1,156 @@
+import type { FastifyBaseLogger } from 'fastify'
+import type { Redis } from 'ioredis'
+import type { Keys } from './keys'
+
+/** BullMQ events that change what a watcher should see; the rest (added, drained ...) are skipped. */
+const RELAYED = new Set(['progress', 'active', 'waiting', 'delayed', 'stalled', 'completed', 'failed', 'removed'])
+
+export interface BridgeOptions {
+  /** Commands: PUBLISH, XACK, XAUTOCLAIM. */
+  redis: Redis
+  /** A dedicated connection for the blocking XREADGROUP. */
+  blocking: Redis
+  keys: Keys
+  queues: string[]
+  group: string
+  consumer: string
+  blockMs: number
+  claimIdleMs: number
+  claimIntervalMs: number
+  log: FastifyBaseLogger
+}
+
+type Entry = [id: string, fields: string[]]
+
+/**
+ * Reads each queue's BullMQ event stream ONCE across the cluster, through a consumer group all
+ * instances share, and publishes every relevant event to its job's own channel. An entry is
+ * acknowledged only after it was published; entries a dead instance took but never acknowledged
+ * are claimed by the others after `claimIdleMs`, so a SIGKILL loses no final state.
+ */
+export class Bridge {
+  readonly #o: BridgeOptions
+  readonly #streams: string[]
+  #running = false
+  #loop: Promise<void> | null = null
+  #claimTimer: NodeJS.Timeout | null = null
+  /** Events published since start (for tests and metrics). */
+  published = 0
+
+  constructor (opts: BridgeOptions) {
+    this.#o = opts
+    this.#streams = opts.queues.map(q => opts.keys.queueKey(q, 'events'))
+  }
+
+  async start (): Promise<void> {
+    this.#running = true
+    await this.#ensureGroups().catch((err: Error) => this.#o.log.warn({ err }, 'job-progress: cannot create the bridge consumer group yet; will retry'))
+    this.#loop = this.#read()
+    this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
+  }
+
+  async #ensureGroups (): Promise<void> {
+    for (const stream of this.#streams) {
+      try {
+        // '$': the group starts at the stream's end; MKSTREAM: before the first job ever ran.
+        await this.#o.redis.xgroup('CREATE', stream, this.#o.group, '$', 'MKSTREAM')
+      } catch (err) {
+        if (!String((err as Error).message).includes('BUSYGROUP')) throw err
+      }
+    }
+  }
+
+  async #read (): Promise<void> {
+    const { blocking, group, consumer, blockMs } = this.#o
+    const args = [...this.#streams, ...this.#streams.map(() => '>')]
+    let backoff = 100
+    while (this.#running) {
+      try {
+        const reply = await blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Array<[string, Entry[]]> | null
+        backoff = 100
+        if (reply !== null) await this.#publish(reply)
+      } catch (err) {
+        if (!this.#running) break
+        const message = String((err as Error).message)
+        // The stream or group vanished (Redis restarted empty, the queue was obliterated): make it again.
+        if (message.includes('NOGROUP')) await this.#ensureGroups().catch(() => {})
+        else this.#o.log.debug({ err }, 'job-progress: bridge read failed; retrying')
+        await new Promise(resolve => setTimeout(resolve, backoff).unref())
+        backoff = Math.min(backoff * 2, 2_000)
+      }
+    }
+  }
+
+  /** Takes over entries another consumer read but did not acknowledge within `claimIdleMs`. */
+  async #claim (): Promise<void> {
+    if (!this.#running || this.#o.redis.status !== 'ready') return
+    const { redis, group, consumer, claimIdleMs } = this.#o
+    try {
+      for (const stream of this.#streams) {
+        let cursor = '0-0'
+        do {
+          const [next, entries] = await redis.xautoclaim(stream, group, consumer, claimIdleMs, cursor, 'COUNT', 500) as [string, Entry[]]
+          if (entries.length > 0) await this.#publish([[stream, entries.filter(e => e !== null && e[1] !== null)]])
+          cursor = next
+        } while (cursor !== '0-0' && this.#running)
+      }
+    } catch (err) {
+      this.#o.log.debug({ err }, 'job-progress: bridge claim failed; will retry')
+    }
+  }
+
+  async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
+    const { redis, keys, group } = this.#o
+    const pipe = redis.pipeline()
+    for (const [stream, entries] of streams) {
+      const queue = stream.slice(keys.prefix.length + 1, -':events'.length)
+      const ids: string[] = []
+      for (const [id, fields] of entries) {
+        ids.push(id)
+        const message = relayMessage(id, fields)
+        if (message !== null) {
+          pipe.publish(keys.channel(queue, message.jobId), message.payload)
+          this.published++
+        }
+      }
+      if (ids.length > 0) pipe.xack(stream, group, ...ids)
+    }
+    await pipe.exec()
+  }
+
+  /** Stops reading so other instances take over; acknowledged work is never lost. */
+  async close (): Promise<void> {
+    this.#running = false
+    if (this.#claimTimer !== null) clearInterval(this.#claimTimer)
+    // The blocking read would hold close() for up to blockMs: cut it short.
+    this.#o.blocking.disconnect()
+    await this.#loop
+    // Leave no dead consumer behind in the group, unless it still holds entries for others to claim.
+    for (const stream of this.#streams) {
+      try {
+        const mine = await this.#o.redis.xpending(stream, this.#o.group, '-', '+', 1, this.#o.consumer) as unknown[]
+        if (mine.length === 0) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, this.#o.consumer)
+      } catch {}
+    }
+  }
+}
+
+/** Builds the small message for a job's channel from a stream entry, or null when it is not relayed. */
+export function relayMessage (id: string, fields: string[]): { jobId: string, payload: string } | null {
+  let event = ''
+  let jobId = ''
+  let data: string | null = null
+  for (let i = 0; i < fields.length; i += 2) {
+    const name = fields[i]
+    if (name === 'event') event = fields[i + 1]
+    else if (name === 'jobId') jobId = fields[i + 1]
+    else if (name === 'data') data = fields[i + 1]
+  }
+  if (jobId === '' || !RELAYED.has(event)) return null
+  const t = Number(id.slice(0, id.indexOf('-')))
+  // The progress value is already JSON in the stream: splice it in instead of parsing it.
+  const payload = event === 'progress' && data !== null
+    ? `{"e":"progress","t":${t},"d":${data}}`
+    : `{"e":"${event}","t":${t}}`
+  return { jobId, payload }
+}

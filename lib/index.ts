@@ -1,0 +1,247 @@
+import fastifyCookie from '@fastify/cookie'
+import fastifyMultipart from '@fastify/multipart'
+import fastifyWebsocket from '@fastify/websocket'
+import { Queue } from 'bullmq'
+import type { FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify'
+import fp from 'fastify-plugin'
+import { Redis } from 'ioredis'
+import { randomUUID } from 'node:crypto'
+import type { WebSocket } from 'ws'
+import { Bridge } from './bridge'
+import * as errors from './errors'
+import { CloseCodes } from './errors'
+import { Hub } from './fanout'
+import { Keys } from './keys'
+import { resolveOptions, type JobProgressOptions, type ResolvedOptions } from './options'
+import { Owners } from './owner'
+import { progressProtocol } from './protocols/progress'
+import type { ProtocolDefinition } from './protocols/types'
+import { registerJobRoutes } from './routes'
+import { SocketSession, type SocketContext } from './socket'
+import { readSnapshots, type Snapshot } from './snapshot'
+import { DiskStorage, type Storage } from './storage'
+import { uploadHandler } from './uploads'
+
+/** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
+export interface JobProgress {
+  /** This instance's id: the bridge's consumer name. */
+  readonly instanceId: string
+  /** The BullMQ queue of each kind. */
+  readonly queues: ReadonlyMap<string, Queue>
+  readonly storage: Storage
+  readonly keys: Keys
+  /** A job's current state, or null when it does not exist. */
+  getJob: (kind: string, jobId: string) => Promise<Snapshot | null>
+  /** Counts for health checks and tests. */
+  stats: () => { sockets: number, watchedJobs: number, relayed: number }
+  /** Whether the plugin's Redis command connection is up. */
+  redisReady: () => boolean
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    jobProgress: JobProgress
+  }
+}
+
+function isRedis (value: unknown): value is Redis {
+  return value !== null && typeof value === 'object' && typeof (value as Redis).duplicate === 'function'
+}
+
+/** Waits for a connection to be ready, at most `ms`; resolves false on timeout. */
+async function whenReady (redis: Redis, ms: number): Promise<boolean> {
+  if (redis.status === 'ready') return true
+  return await new Promise(resolve => {
+    const done = (ok: boolean): void => {
+      clearTimeout(timer)
+      redis.off('ready', onReady)
+      resolve(ok)
+    }
+    const onReady = (): void => done(true)
+    const timer = setTimeout(() => done(false), ms).unref()
+    redis.once('ready', onReady)
+  })
+}
+
+const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgress (fastify, options) {
+  const opts: ResolvedOptions = resolveOptions(options)
+  const log = fastify.log
+  const instanceId = opts.instanceId ?? randomUUID()
+
+  // Connections: the caller's command client is used as it is and left open at close; every
+  // other connection is ours. One connection only SUBSCRIBEs, one only blocks on the bridge.
+  const owned: Redis[] = []
+  const own = (redis: Redis): Redis => {
+    owned.push(redis)
+    redis.on('error', (err: Error) => log.debug({ err }, 'job-progress: redis connection error'))
+    return redis
+  }
+  const connection = opts.connection
+  const redis = isRedis(connection)
+    ? connection
+    // Fail fast while Redis is down: an upload answers 503 instead of waiting on a reconnect.
+    : own(typeof connection === 'string'
+      ? new Redis(connection, { enableOfflineQueue: false, maxRetriesPerRequest: 2 })
+      : new Redis({ ...connection, enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
+  const subscriber = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+  if (!await whenReady(redis, 5_000)) log.warn('job-progress: Redis is not reachable yet; uploads answer 503 until it is')
+
+  const keys = new Keys(opts)
+  const storage = opts.storage ?? new DiskStorage(opts.uploadDir)
+  const owners = new Owners(opts, log)
+  const queues = new Map<string, Queue>()
+  const kindOfQueue = new Map<string, string>()
+  for (const [kind, k] of Object.entries(opts.kinds)) {
+    const name = k.queueName ?? kind
+    if (kindOfQueue.has(name)) throw new errors.InvalidOptionError(`kinds "${kindOfQueue.get(name)}" and "${kind}" use the same queue "${name}"`)
+    kindOfQueue.set(name, kind)
+    const queue = new Queue(name, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
+    queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))
+    queues.set(kind, queue)
+  }
+
+  const hub = new Hub({ redis, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
+  let bridge: Bridge | null = null
+  if (opts.bridge.enabled) {
+    const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+    bridge = new Bridge({ ...opts.bridge, redis, blocking, keys, queues: [...kindOfQueue.keys()], consumer: instanceId, log })
+    await bridge.start()
+  }
+
+  // Sockets close with 1001 before @fastify/websocket closes the rest: this hook is added first.
+  const sessions = new Set<SocketSession>()
+  fastify.addHook('preClose', async () => {
+    for (const session of sessions) session.close(CloseCodes.goingAway, 'server shutting down')
+  })
+  if (!fastify.hasDecorator('websocketServer')) {
+    await fastify.register(fastifyWebsocket, { options: { maxPayload: opts.maxPayload } })
+  }
+  if (!fastify.hasRequestDecorator('isMultipart')) await fastify.register(fastifyMultipart)
+  if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
+
+  const queueOf = (kind: string): string | undefined => {
+    const k = opts.kinds[kind]
+    return k === undefined ? undefined : k.queueName ?? kind
+  }
+  const ctx: SocketContext = {
+    hub,
+    owners,
+    queueOf,
+    async findKind (jobId) {
+      const kinds = [...queues.keys()]
+      if (kinds.length === 1) return kinds[0]
+      const pipe = redis.pipeline()
+      for (const kind of kinds) pipe.exists(keys.job(queueOf(kind) as string, jobId), keys.cancel(queueOf(kind) as string, jobId))
+      const replies = await pipe.exec() ?? []
+      const i = replies.findIndex(([err, n]) => err === null && (n as number) > 0)
+      return i < 0 ? null : kinds[i]
+    },
+    sessions,
+    connectionsPerOwner: new Map(),
+    maxConnectionsPerOwner: opts.maxConnectionsPerOwner,
+    maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection,
+    maxPayload: opts.maxPayload,
+    firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
+    log
+  }
+
+  const routeCtx = { redis, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
+  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix), ...opts.protocols]
+  for (const [kind, queue] of queues) {
+    const k = opts.kinds[kind]
+    const basePath = k.basePath ?? `/${kind}`
+    const wsPath = (jobId: string): string => `${opts.wsPrefix}/${kind}/${jobId}`
+    fastify.post(k.uploadPath ?? `${basePath}/upload`, uploadHandler({
+      kind,
+      queue,
+      queueReady: () => redis.status === 'ready',
+      accept: k.accept ?? [],
+      maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
+      statusUrl: (jobId) => `${basePath}/${jobId}/status`,
+      wsPath
+    }, opts, owners, storage))
+    registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
+  }
+  for (const protocol of protocols) {
+    const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
+    for (const { path, kind } of paths) {
+      fastify.get(path, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
+        const job = kind === undefined ? undefined : { kind, jobId: (request.params as { jobId: string }).jobId }
+        // eslint-disable-next-line no-new
+        new SocketSession(ctx, protocol, socket, request, job)
+      })
+    }
+  }
+
+  // WebSocket-level ping/pong ends peers that vanished without a close; the same sweep closes
+  // clients whose sends have not drained in time, and sends the protocols' heartbeats.
+  const pingTimer = setInterval(() => {
+    for (const session of sessions) {
+      if (!session.alive) {
+        session.ws.terminate()
+        continue
+      }
+      session.alive = false
+      session.ws.ping()
+    }
+  }, opts.pingIntervalMs).unref()
+  const heartbeatTimer = setInterval(() => {
+    for (const session of sessions) {
+      if (session.owner !== null && session.protocol.heartbeat !== undefined) session.sendControl(session.protocol.heartbeat())
+    }
+  }, opts.heartbeatIntervalMs).unref()
+  const slowTimer = setInterval(() => {
+    const now = Date.now()
+    for (const session of sessions) {
+      if (session.outbox.stalledFor(now) > opts.sendTimeoutMs) {
+        log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
+        session.ws.terminate()
+      }
+    }
+  }, Math.min(1_000, Math.ceil(opts.sendTimeoutMs / 4))).unref()
+
+  fastify.decorate('jobProgress', {
+    instanceId,
+    queues,
+    storage,
+    keys,
+    async getJob (kind: string, jobId: string) {
+      const queue = queueOf(kind)
+      if (queue === undefined) return null
+      const [snapshot] = await readSnapshots(redis, keys, [{ kind, queue, jobId }], true)
+      return snapshot
+    },
+    stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0 }),
+    redisReady: () => redis.status === 'ready'
+  } satisfies JobProgress)
+
+  fastify.addHook('onClose', async () => {
+    clearInterval(pingTimer)
+    clearInterval(heartbeatTimer)
+    clearInterval(slowTimer)
+    await bridge?.close()
+    hub.close()
+    await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
+    await Promise.all(owned.map(async r => {
+      if (r.status === 'end') return
+      await r.quit().catch(() => r.disconnect())
+    }))
+  })
+}
+
+/** The plugin. Register it with `app.register(jobProgress, { kinds: { ... } })`. */
+export const jobProgress = fp(plugin, { fastify: '5.x', name: 'fastify-job-progress' })
+export default jobProgress
+
+export { errors }
+export { DiskStorage } from './storage'
+export type { Storage, StoredFileInfo } from './storage'
+export type { JobProgressOptions, KindOptions } from './options'
+export type { JobEvent, JobState } from './events'
+export type { Snapshot } from './snapshot'
+export type { UploadJobData } from './uploads'
+export { progressProtocol, progressMessage, type ProgressMessage } from './protocols/progress'
+export { jobsProtocol, jobUpdate, type JobsProtocolOptions } from './protocols/jobs'
+export { defineProtocol, type ProtocolDefinition, type ClientAction, type ServerMessage } from './protocols/types'
+export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker'
+export { Keys, isJobId } from './keys'

@@ -1,0 +1,148 @@
+import { Type, type Static, type TSchema } from '@sinclair/typebox'
+import { Value } from '@sinclair/typebox/value'
+import type { FastifyRequest } from 'fastify'
+import type { JobsOptions } from 'bullmq'
+import type { Redis, RedisOptions } from 'ioredis'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { InvalidOptionError } from './errors'
+import type { Storage } from './storage'
+import type { ProtocolDefinition } from './protocols/types'
+
+/** A function-valued option: TypeBox checks it is a function, TypeScript gives its signature. */
+function Fn<T> (description: string) {
+  return Type.Unsafe<T>(Type.Any({ description, [Symbol.for('jp.fn')]: true }))
+}
+
+const KindSchema = Type.Object({
+  uploadPath: Type.Optional(Type.String({ pattern: '^/', description: 'upload route; default `<basePath>/upload`' })),
+  basePath: Type.Optional(Type.String({ pattern: '^/', description: 'base of the status, result and cancel routes; default `/<kind>`' })),
+  queueName: Type.Optional(Type.String({ minLength: 1, description: 'BullMQ queue name; default the kind' })),
+  accept: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { description: 'accepted MIME types (`text/csv`, `text/*`) or extensions (`.csv`); empty or absent accepts any' })),
+  maxFileSize: Type.Optional(Type.Integer({ minimum: 1, description: 'bytes; default `limits.fileSize`' })),
+  jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true })))
+}, { additionalProperties: false })
+
+export const OptionsSchema = Type.Object({
+  connection: Type.Unsafe<Redis | RedisOptions | string>(Type.Union([Type.String(), Type.Object({}, { additionalProperties: true })], { default: 'redis://127.0.0.1:6379' })),
+  prefix: Type.String({ minLength: 1, default: 'bull' }),
+  channelPrefix: Type.String({ minLength: 1, default: 'jp' }),
+  kinds: Type.Record(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9_.-]*$' }), KindSchema, { minProperties: 1 }),
+  wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
+  storage: Type.Optional(Type.Unsafe<Storage>(Type.Object({}, { additionalProperties: true }))),
+  uploadDir: Type.String({ minLength: 1, default: join(tmpdir(), 'fastify-job-progress') }),
+  limits: Type.Object({
+    fileSize: Type.Integer({ minimum: 1, default: 100 * 1024 * 1024 }),
+    fields: Type.Integer({ minimum: 0, default: 20 }),
+    fieldSize: Type.Integer({ minimum: 1, default: 64 * 1024 }),
+    parts: Type.Integer({ minimum: 1, default: 30 })
+  }, { default: {}, additionalProperties: false }),
+  session: Type.Object({
+    secret: Type.Optional(Type.Union([Type.String({ minLength: 16 }), Type.Array(Type.String({ minLength: 16 }), { minItems: 1 })])),
+    cookieName: Type.String({ minLength: 1, default: 'jp_session' }),
+    secure: Type.Union([Type.Boolean(), Type.Literal('auto')], { default: 'auto' }),
+    maxAgeSeconds: Type.Integer({ minimum: 1, default: 7 * 24 * 3600 })
+  }, { default: {}, additionalProperties: false }),
+  getOwner: Type.Optional(Fn<(request: FastifyRequest) => string | null | undefined | Promise<string | null | undefined>>('resolves the owner of a request')),
+  apiKeys: Type.Optional(Type.Unsafe<Record<string, string> | ((key: string) => string | null | undefined | Promise<string | null | undefined>)>(Type.Any())),
+  allowedOrigins: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
+  throttleMs: Type.Integer({ minimum: 0, default: 100 }),
+  maxPayload: Type.Integer({ minimum: 16, default: 4096 }),
+  pingIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
+  heartbeatIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
+  sendTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
+  reconcileIntervalMs: Type.Integer({ minimum: 100, default: 5_000 }),
+  maxSubscriptionsPerConnection: Type.Integer({ minimum: 1, default: 100 }),
+  maxConnectionsPerOwner: Type.Integer({ minimum: 1, default: 50 }),
+  firstMessageTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
+  cancelTtlSeconds: Type.Integer({ minimum: 1, default: 7 * 24 * 3600 }),
+  bridge: Type.Object({
+    enabled: Type.Boolean({ default: true }),
+    group: Type.String({ minLength: 1, default: 'jp-bridge' }),
+    blockMs: Type.Integer({ minimum: 10, default: 2_000 }),
+    claimIdleMs: Type.Integer({ minimum: 100, default: 10_000 }),
+    claimIntervalMs: Type.Integer({ minimum: 100, default: 5_000 })
+  }, { default: {}, additionalProperties: false }),
+  defaultJobOptions: Type.Unsafe<JobsOptions>(Type.Object({}, {
+    additionalProperties: true,
+    default: { removeOnComplete: { age: 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 } }
+  })),
+  protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
+  instanceId: Type.Optional(Type.String({ minLength: 1 }))
+}, { additionalProperties: false })
+
+type Resolved = Static<typeof OptionsSchema>
+
+/** What a user passes to `register`: everything with a default may be left out. */
+export interface KindOptions {
+  /** Upload route. @default `<basePath>/upload` */
+  uploadPath?: string
+  /** Base of `:jobId/status`, `:jobId/result` and `:jobId/cancel`. @default `/<kind>` */
+  basePath?: string
+  /** BullMQ queue name. @default the kind's name */
+  queueName?: string
+  /** Accepted MIME types (`text/csv`, `text/*`) or extensions (`.csv`). @default [] (any type) */
+  accept?: string[]
+  /** Largest accepted file, in bytes. @default `limits.fileSize` */
+  maxFileSize?: number
+  /** BullMQ options for this kind's jobs, merged over `defaultJobOptions`. */
+  jobOptions?: JobsOptions
+}
+
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge'>> & {
+  kinds: Record<string, KindOptions>
+  limits?: Partial<Resolved['limits']>
+  session?: Partial<Resolved['session']>
+  bridge?: Partial<Resolved['bridge']>
+}
+
+export type ResolvedOptions = Resolved
+
+const FUNCTION_OPTIONS = ['getOwner'] as const
+const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', ...FUNCTION_OPTIONS] as const
+
+function placeholder (key: string, value: unknown): unknown {
+  if (key === 'connection') return typeof value === 'string' ? value : (value !== null && typeof value === 'object' ? {} : value)
+  if (key === 'protocols') return Array.isArray(value) ? value.map(() => ({})) : value
+  if (key === 'storage') return value !== null && typeof value === 'object' ? {} : value
+  return undefined
+}
+
+/** Applies defaults and checks the options, throwing one clear error naming every bad option. */
+export function resolveOptions (input: unknown): ResolvedOptions {
+  if (input === null || typeof input !== 'object') {
+    throw new InvalidOptionError('options must be an object with at least `kinds`')
+  }
+  // Class instances (an ioredis client, a storage, protocols, functions) are checked by shape
+  // here and kept as they are: cloning them for TypeBox would copy sockets and cycles.
+  const raw: Record<string, unknown> = { ...(input as Record<string, unknown>) }
+  const kept: Record<string, unknown> = {}
+  for (const key of KEPT) {
+    if (raw[key] !== undefined) {
+      kept[key] = raw[key]
+      raw[key] = placeholder(key, raw[key])
+    }
+  }
+  const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
+  const problems = [...Value.Errors(OptionsSchema, opts)].map(e => `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`)
+  for (const key of FUNCTION_OPTIONS) {
+    if (kept[key] !== undefined && typeof kept[key] !== 'function') problems.push(`\`${key}\` must be a function`)
+  }
+  const storage = kept.storage as Partial<Storage> | undefined
+  if (storage !== undefined && (typeof storage.write !== 'function' || typeof storage.open !== 'function' || typeof storage.remove !== 'function')) {
+    problems.push('`storage` must implement write(), open() and remove()')
+  }
+  const protocols = kept.protocols
+  if (protocols !== undefined && (!Array.isArray(protocols) || protocols.some(p => p === null || typeof p !== 'object' || typeof p.path !== 'string' || typeof p.render !== 'function'))) {
+    problems.push('`protocols` must be an array of protocol definitions, each with a `path` and a `render` function')
+  }
+  const keys = kept.apiKeys
+  if (keys !== undefined && typeof keys !== 'function' && (keys === null || typeof keys !== 'object' || Object.values(keys).some(v => typeof v !== 'string' || v === ''))) {
+    problems.push('`apiKeys` must be a function or an object mapping each key to its owner (a non-empty string)')
+  }
+  if (problems.length > 0) throw new InvalidOptionError(problems.join('; '))
+  Object.assign(opts, kept)
+  return opts as unknown as ResolvedOptions
+}
+
+export type { TSchema }

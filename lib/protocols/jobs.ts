@@ -1,0 +1,71 @@
+import { percent, type JobEvent } from '../events'
+import type { ClientAction, ProtocolDefinition } from './types'
+
+const STATUS = { queued: 'queued', active: 'running', completed: 'succeeded', failed: 'failed', cancelled: 'cancelled' } as const
+
+const ts = (): number => Math.floor(Date.now() / 1000)
+
+/** Renders the internal event as a `job_update`, with progress fields besides the seed's own. */
+export function jobUpdate (event: JobEvent): object {
+  return {
+    type: 'job_update',
+    job_id: event.jobId,
+    status: STATUS[event.state],
+    result: event.state === 'completed' ? event.result ?? null : null,
+    error: event.state === 'failed' || event.state === 'cancelled' ? event.error ?? event.state : null,
+    progress: percent(event),
+    processed: Math.floor(event.processed),
+    total: Math.floor(event.total),
+    eta_seconds: event.etaSeconds,
+    ts: Math.floor(event.ts / 1000)
+  }
+}
+
+function parseJobsAction (text: string): ClientAction {
+  let message: unknown
+  try {
+    message = JSON.parse(text)
+  } catch {
+    return { type: 'invalid', message: 'Invalid JSON' }
+  }
+  if (message === null || typeof message !== 'object' || Array.isArray(message)) return { type: 'invalid', message: 'Messages must be JSON objects with an "action"' }
+  const { action, job_id: jobId } = message as Record<string, unknown>
+  switch (action) {
+    case 'subscribe':
+    case 'unsubscribe':
+      if (typeof jobId !== 'string' || jobId === '') return { type: 'invalid', message: `Missing job_id for ${action}` }
+      return { type: action, jobId }
+    case 'ping':
+      return { type: 'ping' }
+    default:
+      return { type: 'invalid', message: `Unknown action: ${typeof action === 'string' ? action : JSON.stringify(action ?? null)}` }
+  }
+}
+
+export interface JobsProtocolOptions {
+  /** Route path. @default '/ws/jobs' */
+  path?: string
+  /** See {@link ProtocolDefinition.auth}. @default 'request' */
+  auth?: 'request' | 'first-message'
+}
+
+/**
+ * `jobs`: one socket, many subscriptions; typed events with a Unix `ts`, heartbeats, and errors
+ * the connection survives.
+ */
+export function jobsProtocol (opts: JobsProtocolOptions = {}): ProtocolDefinition {
+  return {
+    name: 'jobs',
+    path: opts.path ?? '/ws/jobs',
+    auth: opts.auth ?? 'request',
+    parse: parseJobsAction,
+    render: jobUpdate,
+    connected: () => ({ type: 'connected', message: 'WebSocket connection established', ts: ts() }),
+    authFailed: (reason) => ({ type: 'error', message: reason, ts: ts() }),
+    subscribed: (jobId) => ({ type: 'subscribed', job_id: jobId, ts: ts() }),
+    unsubscribed: (jobId) => ({ type: 'unsubscribed', job_id: jobId, ts: ts() }),
+    error: (message) => ({ type: 'error', message, ts: ts() }),
+    heartbeat: () => ({ type: 'heartbeat', ts: ts() }),
+    pong: () => ({ type: 'pong', ts: ts() })
+  }
+}

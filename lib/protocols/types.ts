@@ -1,0 +1,57 @@
+import type { JobEvent } from '../events'
+
+/** What a client message asks for, once a protocol has parsed it. */
+export type ClientAction =
+  | { type: 'subscribe', jobId: unknown }
+  | { type: 'unsubscribe', jobId: unknown }
+  | { type: 'ping' }
+  | { type: 'ignore' }
+  | { type: 'invalid', message: string }
+
+/** A server message: an object is sent as JSON, a string as is; undefined sends nothing. */
+export type ServerMessage = object | string | undefined
+
+/**
+ * A wire format over the one internal {@link JobEvent}: how client messages read and how server
+ * messages look. The plugin drives the connection (auth, ownership, limits, slow clients); a
+ * protocol only translates.
+ */
+export interface ProtocolDefinition {
+  /** Name in logs and errors. */
+  name: string
+  /**
+   * Route path. For a per-job protocol, the prefix: the plugin serves `<path>/<kind>/:jobId` for
+   * every kind and subscribes the job in the path; for any other, the route itself.
+   */
+  path: string
+  /** One job per socket, named in the path. @default false */
+  perJob?: boolean
+  /**
+   * How clients authenticate. `request`: session cookie or API key on the upgrade request.
+   * `first-message`: the first text frame carries `{ "token": "..." }` (an API key or a value the
+   * `verifyToken` hook accepts), for clients that can set neither headers nor query parameters.
+   * @default 'request'
+   */
+  auth?: 'request' | 'first-message'
+  /** Close with 1000 once every job of the socket has reached a final state. @default false */
+  closeOnFinal?: boolean
+  /** Reads a text frame. @default every frame is ignored */
+  parse?: (text: string) => ClientAction
+  /** Renders a job event for a subscriber. */
+  render: (event: JobEvent) => ServerMessage
+  /** Sent once the client is authenticated. */
+  connected?: () => ServerMessage
+  /** Sent when `first-message` authentication fails, before the socket closes with 4001. */
+  authFailed?: (reason: string) => ServerMessage
+  subscribed?: (jobId: string) => ServerMessage
+  unsubscribed?: (jobId: string) => ServerMessage
+  /** Renders an error the connection survives; without it such errors close the socket. */
+  error?: (message: string, jobId?: string) => ServerMessage
+  heartbeat?: () => ServerMessage
+  pong?: () => ServerMessage
+}
+
+/** Defines a protocol with its types checked; returns it unchanged. */
+export function defineProtocol (protocol: ProtocolDefinition): ProtocolDefinition {
+  return protocol
+}

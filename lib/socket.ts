@@ -1,0 +1,262 @@
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import type { RawData, WebSocket } from 'ws'
+import { CloseCodes, NOT_FOUND_REASON, UnauthorizedError } from './errors'
+import { isFinal, type JobEvent } from './events'
+import type { Hub, OpenedJob, Sink } from './fanout'
+import { isJobId } from './keys'
+import { Outbox } from './outbox'
+import type { Owners } from './owner'
+import type { ClientAction, ProtocolDefinition, ServerMessage } from './protocols/types'
+import type { SnapshotTarget } from './snapshot'
+
+/** What every socket of one plugin instance shares. */
+export interface SocketContext {
+  hub: Hub
+  owners: Owners
+  /** The queue of a kind, or undefined for a kind we do not serve. */
+  queueOf: (kind: string) => string | undefined
+  /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
+  findKind: (jobId: string) => Promise<string | null>
+  sessions: Set<SocketSession>
+  connectionsPerOwner: Map<string, number>
+  maxConnectionsPerOwner: number
+  maxSubscriptionsPerConnection: number
+  maxPayload: number
+  firstMessageTimeoutMs: number
+  log: FastifyBaseLogger
+}
+
+interface Subscription {
+  opened: OpenedJob
+  sink: Sink
+  final: boolean
+}
+
+const serialize = (message: ServerMessage): string | undefined =>
+  message === undefined ? undefined : typeof message === 'string' ? message : JSON.stringify(message)
+
+/**
+ * One client socket under one protocol: authenticates it, checks ownership before any job data
+ * leaves, subscribes its jobs through the hub, and applies the limits. The protocol only renders.
+ */
+export class SocketSession {
+  readonly ws: WebSocket
+  readonly outbox: Outbox
+  readonly protocol: ProtocolDefinition
+  /** Answered the last ping: the plugin's ping sweep ends peers that stop answering. */
+  alive = true
+  owner: string | null = null
+  readonly #ctx: SocketContext
+  readonly #request: FastifyRequest
+  readonly #subs = new Map<string, Subscription>()
+  #state: 'auth' | 'ready' | 'closed' = 'auth'
+  #chain: Promise<void> = Promise.resolve()
+  #early: string[] = []
+  #authTimer: NodeJS.Timeout | null = null
+
+  /** Call synchronously from the route handler: frames that arrive before auth ends are kept. */
+  constructor (ctx: SocketContext, protocol: ProtocolDefinition, ws: WebSocket, request: FastifyRequest, job?: { kind: string, jobId: string }) {
+    this.#ctx = ctx
+    this.protocol = protocol
+    this.ws = ws
+    this.#request = request
+    this.outbox = new Outbox(ws)
+    ctx.sessions.add(this)
+    ws.on('message', (data, isBinary) => this.#onFrame(data, isBinary))
+    ws.on('pong', () => { this.alive = true })
+    ws.on('error', (err) => ctx.log.debug({ err }, 'job-progress: socket error'))
+    ws.on('close', () => this.#cleanup())
+    if (protocol.auth === 'first-message') {
+      this.#authTimer = setTimeout(() => this.#refuse('authentication timeout: send {"token": "..."} first'), ctx.firstMessageTimeoutMs).unref()
+    } else {
+      this.#enqueue(() => this.#authenticate(job))
+    }
+  }
+
+  get subscriptions (): number {
+    return this.#subs.size
+  }
+
+  /** Sends a message that is never conflated (connected, errors, heartbeats ...). */
+  sendControl (message: ServerMessage): void {
+    const data = serialize(message)
+    if (data !== undefined) this.outbox.send(data)
+  }
+
+  close (code: number, reason: string): void {
+    if (this.ws.readyState === 0 || this.ws.readyState === 1) this.ws.close(code, reason)
+    this.#cleanup()
+  }
+
+  #enqueue (step: () => Promise<void> | void): void {
+    this.#chain = this.#chain.then(step).catch((err: Error) => {
+      this.#ctx.log.error({ err }, 'job-progress: socket handler failed')
+      this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
+    })
+  }
+
+  async #authenticate (job?: { kind: string, jobId: string }): Promise<void> {
+    let identity
+    try {
+      identity = await this.#ctx.owners.fromRequest(this.#request, true)
+    } catch (err) {
+      if (err instanceof UnauthorizedError) return this.#refuse((err as Error).message.replace(/^Authentication required: /, ''))
+      throw err
+    }
+    if (identity === null) return this.#refuse('authentication required: no session or API key')
+    if (identity.via === 'session' && !this.#ctx.owners.originAllowed(this.#request)) {
+      return this.close(CloseCodes.forbidden, 'origin not allowed')
+    }
+    await this.#ready(identity.owner)
+    if (job !== undefined) await this.#subscribe(job.jobId, job.kind)
+  }
+
+  async #authenticateWith (text: string): Promise<void> {
+    let token: unknown
+    try {
+      token = (JSON.parse(text) as Record<string, unknown>)?.token
+    } catch {}
+    const owner = typeof token === 'string' ? await this.#ctx.owners.ownerOfKey(token) : null
+    if (owner === null) return this.#refuse('Could not validate credentials.')
+    await this.#ready(owner)
+  }
+
+  #refuse (reason: string): void {
+    if (this.#state !== 'auth') return
+    const message = serialize(this.protocol.authFailed?.(reason))
+    if (message !== undefined && this.ws.readyState === 1) this.ws.send(message)
+    this.close(CloseCodes.unauthorized, reason.slice(0, 120))
+  }
+
+  async #ready (owner: string): Promise<void> {
+    if (this.#state !== 'auth') return
+    const count = this.#ctx.connectionsPerOwner.get(owner) ?? 0
+    if (count >= this.#ctx.maxConnectionsPerOwner) {
+      return this.close(CloseCodes.policyViolation, `too many connections (${this.#ctx.maxConnectionsPerOwner} per owner)`)
+    }
+    this.#ctx.connectionsPerOwner.set(owner, count + 1)
+    this.owner = owner
+    this.#state = 'ready'
+    this.sendControl(this.protocol.connected?.())
+    const early = this.#early
+    this.#early = []
+    for (const text of early) this.#onText(text)
+  }
+
+  #onFrame (data: RawData, isBinary: boolean): void {
+    if (this.#state === 'closed') return
+    const size = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : (data as Buffer).byteLength
+    // ws enforces maxPayload when the plugin made the server; a host-owned server may allow more.
+    if (size > this.#ctx.maxPayload) return this.close(CloseCodes.tooBig, `message larger than ${this.#ctx.maxPayload} bytes`)
+    if (isBinary) {
+      if (this.protocol.error !== undefined) this.sendControl(this.protocol.error('Binary frames are not supported; send JSON text'))
+      return
+    }
+    const text = data.toString()
+    if (this.#state === 'auth') {
+      if (this.protocol.auth === 'first-message' && this.#authTimer !== null) {
+        clearTimeout(this.#authTimer)
+        this.#authTimer = null
+        this.#enqueue(() => this.#authenticateWith(text))
+        return
+      }
+      if (this.#early.length >= 16) return this.close(CloseCodes.policyViolation, 'too many messages before authentication')
+      this.#early.push(text)
+      return
+    }
+    this.#onText(text)
+  }
+
+  #onText (text: string): void {
+    const action: ClientAction = this.protocol.parse?.(text) ?? { type: 'ignore' }
+    switch (action.type) {
+      case 'subscribe':
+        this.#enqueue(() => this.#subscribe(action.jobId))
+        break
+      case 'unsubscribe':
+        this.#enqueue(() => this.#unsubscribe(action.jobId))
+        break
+      case 'ping':
+        this.sendControl(this.protocol.pong?.())
+        break
+      case 'invalid':
+        this.#error(action.message)
+        break
+    }
+  }
+
+  #error (message: string): void {
+    if (this.protocol.error !== undefined) this.sendControl(this.protocol.error(message))
+  }
+
+  #notFound (jobId: unknown): void {
+    if (this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
+    this.#error(`Job not found or access denied: ${String(jobId).slice(0, 64)}`)
+  }
+
+  async #subscribe (jobId: unknown, kind?: string): Promise<void> {
+    if (this.#state !== 'ready') return
+    if (!isJobId(jobId)) return this.#notFound(jobId)
+    if (this.#subs.has(jobId)) {
+      this.sendControl(this.protocol.subscribed?.(jobId))
+      return
+    }
+    if (this.#subs.size >= this.#ctx.maxSubscriptionsPerConnection) {
+      return this.#error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`)
+    }
+    const found = kind ?? await this.#ctx.findKind(jobId)
+    const queue = found === null ? undefined : this.#ctx.queueOf(found)
+    if (found === null || queue === undefined) return this.#notFound(jobId)
+    const target: SnapshotTarget = { kind: found, queue, jobId }
+    const opened = await this.#ctx.hub.open(target)
+    if (opened === null || opened.snapshot.owner !== this.owner) {
+      opened?.detach({ deliver () {} })
+      return this.#notFound(jobId)
+    }
+    if (this.#state !== 'ready') {
+      opened.detach({ deliver () {} })
+      return
+    }
+    this.sendControl(this.protocol.subscribed?.(jobId))
+    const sub: Subscription = { opened, final: false, sink: { deliver: (event) => this.#deliver(sub, event) } }
+    this.#subs.set(jobId, sub)
+    opened.attach(sub.sink)
+  }
+
+  #deliver (sub: Subscription, event: JobEvent): void {
+    if (sub.final) return
+    const data = serialize(this.protocol.render(event))
+    const final = isFinal(event.state)
+    if (data !== undefined) this.outbox.send(data, event.jobId, final)
+    if (!final) return
+    sub.final = true
+    if (this.protocol.closeOnFinal === true && [...this.#subs.values()].every(s => s.final)) {
+      this.outbox.closeWhenFlushed(CloseCodes.normal, 'job finished')
+    }
+  }
+
+  async #unsubscribe (jobId: unknown): Promise<void> {
+    if (typeof jobId !== 'string') return
+    const sub = this.#subs.get(jobId)
+    if (sub !== undefined) {
+      this.#subs.delete(jobId)
+      sub.opened.detach(sub.sink)
+    }
+    this.sendControl(this.protocol.unsubscribed?.(jobId))
+  }
+
+  #cleanup (): void {
+    if (this.#state === 'closed') return
+    const wasReady = this.#state === 'ready'
+    this.#state = 'closed'
+    if (this.#authTimer !== null) clearTimeout(this.#authTimer)
+    for (const sub of this.#subs.values()) sub.opened.detach(sub.sink)
+    this.#subs.clear()
+    this.#ctx.sessions.delete(this)
+    if (wasReady && this.owner !== null) {
+      const left = (this.#ctx.connectionsPerOwner.get(this.owner) ?? 1) - 1
+      if (left > 0) this.#ctx.connectionsPerOwner.set(this.owner, left)
+      else this.#ctx.connectionsPerOwner.delete(this.owner)
+    }
+  }
+}

@@ -1,0 +1,90 @@
+import { createReadStream, createWriteStream } from 'node:fs'
+import { mkdir, rename, rm, stat } from 'node:fs/promises'
+import { resolve, sep } from 'node:path'
+import { Transform, type Readable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
+
+/** What the upload route knows about a file when it stores it. */
+export interface StoredFileInfo {
+  kind: string
+  jobId: string
+  filename: string
+  mimetype: string
+}
+
+/** Where uploaded files live between the upload and the end of their job. */
+export interface Storage {
+  /**
+   * Streams `source` to storage and resolves with the key that finds it again and the bytes
+   * written. It must not leave a partial file behind when `source` errors: the upload route
+   * relies on that when a client aborts or a limit is hit.
+   */
+  write: (source: Readable, info: StoredFileInfo) => Promise<{ key: string, size: number }>
+  /** Opens a stored file for reading (in the worker). */
+  open: (key: string) => Readable
+  /** Removes a stored file; a missing file is not an error. */
+  remove: (key: string) => Promise<void>
+  /** A local path for the key, when the storage has one (workers that need a path, not a stream). */
+  localPath?: (key: string) => string
+}
+
+/**
+ * The default storage: one file per job in a directory. A file is written as `<key>.part` and
+ * renamed when complete, so a reader never sees half a file.
+ */
+export class DiskStorage implements Storage {
+  readonly dir: string
+  #ready: Promise<unknown> | undefined
+
+  constructor (dir: string) {
+    this.dir = resolve(dir)
+  }
+
+  localPath (key: string): string {
+    const path = resolve(this.dir, key)
+    // Keys are ours (job ids), but a storage must never be walked out of by a crafted key.
+    if (!path.startsWith(this.dir + sep)) throw new Error(`invalid storage key: ${key}`)
+    return path
+  }
+
+  async write (source: Readable, info: StoredFileInfo): Promise<{ key: string, size: number }> {
+    this.#ready ??= mkdir(this.dir, { recursive: true })
+    await this.#ready
+    const key = `${info.kind}-${info.jobId}`
+    const final = this.localPath(key)
+    const partial = final + '.part'
+    let size = 0
+    const count = new Transform({
+      transform (chunk: Buffer, _enc, done) {
+        size += chunk.length
+        done(null, chunk)
+      }
+    })
+    try {
+      await pipeline(source, count, createWriteStream(partial, { flags: 'wx' }))
+      await rename(partial, final)
+    } catch (err) {
+      await rm(partial, { force: true })
+      throw err
+    }
+    return { key, size }
+  }
+
+  open (key: string): Readable {
+    return createReadStream(this.localPath(key))
+  }
+
+  async remove (key: string): Promise<void> {
+    const path = this.localPath(key)
+    await Promise.all([rm(path, { force: true }), rm(path + '.part', { force: true })])
+  }
+
+  /** Size of a stored file, or null when it is gone (used by tests and tools). */
+  async size (key: string): Promise<number | null> {
+    try {
+      return (await stat(this.localPath(key))).size
+    } catch {
+      return null
+    }
+  }
+}

@@ -1,0 +1,115 @@
+import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq'
+import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
+import type { Readable } from 'node:stream'
+import { Keys } from './keys'
+import { DiskStorage, type Storage } from './storage'
+import type { UploadJobData } from './uploads'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+/** Thrown by `report()` once the job was cancelled; BullMQ does not retry it. */
+export class JobCancelledError extends UnrecoverableError {
+  constructor () {
+    super('cancelled')
+    this.name = 'JobCancelledError'
+  }
+}
+
+/** What a processor written with {@link createJobWorker} receives. */
+export interface JobContext {
+  job: Job<UploadJobData>
+  /** The uploaded file's name, size and type, and the form's text fields. */
+  file: UploadJobData['file']
+  fields: Record<string, string>
+  /** Opens the uploaded file from storage. */
+  open: () => Readable
+  /** A local path to the file, when the storage has one. */
+  path: string | null
+  /**
+   * Reports progress (`{ processed, total }` on the job). Throws {@link JobCancelledError} when
+   * the job was cancelled: let it propagate and the worker stops here.
+   */
+  report: (processed: number, total: number) => Promise<void>
+  /** Aborted once a report saw the job cancelled, or BullMQ cancelled it. */
+  signal: AbortSignal
+}
+
+export interface JobWorkerOptions {
+  /** The kind, as registered with the plugin. */
+  kind: string
+  /** Its queue name. @default the kind */
+  queueName?: string
+  /** Redis: a client, options or a URL. @default 'redis://127.0.0.1:6379' */
+  connection?: Redis | RedisOptions | string
+  /** BullMQ's key prefix; the plugin's `prefix`. @default 'bull' */
+  prefix?: string
+  /** The plugin's `channelPrefix`. @default 'jp' */
+  channelPrefix?: string
+  /** Where uploads are; the plugin's `storage`. @default a DiskStorage on the plugin's default `uploadDir` */
+  storage?: Storage
+  /** More BullMQ worker options (concurrency, lockDuration ...). */
+  workerOptions?: Omit<WorkerOptions, 'connection' | 'prefix'>
+}
+
+/**
+ * A BullMQ worker for one kind: the processor gets the uploaded file, reports
+ * `{ processed, total }`, stops when the job is cancelled, and the upload is removed once the job
+ * has ended (not between attempts, which still need it).
+ */
+export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobContext) => Promise<R>): Worker<UploadJobData, R> {
+  const queue = opts.queueName ?? opts.kind
+  const keys = new Keys({ prefix: opts.prefix ?? 'bull', channelPrefix: opts.channelPrefix ?? 'jp' })
+  const storage = opts.storage ?? new DiskStorage(join(tmpdir(), 'fastify-job-progress'))
+  // A URL becomes a client of ours, closed with the worker; BullMQ workers block, hence null retries.
+  const fromUrl = typeof opts.connection === 'string' || opts.connection === undefined
+    ? new IORedis(opts.connection ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null })
+    : null
+  const connection = fromUrl ?? opts.connection
+  // eslint-disable-next-line prefer-const
+  let worker: Worker<UploadJobData, R>
+
+  const cancelled = async (jobId: string): Promise<boolean> => {
+    const client = await worker.getBackend().client as unknown as Redis
+    return await client.exists(keys.cancel(queue, jobId)) === 1
+  }
+
+  async function processor (job: Job<UploadJobData>, _token?: string, bullSignal?: AbortSignal): Promise<R> {
+    const jobId = job.id as string
+    const abort = new AbortController()
+    bullSignal?.addEventListener('abort', () => abort.abort(bullSignal.reason), { once: true })
+    const { file, fields } = job.data
+    let ended = true
+    try {
+      if (await cancelled(jobId)) throw new JobCancelledError()
+      return await handler({
+        job,
+        file,
+        fields: fields ?? {},
+        open: () => storage.open(file.key),
+        path: storage.localPath?.(file.key) ?? null,
+        signal: abort.signal,
+        async report (processed, total) {
+          await job.updateProgress({ processed, total })
+          if (await cancelled(jobId)) {
+            abort.abort(new JobCancelledError())
+            throw new JobCancelledError()
+          }
+        }
+      })
+    } catch (err) {
+      // Another attempt will follow unless this one cannot be retried or was the last.
+      const attempts = job.opts.attempts ?? 1
+      ended = err instanceof UnrecoverableError || job.attemptsMade + 1 >= attempts
+      throw err
+    } finally {
+      if (ended && file?.key !== undefined) await storage.remove(file.key).catch(() => {})
+    }
+  }
+
+  worker = new Worker<UploadJobData, R>(queue, processor, { ...opts.workerOptions, connection: connection as never, prefix: opts.prefix ?? 'bull' })
+  if (fromUrl !== null) {
+    fromUrl.on('error', () => {})
+    worker.on('closed', () => { fromUrl.quit().catch(() => fromUrl.disconnect()) })
+  }
+  return worker
+}

@@ -1,0 +1,161 @@
+import Fastify, { type FastifyInstance } from 'fastify'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import WebSocket from 'ws'
+import { createJobWorker, DiskStorage, jobProgress, type JobContext, type JobProgressOptions } from '../../lib/index'
+import { RedisServer } from './redis'
+
+export { RedisServer, freePort } from './redis'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+/** A private Redis for the whole test file, stopped when the file ends. */
+export async function redisFor (t: Teardown): Promise<RedisServer> {
+  const redis = await RedisServer.start()
+  t.teardown(async () => await redis.stop())
+  return redis
+}
+
+/** A temp directory removed at teardown. */
+export async function tempDir (t: Teardown, name = 'jp-test-'): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), name))
+  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  return dir
+}
+
+export interface TestApp {
+  app: FastifyInstance
+  url: string
+  ws: string
+  storage: DiskStorage
+  uploadDir: string
+}
+
+/** Builds an app with the plugin on a random port; closed at teardown. */
+export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<JobProgressOptions> = {}, setup?: (app: FastifyInstance) => void | Promise<void>): Promise<TestApp> {
+  const uploadDir = opts.uploadDir ?? await tempDir(t, 'jp-uploads-')
+  const app = Fastify({ logger: false })
+  if (setup !== undefined) await setup(app)
+  await app.register(jobProgress, {
+    connection: redis.url,
+    kinds: { batch: {}, dataset: {} },
+    session: { secret: 'a-test-secret-of-enough-length' },
+    reconcileIntervalMs: 500,
+    throttleMs: 0,
+    bridge: { claimIdleMs: 1000, claimIntervalMs: 500 },
+    ...opts,
+    uploadDir
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  t.teardown(async () => await app.close())
+  const { port } = app.server.address() as { port: number }
+  return { app, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, storage: new DiskStorage(uploadDir), uploadDir }
+}
+
+/** Items per line of an uploaded file, as the test worker reads them. */
+export function lines (n: number, fail?: number): string {
+  return Array.from({ length: n }, (_, i) => (i + 1 === fail ? 'FAIL' : `item-${i + 1}`)).join('\n') + '\n'
+}
+
+export interface WorkerHooks {
+  /** Awaited before each item: lets a test hold the job at an exact point. */
+  beforeItem?: (index: number, ctx: JobContext) => Promise<void> | void
+  delayMs?: number
+}
+
+/**
+ * A real BullMQ worker (through the plugin's helper) that reads the uploaded file line by line,
+ * reports after each line, fails on a line `FAIL`, and returns `{ lines }`.
+ */
+export function startWorker (t: Teardown, redis: RedisServer, kind: string, uploadDir: string, hooks: WorkerHooks = {}, extra: Partial<Parameters<typeof createJobWorker>[0]> = {}) {
+  const worker = createJobWorker({ kind, connection: redis.url, storage: new DiskStorage(uploadDir), ...extra }, async (ctx) => {
+    let text = ''
+    for await (const chunk of ctx.open()) text += String(chunk)
+    const items = text.split('\n').filter(Boolean)
+    for (let i = 0; i < items.length; i++) {
+      await hooks.beforeItem?.(i, ctx)
+      if (hooks.delayMs !== undefined) await sleep(hooks.delayMs)
+      if (items[i] === 'FAIL') throw new Error(`record on line ${i + 1} is FAIL`)
+      await ctx.report(i + 1, items.length)
+    }
+    return { lines: items.length }
+  })
+  worker.on('error', () => {})
+  t.teardown(async () => await worker.close())
+  return worker
+}
+
+export interface UploadReply {
+  status: number
+  body: any
+  cookie: string | undefined
+}
+
+/** A real multipart upload with fetch's FormData. */
+export async function upload (url: string, content: string | Buffer | null, opts: { cookie?: string, filename?: string, type?: string, fields?: Record<string, string>, headers?: Record<string, string>, files?: number } = {}): Promise<UploadReply> {
+  const form = new FormData()
+  for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
+  if (content !== null) {
+    for (let i = 0; i < (opts.files ?? 1); i++) form.append('file', new Blob([content], { type: opts.type ?? 'text/plain' }), opts.filename ?? 'records.txt')
+  }
+  const res = await fetch(url, { method: 'POST', body: form, headers: { ...(opts.cookie !== undefined ? { cookie: opts.cookie } : {}), ...opts.headers } })
+  const setCookie = res.headers.get('set-cookie')
+  const text = await res.text()
+  let body: unknown = text
+  try { body = JSON.parse(text) } catch {}
+  return { status: res.status, body, cookie: setCookie === null ? opts.cookie : setCookie.split(';')[0] }
+}
+
+/** A real `ws` client that records what it receives, with promises to wait on events. */
+export class Client {
+  readonly socket: WebSocket
+  readonly messages: any[] = []
+  readonly closed: Promise<{ code: number, reason: string }>
+  readonly opened: Promise<void>
+  #waiters: Array<{ test: (m: any) => boolean, resolve: (m: any) => void }> = []
+
+  constructor (url: string, opts: WebSocket.ClientOptions & { protocols?: string | string[] } = {}) {
+    this.socket = new WebSocket(url, opts.protocols, opts)
+    this.socket.on('error', () => {})
+    this.opened = new Promise(resolve => this.socket.once('open', () => resolve()))
+    this.closed = new Promise(resolve => this.socket.once('close', (code, reason) => resolve({ code, reason: reason.toString() })))
+    this.socket.on('message', (data) => {
+      let message: any = data.toString()
+      try { message = JSON.parse(message) } catch {}
+      this.messages.push(message)
+      this.#waiters = this.#waiters.filter(w => {
+        if (!w.test(message)) return true
+        w.resolve(message)
+        return false
+      })
+    })
+  }
+
+  /** Resolves with the first message (already received or to come) that passes `test`. */
+  async waitFor (test: (m: any) => boolean, timeoutMs = 15_000): Promise<any> {
+    const seen = this.messages.find(test)
+    if (seen !== undefined) return seen
+    return await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no such message within ${timeoutMs} ms; got ${JSON.stringify(this.messages).slice(0, 500)}`)), timeoutMs)
+      this.#waiters.push({ test, resolve: (m) => { clearTimeout(timer); resolve(m) } })
+    })
+  }
+
+  send (data: unknown): void {
+    this.socket.send(typeof data === 'string' ? data : JSON.stringify(data))
+  }
+
+  close (): void {
+    this.socket.terminate()
+  }
+}
+
+/** Opens a client and ends it at teardown. */
+export function connect (t: Teardown, url: string, opts: WebSocket.ClientOptions & { protocols?: string | string[], cookie?: string } = {}): Client {
+  const headers = { ...(opts.headers ?? {}), ...(opts.cookie !== undefined ? { cookie: opts.cookie } : {}) }
+  const client = new Client(url, { ...opts, headers })
+  t.teardown(() => client.close())
+  return client
+}

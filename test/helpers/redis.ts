@@ -1,0 +1,95 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Redis } from 'ioredis'
+
+/** A free TCP port on 127.0.0.1. */
+export async function freePort (): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    const server = createServer()
+    server.unref()
+    server.on('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number }
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+/**
+ * A private redis-server on a free port, with append-only persistence so a restart keeps the
+ * jobs (fault tests restart it). Never touches the machine's own Redis.
+ */
+export class RedisServer {
+  readonly port: number
+  readonly dir: string
+  #proc: ChildProcess | null = null
+
+  private constructor (port: number, dir: string) {
+    this.port = port
+    this.dir = dir
+  }
+
+  static async start (): Promise<RedisServer> {
+    const server = new RedisServer(await freePort(), await mkdtemp(join(tmpdir(), 'jp-redis-')))
+    await server.up()
+    return server
+  }
+
+  get url (): string {
+    return `redis://127.0.0.1:${this.port}`
+  }
+
+  async up (): Promise<void> {
+    const proc = spawn('redis-server', [
+      '--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir,
+      '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--daemonize', 'no', '--loglevel', 'warning'
+    ], { stdio: 'ignore' })
+    this.#proc = proc
+    const deadline = Date.now() + 10_000
+    for (;;) {
+      const probe = new Redis(this.port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
+      probe.on('error', () => {})
+      try {
+        await probe.connect()
+        await probe.ping()
+        probe.disconnect()
+        return
+      } catch {
+        probe.disconnect()
+        if (Date.now() > deadline || proc.exitCode !== null) throw new Error(`redis-server did not start on port ${this.port}`)
+        await new Promise(resolve => setTimeout(resolve, 50))
+      }
+    }
+  }
+
+  /** Stops the server (SIGTERM: it flushes its append-only file first). */
+  async down (): Promise<void> {
+    const proc = this.#proc
+    this.#proc = null
+    if (proc === null || proc.exitCode !== null) return
+    await new Promise<void>(resolve => {
+      proc.once('exit', () => resolve())
+      proc.kill('SIGTERM')
+    })
+  }
+
+  async restart (): Promise<void> {
+    await this.down()
+    await this.up()
+  }
+
+  async stop (): Promise<void> {
+    await this.down()
+    await rm(this.dir, { recursive: true, force: true })
+  }
+
+  /** A new client (the caller closes it). */
+  client (): Redis {
+    const redis = new Redis(this.port, '127.0.0.1', { maxRetriesPerRequest: null })
+    redis.on('error', () => {})
+    return redis
+  }
+}
