@@ -1,0 +1,54 @@
+import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
+
+/** The kinds of seed 000, at its exact paths. */
+export const KINDS: JobProgressOptions['kinds'] = {
+  batch: {},
+  'structure-filter': { uploadPath: '/structure-filter/batch/upload' },
+  dataset: {}
+}
+
+export interface ExampleConfig {
+  redisUrl: string
+  sessionSecret?: string
+  uploadDir?: string
+  /** `key:owner,key2:owner2` */
+  apiKeys?: string
+  logger?: FastifyServerOptions['logger']
+  /** Extra plugin options (tests shorten intervals). */
+  plugin?: Partial<JobProgressOptions>
+}
+
+export function parseApiKeys (value: string | undefined): Record<string, string> | undefined {
+  if (value === undefined || value.trim() === '') return undefined
+  const keys: Record<string, string> = {}
+  for (const pair of value.split(',')) {
+    const i = pair.indexOf(':')
+    if (i <= 0 || i === pair.length - 1) throw new Error(`API_KEYS: expected "key:owner" pairs separated by commas, got "${pair}"`)
+    keys[pair.slice(0, i).trim()] = pair.slice(i + 1).trim()
+  }
+  return keys
+}
+
+/** The example API: the plugin with seed 000's kinds, a demo page and a health route. */
+export async function buildApp (config: ExampleConfig): Promise<FastifyInstance> {
+  const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
+  await app.register(jobProgress, {
+    connection: config.redisUrl,
+    kinds: KINDS,
+    ...(config.sessionSecret !== undefined ? { session: { secret: config.sessionSecret } } : {}),
+    ...(config.uploadDir !== undefined ? { uploadDir: config.uploadDir } : {}),
+    apiKeys: parseApiKeys(config.apiKeys),
+    protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' })],
+    ...config.plugin
+  })
+  const page = await readFile(join(__dirname, 'public', 'index.html'), 'utf8')
+  app.get('/', async (_req, reply) => await reply.type('text/html').send(page))
+  app.get('/health', async (_req, reply) => {
+    const redis = app.jobProgress.redisReady()
+    return await reply.code(redis ? 200 : 503).send({ status: redis ? 'ok' : 'degraded', redis: redis ? 'up' : 'down', instance: app.jobProgress.instanceId, ...app.jobProgress.stats() })
+  })
+  return app
+}

@@ -1,0 +1,87 @@
+import { spawn, spawnSync } from 'node:child_process'
+import { connect } from 'node:net'
+import { createJobWorker, DiskStorage } from '../lib/index'
+import { buildApp, KINDS } from './app'
+import { demoProcessor } from './processor'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+/**
+ * The example: `ROLE=all` (default) serves the API and runs the workers in one process;
+ * `ROLE=api` and `ROLE=worker` split them, for several instances behind a load balancer.
+ */
+const env = process.env
+const ROLE = env.ROLE ?? 'all'
+const PORT = Number(env.PORT ?? 8001)
+const HOST = env.HOST ?? '127.0.0.1'
+const ITEM_DELAY_MS = Number(env.ITEM_DELAY_MS ?? 50)
+const UPLOAD_DIR = env.UPLOAD_DIR ?? join(tmpdir(), 'fastify-job-progress')
+
+function fail (message: string): never {
+  process.stderr.write(message.trimEnd() + '\n')
+  process.exit(1)
+}
+
+async function reachable (port: number, host = '127.0.0.1'): Promise<boolean> {
+  return await new Promise(resolve => {
+    const socket = connect(port, host)
+    socket.setTimeout(1000)
+    socket.once('connect', () => { socket.destroy(); resolve(true) })
+    socket.once('error', () => resolve(false))
+    socket.once('timeout', () => { socket.destroy(); resolve(false) })
+  })
+}
+
+/** REDIS_URL, or the default when something answers there, or a private redis-server. */
+async function redisUrl (): Promise<string> {
+  if (env.REDIS_URL !== undefined && env.REDIS_URL !== '') return env.REDIS_URL
+  if (await reachable(6379)) return 'redis://127.0.0.1:6379'
+  if (spawnSync('redis-server', ['--version']).status !== 0) {
+    fail(`Nothing answers at redis://127.0.0.1:6379 and redis-server is not installed.
+Start a Redis (for example: sudo apt-get install redis-server, or docker run -p 6379:6379 redis:7),
+or point REDIS_URL at one: REDIS_URL=redis://host:6379 npm start`)
+  }
+  const port = 6390 + Math.floor(Math.random() * 100)
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
+  process.on('exit', () => child.kill())
+  for (let i = 0; i < 50 && !await reachable(port); i++) await new Promise(resolve => setTimeout(resolve, 100))
+  process.stdout.write(`No Redis at 127.0.0.1:6379: started a private redis-server on port ${port} (stops with this process).\n`)
+  return `redis://127.0.0.1:${port}`
+}
+
+async function main (): Promise<void> {
+  if (!['all', 'api', 'worker'].includes(ROLE)) fail(`ROLE must be all, api or worker (got "${ROLE}")`)
+  const url = await redisUrl()
+  const closers: Array<() => Promise<unknown>> = []
+
+  if (ROLE !== 'worker') {
+    const sessionSecret = env.SESSION_SECRET
+    const app = await buildApp({ redisUrl: url, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, logger: { level: env.LOG_LEVEL ?? 'info' } })
+    if (sessionSecret === undefined) app.log.warn('SESSION_SECRET is not set: using a random one. Sessions break across restarts and across instances; set it in production.')
+    try {
+      await app.listen({ port: PORT, host: HOST })
+    } catch (err) {
+      fail(`Cannot listen on ${HOST}:${PORT}: ${(err as Error).message}`)
+    }
+    closers.push(async () => await app.close())
+  }
+  if (ROLE !== 'api') {
+    const storage = new DiskStorage(UPLOAD_DIR)
+    for (const kind of Object.keys(KINDS)) {
+      const worker = createJobWorker({ kind, connection: url, storage, workerOptions: { concurrency: Number(env.CONCURRENCY ?? 4) } }, demoProcessor(ITEM_DELAY_MS))
+      worker.on('error', (err) => process.stderr.write(`worker ${kind}: ${err.message}\n`))
+      closers.push(async () => await worker.close())
+    }
+    process.stdout.write(`Workers running for ${Object.keys(KINDS).join(', ')} (one record every ${ITEM_DELAY_MS} ms).\n`)
+  }
+  let closing = false
+  const stop = (): void => {
+    if (closing) return
+    closing = true
+    Promise.all(closers.map(async close => await close())).then(() => process.exit(0), () => process.exit(1))
+  }
+  process.on('SIGINT', stop)
+  process.on('SIGTERM', stop)
+}
+
+main().catch((err: Error) => fail(`The example could not start: ${err.message}`))
