@@ -300,4 +300,3 @@ export class Hub {
     this.#watches.clear()
   }
 }
-

@@ -43,7 +43,6 @@ export function accepts (accept: string[], mimetype: string, filename: string): 
   })
 }
 
-
 /**
  * Builds the upload handler of one kind: the file is streamed to storage (never buffered whole),
  * then one BullMQ job is added. Whatever goes wrong before the job exists, the stored file is
