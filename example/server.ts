@@ -16,6 +16,9 @@ const PORT = Number(env.PORT ?? 8001)
 const HOST = env.HOST ?? '127.0.0.1'
 const ITEM_DELAY_MS = Number(env.ITEM_DELAY_MS ?? 50)
 const UPLOAD_DIR = env.UPLOAD_DIR ?? join(tmpdir(), 'fastify-job-progress')
+// BullMQ notices a job whose worker died after its lock expires and the next stall check runs
+// (30 s each by default); a shorter interval (the lock lasts twice as long) retries it sooner.
+const STALLED_INTERVAL_MS = env.STALLED_INTERVAL_MS === undefined ? undefined : Number(env.STALLED_INTERVAL_MS)
 
 function fail (message: string): never {
   process.stderr.write(message.trimEnd() + '\n')
@@ -51,6 +54,7 @@ or point REDIS_URL at one: REDIS_URL=redis://host:6379 npm start`)
 
 async function main (): Promise<void> {
   if (!['all', 'api', 'worker'].includes(ROLE)) fail(`ROLE must be all, api or worker (got "${ROLE}")`)
+  if (STALLED_INTERVAL_MS !== undefined && !(STALLED_INTERVAL_MS >= 100)) fail(`STALLED_INTERVAL_MS must be a number of milliseconds, at least 100 (got "${env.STALLED_INTERVAL_MS}")`)
   const url = await redisUrl()
   const closers: Array<() => Promise<unknown>> = []
 
@@ -68,7 +72,7 @@ async function main (): Promise<void> {
   if (ROLE !== 'api') {
     const storage = new DiskStorage(UPLOAD_DIR)
     for (const kind of Object.keys(KINDS)) {
-      const worker = createJobWorker({ kind, connection: url, storage, workerOptions: { concurrency: Number(env.CONCURRENCY ?? 4) } }, demoProcessor(ITEM_DELAY_MS))
+      const worker = createJobWorker({ kind, connection: url, storage, workerOptions: { concurrency: Number(env.CONCURRENCY ?? 4), ...(STALLED_INTERVAL_MS !== undefined ? { stalledInterval: STALLED_INTERVAL_MS, lockDuration: 2 * STALLED_INTERVAL_MS } : {}) } }, demoProcessor(ITEM_DELAY_MS))
       worker.on('error', (err) => process.stderr.write(`worker ${kind}: ${err.message}\n`))
       closers.push(async () => await worker.close())
     }
