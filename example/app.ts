@@ -2,6 +2,7 @@ import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastif
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
+import { scanProtocol, tokenSocketProtocol } from './protocols'
 
 /** The kinds of seed 000, at its exact paths. */
 export const KINDS: JobProgressOptions['kinds'] = {
@@ -41,7 +42,8 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
     ...(config.sessionSecret !== undefined ? { session: { secret: config.sessionSecret } } : {}),
     ...(config.uploadDir !== undefined ? { uploadDir: config.uploadDir } : {}),
     apiKeys: parseApiKeys(config.apiKeys),
-    protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' })],
+    // Seed 002 at its path; seed 001's and seed 003's dialects as protocols of our own.
+    protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' }), scanProtocol({ path: '/ws' }), tokenSocketProtocol({ path: '/api/v1/socket' })],
     ...config.plugin
   })
   const page = await readFile(join(__dirname, 'public', 'index.html'), 'utf8')

@@ -19,7 +19,8 @@ export interface SnapshotTarget {
   jobId: string
 }
 
-const FIELDS = ['progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm', 'data'] as const
+// `timestamp` is read only to know the job exists: a job that never started has none of the others.
+const FIELDS = ['progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm', 'timestamp', 'data'] as const
 const PER_JOB = 5
 
 function json (text: string | null): unknown {
@@ -60,7 +61,7 @@ export async function readSnapshots (redis: Redis, keys: Keys, targets: Snapshot
 }
 
 function toSnapshot (target: SnapshotTarget, hash: Array<string | null>, completed: boolean, failed: boolean, active: boolean, cancelOwner: string | null, withData: boolean, now: number): Snapshot | null {
-  const [progress, returnvalue, failedReason, finishedOn, processedOn, ats, atm, rawData] = hash
+  const [progress, returnvalue, failedReason, finishedOn, processedOn, ats, atm, , rawData] = hash
   const exists = hash.some(v => v !== null)
   if (!exists && cancelOwner === null) return null
 

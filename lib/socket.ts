@@ -30,6 +30,15 @@ interface Subscription {
   opened: OpenedJob
   sink: Sink
   final: boolean
+  /** The last event delivered, so a repeated subscribe answers with the current state too. */
+  last: JobEvent | null
+}
+
+/** A close reason must fit in 123 bytes of UTF-8, and error texts may quote what a client sent. */
+function closeReason (text: string): string {
+  let reason = text.slice(0, 123)
+  while (Buffer.byteLength(reason) > 123) reason = reason.slice(0, -1)
+  return reason
 }
 
 const serialize = (message: ServerMessage): string | undefined =>
@@ -185,24 +194,30 @@ export class SocketSession {
     }
   }
 
-  #error (message: string): void {
-    if (this.protocol.error !== undefined) this.sendControl(this.protocol.error(message))
+  #error (message: string, jobId?: string): void {
+    // A protocol that cannot render errors closes instead, so no client waits on a silent failure.
+    if (this.protocol.error === undefined) return this.close(CloseCodes.policyViolation, closeReason(message))
+    this.sendControl(this.protocol.error(message, jobId))
   }
 
   #notFound (jobId: unknown): void {
     if (this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
-    this.#error(`Job not found or access denied: ${String(jobId).slice(0, 64)}`)
+    const id = String(jobId).slice(0, 64)
+    this.#error(`Job not found or access denied: ${id}`, id)
   }
 
   async #subscribe (jobId: unknown, kind?: string): Promise<void> {
     if (this.#state !== 'ready') return
     if (!isJobId(jobId)) return this.#notFound(jobId)
-    if (this.#subs.has(jobId)) {
+    const existing = this.#subs.get(jobId)
+    if (existing !== undefined) {
       this.sendControl(this.protocol.subscribed?.(jobId))
+      const data = existing.last === null ? undefined : serialize(this.protocol.render(existing.last))
+      if (data !== undefined && existing.last !== null) this.outbox.send(data, jobId, isFinal(existing.last.state))
       return
     }
     if (this.#subs.size >= this.#ctx.maxSubscriptionsPerConnection) {
-      return this.#error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`)
+      return this.#error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`, jobId)
     }
     const found = kind ?? await this.#ctx.findKind(jobId)
     const queue = found === null ? undefined : this.#ctx.queueOf(found)
@@ -218,13 +233,14 @@ export class SocketSession {
       return
     }
     this.sendControl(this.protocol.subscribed?.(jobId))
-    const sub: Subscription = { opened, final: false, sink: { deliver: (event) => this.#deliver(sub, event) } }
+    const sub: Subscription = { opened, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
     this.#subs.set(jobId, sub)
     opened.attach(sub.sink)
   }
 
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return
+    sub.last = event
     const data = serialize(this.protocol.render(event))
     const final = isFinal(event.state)
     if (data !== undefined) this.outbox.send(data, event.jobId, final)

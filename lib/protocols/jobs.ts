@@ -3,10 +3,32 @@ import type { ClientAction, ProtocolDefinition } from './types'
 
 const STATUS = { queued: 'queued', active: 'running', completed: 'succeeded', failed: 'failed', cancelled: 'cancelled' } as const
 
+/** Whole seconds since the epoch: the seed's `ts` is an integer Unix time. */
 const ts = (): number => Math.floor(Date.now() / 1000)
 
-/** Renders the internal event as a `job_update`, with progress fields besides the seed's own. */
-export function jobUpdate (event: JobEvent): object {
+/** What the `jobs` protocol sends for a job event. */
+export interface JobUpdateMessage {
+  type: 'job_update'
+  job_id: string
+  status: 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled'
+  /** The job's return value on `succeeded`, else null. */
+  result: unknown
+  /** Why it ended on `failed` and `cancelled`, else null. */
+  error: string | null
+  /** Beyond the seed: percent done (0-100, one decimal), items done and in all, ETA. */
+  progress: number
+  processed: number
+  total: number
+  eta_seconds: number | null
+  ts: number
+}
+
+/**
+ * Renders the internal event as a `job_update`. It is sent on every change, not only on status
+ * transitions, so it also carries the progress fields; a client that only reads `status` sees
+ * the same status more than once, which the seed's clients handle.
+ */
+export function jobUpdate (event: JobEvent): JobUpdateMessage {
   return {
     type: 'job_update',
     job_id: event.jobId,
@@ -21,14 +43,16 @@ export function jobUpdate (event: JobEvent): object {
   }
 }
 
+const USAGE = 'send {"action": "subscribe" | "unsubscribe", "job_id": "<uuid>"} or {"action": "ping"}'
+
 function parseJobsAction (text: string): ClientAction {
   let message: unknown
   try {
     message = JSON.parse(text)
   } catch {
-    return { type: 'invalid', message: 'Invalid JSON' }
+    return { type: 'invalid', message: `Invalid JSON: ${USAGE}` }
   }
-  if (message === null || typeof message !== 'object' || Array.isArray(message)) return { type: 'invalid', message: 'Messages must be JSON objects with an "action"' }
+  if (message === null || typeof message !== 'object' || Array.isArray(message)) return { type: 'invalid', message: `Messages must be JSON objects: ${USAGE}` }
   const { action, job_id: jobId } = message as Record<string, unknown>
   switch (action) {
     case 'subscribe':
@@ -37,8 +61,10 @@ function parseJobsAction (text: string): ClientAction {
       return { type: action, jobId }
     case 'ping':
       return { type: 'ping' }
-    default:
-      return { type: 'invalid', message: `Unknown action: ${typeof action === 'string' ? action : JSON.stringify(action ?? null)}` }
+    default: {
+      const name = typeof action === 'string' ? action.slice(0, 64) : JSON.stringify(action ?? null).slice(0, 64)
+      return { type: 'invalid', message: `Unknown action: ${name} (expected subscribe, unsubscribe or ping)` }
+    }
   }
 }
 

@@ -28,8 +28,11 @@ export interface ProtocolDefinition {
   perJob?: boolean
   /**
    * How clients authenticate. `request`: session cookie or API key on the upgrade request.
-   * `first-message`: the first text frame carries `{ "token": "..." }` (an API key or a value the
-   * `verifyToken` hook accepts), for clients that can set neither headers nor query parameters.
+   * `first-message`: the first text frame must be `{ "token": "<API key>" }`, within
+   * `firstMessageTimeoutMs`, for clients that can set neither headers nor query parameters; the
+   * key is checked against `apiKeys` (without `apiKeys` no token is accepted). Frames sent right
+   * after the token wait until it is checked. A bad token or none in time: `authFailed`, then
+   * close 4001.
    * @default 'request'
    */
   auth?: 'request' | 'first-message'
@@ -41,13 +44,22 @@ export interface ProtocolDefinition {
   render: (event: JobEvent) => ServerMessage
   /** Sent once the client is authenticated. */
   connected?: () => ServerMessage
-  /** Sent when `first-message` authentication fails, before the socket closes with 4001. */
+  /** Sent when authentication fails (either mode), just before the socket closes with 4001. */
   authFailed?: (reason: string) => ServerMessage
+  /** Sent when a subscribe succeeds, just before the job's current state (a `render`). */
   subscribed?: (jobId: string) => ServerMessage
+  /** Sent on every unsubscribe, whether or not the job was subscribed. */
   unsubscribed?: (jobId: string) => ServerMessage
-  /** Renders an error the connection survives; without it such errors close the socket. */
+  /**
+   * Renders an error the connection survives (bad message, unknown or foreign job, subscription
+   * limit); `jobId` is the job the message named, when it named one. Without it such errors
+   * close the socket with 1008 and the message as the reason, so a client never waits on a
+   * request that silently failed.
+   */
   error?: (message: string, jobId?: string) => ServerMessage
+  /** Sent every `heartbeatIntervalMs` to each authenticated socket. */
   heartbeat?: () => ServerMessage
+  /** The answer to a `{ type: 'ping' }` action. */
   pong?: () => ServerMessage
 }
 
