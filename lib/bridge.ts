@@ -17,6 +17,8 @@ export interface BridgeOptions {
   blockMs: number
   claimIdleMs: number
   claimIntervalMs: number
+  /** A consumer with nothing pending and idle this long is a dead instance's leftover. */
+  consumerIdleMs: number
   log: FastifyBaseLogger
 }
 
@@ -34,6 +36,7 @@ export class Bridge {
   #running = false
   #loop: Promise<void> | null = null
   #claimTimer: NodeJS.Timeout | null = null
+  #lastSweep = Date.now()
   /** Events published since start (for tests and metrics). */
   published = 0
 
@@ -94,8 +97,28 @@ export class Bridge {
           cursor = next
         } while (cursor !== '0-0' && this.#running)
       }
+      if (Date.now() - this.#lastSweep > this.#o.consumerIdleMs) await this.#sweepConsumers()
     } catch (err) {
       this.#o.log.debug({ err }, 'job-progress: bridge claim failed; will retry')
+    }
+  }
+
+  /**
+   * An instance that died without closing stays listed in the group. Once its entries have been
+   * claimed it holds nothing: drop it. Deleting a live but quiet consumer is harmless too, as its
+   * next read makes it again.
+   */
+  async #sweepConsumers (): Promise<void> {
+    this.#lastSweep = Date.now()
+    for (const stream of this.#streams) {
+      const consumers = await this.#o.redis.xinfo('CONSUMERS', stream, this.#o.group) as Array<Array<string | number>>
+      for (const row of consumers) {
+        const info: Record<string, string | number> = {}
+        for (let i = 0; i < row.length; i += 2) info[row[i] as string] = row[i + 1]
+        if (info.name !== this.#o.consumer && Number(info.pending) === 0 && Number(info.idle) > this.#o.consumerIdleMs) {
+          await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, String(info.name))
+        }
+      }
     }
   }
 

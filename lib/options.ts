@@ -14,6 +14,9 @@ function Fn<T> (description: string) {
   return Type.Unsafe<T>(Type.Any({ description, [Symbol.for('jp.fn')]: true }))
 }
 
+/** A kind's name becomes part of its routes and queue, so it is kept to URL- and key-safe characters. */
+const KIND_NAME = '^[A-Za-z0-9][A-Za-z0-9_.-]*$'
+
 const KindSchema = Type.Object({
   uploadPath: Type.Optional(Type.String({ pattern: '^/', description: 'upload route; default `<basePath>/upload`' })),
   basePath: Type.Optional(Type.String({ pattern: '^/', description: 'base of the status, result and cancel routes; default `/<kind>`' })),
@@ -27,7 +30,8 @@ export const OptionsSchema = Type.Object({
   connection: Type.Unsafe<Redis | RedisOptions | string>(Type.Union([Type.String(), Type.Object({}, { additionalProperties: true })], { default: 'redis://127.0.0.1:6379' })),
   prefix: Type.String({ minLength: 1, default: 'bull' }),
   channelPrefix: Type.String({ minLength: 1, default: 'jp' }),
-  kinds: Type.Record(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9_.-]*$' }), KindSchema, { minProperties: 1 }),
+  // additionalProperties: without it a name that misses the pattern is not checked at all.
+  kinds: Type.Record(Type.String({ pattern: KIND_NAME }), KindSchema, { minProperties: 1, additionalProperties: false }),
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
   storage: Type.Optional(Type.Unsafe<Storage>(Type.Object({}, { additionalProperties: true }))),
   uploadDir: Type.String({ minLength: 1, default: join(tmpdir(), 'fastify-job-progress') }),
@@ -61,7 +65,8 @@ export const OptionsSchema = Type.Object({
     group: Type.String({ minLength: 1, default: 'jp-bridge' }),
     blockMs: Type.Integer({ minimum: 10, default: 2_000 }),
     claimIdleMs: Type.Integer({ minimum: 100, default: 10_000 }),
-    claimIntervalMs: Type.Integer({ minimum: 100, default: 5_000 })
+    claimIntervalMs: Type.Integer({ minimum: 100, default: 5_000 }),
+    consumerIdleMs: Type.Integer({ minimum: 100, default: 10 * 60_000 })
   }, { default: {}, additionalProperties: false }),
   defaultJobOptions: Type.Unsafe<JobsOptions>(Type.Object({}, {
     additionalProperties: true,
@@ -124,7 +129,22 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     }
   }
   const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
-  const problems = [...Value.Errors(OptionsSchema, opts)].map(e => `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`)
+  const problems = [...Value.Errors(OptionsSchema, opts)].map(e => {
+    // A bad kind name only shows as an "unexpected property": say what a name may be.
+    const name = /^\/kinds\/([^/]+)$/.exec(e.path)?.[1].replace(/~1/g, '/').replace(/~0/g, '~')
+    if (name !== undefined && !new RegExp(KIND_NAME).test(name)) {
+      return `kind name "${name}" is invalid: use letters, digits, "_", "." or "-", starting with a letter or digit`
+    }
+    return `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`
+  })
+  // Checked here, before any connection is opened: a refusal later would leave clients behind.
+  const kindOfQueue = new Map<string, string>()
+  for (const [kind, k] of Object.entries((opts.kinds ?? {}) as Record<string, { queueName?: unknown }>)) {
+    const queue = typeof k?.queueName === 'string' ? k.queueName : kind
+    const other = kindOfQueue.get(queue)
+    if (other !== undefined) problems.push(`kinds "${other}" and "${kind}" use the same queue "${queue}"`)
+    else kindOfQueue.set(queue, kind)
+  }
   for (const key of FUNCTION_OPTIONS) {
     if (kept[key] !== undefined && typeof kept[key] !== 'function') problems.push(`\`${key}\` must be a function`)
   }

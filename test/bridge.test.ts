@@ -1,0 +1,51 @@
+import t from 'tap'
+import { once } from 'node:events'
+import { relayMessage } from '../lib/bridge'
+import { connect, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
+
+t.test('relayMessage: progress is spliced in as JSON, lifecycle events carry only their name', async (t) => {
+  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { e: 'progress', t: 1700000000000, d: { processed: 3, total: 9 } })
+  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"e":"completed","t":5}' })
+  t.equal(relayMessage('5-1', ['event', 'drained']), null, 'events without a job are not relayed')
+  t.equal(relayMessage('5-1', ['event', 'added', 'jobId', 'j1']), null, 'events no watcher needs are not relayed')
+})
+
+t.test('events a dead instance read but never published are claimed and relayed by another', async (t) => {
+  const redis = await redisFor(t)
+  const uploadDir = await tempDir(t)
+  // The instance clients watch through: no bridge of its own, and a reconcile too slow to help.
+  const watcher = await startApp(t, redis, { uploadDir, bridge: { enabled: false }, reconcileIntervalMs: 600_000 })
+  // Made once so the consumer group exists, then gone.
+  const first = await startApp(t, redis, { uploadDir })
+  await first.app.close()
+
+  const up = await upload(`${watcher.url}/batch/upload`, lines(3))
+  const client = connect(t, up.body.ws_url, { cookie: up.cookie })
+  await client.waitFor(m => m.status === 'processing')
+  const worker = startWorker(t, redis, 'batch', uploadDir)
+  await once(worker, 'completed')
+
+  // A consumer reads every event and dies before publishing or acknowledging any of them.
+  const r = redis.client()
+  t.teardown(() => r.disconnect())
+  const read = await r.xreadgroup('GROUP', 'jp-bridge', 'dead-instance', 'COUNT', 1000, 'STREAMS', 'bull:batch:events', '>') as Array<[string, unknown[]]>
+  t.ok(read[0][1].length > 0, 'the dead consumer holds the events')
+  t.equal(client.messages.some(m => m.status === 'complete'), false, 'nothing was relayed yet')
+
+  // Another instance's bridge claims them after claimIdleMs and publishes: the watcher converges.
+  await startApp(t, redis, { uploadDir, bridge: { claimIdleMs: 200, claimIntervalMs: 100, consumerIdleMs: 300 } })
+  const final = await client.waitFor(m => m.status === 'complete', 10_000)
+  t.equal(final.processed, 3)
+  t.equal((await client.closed).code, 1000)
+
+  // And the dead consumer, holding nothing any more, leaves the group.
+  const deadline = Date.now() + 10_000
+  let names: string[] = []
+  while (Date.now() < deadline) {
+    const rows = await r.xinfo('CONSUMERS', 'bull:batch:events', 'jp-bridge') as Array<Array<string | number>>
+    names = rows.map(row => String(row[row.indexOf('name') + 1]))
+    if (!names.includes('dead-instance')) break
+    await new Promise(resolve => setTimeout(resolve, 100))
+  }
+  t.notOk(names.includes('dead-instance'), 'the dead consumer was removed')
+})
