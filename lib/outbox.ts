@@ -44,7 +44,12 @@ export class Outbox {
     }
     const waiting = this.#queue.get(key)
     if (waiting === undefined || !waiting.final) {
-      if (waiting !== undefined) this.conflated++
+      if (waiting !== undefined) {
+        this.conflated++
+        // The newer message goes to the back: it must not overtake control messages queued
+        // after the one it replaces (an `unsubscribed`, a `subscribed` again).
+        this.#queue.delete(key)
+      }
       this.#queue.set(key, { data, final })
     } else {
       this.#queue.set(`${key}\0${this.#seq++}`, { data, final })

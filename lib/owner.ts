@@ -56,14 +56,24 @@ export class Owners {
       const owner = await this.#opts.getOwner(request)
       return typeof owner === 'string' && owner !== '' ? { owner, via: 'custom' } : null
     }
+    let refused = false
     if (this.#keys !== null) {
       const key = apiKeyOf(request, websocket)
       if (key !== null) {
-        const owner = await this.ownerOfKey(key)
-        if (owner === null) throw new UnauthorizedError('invalid API key')
-        return { owner, via: 'apiKey' }
+        const owner = await this.ownerOfKey(key.key)
+        if (owner !== null) return { owner, via: 'apiKey' }
+        // A browser may offer an application subprotocol of its own: that is not a wrong key
+        // when the session cookie vouches for the client.
+        if (key.from !== 'subprotocol') throw new UnauthorizedError('invalid API key')
+        refused = true
       }
     }
+    const session = this.#session(request)
+    if (session === null && refused) throw new UnauthorizedError('invalid API key')
+    return session
+  }
+
+  #session (request: FastifyRequest): Identity | null {
     const raw = (request as FastifyRequest & { cookies?: Record<string, string | undefined> }).cookies?.[this.#opts.session.cookieName]
     if (raw === undefined) return null
     const { valid, value } = this.#signer.unsign(raw)
@@ -106,15 +116,15 @@ export class Owners {
   }
 }
 
-/** The API key a request presents, or null. */
-export function apiKeyOf (request: FastifyRequest, websocket: boolean): string | null {
+/** The API key a request presents and where it came from, or null. */
+export function apiKeyOf (request: FastifyRequest, websocket: boolean): { key: string, from: 'header' | 'query' | 'subprotocol' } | null {
   const auth = request.headers.authorization
-  if (typeof auth === 'string' && auth.startsWith('Bearer ')) return auth.slice(7).trim()
+  if (typeof auth === 'string' && auth.startsWith('Bearer ')) return { key: auth.slice(7).trim(), from: 'header' }
   const query = request.query as Record<string, unknown> | undefined
-  if (typeof query?.api_key === 'string') return query.api_key
+  if (typeof query?.api_key === 'string') return { key: query.api_key, from: 'query' }
   if (websocket) {
     const protocol = request.headers['sec-websocket-protocol']
-    if (typeof protocol === 'string' && protocol !== '') return protocol.split(',')[0].trim()
+    if (typeof protocol === 'string' && protocol !== '') return { key: protocol.split(',')[0].trim(), from: 'subprotocol' }
   }
   return null
 }

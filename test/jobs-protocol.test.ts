@@ -169,6 +169,13 @@ t.test('API key by query, by Sec-WebSocket-Protocol (echoed back), or the sessio
 
   const forged = connect(t, `${ws}${PATH}`, { cookie: 'jp_session=forged.value' })
   t.equal((await forged.closed).code, 4001, 'an unsigned cookie is no session')
+
+  // A browser app that offers a subprotocol of its own is not refused as a wrong key when its
+  // session cookie vouches for it.
+  const appProtocol = connect(t, `${ws}${PATH}`, { protocols: 'chat.v1', cookie: up.cookie })
+  await appProtocol.waitFor(m => m.type === 'connected')
+  appProtocol.send({ action: 'subscribe', job_id: up.body.job_id })
+  t.match(await appProtocol.waitFor(m => m.type === 'job_update'), { job_id: up.body.job_id }, 'the session owns its job through a subprotocol-offering socket')
 })
 
 t.test('a job uploaded with key A: key A subscribes, key B and other sessions get "not found"; HTTP routes too', async (t) => {
