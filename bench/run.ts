@@ -1,0 +1,681 @@
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { request } from 'node:http'
+import { cpus, loadavg, tmpdir, totalmem } from 'node:os'
+import { join } from 'node:path'
+import { randomBytes } from 'node:crypto'
+import { benchPids, Child, killAll, machineBusySeconds, openFileLimit, procCounters, procCpuSeconds, ROOT } from './lib/proc'
+import { BenchRedis, redisDelta, type RedisCounters, type RedisDelta } from './lib/redis'
+import { fmt, percentiles, round, table } from './lib/stats'
+
+/**
+ * The benchmark: this plugin at 1, 2 and 4 API instances against a floor (one QueueEvents per
+ * process writing straight to `ws` sockets) and Socket.IO with its Redis adapter and emitter,
+ * all in one run on this machine, so that results are ratios between peers measured together.
+ * Peers that are compared are up at the same time and take turns in rounds, so that a change in
+ * the machine's background load hits them alike; the CPU used by other processes during each
+ * step is reported.
+ *
+ *   npm run bench               full run (about 4-5 minutes)
+ *   npm run bench -- --quick    smaller run (about 1 minute)
+ *   npm run bench -- --profile  also writes a CPU profile of every server over each measured
+ *                               step to bench/results/*.cpuprofile (read with bench/profile.ts)
+ *   npm run bench -- --only=fanout,redis,idle,upload   run some workloads only
+ */
+const argv = process.argv.slice(2)
+const QUICK = argv.includes('--quick')
+const PROFILE = argv.includes('--profile')
+const ONLY = argv.find(a => a.startsWith('--only='))?.slice(7).split(',')
+
+// BENCH_CANDIDATE=/path/to/lib/index.ts adds a "candidate" system: the plugin loaded from another
+// copy of lib/, measured in the same rounds as the others (to try a change before making it).
+const CANDIDATE = process.env.BENCH_CANDIDATE
+type System = 'plugin' | 'candidate' | 'floor' | 'sio'
+const SYSTEMS: System[] = CANDIDATE === undefined ? ['plugin', 'floor', 'sio'] : ['plugin', 'candidate', 'floor', 'sio']
+const NAMES: Record<System | 'none', string> = { plugin: 'plugin', candidate: 'plugin candidate', floor: 'floor (QueueEvents→ws)', sio: 'socket.io+redis-adapter', none: 'driver only' }
+const OWNER = 'bench-owner'
+
+const CFG = QUICK
+  ? {
+      jobs: 20, perJob: 20, rate: 10, fanoutMs: 2_000, rounds: 2,
+      fanout: [{ instances: 2, systems: SYSTEMS }],
+      satInstances: 2, satRates: [40, 80, 160, 320, 640, 1280], satMs: 1_200, satSystems: SYSTEMS.filter(s => s !== 'floor'),
+      redisInstances: [1, 4], redisMs: 1_200, redisJobs: 20, redisRate: 10, redisSystems: SYSTEMS.filter(s => s !== 'sio'),
+      idleSockets: 3_000, idleJobs: 100,
+      uploadBytes: 200 * 1024 * 1024, uploadRounds: 1
+    }
+  : {
+      jobs: 20, perJob: 20, rate: 10, fanoutMs: 2_500, rounds: 3,
+      fanout: [{ instances: 1, systems: SYSTEMS }, { instances: 2, systems: SYSTEMS }, { instances: 4, systems: SYSTEMS }],
+      satInstances: 2, satRates: [20, 40, 80, 160, 320, 640, 1280], satMs: 2_000, satSystems: SYSTEMS,
+      redisInstances: [1, 2, 4], redisMs: 2_500, redisJobs: 20, redisRate: 10, redisSystems: SYSTEMS,
+      idleSockets: 10_000, idleJobs: 100,
+      uploadBytes: 200 * 1024 * 1024, uploadRounds: 2
+    }
+const CLIENT_PROCS = 4
+const FANOUT_CLIENT_PROCS = 2
+const P99_LIMIT_MS = 100
+const DEADLINE_MS = QUICK ? 150_000 : 420_000
+
+const tmp = mkdtempSync(join(tmpdir(), 'jp-bench-'))
+const resultsDir = join(ROOT, 'bench', 'results')
+mkdirSync(resultsDir, { recursive: true })
+let redis: BenchRedis | null = null
+let driver: Child
+let clients: Child[] = []
+let setupNo = 0
+const started = Date.now()
+
+const log = (line: string): void => { process.stderr.write(`[${((Date.now() - started) / 1000).toFixed(1).padStart(5)}s] ${line}\n`) }
+const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
+const sum = (xs: number[]): number => xs.reduce((a, b) => a + b, 0)
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s.length === 0 ? NaN : s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
+}
+const cleanupSync = (): void => {
+  killAll()
+  redis?.kill()
+  try { rmSync(tmp, { recursive: true, force: true }) } catch {}
+}
+process.on('exit', cleanupSync)
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.on(signal, () => {
+    log(`${signal}: stopping every bench process`)
+    cleanupSync()
+    process.exit(130)
+  })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers, setups and steps
+
+function spawnServer (system: System | 'plain', label: string, extra: Record<string, unknown> = {}): Child {
+  const script = { plugin: 'bench/servers/plugin.ts', candidate: 'bench/servers/plugin.ts', floor: 'bench/servers/floor.ts', sio: 'bench/servers/sio.ts', plain: 'bench/servers/plain-upload.ts' }[system]
+  return new Child(script, [], {
+    label,
+    node: ['--expose-gc'],
+    manyFiles: true,
+    env: {
+      BENCH_CONFIG: JSON.stringify({ redisUrl: redis?.url, uploadDir: join(tmp, `up-${label}`), fileSize: 512 * 1024 * 1024, ...extra }),
+      ...(system === 'candidate' ? { BENCH_LIB: CANDIDATE as string } : {})
+    }
+  })
+}
+
+function socketUrl (system: System, port: number, jobId: string): string {
+  if (system === 'plugin' || system === 'candidate') return `ws://127.0.0.1:${port}/ws/bench/${jobId}`
+  if (system === 'floor') return `ws://127.0.0.1:${port}/ws/${jobId}`
+  return `http://127.0.0.1:${port}`
+}
+
+interface SetupSpec { system: System | 'none', instances: number, topology: 'spread' | 'one', jobs: number, perJob: number, label: string }
+
+/** One system's servers, jobs and client sockets, up until {@link stopSetup}. */
+interface Setup {
+  spec: SetupSpec
+  set: string
+  servers: Child[]
+  procs: Child[]
+  jobIds: string[]
+}
+
+async function startSetup (spec: SetupSpec): Promise<Setup> {
+  const set = `${spec.label}#${setupNo++}`
+  const queue = `q${setupNo}`
+  const system = spec.system
+  const servers = system === 'none' ? [] : Array.from({ length: spec.instances }, (_, i) => spawnServer(system, `${spec.label}-${i}`, { queue }))
+  const setup: Setup = { spec, set, servers, procs: system === 'none' ? [] : clients.slice(0, FANOUT_CLIENT_PROCS), jobIds: [] }
+  const ports = (await Promise.all(servers.map(async s => await s.ready))).map(r => r.port as number)
+  const { jobIds } = await driver.call<{ jobIds: string[] }>('init', { set, redisUrl: redis?.url, queue, jobs: spec.jobs, owner: OWNER, activate: true, emitter: system === 'sio' })
+  setup.jobIds = jobIds
+  if (system !== 'none') {
+    const subs: Array<{ url: string, jobIndex: number, jobId: string }> = []
+    for (let j = 0; j < jobIds.length; j++) {
+      for (let k = 0; k < spec.perJob; k++) {
+        const instance = spec.topology === 'one' ? 0 : (j * spec.perJob + k) % spec.instances
+        subs.push({ url: socketUrl(system, ports[instance], jobIds[j]), jobIndex: j, jobId: jobIds[j] })
+      }
+    }
+    await Promise.all(setup.procs.map(async (p, i) => await p.call('open', { set, system, owner: OWNER, subs: subs.filter((_, k) => k % setup.procs.length === i) })))
+  }
+  return setup
+}
+
+async function stopSetup (setup: Setup): Promise<void> {
+  const { spec, set } = setup
+  await driver.call('finish', { set }).catch((err: Error) => log(`driver finish: ${err.message}`))
+  // The plugin closes each socket with 1000 after the job's final message: wait for that.
+  const pluginLike = spec.system === 'plugin' || spec.system === 'candidate'
+  const closed = await Promise.all(setup.procs.map(async p => await p.call('closeAll', { set, waitFinalMs: pluginLike ? 6_000 : undefined }).catch(() => null)))
+  if (pluginLike && closed.every(c => c !== null)) {
+    const codes: Record<string, number> = {}
+    for (const c of closed) for (const [k, v] of Object.entries<number>(c.closeCodes)) codes[k] = (codes[k] ?? 0) + v
+    const finals = sum(closed.map(c => c.finals))
+    const byServer = sum(closed.map(c => c.closedByServer))
+    results.finalCheck ??= []
+    results.finalCheck.push({ setup: spec.label, sockets: spec.jobs * spec.perJob, finals, closedWith1000: byServer, closeCodes: codes })
+    if (byServer < spec.jobs * spec.perJob) log(`  note: ${byServer}/${spec.jobs * spec.perJob} plugin sockets of ${spec.label} got the final message and a 1000 close within 6 s (close codes ${JSON.stringify(codes)})`)
+  }
+  await Promise.all(setup.servers.map(async s => await s.stop()))
+}
+
+/** Starts several setups, runs `body`, and always stops them and flushes Redis. */
+async function withSetups<T> (specs: SetupSpec[], body: (setups: Setup[]) => Promise<T>): Promise<T> {
+  const setups: Setup[] = []
+  try {
+    // One after the other: parallel spawns would only fight over two cores.
+    for (const spec of specs) setups.push(await startSetup(spec))
+    await sleep(300)
+    return await body(setups)
+  } finally {
+    for (const s of setups) await stopSetup(s)
+    await redis?.flush()
+  }
+}
+
+interface Snap { servers: number[], driver: number, clients: number[], redis: RedisCounters, io: Array<ReturnType<typeof procCounters>>, machine: number, bench: number, at: number }
+
+async function snap (setup: Setup): Promise<Snap> {
+  const [s, d, c, r] = await Promise.all([
+    Promise.all(setup.servers.map(async x => await x.call<number>('cpu'))),
+    driver.call<number>('cpu'),
+    Promise.all(setup.procs.map(async x => await x.call<number>('cpu'))),
+    (redis as BenchRedis).snapshot()
+  ])
+  const pids = [...benchPids(), redis?.proc.pid as number, process.pid]
+  return { servers: s, driver: d, clients: c, redis: r, io: setup.servers.map(x => procCounters(x.pid)), machine: machineBusySeconds(), bench: sum(pids.map(procCpuSeconds).filter(x => !Number.isNaN(x))), at: Date.now() }
+}
+
+interface StepResult {
+  rate: number
+  durationMs: number
+  wallMs: number
+  events: number
+  targetMsgsPerSec: number
+  sockets: number
+  expected: number
+  received: number
+  lossPct: number
+  socketsShort: number
+  worstSocketRatio: number
+  duplicates: number
+  outOfOrder: number
+  deliveredPerSec: number
+  p50: number
+  p99: number
+  max: number
+  driverLateMs: number
+  cpu: { servers: number, driver: number, clients: number, redis: number }
+  cpuPer10k: { servers: number, driver: number, redis: number, clients: number }
+  /** Servers' system calls and context switches per delivered message. */
+  serverPerMsg: { writeCalls: number, readCalls: number, ctxSwitches: number }
+  /** Share of the machine (all cores) busy with processes that are not the bench's, in %. */
+  otherCpuPct: number
+  redis: RedisDelta & { commandsPerEvent: number, bytesOutPerEvent: number }
+  latencies?: Float64Array[]
+}
+
+/** Drives the setup's jobs at `rate` updates/s each for `durationMs` and measures everything. */
+async function step (setup: Setup, rate: number, durationMs: number, tag = ''): Promise<StepResult> {
+  const { servers, procs, spec, set } = setup
+  if (PROFILE) await Promise.all(servers.map(async s => await s.call('profileStart')))
+  const before = await snap(setup)
+  const run = await driver.call('run', { set, rate, durationMs, dir: tmp }, durationMs + 60_000)
+  const collected = await Promise.all(procs.map(async p => await p.call('collect', { set, file: run.file, cap: run.cap, from: run.from, to: run.to, waitMs: 15_000, quietMs: 1_000 }, 60_000)))
+  const after = await snap(setup)
+  if (PROFILE) await Promise.all(servers.map(async s => await s.call('profileStop', join(resultsDir, `${s.label}-R${rate}${tag}.cpuprofile`))))
+  rmSync(run.file, { force: true })
+  const latencies = collected.map(c => c.latencies as Float64Array)
+  const lat = percentiles(latencies)
+  const received = sum(collected.map(c => c.received))
+  const expected = sum(collected.map(c => c.expected))
+  const cpu = {
+    servers: sum(after.servers) - sum(before.servers),
+    driver: after.driver - before.driver,
+    clients: sum(after.clients) - sum(before.clients),
+    redis: after.redis.cpu - before.redis.cpu
+  }
+  const per10k = (x: number): number => received > 0 ? x / received * 10_000 : NaN
+  const rd = redisDelta(before.redis, after.redis)
+  const events = run.sent as number
+  const wallMs = after.at - before.at
+  const delta = (k: 'syscw' | 'syscr' | 'ctxSwitches'): number => sum(after.io.map((x, i) => x[k] - before.io[i][k])) / received
+  return {
+    rate,
+    durationMs,
+    wallMs,
+    events,
+    targetMsgsPerSec: rate * spec.jobs * (spec.system === 'none' ? 0 : spec.perJob),
+    sockets: sum(collected.map(c => c.sockets)),
+    expected,
+    received,
+    lossPct: expected > 0 ? (1 - received / expected) * 100 : 0,
+    socketsShort: sum(collected.map(c => c.socketsShort)),
+    worstSocketRatio: Math.min(1, ...collected.map(c => c.worstRatio)),
+    duplicates: sum(collected.map(c => c.duplicates)),
+    outOfOrder: sum(collected.map(c => c.outOfOrder)),
+    deliveredPerSec: received / (durationMs / 1000),
+    p50: lat.p50,
+    p99: lat.p99,
+    max: lat.max,
+    driverLateMs: run.lateMs,
+    cpu,
+    cpuPer10k: { servers: per10k(cpu.servers), driver: per10k(cpu.driver), redis: per10k(cpu.redis), clients: per10k(cpu.clients) },
+    serverPerMsg: { writeCalls: delta('syscw'), readCalls: delta('syscr'), ctxSwitches: delta('ctxSwitches') },
+    otherCpuPct: Math.max(0, ((after.machine - before.machine) - (after.bench - before.bench)) / (wallMs / 1000) / cpus().length * 100),
+    redis: { ...rd, commandsPerEvent: rd.commands / events, bytesOutPerEvent: rd.netOut / events },
+    latencies
+  }
+}
+
+/** Several steps of one setup as one result: counts and CPU summed, latency pooled, plus the median of the rounds' p99. */
+function pool (steps: StepResult[]): StepResult & { rounds: number, p99Rounds: number[], p99Median: number } {
+  const latencies = steps.flatMap(s => s.latencies ?? [])
+  const lat = percentiles(latencies)
+  const received = sum(steps.map(s => s.received))
+  const expected = sum(steps.map(s => s.expected))
+  const events = sum(steps.map(s => s.events))
+  const durationMs = sum(steps.map(s => s.durationMs))
+  const cpu = {
+    servers: sum(steps.map(s => s.cpu.servers)),
+    driver: sum(steps.map(s => s.cpu.driver)),
+    clients: sum(steps.map(s => s.cpu.clients)),
+    redis: sum(steps.map(s => s.cpu.redis))
+  }
+  const per10k = (x: number): number => received > 0 ? x / received * 10_000 : NaN
+  const byCommand: Record<string, number> = {}
+  for (const s of steps) for (const [k, v] of Object.entries(s.redis.byCommand)) byCommand[k] = (byCommand[k] ?? 0) + v
+  const commands = sum(steps.map(s => s.redis.commands))
+  const netOut = sum(steps.map(s => s.redis.netOut))
+  const weighted = (f: (s: StepResult) => number): number => sum(steps.map(s => f(s) * s.received)) / received
+  return {
+    ...steps[0],
+    durationMs,
+    wallMs: sum(steps.map(s => s.wallMs)),
+    events,
+    expected,
+    received,
+    lossPct: expected > 0 ? (1 - received / expected) * 100 : 0,
+    socketsShort: Math.max(...steps.map(s => s.socketsShort)),
+    worstSocketRatio: Math.min(...steps.map(s => s.worstSocketRatio)),
+    duplicates: sum(steps.map(s => s.duplicates)),
+    outOfOrder: sum(steps.map(s => s.outOfOrder)),
+    deliveredPerSec: received / (durationMs / 1000),
+    p50: lat.p50,
+    p99: lat.p99,
+    max: lat.max,
+    driverLateMs: Math.max(...steps.map(s => s.driverLateMs)),
+    cpu,
+    cpuPer10k: { servers: per10k(cpu.servers), driver: per10k(cpu.driver), redis: per10k(cpu.redis), clients: per10k(cpu.clients) },
+    serverPerMsg: { writeCalls: weighted(s => s.serverPerMsg.writeCalls), readCalls: weighted(s => s.serverPerMsg.readCalls), ctxSwitches: weighted(s => s.serverPerMsg.ctxSwitches) },
+    otherCpuPct: sum(steps.map(s => s.otherCpuPct * s.wallMs)) / sum(steps.map(s => s.wallMs)),
+    redis: { commands, byCommand, netOut, netIn: sum(steps.map(s => s.redis.netIn)), cpu: cpu.redis, commandsPerEvent: commands / events, bytesOutPerEvent: netOut / events },
+    rounds: steps.length,
+    p99Rounds: steps.map(s => s.p99),
+    p99Median: median(steps.map(s => s.p99)),
+    latencies: undefined
+  }
+}
+
+const strip = <T extends { latencies?: unknown }>(r: T): Omit<T, 'latencies'> => {
+  const { latencies: _, ...rest } = r
+  return rest
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workloads
+
+const results: Record<string, any> = {}
+
+/** Fan-out at each instance count: every system up at once, taking turns over several rounds. */
+async function fanout (): Promise<void> {
+  results.fanout = []
+  results.saturation = {}
+  for (const group of CFG.fanout) {
+    const n = group.instances
+    const specs = group.systems.map(system => ({ system, instances: n, topology: 'spread' as const, jobs: CFG.jobs, perJob: CFG.perJob, label: `fanout-${system}-${n}` }))
+    await withSetups(specs, async (setups) => {
+      const steps = new Map<System, StepResult[]>(setups.map(s => [s.spec.system as System, []]))
+      for (let round = 0; round < CFG.rounds; round++) {
+        // Rotate who goes first, so that no system always runs right after the same neighbour.
+        for (let k = 0; k < setups.length; k++) {
+          const setup = setups[(k + round) % setups.length]
+          const r = await step(setup, CFG.rate, CFG.fanoutMs, `-round${round}`)
+          ;(steps.get(setup.spec.system as System) as StepResult[]).push(r)
+        }
+      }
+      for (const [system, list] of steps) {
+        const r = pool(list)
+        results.fanout.push({ system, instances: n, ...strip(r) })
+        log(`fan-out ${NAMES[system]} ×${n}: ${fmt(r.deliveredPerSec, 0)} msgs/s, p50 ${fmt(r.p50, 2)} ms, p99 ${fmt(r.p99, 2)} ms (rounds ${r.p99Rounds.map(x => fmt(x, 1)).join('/')}), max ${fmt(r.max, 1)} ms, ${r.received}/${r.expected} delivered, server CPU ${fmt(r.cpuPer10k.servers, 3)} s/10k, ${fmt(r.serverPerMsg.writeCalls, 2)} writes/msg, other CPU ${fmt(r.otherCpuPct, 0)}%`)
+      }
+      if (n === CFG.satInstances) await saturation(setups.filter(s => CFG.satSystems.includes(s.spec.system as System)))
+    })
+  }
+}
+
+/**
+ * Raises R for every system in turn until its p99 passes the limit. A step over the limit is
+ * run once more before the system counts as saturated, so that one burst of background load
+ * does not end a system's climb early.
+ */
+async function saturation (setups: Setup[]): Promise<void> {
+  const steps = new Map<System, StepResult[]>(setups.map(s => [s.spec.system as System, []]))
+  const done = new Set<System>()
+  for (const rate of CFG.satRates) {
+    for (const setup of setups) {
+      const system = setup.spec.system as System
+      if (done.has(system)) continue
+      await sleep(200)
+      let st = await step(setup, rate, CFG.satMs, '-sat')
+      if (st.p99 > P99_LIMIT_MS) {
+        log(`  saturation ${NAMES[system]} R=${rate}: p99 ${fmt(st.p99, 1)} ms; running the step again`)
+        await sleep(500)
+        st = await step(setup, rate, CFG.satMs, '-sat-again')
+      }
+      ;(steps.get(system) as StepResult[]).push(st)
+      log(`  saturation ${NAMES[system]} R=${rate}: target ${fmt(st.targetMsgsPerSec, 0)} msgs/s, delivered ${fmt(st.deliveredPerSec, 0)}, p99 ${fmt(st.p99, 1)} ms, loss ${fmt(st.lossPct, 1)}%, server CPU ${fmt(st.cpuPer10k.servers, 3)} s/10k, other CPU ${fmt(st.otherCpuPct, 0)}%`)
+      if (st.p99 > P99_LIMIT_MS || st.lossPct > 50) done.add(system)
+    }
+    if (done.size === setups.length) break
+  }
+  for (const [system, list] of steps) {
+    const ok = list.filter(st => st.p99 <= P99_LIMIT_MS)
+    const best = ok.reduce<StepResult | null>((b, st) => b === null || st.deliveredPerSec > b.deliveredPerSec ? st : b, null)
+    results.saturation[system] = {
+      instances: CFG.satInstances,
+      steps: list.map(st => strip(st)),
+      bestDeliveredPerSec: best?.deliveredPerSec ?? 0,
+      bestRate: best?.rate ?? null,
+      // Whether the limit was reached: otherwise the best figure is a lower bound.
+      limitReached: list.some(st => st.p99 > P99_LIMIT_MS)
+    }
+  }
+}
+
+async function redisWork (): Promise<void> {
+  results.redisWork = []
+  const run = async (system: System | 'none', n: number): Promise<void> => {
+    await withSetups([{ system, instances: n, topology: 'one', jobs: CFG.redisJobs, perJob: 1, label: `redis-${system}-${n}` }], async ([setup]) => {
+      const r = await step(setup, CFG.redisRate, CFG.redisMs)
+      results.redisWork.push({ system, instances: n, events: r.events, commandsPerEvent: r.redis.commandsPerEvent, bytesOutPerEvent: r.redis.bytesOutPerEvent, byCommand: r.redis.byCommand, netIn: r.redis.netIn, p99: r.p99, received: r.received, expected: r.expected })
+      log(`redis work ${NAMES[system]} ×${n}: ${fmt(r.redis.commandsPerEvent, 2)} commands/event, ${fmt(r.redis.bytesOutPerEvent, 0)} bytes out/event (${r.events} events)`)
+    })
+  }
+  await run('none', 0)
+  for (const system of CFG.redisSystems) {
+    for (const n of CFG.redisInstances) await run(system, n)
+  }
+  const base = results.redisWork.find((r: any) => r.system === 'none')
+  for (const r of results.redisWork) {
+    r.consumerCommandsPerEvent = r.commandsPerEvent - base.commandsPerEvent
+    r.consumerBytesOutPerEvent = r.bytesOutPerEvent - base.bytesOutPerEvent
+  }
+}
+
+async function idle (): Promise<void> {
+  results.idle = {}
+  for (const system of SYSTEMS) {
+    const queue = `idle${setupNo++}`
+    const set = `idle-${system}`
+    const server = spawnServer(system, `idle-${system}`, { queue })
+    try {
+      const { port } = await server.ready
+      const { jobIds } = await driver.call<{ jobIds: string[] }>('init', { set, redisUrl: redis?.url, queue, jobs: CFG.idleJobs, owner: OWNER, activate: false, emitter: false })
+      const subs = (count: number): Array<{ url: string, jobIndex: number, jobId: string }> =>
+        Array.from({ length: count }, (_, k) => ({ url: socketUrl(system, port, jobIds[k % CFG.idleJobs]), jobIndex: k % CFG.idleJobs, jobId: jobIds[k % CFG.idleJobs] }))
+      // Warm up first: code loaded and compiled on the first connections is not a per-socket cost.
+      const warm = subs(200)
+      await Promise.all(clients.map(async (c, i) => await c.call('open', { set: `${set}-warm`, system, owner: OWNER, subs: warm.filter((_, k) => k % clients.length === i) })))
+      await Promise.all(clients.map(async c => await c.call('closeAll', { set: `${set}-warm` })))
+      await sleep(500)
+      const before = await server.call('memory')
+      const all = subs(CFG.idleSockets)
+      const t0 = Date.now()
+      await Promise.all(clients.map(async (c, i) => await c.call('open', { set, system, owner: OWNER, subs: all.filter((_, k) => k % clients.length === i), parallel: 32 }, 120_000)))
+      const openMs = Date.now() - t0
+      await sleep(1_000)
+      const after = await server.call('memory')
+      const r = {
+        sockets: CFG.idleSockets,
+        jobs: CFG.idleJobs,
+        openMs,
+        rssBeforeMB: before.rss / 2 ** 20,
+        rssAfterMB: after.rss / 2 ** 20,
+        rssPerSocketKB: (after.rss - before.rss) / CFG.idleSockets / 1024,
+        heapPerSocketKB: (after.heapUsed - before.heapUsed) / CFG.idleSockets / 1024
+      }
+      results.idle[system] = r
+      log(`idle ${NAMES[system]}: ${r.sockets} sockets in ${openMs} ms, RSS ${fmt(r.rssPerSocketKB, 2)} KB/socket, heap ${fmt(r.heapPerSocketKB, 2)} KB/socket`)
+    } finally {
+      await Promise.all(clients.map(async c => await c.call('closeAll', { set }).catch(() => {})))
+      await driver.call('finish', { set }).catch(() => {})
+      await server.stop()
+      await redis?.flush()
+    }
+  }
+}
+
+/** Streams a generated multipart body of `bytes` to `url`; resolves with status and seconds. */
+async function postGenerated (url: string, bytes: number): Promise<{ status: number, seconds: number, body: string }> {
+  const boundary = `----jpbench${randomBytes(12).toString('hex')}`
+  const head = Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\nContent-Type: application/octet-stream\r\n\r\n`)
+  const tail = Buffer.from(`\r\n--${boundary}--\r\n`)
+  const chunk = randomBytes(256 * 1024)
+  const t0 = performance.now()
+  return await new Promise((resolve, reject) => {
+    const req = request(url, { method: 'POST', headers: { 'content-type': `multipart/form-data; boundary=${boundary}`, 'content-length': head.length + bytes + tail.length, 'x-owner': OWNER } }, (res) => {
+      let body = ''
+      res.on('data', (d) => { body += String(d) })
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, seconds: (performance.now() - t0) / 1000, body }))
+    })
+    req.on('error', reject)
+    let left = bytes
+    const pump = (): void => {
+      while (left > 0) {
+        const part = left >= chunk.length ? chunk : chunk.subarray(0, left)
+        left -= part.length
+        if (!req.write(part)) {
+          req.once('drain', pump)
+          return
+        }
+      }
+      req.end(tail)
+    }
+    req.write(head)
+    pump()
+  })
+}
+
+async function upload (): Promise<void> {
+  results.upload = {}
+  // Alternating order over rounds, best throughput and worst growth kept: the disk's write-back
+  // of one upload must not be charged to the next one.
+  const order: Array<'plugin' | 'plain'> = []
+  for (let i = 0; i < CFG.uploadRounds; i++) order.push(...(i % 2 === 0 ? ['plain', 'plugin'] as const : ['plugin', 'plain'] as const))
+  for (const kind of order) {
+    const server = spawnServer(kind, `upload-${kind}`, { queue: 'upload' })
+    try {
+      const { port } = await server.ready
+      const url = `http://127.0.0.1:${port}${kind === 'plugin' ? '/bench/upload' : '/upload'}`
+      // A small warm-up upload so that first-use allocations are not counted as growth.
+      await postGenerated(url, 1024 * 1024)
+      const before = await server.call('memory')
+      await server.call('sampleStart')
+      const res = await postGenerated(url, CFG.uploadBytes)
+      const peak = await server.call<number>('sampleStop')
+      if (res.status !== 202) throw new Error(`upload to ${kind} answered ${res.status}: ${res.body.slice(0, 200)}`)
+      const r = { bytes: CFG.uploadBytes, seconds: res.seconds, mbPerSec: CFG.uploadBytes / 2 ** 20 / res.seconds, rssBeforeMB: before.rss / 2 ** 20, rssPeakMB: peak / 2 ** 20, rssGrowthMB: (peak - before.rss) / 2 ** 20 }
+      const prev = results.upload[kind]
+      results.upload[kind] = prev === undefined
+        ? { ...r, rounds: [r] }
+        : { ...(r.mbPerSec > prev.mbPerSec ? r : prev), rssGrowthMB: Math.max(prev.rssGrowthMB, r.rssGrowthMB), rounds: [...prev.rounds, r] }
+      log(`upload ${kind}: ${fmt(r.mbPerSec, 0)} MB/s, RSS growth ${fmt(r.rssGrowthMB, 1)} MB`)
+    } finally {
+      await server.stop()
+      rmSync(join(tmp, `up-upload-${kind}`), { recursive: true, force: true })
+      await redis?.flush()
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+interface Target { name: string, ours: number, peer: number | null, ratio: number, limit: string, pass: boolean, note?: string }
+
+function targets (): Target[] {
+  const out: Target[] = []
+  const fan = (system: System, n: number): any => results.fanout?.find((r: any) => r.system === system && r.instances === n)
+  const N = CFG.satInstances
+  const ours = fan('plugin', N)
+  const floor = fan('floor', N)
+  const sio = fan('sio', N)
+  if (ours !== undefined && floor !== undefined) {
+    out.push({ name: `fan-out p99 latency at ${N} instances (ms, median of ${CFG.rounds} rounds)`, ours: ours.p99Median, peer: floor.p99Median, ratio: ours.p99Median / floor.p99Median, limit: '≤ 1.5 × floor', pass: ours.p99Median <= 1.5 * floor.p99Median, note: `pooled p99 ${fmt(ours.p99, 2)} vs ${fmt(floor.p99, 2)} ms` })
+  }
+  const sat = results.saturation ?? {}
+  if (sat.plugin !== undefined && sat.sio !== undefined) {
+    const ratio = sat.plugin.bestDeliveredPerSec / sat.sio.bestDeliveredPerSec
+    out.push({ name: `saturation msgs/s with p99 ≤ ${P99_LIMIT_MS} ms at ${N} instances`, ours: sat.plugin.bestDeliveredPerSec, peer: sat.sio.bestDeliveredPerSec, ratio, limit: '≥ 2 × socket.io', pass: ratio >= 2, note: sat.plugin.limitReached ? undefined : 'plugin did not reach its limit in the rates tried: a lower bound' })
+  }
+  if (ours !== undefined && sio !== undefined) {
+    const ratio = ours.cpuPer10k.servers / sio.cpuPer10k.servers
+    out.push({ name: `server CPU s per 10k delivered (fan-out, ${N} instances)`, ours: ours.cpuPer10k.servers, peer: sio.cpuPer10k.servers, ratio, limit: '≤ 0.5 × socket.io', pass: ratio <= 0.5 })
+  }
+  if (results.idle?.plugin !== undefined && results.idle?.sio !== undefined) {
+    const ratio = results.idle.plugin.rssPerSocketKB / results.idle.sio.rssPerSocketKB
+    out.push({ name: `RSS per idle socket (KB, ${CFG.idleSockets} sockets)`, ours: results.idle.plugin.rssPerSocketKB, peer: results.idle.sio.rssPerSocketKB, ratio, limit: '≤ 1 × socket.io', pass: ratio <= 1 })
+  }
+  const rw = (system: string, n: number): any => results.redisWork?.find((r: any) => r.system === system && r.instances === n)
+  const lo = Math.min(...CFG.redisInstances)
+  const hi = Math.max(...CFG.redisInstances)
+  if (rw('plugin', lo) !== undefined && rw('plugin', hi) !== undefined && rw('floor', hi) !== undefined) {
+    const growth = (s: string, key: string): number => rw(s, hi)[key] / rw(s, lo)[key]
+    const oursBytes = growth('plugin', 'consumerBytesOutPerEvent')
+    const oursCmds = growth('plugin', 'consumerCommandsPerEvent')
+    const floorBytes = growth('floor', 'consumerBytesOutPerEvent')
+    const floorCmds = growth('floor', 'consumerCommandsPerEvent')
+    out.push({ name: `Redis bytes out per event, ${hi} vs ${lo} instance(s), one watched (growth)`, ours: oursBytes, peer: floorBytes, ratio: oursBytes / floorBytes, limit: 'plugin ≤ 1.25×, floor grows', pass: oursBytes <= 1.25 && floorBytes > 1.5 })
+    out.push({ name: `Redis commands per event, ${hi} vs ${lo} instance(s), one watched (growth)`, ours: oursCmds, peer: floorCmds, ratio: oursCmds / floorCmds, limit: 'plugin ≤ 1.25×, floor grows', pass: oursCmds <= 1.25 && floorCmds > 1.5 })
+  }
+  if (results.upload?.plugin !== undefined) {
+    const mb = results.upload.plugin.rssGrowthMB
+    out.push({ name: `upload ${CFG.uploadBytes / 2 ** 20} MB: server RSS growth (MB)`, ours: mb, peer: results.upload.plain?.rssGrowthMB ?? null, ratio: mb / (results.upload.plain?.rssGrowthMB ?? NaN), limit: '< 50 MB', pass: mb < 50 })
+  }
+  return out
+}
+
+function report (): string {
+  const parts: string[] = []
+  const m = results.machine
+  parts.push(`fastify-job-progress bench (${QUICK ? 'quick' : 'full'}) — ${m.cores} cores (${m.cpuModel}), node ${m.node}, redis ${m.redis}, load average ${m.loadBefore.map((x: number) => x.toFixed(1)).join(' ')} at start; all figures from this one run`)
+  if (results.fanout !== undefined) {
+    parts.push(table(`Fan-out: ${CFG.jobs} jobs × ${CFG.perJob} sockets, ${CFG.rate} updates/s per job; systems take turns, ${CFG.rounds} rounds × ${CFG.fanoutMs / 1000} s`,
+      ['system', 'inst', 'msgs/s', 'p50 ms', 'p99 ms', 'p99 rounds', 'max ms', 'delivered', 'short sockets', 'dup/ooo', 'srv CPU s/10k', 'drv CPU s/10k', 'redis CPU s/10k', 'srv writes/msg', 'redis cmd/ev', 'redis B/ev', 'other CPU %'],
+      results.fanout.map((r: any) => [NAMES[r.system as System], r.instances, fmt(r.deliveredPerSec, 0), fmt(r.p50, 2), fmt(r.p99, 2), r.p99Rounds.map((x: number) => fmt(x, 1)).join('/'), fmt(r.max, 1), `${r.received}/${r.expected}`, r.socketsShort, `${r.duplicates}/${r.outOfOrder}`, fmt(r.cpuPer10k.servers, 3), fmt(r.cpuPer10k.driver, 3), fmt(r.cpuPer10k.redis, 3), fmt(r.serverPerMsg.writeCalls, 2), fmt(r.redis.commandsPerEvent, 2), fmt(r.redis.bytesOutPerEvent, 0), fmt(r.otherCpuPct, 0)])))
+  }
+  if (results.saturation !== undefined && Object.keys(results.saturation).length > 0) {
+    const rows: Array<Array<string | number>> = []
+    for (const [system, s] of Object.entries<any>(results.saturation)) {
+      for (const st of s.steps) rows.push([NAMES[system as System], st.rate, fmt(st.targetMsgsPerSec, 0), fmt(st.deliveredPerSec, 0), fmt(st.p50, 2), fmt(st.p99, 1), fmt(st.lossPct, 1), fmt(st.cpuPer10k.servers, 3), fmt(st.otherCpuPct, 0), st.p99 <= P99_LIMIT_MS ? '' : '> limit'])
+      rows.push([`  → ${NAMES[system as System]} best`, s.bestRate ?? '-', '', fmt(s.bestDeliveredPerSec, 0), '', '', '', '', '', s.limitReached ? '' : '(limit not reached)'])
+    }
+    parts.push(table(`Saturation at ${CFG.satInstances} instances: raise R until p99 > ${P99_LIMIT_MS} ms (${CFG.satMs / 1000} s per step, systems take turns)`,
+      ['system', 'R/job', 'target msgs/s', 'delivered/s', 'p50 ms', 'p99 ms', 'loss %', 'srv CPU s/10k', 'other CPU %', ''], rows))
+  }
+  if (results.redisWork !== undefined) {
+    parts.push(table(`Redis work per progress event, all sockets on ONE instance (${CFG.redisJobs} jobs, ${CFG.redisRate}/s each, ${CFG.redisMs / 1000} s); "consumer" = minus the driver-only run`,
+      ['system', 'inst', 'events', 'cmds/ev', 'consumer cmds/ev', 'bytes out/ev', 'consumer bytes/ev', 'commands per event'],
+      results.redisWork.map((r: any) => [NAMES[r.system as System | 'none'], r.instances, r.events, fmt(r.commandsPerEvent, 2), fmt(r.consumerCommandsPerEvent, 2), fmt(r.bytesOutPerEvent, 0), fmt(r.consumerBytesOutPerEvent, 0),
+        Object.entries<number>(r.byCommand).sort((a, b) => b[1] - a[1]).filter(([, n]) => n / r.events >= 0.05).map(([c, n]) => `${c}:${fmt(n / r.events, 2)}`).join(' ')])))
+  }
+  if (results.idle !== undefined) {
+    parts.push(table('Idle sockets: RSS after GC, one server process',
+      ['system', 'sockets', 'jobs', 'open s', 'RSS before MB', 'RSS after MB', 'RSS KB/socket', 'heap KB/socket'],
+      Object.entries<any>(results.idle).map(([s, r]) => [NAMES[s as System], r.sockets, r.jobs, fmt(r.openMs / 1000, 1), fmt(r.rssBeforeMB, 1), fmt(r.rssAfterMB, 1), fmt(r.rssPerSocketKB, 2), fmt(r.heapPerSocketKB, 2)])))
+  }
+  if (results.upload !== undefined) {
+    parts.push(table(`Upload (generated multipart body, one request; best of ${CFG.uploadRounds} for MB/s, worst for growth)`,
+      ['route', 'MB', 's', 'MB/s', 'RSS before MB', 'RSS peak MB', 'RSS growth MB'],
+      Object.entries<any>(results.upload).map(([k, r]) => [k === 'plugin' ? 'plugin upload route' : 'plain @fastify/multipart → disk', r.bytes / 2 ** 20, fmt(r.seconds, 2), fmt(r.mbPerSec, 0), fmt(r.rssBeforeMB, 1), fmt(r.rssPeakMB, 1), fmt(r.rssGrowthMB, 1)])))
+  }
+  if (results.finalCheck !== undefined) {
+    const short = (results.finalCheck as any[]).filter(c => c.closedWith1000 < c.sockets)
+    parts.push(`\nFinal message: ${sum(results.finalCheck.map((c: any) => c.closedWith1000))}/${sum(results.finalCheck.map((c: any) => c.sockets))} plugin sockets got the final message and a 1000 close within 6 s of their jobs completing${short.length > 0 ? ` (short: ${short.map(c => `${c.setup as string} ${c.closedWith1000 as number}/${c.sockets as number} ${JSON.stringify(c.closeCodes)}`).join('; ')})` : ''}`)
+  }
+  const t = results.targets as Target[]
+  parts.push(table('Targets (ratios within this run)',
+    ['target', 'plugin', 'peer', 'ratio', 'goal', 'result'],
+    t.map(x => [x.name, fmt(x.ours, 3), fmt(x.peer, 3), fmt(x.ratio, 2), x.limit, (x.pass ? 'PASS' : 'MISS') + (x.note !== undefined ? ` (${x.note})` : '')])))
+  return parts.join('\n') + '\n'
+}
+
+function versionOf (pkg: string): string {
+  try {
+    return JSON.parse(readFileSync(join(ROOT, 'node_modules', pkg, 'package.json'), 'utf8')).version
+  } catch {
+    return 'unknown'
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async function main (): Promise<void> {
+  const deadline = setTimeout(() => {
+    log(`the bench ran past ${DEADLINE_MS / 1000} s: giving up`)
+    cleanupSync()
+    process.exit(2)
+  }, DEADLINE_MS)
+  results.machine = {
+    cores: cpus().length,
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memoryGB: round(totalmem() / 2 ** 30, 1),
+    loadBefore: loadavg(),
+    node: process.version,
+    redis: BenchRedis.version(),
+    openFileLimit: openFileLimit(),
+    packages: Object.fromEntries(['fastify', 'bullmq', 'ioredis', 'ws', '@fastify/websocket', '@fastify/multipart', 'socket.io', 'socket.io-client', '@socket.io/redis-adapter', '@socket.io/redis-emitter'].map(p => [p, versionOf(p)])),
+    plugin: JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version
+  }
+  results.mode = QUICK ? 'quick' : 'full'
+  results.config = CFG
+  results.startedAt = new Date().toISOString()
+  redis = await BenchRedis.start()
+  log(`redis-server ${results.machine.redis} on port ${redis.port}; ${results.machine.cores} cores; load average ${loadavg().map(x => x.toFixed(1)).join(' ')}`)
+  driver = new Child('bench/driver.ts', [], { label: 'driver' })
+  clients = Array.from({ length: CLIENT_PROCS }, (_, i) => new Child('bench/clients.ts', [], { label: `clients-${i}`, manyFiles: true }))
+  await Promise.all([driver.ready, ...clients.map(async c => await c.ready)])
+
+  const want = (name: string): boolean => ONLY === undefined || ONLY.includes(name)
+  if (want('fanout')) await fanout()
+  if (want('redis')) await redisWork()
+  if (want('idle')) await idle()
+  if (want('upload')) await upload()
+
+  results.targets = targets()
+  results.machine.loadAfter = loadavg()
+  results.durationSeconds = (Date.now() - started) / 1000
+  const text = report()
+  process.stdout.write(text)
+  if (ONLY === undefined && CANDIDATE === undefined) {
+    const json = JSON.stringify(results, (_k, v) => typeof v === 'number' && !Number.isInteger(v) ? round(v, 4) : v, 2) + '\n'
+    writeFileSync(join(resultsDir, 'latest.json'), json)
+    // The last run of each mode too, so that a quick run does not hide the last full one.
+    writeFileSync(join(resultsDir, `latest-${results.mode as string}.json`), json)
+    writeFileSync(join(resultsDir, `latest-${results.mode as string}.txt`), text)
+  }
+  log(`done in ${fmt(results.durationSeconds, 1)} s`)
+  clearTimeout(deadline)
+}
+
+main()
+  .catch((err: Error) => {
+    log(`bench failed: ${err.stack ?? String(err)}`)
+    process.exitCode = 1
+  })
+  .finally(async () => {
+    await Promise.all([driver, ...clients].filter(c => c !== undefined).map(async c => await c.stop(2_000).catch(() => {})))
+    await redis?.stop().catch(() => {})
+    cleanupSync()
+  })
