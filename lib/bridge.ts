@@ -35,6 +35,9 @@ export class Bridge {
   readonly #streams: string[]
   #running = false
   #loop: Promise<void> | null = null
+  /** Settles when close() starts, so the read loop never waits on a read that cannot end. */
+  #stopped: Promise<null>
+  #stop!: () => void
   #claimTimer: NodeJS.Timeout | null = null
   #lastSweep = Date.now()
   /** Events published since start (for tests and metrics). */
@@ -43,6 +46,7 @@ export class Bridge {
   constructor (opts: BridgeOptions) {
     this.#o = opts
     this.#streams = opts.queues.map(q => opts.keys.queueKey(q, 'events'))
+    this.#stopped = new Promise(resolve => { this.#stop = () => resolve(null) })
   }
 
   async start (): Promise<void> {
@@ -69,7 +73,11 @@ export class Bridge {
     let backoff = 100
     while (this.#running) {
       try {
-        const reply = await blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Array<[string, Entry[]]> | null
+        const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
+        // A read in flight when Redis dropped is kept for resending; disconnecting the client
+        // while it waits to reconnect leaves that read pending for ever. close() races it.
+        read.catch(() => {})
+        const reply = await Promise.race([read, this.#stopped])
         backoff = 100
         if (reply !== null) await this.#publish(reply)
       } catch (err) {
@@ -144,6 +152,7 @@ export class Bridge {
   /** Stops reading so other instances take over; acknowledged work is never lost. */
   async close (): Promise<void> {
     this.#running = false
+    this.#stop()
     if (this.#claimTimer !== null) clearInterval(this.#claimTimer)
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()

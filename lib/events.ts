@@ -48,13 +48,19 @@ export function percent (event: JobEvent): number {
   return Math.min(100, Math.round((event.processed / event.total) * 1000) / 10)
 }
 
-/** Reads BullMQ's progress value, a number (percent) or `{ processed, total }`. */
-export function parseProgress (value: unknown): { processed: number, total: number } {
+/**
+ * Reads BullMQ's progress value, a number (percent) or `{ processed, total, attempt? }`. BullMQ
+ * keeps a job's progress across retries, so `attempt` (written by the worker helper) is what tells
+ * a retry's first reports from the failed attempt's last one.
+ */
+export function parseProgress (value: unknown): { processed: number, total: number, attempt?: number } {
   if (typeof value === 'number' && Number.isFinite(value)) return { processed: Math.max(0, value), total: 100 }
   if (value !== null && typeof value === 'object') {
-    const { processed, total } = value as Record<string, unknown>
+    const { processed, total, attempt } = value as Record<string, unknown>
     if (typeof processed === 'number' && Number.isFinite(processed)) {
-      return { processed: Math.max(0, processed), total: typeof total === 'number' && Number.isFinite(total) ? Math.max(0, total) : 0 }
+      const parsed: { processed: number, total: number, attempt?: number } = { processed: Math.max(0, processed), total: typeof total === 'number' && Number.isFinite(total) ? Math.max(0, total) : 0 }
+      if (typeof attempt === 'number' && Number.isInteger(attempt) && attempt >= 1) parsed.attempt = attempt
+      return parsed
     }
   }
   return { processed: 0, total: 0 }

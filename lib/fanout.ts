@@ -191,7 +191,7 @@ export class Hub {
       void this.#refresh(watch, message.e)
       return
     }
-    const { processed, total } = parseProgress(message.d)
+    const { processed, total, attempt } = parseProgress(message.d)
     const ts = typeof message.t === 'number' ? message.t : Date.now()
     this.#offer(watch, {
       kind: watch.target.kind,
@@ -199,7 +199,9 @@ export class Hub {
       state: 'active',
       processed,
       total,
-      attempt: last.attempt,
+      // A report that names its attempt orders itself: a retry's first reports replace the
+      // failed attempt's higher count instead of being dropped as going back.
+      attempt: attempt ?? last.attempt,
       etaSeconds: eta('active', processed, total, watch.startedAt, ts),
       ts
     })

@@ -67,7 +67,8 @@ function toSnapshot (target: SnapshotTarget, hash: Array<string | null>, complet
 
   const started = Number(ats ?? 0)
   const made = Number(atm ?? 0)
-  let { processed, total } = parseProgress(json(progress))
+  const parsed = parseProgress(json(progress))
+  let { processed, total } = parsed
   let state: JobState
   let attempt: number
   if (completed || (finishedOn !== null && returnvalue !== null && failedReason === null)) {
@@ -83,6 +84,11 @@ function toSnapshot (target: SnapshotTarget, hash: Array<string | null>, complet
   } else if (active) {
     state = 'active'
     attempt = Math.max(started, 1)
+    // The progress a failed attempt left behind is not this attempt's: the retry starts at 0.
+    if (parsed.attempt !== undefined && parsed.attempt < attempt) {
+      processed = 0
+      total = 0
+    }
   } else {
     // Waiting, delayed, or moved back after a stall or a failed attempt: the next attempt.
     state = 'queued'

@@ -89,7 +89,8 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
         path: storage.localPath?.(file.key) ?? null,
         signal: abort.signal,
         async report (processed, total) {
-          await job.updateProgress({ processed, total })
+          // The attempt lets watchers tell a retry's progress from the failed attempt's.
+          await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1) })
           if (await cancelled(jobId)) {
             abort.abort(new JobCancelledError())
             throw new JobCancelledError()
