@@ -159,3 +159,45 @@ export function connect (t: Teardown, url: string, opts: WebSocket.ClientOptions
   t.teardown(() => client.close())
   return client
 }
+
+/** Files in a directory (none when it does not exist yet: DiskStorage makes it on first write). */
+export async function filesIn (dir: string): Promise<string[]> {
+  const { readdir } = await import('node:fs/promises')
+  try {
+    return await readdir(dir)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return []
+    throw err
+  }
+}
+
+/**
+ * The BullMQ job hashes of a queue (`<prefix>:<queue>:<uuid>`), read with a fresh connection:
+ * what an upload that failed must not leave behind.
+ */
+export async function jobKeys (redis: RedisServer, queue = 'batch', prefix = 'bull'): Promise<string[]> {
+  const client = redis.client()
+  try {
+    const keys = await client.keys(`${prefix}:${queue}:*`)
+    return keys.filter(k => /:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(k))
+  } finally {
+    client.disconnect()
+  }
+}
+
+/** Polls `check` until it returns true, a few times with short intervals; false when it never did. */
+export async function eventually (check: () => boolean | Promise<boolean>, timeoutMs = 5_000, intervalMs = 25): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (await check()) return true
+    if (Date.now() > deadline) return false
+    await sleep(intervalMs)
+  }
+}
+
+/** A promise with its resolve, to hold a worker at an exact point until the test lets it go. */
+export function gate<T = void> (): { promise: Promise<T>, open: (value: T) => void } {
+  let open!: (value: T) => void
+  const promise = new Promise<T>(resolve => { open = resolve })
+  return { promise, open }
+}
