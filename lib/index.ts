@@ -93,7 +93,6 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const kindOfQueue = new Map<string, string>()
   for (const [kind, k] of Object.entries(opts.kinds)) {
     const name = k.queueName ?? kind
-    if (kindOfQueue.has(name)) throw new errors.InvalidOptionError(`kinds "${kindOfQueue.get(name)}" and "${kind}" use the same queue "${name}"`)
     kindOfQueue.set(name, kind)
     const queue = new Queue(name, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
     queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))

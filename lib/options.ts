@@ -135,6 +135,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     if (name !== undefined && !new RegExp(KIND_NAME).test(name)) {
       return `kind name "${name}" is invalid: use letters, digits, "_", "." or "-", starting with a letter or digit`
     }
+    if (e.path.startsWith('/session/secret')) return '`session.secret` must be a string of at least 16 characters, or an array of such strings (newest first)'
     return `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`
   })
   // Checked here, before any connection is opened: a refusal later would leave clients behind.

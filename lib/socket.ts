@@ -32,6 +32,8 @@ interface Subscription {
   final: boolean
   /** The last event delivered, so a repeated subscribe answers with the current state too. */
   last: JobEvent | null
+  /** The last message sent for it. */
+  sent?: string
 }
 
 /** A close reason must fit in 123 bytes of UTF-8, and error texts may quote what a client sent. */
@@ -243,7 +245,12 @@ export class SocketSession {
     sub.last = event
     const data = serialize(this.protocol.render(event))
     const final = isFinal(event.state)
-    if (data !== undefined) this.outbox.send(data, event.jobId, final)
+    // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
+    // format): the client learns nothing from the second.
+    if (data !== undefined && (final || data !== sub.sent)) {
+      sub.sent = data
+      this.outbox.send(data, event.jobId, final)
+    }
     if (!final) return
     sub.final = true
     if (this.protocol.closeOnFinal === true && [...this.#subs.values()].every(s => s.final)) {

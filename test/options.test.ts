@@ -45,7 +45,7 @@ t.test('registration fails fast with a clear message naming the bad option', asy
     ['an unknown option', { ...base, kinds: { batch: {} }, fileSizeLimit: 10 }, /`fileSizeLimit` unexpected property/],
     ['an unknown kind option', { ...base, kinds: { batch: { acept: ['.csv'] } } }, /`kinds\.batch\.acept` unexpected property/],
     ['a path without a leading slash', { ...base, kinds: { batch: { uploadPath: 'upload' } } }, /`kinds\.batch\.uploadPath` expected string to match/],
-    ['a short session secret', { ...base, kinds: { batch: {} }, session: { secret: 'short' } }, /`session\.secret`/],
+    ['a short session secret', { ...base, kinds: { batch: {} }, session: { secret: 'short' } }, /`session\.secret` must be a string of at least 16 characters/],
     ['apiKeys with an empty owner', { ...base, kinds: { batch: {} }, apiKeys: { k1: '' } }, /`apiKeys` must be a function or an object mapping each key to its owner/]
   ]
   for (const [name, opts, message] of cases) {

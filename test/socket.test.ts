@@ -21,4 +21,6 @@ t.test('upload → job → progress on /ws/:kind/:jobId → final message → cl
   t.equal(closed.code, 1000)
   const processed = client.messages.map(m => m.processed)
   t.same(processed, [...processed].sort((a, b) => a - b), 'progress never goes back')
+  const repeats = client.messages.filter((m, i) => i > 0 && JSON.stringify(m) === JSON.stringify(client.messages[i - 1]))
+  t.same(repeats, [], 'no message repeats the one before it (queued and active both read processing 0/0)')
 })

@@ -50,7 +50,7 @@ export class RedisServer {
     this.#proc = proc
     const deadline = Date.now() + 10_000
     for (;;) {
-      const probe = new Redis(this.port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
+      const probe = new Redis(this.port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, disconnectTimeout: 0 })
       probe.on('error', () => {})
       try {
         await probe.connect()
