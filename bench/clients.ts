@@ -128,6 +128,9 @@ async function collect (args: { set: string, file: string, cap: number, from: nu
   let worstRatio = 1
   let duplicates = 0
   let outOfOrder = 0
+  let minReceived = Infinity
+  let maxReceived = 0
+  let maxExpected = 0
   for (const t of sockets) {
     let e = 0
     let r = 0
@@ -143,12 +146,15 @@ async function collect (args: { set: string, file: string, cap: number, from: nu
     }
     expected += e
     received += r
+    minReceived = Math.min(minReceived, r)
+    maxReceived = Math.max(maxReceived, r)
+    maxExpected = Math.max(maxExpected, e)
     if (r < e) socketsShort++
     if (e > 0) worstRatio = Math.min(worstRatio, r / e)
     duplicates += t.duplicates
     outOfOrder += t.outOfOrder
   }
-  return { latencies: Float64Array.from(latencies), sockets: sockets.length, expected, received, socketsShort, worstRatio, duplicates, outOfOrder }
+  return { latencies: Float64Array.from(latencies), sockets: sockets.length, expected, received, socketsShort, worstRatio, duplicates, outOfOrder, minReceived, maxReceived, maxExpected }
 }
 
 /** Closes every socket (or, with `waitFinal`, first waits until servers closed them after the final message). */

@@ -1,5 +1,6 @@
 import { Session } from 'node:inspector'
 import { writeFileSync } from 'node:fs'
+import { writeHeapSnapshot } from 'node:v8'
 
 /**
  * Request/response over the IPC channel of a forked child. The bench's processes (servers,
@@ -94,6 +95,7 @@ export function commonHandlers (close: () => Promise<void>): Handlers {
     },
     cpu: () => cpuSeconds(),
     memory: async () => await settledMemory(),
+    heapSnapshot: (file: string) => writeHeapSnapshot(file),
     sampleStart: () => { sampler.start() },
     sampleStop: () => sampler.stop(),
     exit: async () => {
