@@ -47,6 +47,19 @@ const serialize = (message: ServerMessage): string | undefined =>
   message === undefined ? undefined : typeof message === 'string' ? message : JSON.stringify(message)
 
 /**
+ * The hub hands the same event object to every socket watching the job, one after the other:
+ * render and serialize it once per protocol, not once per socket.
+ */
+const rendered = new WeakMap<ProtocolDefinition, { event: JobEvent, data: string | undefined }>()
+function renderOnce (protocol: ProtocolDefinition, event: JobEvent): string | undefined {
+  const last = rendered.get(protocol)
+  if (last !== undefined && last.event === event) return last.data
+  const data = serialize(protocol.render(event))
+  rendered.set(protocol, { event, data })
+  return data
+}
+
+/**
  * One client socket under one protocol: authenticates it, checks ownership before any job data
  * leaves, subscribes its jobs through the hub, and applies the limits. The protocol only renders.
  */
@@ -243,7 +256,7 @@ export class SocketSession {
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return
     sub.last = event
-    const data = serialize(this.protocol.render(event))
+    const data = renderOnce(this.protocol, event)
     const final = isFinal(event.state)
     // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
     // format): the client learns nothing from the second.
