@@ -20,11 +20,14 @@ import { fmt, percentiles, round, table } from './lib/stats'
  *   npm run bench -- --profile  also writes a CPU profile of every server over each measured
  *                               step to bench/results/*.cpuprofile (read with bench/profile.ts)
  *   npm run bench -- --only=fanout,redis,idle,upload   run some workloads only
+ *   npm run bench -- --instances=1   instance count of the comparison (default 2)
  */
 const argv = process.argv.slice(2)
 const QUICK = argv.includes('--quick')
 const PROFILE = argv.includes('--profile')
 const ONLY = argv.find(a => a.startsWith('--only='))?.slice(7).split(',')
+// --instances=N: the instance count of the comparison (fan-out in --quick, saturation, targets).
+const INSTANCES = Number(argv.find(a => a.startsWith('--instances='))?.slice(12) ?? 2)
 
 // BENCH_CANDIDATE=/path/to/lib/index.ts adds a "candidate" system: the plugin loaded from another
 // copy of lib/, measured in the same rounds as the others (to try a change before making it).
@@ -41,8 +44,8 @@ const CFG = QUICK
       rate: 10,
       fanoutMs: 1_500,
       rounds: 3,
-      fanout: [{ instances: 2, systems: SYSTEMS }],
-      satInstances: 2,
+      fanout: [{ instances: INSTANCES, systems: SYSTEMS }],
+      satInstances: INSTANCES,
       satRates: [40, 80, 160, 320, 640, 1280],
       satMs: 1_200,
       satSystems: SYSTEMS.filter(s => s !== 'floor'),
@@ -62,8 +65,8 @@ const CFG = QUICK
       rate: 10,
       fanoutMs: 2_500,
       rounds: 4,
-      fanout: [{ instances: 1, systems: SYSTEMS }, { instances: 2, systems: SYSTEMS }, { instances: 4, systems: SYSTEMS }],
-      satInstances: 2,
+      fanout: [...new Set([1, 2, 4, INSTANCES])].sort().map(instances => ({ instances, systems: SYSTEMS })),
+      satInstances: INSTANCES,
       satRates: [20, 40, 80, 160, 320, 640, 1280],
       satMs: 2_000,
       satSystems: SYSTEMS,
@@ -242,6 +245,8 @@ interface StepResult {
   /** Share of the machine (all cores) busy with processes that are not the bench's, in %. */
   otherCpuPct: number
   redis: RedisDelta & { commandsPerEvent: number, bytesOutPerEvent: number }
+  /** The plugin's stats() of each server after the step (cumulative). */
+  pluginStats?: unknown[] | null
   latencies?: Float64Array[]
 }
 
@@ -253,6 +258,9 @@ async function step (setup: Setup, rate: number, durationMs: number, tag = ''): 
   const run = await driver.call('run', { set, rate, durationMs, dir: tmp }, durationMs + 60_000)
   const collected = await Promise.all(procs.map(async p => await p.call('collect', { set, file: run.file, cap: run.cap, from: run.from, to: run.to, waitMs: 15_000, quietMs: 1_000 }, 60_000)))
   const after = await snap(setup)
+  const pluginStats = spec.system === 'plugin' || spec.system === 'candidate'
+    ? await Promise.all(servers.map(async s => await s.call('stats').catch(() => null)))
+    : null
   if (PROFILE) await Promise.all(servers.map(async s => await s.call('profileStop', join(resultsDir, `${s.label}-R${rate}${tag}.cpuprofile`))))
   rmSync(run.file, { force: true })
   const latencies = collected.map(c => c.latencies as Float64Array)
@@ -295,6 +303,7 @@ async function step (setup: Setup, rate: number, durationMs: number, tag = ''): 
     serverPerMsg: { writeCalls: delta('syscw'), readCalls: delta('syscr'), ctxSwitches: delta('ctxSwitches') },
     otherCpuPct: Math.max(0, ((after.machine - before.machine) - (after.bench - before.bench)) / (wallMs / 1000) / cpus().length * 100),
     redis: { ...rd, commandsPerEvent: rd.commands / events, bytesOutPerEvent: rd.netOut / events },
+    pluginStats,
     latencies
   }
 }
@@ -410,6 +419,7 @@ async function saturation (setups: Setup[]): Promise<void> {
       await sleep(500)
       st = await step(setup, rate, CFG.satMs, '-sat-again')
     }
+    if (process.env.BENCH_DEBUG !== undefined && st.pluginStats != null) log(`  stats after the step: ${JSON.stringify(st.pluginStats)}`)
     log(`  saturation ${NAMES[system]} R=${rate}: target ${fmt(st.targetMsgsPerSec, 0)} msgs/s, delivered ${fmt(st.deliveredPerSec, 0)}, p99 ${fmt(st.p99, 1)} ms, loss ${fmt(st.lossPct, 1)}%, server CPU ${fmt(st.cpuPer10k.servers, 3)} s/10k, other CPU ${fmt(st.otherCpuPct, 0)}%`)
     return st
   }

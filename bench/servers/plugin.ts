@@ -24,7 +24,9 @@ async function main (): Promise<void> {
   const { port } = app.server.address() as { port: number }
   serve({
     ...commonHandlers(async () => { await app.close() }),
-    stats: () => app.jobProgress.stats()
+    // A diagnostic copy of lib/ may count, in these globals, progress dropped as stale by the
+    // hub and messages conflated by outboxes; the plugin itself does not.
+    stats: () => ({ ...app.jobProgress.stats(), stale: (globalThis as any).__jpStale ?? null, conflated: (globalThis as any).__jpConflated ?? null })
   }, { port })
 }
 
