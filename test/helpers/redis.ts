@@ -43,6 +43,7 @@ export class RedisServer {
   }
 
   async up (): Promise<void> {
+    if (this.#proc !== null && this.#proc.exitCode === null) return
     const proc = spawn('redis-server', [
       '--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir,
       '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--daemonize', 'no', '--loglevel', 'warning'
