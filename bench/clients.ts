@@ -10,7 +10,7 @@ import { cpuSeconds, nowMs, serve } from './lib/ipc'
  */
 type System = 'plugin' | 'candidate' | 'floor' | 'sio'
 
-interface Sub { url: string, jobIndex: number, jobId: string }
+interface Sub { url: string, jobIndex: number, jobId: string, instance?: number }
 
 class Tracked {
   recv = new Float64Array(256).fill(NaN)
@@ -21,7 +21,11 @@ class Tracked {
   closeCode: number | null = null
   close: () => void = () => {}
   readonly jobIndex: number
-  constructor (jobIndex: number) { this.jobIndex = jobIndex }
+  readonly instance: number
+  constructor (jobIndex: number, instance = 0) {
+    this.jobIndex = jobIndex
+    this.instance = instance
+  }
 
   record (seq: number, at: number): void {
     if (seq >= this.recv.length) {
@@ -54,7 +58,7 @@ function onProgress (t: Tracked, m: { status?: string, processed?: number } | nu
 }
 
 async function openOne (system: System, sub: Sub, owner: string): Promise<Tracked> {
-  const t = new Tracked(sub.jobIndex)
+  const t = new Tracked(sub.jobIndex, sub.instance)
   return await new Promise<Tracked>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`socket to ${sub.url} not ready in 30 s`)), 30_000)
     let ready = false
@@ -122,6 +126,8 @@ async function collect (args: { set: string, file: string, cap: number, from: nu
   const buf = readFileSync(args.file)
   const table = new Float64Array(buf.buffer, buf.byteOffset, buf.byteLength / 8)
   const latencies: number[] = []
+  // The slowest messages, with when they arrived and through which server (to find stalls).
+  const slow: Array<{ at: number, ms: number, instance: number, jobIndex: number }> = []
   let expected = 0
   let received = 0
   let socketsShort = 0
@@ -143,6 +149,7 @@ async function collect (args: { set: string, file: string, cap: number, from: nu
       if (Number.isNaN(at)) continue
       r++
       latencies.push(at - sentAt)
+      if (at - sentAt > 10 && slow.length < 500) slow.push({ at, ms: at - sentAt, instance: t.instance, jobIndex: t.jobIndex })
     }
     expected += e
     received += r
@@ -154,7 +161,7 @@ async function collect (args: { set: string, file: string, cap: number, from: nu
     duplicates += t.duplicates
     outOfOrder += t.outOfOrder
   }
-  return { latencies: Float64Array.from(latencies), sockets: sockets.length, expected, received, socketsShort, worstRatio, duplicates, outOfOrder, minReceived, maxReceived, maxExpected }
+  return { slow, latencies: Float64Array.from(latencies), sockets: sockets.length, expected, received, socketsShort, worstRatio, duplicates, outOfOrder, minReceived, maxReceived, maxExpected }
 }
 
 /** Closes every socket (or, with `waitFinal`, first waits until servers closed them after the final message). */

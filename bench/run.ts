@@ -80,6 +80,11 @@ const CFG = QUICK
       uploadBytes: 200 * 1024 * 1024,
       uploadRounds: 2
     }
+/**
+ * Unmeasured load at the step's rate before each measured step: a server idle during its peers'
+ * turns lets V8 shrink its heap, and those major GCs (15-40 ms) would land in its next step.
+ */
+const WARM_MS = QUICK ? 300 : 500
 const CLIENT_PROCS = 4
 const FANOUT_CLIENT_PROCS = 2
 const P99_LIMIT_MS = 100
@@ -124,7 +129,8 @@ function spawnServer (system: System | 'plain', label: string, extra: Record<str
   const script = { plugin: 'bench/servers/plugin.ts', candidate: 'bench/servers/plugin.ts', floor: 'bench/servers/floor.ts', sio: 'bench/servers/sio.ts', plain: 'bench/servers/plain-upload.ts' }[system]
   return new Child(script, [], {
     label,
-    node: ['--expose-gc'],
+    // BENCH_NODE_FLAGS: more flags for every server (--trace-gc, --max-semi-space-size=...).
+    node: ['--expose-gc', ...(process.env.BENCH_NODE_FLAGS ?? '').split(' ').filter(f => f !== '')],
     manyFiles: true,
     env: {
       BENCH_CONFIG: JSON.stringify({ redisUrl: redis?.url, uploadDir: join(tmp, `up-${label}`), fileSize: 512 * 1024 * 1024, ...extra }),
@@ -157,14 +163,17 @@ async function startSetup (spec: SetupSpec): Promise<Setup> {
   const servers = system === 'none' ? [] : Array.from({ length: spec.instances }, (_, i) => spawnServer(system, `${spec.label}-${i}`, { queue }))
   const setup: Setup = { spec, set, servers, procs: system === 'none' ? [] : clients.slice(0, FANOUT_CLIENT_PROCS), jobIds: [] }
   const ports = (await Promise.all(servers.map(async s => await s.ready))).map(r => r.port as number)
+  if (process.env.BENCH_DEBUG !== undefined) {
+    for (const s of servers) log(`  ${s.label}: pid ${s.pid}, started at ${fmt(await s.call<number>('timeOrigin'), 0)} ms`)
+  }
   const { jobIds } = await driver.call<{ jobIds: string[] }>('init', { set, redisUrl: redis?.url, queue, jobs: spec.jobs, owner: OWNER, activate: true, emitter: system === 'sio' })
   setup.jobIds = jobIds
   if (system !== 'none') {
-    const subs: Array<{ url: string, jobIndex: number, jobId: string }> = []
+    const subs: Array<{ url: string, jobIndex: number, jobId: string, instance: number }> = []
     for (let j = 0; j < jobIds.length; j++) {
       for (let k = 0; k < spec.perJob; k++) {
         const instance = spec.topology === 'one' ? 0 : (j * spec.perJob + k) % spec.instances
-        subs.push({ url: socketUrl(system, ports[instance], jobIds[j]), jobIndex: j, jobId: jobIds[j] })
+        subs.push({ url: socketUrl(system, ports[instance], jobIds[j]), jobIndex: j, jobId: jobIds[j], instance })
       }
     }
     await Promise.all(setup.procs.map(async (p, i) => await p.call('open', { set, system, owner: OWNER, subs: subs.filter((_, k) => k % setup.procs.length === i) })))
@@ -253,6 +262,9 @@ interface StepResult {
 /** Drives the setup's jobs at `rate` updates/s each for `durationMs` and measures everything. */
 async function step (setup: Setup, rate: number, durationMs: number, tag = ''): Promise<StepResult> {
   const { servers, procs, spec, set } = setup
+  const warm = await driver.call('run', { set, rate, durationMs: WARM_MS, dir: tmp }, WARM_MS + 60_000)
+  rmSync(warm.file, { force: true })
+  await sleep(50)
   if (PROFILE) await Promise.all(servers.map(async s => await s.call('profileStart')))
   const before = await snap(setup)
   const run = await driver.call('run', { set, rate, durationMs, dir: tmp }, durationMs + 60_000)
@@ -264,6 +276,19 @@ async function step (setup: Setup, rate: number, durationMs: number, tag = ''): 
   if (PROFILE) await Promise.all(servers.map(async s => await s.call('profileStop', join(resultsDir, `${s.label}-R${rate}${tag}.cpuprofile`))))
   rmSync(run.file, { force: true })
   const latencies = collected.map(c => c.latencies as Float64Array)
+  if (process.env.BENCH_DEBUG !== undefined) {
+    // Messages over 10 ms, grouped by server and by 20 ms of arrival time: a stall shows as one group.
+    const slow = collected.flatMap(c => c.slow as Array<{ at: number, ms: number, instance: number }>)
+    const groups = new Map<string, { n: number, max: number }>()
+    for (const m of slow) {
+      const k = `i${m.instance}@${Math.floor((m.at - before.at) / 20) * 20}ms`
+      const g = groups.get(k) ?? { n: 0, max: 0 }
+      g.n++
+      g.max = Math.max(g.max, m.ms)
+      groups.set(k, g)
+    }
+    if (slow.length > 0) log(`  ${spec.label} R=${rate}${tag} from ${fmt(before.at, 0)}: ${slow.length} messages over 10 ms: ${[...groups].sort((a, b) => b[1].n - a[1].n).slice(0, 6).map(([k, g]) => `${k} ×${g.n} (max ${fmt(g.max, 0)})`).join(', ')}`)
+  }
   const lat = percentiles(latencies)
   const received = sum(collected.map(c => c.received))
   const expected = sum(collected.map(c => c.expected))
@@ -490,7 +515,7 @@ async function idle (): Promise<void> {
     try {
       const { port } = await server.ready
       const { jobIds } = await driver.call<{ jobIds: string[] }>('init', { set, redisUrl: redis?.url, queue, jobs: CFG.idleJobs, owner: OWNER, activate: false, emitter: false })
-      const subs = (count: number): Array<{ url: string, jobIndex: number, jobId: string }> =>
+      const subs = (count: number): Array<{ url: string, jobIndex: number, jobId: string, instance?: number }> =>
         Array.from({ length: count }, (_, k) => ({ url: socketUrl(system, port, jobIds[k % CFG.idleJobs]), jobIndex: k % CFG.idleJobs, jobId: jobIds[k % CFG.idleJobs] }))
       // Warm up first: code loaded and compiled on the first connections is not a per-socket cost.
       const warm = subs(200)

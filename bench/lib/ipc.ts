@@ -86,9 +86,14 @@ export function commonHandlers (close: () => Promise<void>): Handlers {
       await post('Profiler.enable')
       await post('Profiler.setSamplingInterval', { interval: 200 })
       await post('Profiler.start')
+      // Allocation sampling too: what each system allocates per message drives its GC pauses.
+      await post('HeapProfiler.enable')
+      await post('HeapProfiler.startSampling', { samplingInterval: 4096, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: true })
     },
     profileStop: async (file: string) => {
       const { profile } = await post('Profiler.stop')
+      const heap = await post('HeapProfiler.stopSampling')
+      writeFileSync(file.replace(/\.cpuprofile$/, '.heapprofile'), JSON.stringify(heap.profile))
       inspector?.disconnect()
       inspector = null
       writeFileSync(file, JSON.stringify(profile))
@@ -96,6 +101,7 @@ export function commonHandlers (close: () => Promise<void>): Handlers {
     cpu: () => cpuSeconds(),
     memory: async () => await settledMemory(),
     heapSnapshot: (file: string) => writeHeapSnapshot(file),
+    timeOrigin: () => performance.timeOrigin,
     sampleStart: () => { sampler.start() },
     sampleStop: () => sampler.stop(),
     exit: async () => {

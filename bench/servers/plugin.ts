@@ -18,7 +18,9 @@ async function main (): Promise<void> {
     // The bench opens thousands of sockets for one owner; the per-owner limit is not under test.
     maxConnectionsPerOwner: 1_000_000,
     uploadDir: cfg.uploadDir,
-    limits: { fileSize: cfg.fileSize }
+    limits: { fileSize: cfg.fileSize },
+    // BENCH_PLUGIN_OPTIONS: JSON merged into the options, to measure the effect of one of them.
+    ...JSON.parse(process.env.BENCH_PLUGIN_OPTIONS ?? '{}')
   })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
