@@ -1,9 +1,14 @@
 import type { WebSocket } from 'ws'
 
+/** Messages are text frames; a Buffer is sent as text too (rendered once, shared by sockets). */
+export type OutboxData = string | Buffer
+
 interface Pending {
-  data: string
+  data: OutboxData
   final: boolean
 }
+
+const TEXT = { binary: false } as const
 
 /**
  * What a socket still has to send. While the socket keeps up, a message is written at once. When
@@ -16,8 +21,9 @@ export class Outbox {
   readonly #ws: WebSocket
   readonly #highWaterMark: number
   readonly #queue = new Map<string, Pending>()
-  /** When each send not yet flushed to the kernel was made, oldest first. */
-  readonly #unflushed: number[] = []
+  /** Sends not yet flushed to the kernel, and since when none of them has been. */
+  #inFlight = 0
+  #waitingSince = 0
   #seq = 0
   #closeAfter: [number, string] | null = null
   /** Messages replaced before they were sent (for tests and metrics). */
@@ -32,7 +38,7 @@ export class Outbox {
    * Sends `data`. With a `key` (a job id) a later non-final message for the same key replaces
    * this one while both wait; without a key the message is never replaced.
    */
-  send (data: string, key?: string, final = false): void {
+  send (data: OutboxData, key?: string, final = false): void {
     if (this.#ws.readyState !== 1 || this.#closeAfter !== null) return
     if (this.#queue.size === 0 && this.#ws.bufferedAmount < this.#highWaterMark) {
       this.#write(data)
@@ -63,17 +69,21 @@ export class Outbox {
     this.#drain()
   }
 
-  /** How long the oldest unflushed send has waited, in ms (0 when the socket keeps up). */
+  /** How long sends have waited without any of them being flushed, in ms (0 when none waits). */
   stalledFor (now: number): number {
-    return this.#unflushed.length === 0 ? 0 : now - this.#unflushed[0]
+    return this.#inFlight === 0 ? 0 : now - this.#waitingSince
   }
 
-  #write (data: string): void {
-    this.#unflushed.push(Date.now())
-    this.#ws.send(data, (err) => {
-      this.#unflushed.shift()
-      if (err == null) this.#drain()
-    })
+  #write (data: OutboxData): void {
+    if (this.#inFlight++ === 0) this.#waitingSince = Date.now()
+    this.#ws.send(data, TEXT, this.#flushed)
+  }
+
+  // One bound callback for every send: no closure per message on the hot path.
+  readonly #flushed = (err?: Error | null): void => {
+    this.#inFlight--
+    this.#waitingSince = this.#inFlight === 0 ? 0 : Date.now()
+    if (err == null && (this.#queue.size > 0 || this.#closeAfter !== null)) this.#drain()
   }
 
   #drain (): void {

@@ -50,13 +50,16 @@ const serialize = (message: ServerMessage): string | undefined =>
  * The hub hands the same event object to every socket watching the job, one after the other:
  * render and serialize it once per protocol, not once per socket.
  */
-const rendered = new WeakMap<ProtocolDefinition, { event: JobEvent, data: string | undefined }>()
-function renderOnce (protocol: ProtocolDefinition, event: JobEvent): string | undefined {
+interface Rendered { event: JobEvent, text: string | undefined, bytes: Buffer | undefined }
+const rendered = new WeakMap<ProtocolDefinition, Rendered>()
+function renderOnce (protocol: ProtocolDefinition, event: JobEvent): Rendered {
   const last = rendered.get(protocol)
-  if (last !== undefined && last.event === event) return last.data
-  const data = serialize(protocol.render(event))
-  rendered.set(protocol, { event, data })
-  return data
+  if (last !== undefined && last.event === event) return last
+  const text = serialize(protocol.render(event))
+  // Encoded once too: ws would otherwise turn the same string into bytes for every socket.
+  const next = { event, text, bytes: text === undefined ? undefined : Buffer.from(text) }
+  rendered.set(protocol, next)
+  return next
 }
 
 /**
@@ -256,13 +259,13 @@ export class SocketSession {
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return
     sub.last = event
-    const data = renderOnce(this.protocol, event)
+    const { text, bytes } = renderOnce(this.protocol, event)
     const final = isFinal(event.state)
     // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
     // format): the client learns nothing from the second.
-    if (data !== undefined && (final || data !== sub.sent)) {
-      sub.sent = data
-      this.outbox.send(data, event.jobId, final)
+    if (text !== undefined && bytes !== undefined && (final || text !== sub.sent)) {
+      sub.sent = text
+      this.outbox.send(bytes, event.jobId, final)
     }
     if (!final) return
     sub.final = true
