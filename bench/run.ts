@@ -47,14 +47,14 @@ const CFG = QUICK
       fanout: [{ instances: INSTANCES, systems: SYSTEMS }],
       satInstances: INSTANCES,
       satRates: [40, 80, 160, 320, 640, 1280],
-      satMs: 1_200,
+      satMs: 1_000,
       satSystems: SYSTEMS.filter(s => s !== 'floor'),
       redisInstances: [1, 4],
       redisMs: 1_200,
       redisJobs: 20,
       redisRate: 10,
       redisSystems: SYSTEMS.filter(s => s !== 'sio'),
-      idleSockets: 3_000,
+      idleSockets: 2_000,
       idleJobs: 100,
       uploadBytes: 200 * 1024 * 1024,
       uploadRounds: 1
@@ -63,12 +63,12 @@ const CFG = QUICK
       jobs: 20,
       perJob: 20,
       rate: 10,
-      fanoutMs: 2_500,
+      fanoutMs: 2_000,
       rounds: 4,
       fanout: [...new Set([1, 2, 4, INSTANCES])].sort().map(instances => ({ instances, systems: SYSTEMS })),
       satInstances: INSTANCES,
       satRates: [20, 40, 80, 160, 320, 640, 1280],
-      satMs: 2_000,
+      satMs: 1_500,
       satSystems: SYSTEMS,
       redisInstances: [1, 2, 4],
       redisMs: 2_500,
@@ -439,10 +439,11 @@ async function saturation (setups: Setup[]): Promise<void> {
     const system = setup.spec.system as System
     await sleep(200)
     let st = await step(setup, rate, CFG.satMs, '-sat')
-    if (st.p99 > P99_LIMIT_MS) {
-      log(`  saturation ${NAMES[system]} R=${rate}: p99 ${fmt(st.p99, 1)} ms; running the step again`)
+    // Over the limit: run the step again, and once more when other processes disturbed the rerun.
+    for (let attempt = 1; st.p99 > P99_LIMIT_MS && (attempt === 1 || (attempt === 2 && st.otherCpuPct > OTHER_CPU_LIMIT_PCT)); attempt++) {
+      log(`  saturation ${NAMES[system]} R=${rate}: p99 ${fmt(st.p99, 1)} ms (other CPU ${fmt(st.otherCpuPct, 0)}%); running the step again`)
       await sleep(500)
-      st = await step(setup, rate, CFG.satMs, '-sat-again')
+      st = await step(setup, rate, CFG.satMs, `-sat-again${attempt}`)
     }
     if (process.env.BENCH_DEBUG !== undefined && st.pluginStats != null) log(`  stats after the step: ${JSON.stringify(st.pluginStats)}`)
     log(`  saturation ${NAMES[system]} R=${rate}: target ${fmt(st.targetMsgsPerSec, 0)} msgs/s, delivered ${fmt(st.deliveredPerSec, 0)}, p99 ${fmt(st.p99, 1)} ms, loss ${fmt(st.lossPct, 1)}%, server CPU ${fmt(st.cpuPer10k.servers, 3)} s/10k, other CPU ${fmt(st.otherCpuPct, 0)}%`)
@@ -481,7 +482,9 @@ async function saturation (setups: Setup[]): Promise<void> {
       bestDeliveredPerSec: best?.deliveredPerSec ?? 0,
       bestRate: best?.rate ?? null,
       // Whether the limit was reached: otherwise the best figure is a lower bound.
-      limitReached: list.some(st => st.p99 > P99_LIMIT_MS)
+      limitReached: list.some(st => st.p99 > P99_LIMIT_MS),
+      // Steps that decided the figure (the best one, the first over the limit) disturbed by other load.
+      disturbed: [best, list.find(st => st.p99 > P99_LIMIT_MS)].some(st => st != null && st.otherCpuPct > OTHER_CPU_LIMIT_PCT)
     }
   }
 }
@@ -633,7 +636,11 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
   const sat = results.saturation ?? {}
   if (sat[who] !== undefined && sat.sio !== undefined) {
     const ratio = sat[who].bestDeliveredPerSec / sat.sio.bestDeliveredPerSec
-    out.push({ name: `saturation msgs/s with p99 ≤ ${P99_LIMIT_MS} ms at ${N} instances`, ours: sat[who].bestDeliveredPerSec, peer: sat.sio.bestDeliveredPerSec, ratio, limit: '≥ 2 × socket.io', pass: ratio >= 2, note: sat[who].limitReached ? undefined : 'plugin did not reach its limit in the rates tried: a lower bound' })
+    const notes = [
+      ...(sat[who].limitReached === true ? [] : ['plugin did not reach its limit in the rates tried: a lower bound']),
+      ...(sat[who].disturbed === true || sat.sio.disturbed === true ? [`deciding steps disturbed by other load (> ${OTHER_CPU_LIMIT_PCT}% of the machine): run again on a quiet machine`] : [])
+    ]
+    out.push({ name: `saturation msgs/s with p99 ≤ ${P99_LIMIT_MS} ms at ${N} instances`, ours: sat[who].bestDeliveredPerSec, peer: sat.sio.bestDeliveredPerSec, ratio, limit: '≥ 2 × socket.io', pass: ratio >= 2, note: notes.length > 0 ? notes.join('; ') : undefined })
   }
   if (ours !== undefined && sio !== undefined) {
     const ratio = ours.cpuPer10k.servers / sio.cpuPer10k.servers
@@ -676,7 +683,7 @@ function report (): string {
     const rows: Array<Array<string | number>> = []
     for (const [system, s] of Object.entries<any>(results.saturation)) {
       for (const st of s.steps) rows.push([NAMES[system as System], st.rate, fmt(st.targetMsgsPerSec, 0), fmt(st.deliveredPerSec, 0), fmt(st.p50, 2), fmt(st.p99, 1), fmt(st.lossPct, 1), fmt(st.cpuPer10k.servers, 3), fmt(st.otherCpuPct, 0), st.p99 <= P99_LIMIT_MS ? '' : '> limit'])
-      rows.push([`  → ${NAMES[system as System]} best`, s.bestRate ?? '-', '', fmt(s.bestDeliveredPerSec, 0), '', '', '', '', '', s.limitReached ? '' : '(limit not reached)'])
+      rows.push([`  → ${NAMES[system as System]} best`, s.bestRate ?? '-', '', fmt(s.bestDeliveredPerSec, 0), '', '', '', '', '', [s.limitReached === true ? '' : '(limit not reached)', s.disturbed === true ? '(disturbed)' : ''].join(' ').trim()])
     }
     parts.push(table(`Saturation at ${CFG.satInstances} instances: R doubles until p99 > ${P99_LIMIT_MS} ms, then two bisections (${CFG.satMs / 1000} s per step, systems take turns)`,
       ['system', 'R/job', 'target msgs/s', 'delivered/s', 'p50 ms', 'p99 ms', 'loss %', 'srv CPU s/10k', 'other CPU %', ''], rows))
