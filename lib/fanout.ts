@@ -3,7 +3,11 @@ import type { Redis } from 'ioredis'
 import { eta, isFinal, isNewer, parseProgress, type JobEvent } from './events'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
+import { whenReady } from './redis'
 import { readSnapshots, type Snapshot, type SnapshotTarget } from './snapshot'
+
+/** How long a socket may wait for the subscriber connection to come back. */
+const SUBSCRIBER_WAIT_MS = 2_500
 
 /** Receives a job's events; a protocol connection holds one per subscribed job. */
 export interface Sink {
@@ -139,8 +143,9 @@ export class Hub {
   }
 
   async #first (watch: Watch): Promise<Snapshot | null> {
-    // Fail fast rather than queue a SUBSCRIBE behind a reconnect the client would wait on.
-    if (this.#opts.subscriber.status !== 'ready') throw new QueueUnavailableError()
+    // Ride out a reconnect in progress (ioredis retries every 2 s at most), but do not queue a
+    // SUBSCRIBE behind an outage the client would wait on for ever.
+    if (!await whenReady(this.#opts.subscriber, SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
     await this.#opts.subscriber.subscribe(watch.channel)
     const [snapshot] = await readSnapshots(this.#opts.redis, this.#opts.keys, [watch.target], true)
     if (snapshot === null) return null

@@ -8,6 +8,7 @@ import { Redis } from 'ioredis'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge } from './bridge'
+import { whenReady } from './redis'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './fanout'
@@ -46,21 +47,6 @@ declare module 'fastify' {
 
 function isRedis (value: unknown): value is Redis {
   return value !== null && typeof value === 'object' && typeof (value as Redis).duplicate === 'function'
-}
-
-/** Waits for a connection to be ready, at most `ms`; resolves false on timeout. */
-async function whenReady (redis: Redis, ms: number): Promise<boolean> {
-  if (redis.status === 'ready') return true
-  return await new Promise(resolve => {
-    const done = (ok: boolean): void => {
-      clearTimeout(timer)
-      redis.off('ready', onReady)
-      resolve(ok)
-    }
-    const onReady = (): void => done(true)
-    const timer = setTimeout(() => done(false), ms).unref()
-    redis.once('ready', onReady)
-  })
 }
 
 const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgress (fastify, options) {
