@@ -19,6 +19,8 @@ export interface BridgeOptions {
   claimIntervalMs: number
   /** A consumer with nothing pending and idle this long is a dead instance's leftover. */
   consumerIdleMs: number
+  /** Also hands each published message to this instance's own subscribers. */
+  local?: (channel: string, payload: string) => void
   log: FastifyBaseLogger
 }
 
@@ -133,6 +135,7 @@ export class Bridge {
   async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
     const { redis, keys, group } = this.#o
     const pipe = redis.pipeline()
+    const local: Array<[string, string]> = []
     for (const [stream, entries] of streams) {
       const queue = stream.slice(keys.prefix.length + 1, -':events'.length)
       const ids: string[] = []
@@ -140,13 +143,18 @@ export class Bridge {
         ids.push(id)
         const message = relayMessage(id, fields)
         if (message !== null) {
-          pipe.publish(keys.channel(queue, message.jobId), message.payload)
+          const channel = keys.channel(queue, message.jobId)
+          pipe.publish(channel, message.payload)
+          local.push([channel, message.payload])
           this.published++
         }
       }
       if (ids.length > 0) pipe.xack(stream, group, ...ids)
     }
-    await pipe.exec()
+    // Sent first, so the other instances are not kept waiting while this one serves its sockets.
+    const sent = pipe.exec()
+    if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
+    await sent
   }
 
   /** Stops reading so other instances take over; acknowledged work is never lost. */

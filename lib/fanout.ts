@@ -171,6 +171,11 @@ export class Hub {
     }
   }
 
+  /** Takes a relay message for a channel: from the subscriber, or straight from this instance's bridge. */
+  relay (channel: string, raw: string): void {
+    this.#onMessage(channel, raw)
+  }
+
   #onMessage (channel: string, raw: string): void {
     const watch = this.#watches.get(channel)
     // A message can arrive after its last watcher left; it is nobody's now.

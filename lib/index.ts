@@ -69,6 +69,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     : own(typeof connection === 'string'
       ? new Redis(connection, { enableOfflineQueue: false, maxRetriesPerRequest: 2 })
       : new Redis({ ...connection, enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
+  // BullMQ loads its Lua scripts onto the queues' connection, and ioredis copies every one of them
+  // into each pipeline made on it: the plugin's own reads and publishes use a plain connection.
+  const cmd = own(redis.duplicate({ enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
   const subscriber = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
   if (!await whenReady(redis, 5_000)) log.warn('job-progress: Redis is not reachable yet; uploads answer 503 until it is')
 
@@ -85,11 +88,13 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
+  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
-    bridge = new Bridge({ ...opts.bridge, redis, blocking, keys, queues: [...kindOfQueue.keys()], consumer: instanceId, log })
+    // Events this instance's bridge reads reach its own sockets at once, without waiting for the
+    // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...kindOfQueue.keys()], consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload) })
     await bridge.start()
   }
 
@@ -115,7 +120,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     async findKind (jobId) {
       const kinds = [...queues.keys()]
       if (kinds.length === 1) return kinds[0]
-      const pipe = redis.pipeline()
+      const pipe = cmd.pipeline()
       for (const kind of kinds) pipe.exists(keys.job(queueOf(kind) as string, jobId), keys.cancel(queueOf(kind) as string, jobId))
       const replies = await pipe.exec() ?? []
       const i = replies.findIndex(([err, n]) => err === null && (n as number) > 0)
@@ -130,7 +135,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     log
   }
 
-  const routeCtx = { redis, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
+  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
   const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
@@ -193,11 +198,11 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     async getJob (kind: string, jobId: string) {
       const queue = queueOf(kind)
       if (queue === undefined) return null
-      const [snapshot] = await readSnapshots(redis, keys, [{ kind, queue, jobId }], true)
+      const [snapshot] = await readSnapshots(cmd, keys, [{ kind, queue, jobId }], true)
       return snapshot
     },
     stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0 }),
-    redisReady: () => redis.status === 'ready'
+    redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
   } satisfies JobProgress)
 
   fastify.addHook('onClose', async () => {
