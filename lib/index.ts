@@ -73,7 +73,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   // into each pipeline made on it: the plugin's own reads and publishes use a plain connection.
   const cmd = own(redis.duplicate({ enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
   const subscriber = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
-  if (!await whenReady(redis, 5_000)) log.warn('job-progress: Redis is not reachable yet; uploads answer 503 until it is')
+  const ready = await Promise.all([whenReady(redis, 5_000), whenReady(cmd, 5_000)])
+  if (!ready.every(Boolean)) log.warn('job-progress: Redis is not reachable yet; uploads answer 503 until it is')
 
   const keys = new Keys(opts)
   const storage = opts.storage ?? new DiskStorage(opts.uploadDir)
