@@ -173,8 +173,12 @@ export class Hub {
 
   /** Takes a relay message for a channel: from the subscriber, or straight from this instance's bridge. */
   relay (channel: string, raw: string): void {
+    this.relayedLocally++
     this.#onMessage(channel, raw)
   }
+
+  /** Messages handed over by this instance's bridge without the trip through Redis. */
+  relayedLocally = 0
 
   #onMessage (channel: string, raw: string): void {
     const watch = this.#watches.get(channel)

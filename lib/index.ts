@@ -34,7 +34,7 @@ export interface JobProgress {
   /** A job's current state, or null when it does not exist. */
   getJob: (kind: string, jobId: string) => Promise<Snapshot | null>
   /** Counts for health checks and tests. */
-  stats: () => { sockets: number, watchedJobs: number, relayed: number }
+  stats: () => { sockets: number, watchedJobs: number, relayed: number, relayedLocally: number }
   /** Whether the plugin's Redis command connection is up. */
   redisReady: () => boolean
 }
@@ -202,7 +202,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       const [snapshot] = await readSnapshots(cmd, keys, [{ kind, queue, jobId }], true)
       return snapshot
     },
-    stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0 }),
+    stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0, relayedLocally: hub.relayedLocally }),
     redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
   } satisfies JobProgress)
 

@@ -49,3 +49,18 @@ t.test('events a dead instance read but never published are claimed and relayed 
   }
   t.notOk(names.includes('dead-instance'), 'the dead consumer was removed')
 })
+
+t.test('events this instance\'s bridge reads reach its own sockets directly, once each', async (t) => {
+  const redis = await redisFor(t)
+  const { app, url, uploadDir } = await startApp(t, redis)
+  const up = await upload(`${url}/batch/upload`, lines(4))
+  const client = connect(t, up.body.ws_url, { cookie: up.cookie })
+  await client.waitFor(m => m.status === 'processing')
+  startWorker(t, redis, 'batch', uploadDir)
+  await client.closed
+  const stats = app.jobProgress.stats()
+  t.ok(stats.relayedLocally > 0, 'the bridge handed its events to the local hub')
+  t.equal(stats.relayedLocally, stats.relayed, 'every event it published, and only those')
+  t.same(client.messages.filter(m => m.status === 'processing').map(m => m.processed), [0, 1, 2, 3, 4], 'the copy back from Redis is not delivered twice')
+  t.equal(client.messages.filter(m => m.status === 'complete').length, 1)
+})
