@@ -30,7 +30,6 @@ class Watch {
   readonly sinks = new Set<Sink>()
   /** Opens in flight: a watch is kept while somebody is still deciding to attach. */
   opening = 0
-  owner: string | null = null
   startedAt: number | null = null
   last: JobEvent | null = null
   emitted: JobEvent | null = null
@@ -149,7 +148,6 @@ export class Hub {
     await this.#opts.subscriber.subscribe(watch.channel)
     const [snapshot] = await readSnapshots(this.#opts.redis, this.#opts.keys, [watch.target], true)
     if (snapshot === null) return null
-    watch.owner = snapshot.owner
     this.#apply(watch, snapshot)
     if (watch.early !== null) {
       const early = watch.early
@@ -173,11 +171,11 @@ export class Hub {
 
   /** Takes a relay message for a channel: from the subscriber, or straight from this instance's bridge. */
   relay (channel: string, raw: string): void {
-    this.relayedLocally++
+    if (this.#watches.has(channel)) this.relayedLocally++
     this.#onMessage(channel, raw)
   }
 
-  /** Messages handed over by this instance's bridge without the trip through Redis. */
+  /** Messages for jobs watched here that this instance's bridge handed over without the trip through Redis. */
   relayedLocally = 0
 
   #onMessage (channel: string, raw: string): void {

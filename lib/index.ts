@@ -80,11 +80,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const storage = opts.storage ?? new DiskStorage(opts.uploadDir)
   const owners = new Owners(opts, log)
   const queues = new Map<string, Queue>()
-  const kindOfQueue = new Map<string, string>()
   for (const [kind, k] of Object.entries(opts.kinds)) {
-    const name = k.queueName ?? kind
-    kindOfQueue.set(name, kind)
-    const queue = new Queue(name, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
+    const queue = new Queue(k.queueName ?? kind, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
     queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))
     queues.set(kind, queue)
   }
@@ -95,7 +92,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...kindOfQueue.keys()], consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload) })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload) })
     await bridge.start()
   }
 

@@ -60,7 +60,8 @@ t.test('events this instance\'s bridge reads reach its own sockets directly, onc
   await client.closed
   const stats = app.jobProgress.stats()
   t.ok(stats.relayedLocally > 0, 'the bridge handed its events to the local hub')
-  t.equal(stats.relayedLocally, stats.relayed, 'every event it published, and only those')
+  t.ok(stats.relayedLocally >= 5, 'its 4 progress events and the completion went straight to the watched job')
+  t.ok(stats.relayedLocally <= stats.relayed, 'only events it published, and only for jobs watched here')
   t.same(client.messages.filter(m => m.status === 'processing').map(m => m.processed), [0, 1, 2, 3, 4], 'the copy back from Redis is not delivered twice')
   t.equal(client.messages.filter(m => m.status === 'complete').length, 1)
 })
