@@ -3,7 +3,31 @@ import type { Redis } from 'ioredis'
 import type { Keys } from './keys'
 
 /** BullMQ events that change what a watcher should see; the rest (added, drained ...) are skipped. */
-const RELAYED = new Set(['progress', 'active', 'waiting', 'delayed', 'stalled', 'completed', 'failed', 'removed'])
+const RELAYED = new Set(['progress', 'active', 'waiting', 'delayed', 'stalled', 'completed', 'failed', 'removed', 'cancelled'])
+
+/** BullMQ's final events, plus the plugin's own `cancelled`. */
+const FINAL = new Set(['completed', 'failed', 'cancelled'])
+
+/**
+ * One stream entry the bridge relayed, as handed to `onEvent` listeners (upload cleanup,
+ * webhooks). The bridge is at-least-once: a listener can see the same `id` twice and must be
+ * idempotent on it.
+ */
+export interface BridgeEvent {
+  /** The queue's name. */
+  queue: string
+  jobId: string
+  /** BullMQ's event name (`progress`, `completed`, `failed` ...) or `cancelled`. */
+  event: string
+  /** The stream entry id: unique per event and ordered within the queue. */
+  id: string
+  /** Milliseconds since the epoch, from the entry id. */
+  t: number
+  /** Whether the job ended with this event. */
+  final: boolean
+  /** The entry's other fields as BullMQ wrote them (`returnvalue`, `failedReason`, `data` ...). */
+  fields: Record<string, string>
+}
 
 export interface BridgeOptions {
   /** Commands: PUBLISH, XACK, XAUTOCLAIM. */
@@ -21,6 +45,11 @@ export interface BridgeOptions {
   consumerIdleMs: number
   /** Also hands each published message to this instance's own subscribers. */
   local?: (channel: string, payload: string) => void
+  /**
+   * Called with every relayed event after it was published (once across the cluster in normal
+   * operation, again after a takeover). Errors thrown here are logged, never block the relay.
+   */
+  onEvent?: (event: BridgeEvent) => void
   log: FastifyBaseLogger
 }
 
@@ -136,6 +165,7 @@ export class Bridge {
     const { redis, keys, group } = this.#o
     const pipe = redis.pipeline()
     const local: Array<[string, string]> = []
+    const events: BridgeEvent[] = []
     for (const [stream, entries] of streams) {
       const queue = stream.slice(keys.prefix.length + 1, -':events'.length)
       const ids: string[] = []
@@ -147,6 +177,7 @@ export class Bridge {
           pipe.publish(channel, message.payload)
           local.push([channel, message.payload])
           this.published++
+          if (this.#o.onEvent !== undefined) events.push(bridgeEvent(queue, id, message.jobId, fields))
         }
       }
       if (ids.length > 0) pipe.xack(stream, group, ...ids)
@@ -155,6 +186,13 @@ export class Bridge {
     const sent = pipe.exec()
     if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
     await sent
+    for (const event of events) {
+      try {
+        this.#o.onEvent?.(event)
+      } catch (err) {
+        this.#o.log.error({ err }, 'job-progress: a bridge event listener failed')
+      }
+    }
   }
 
   /** Stops reading so other instances take over; acknowledged work is never lost. */
@@ -173,6 +211,13 @@ export class Bridge {
       } catch {}
     }
   }
+}
+
+function bridgeEvent (queue: string, id: string, jobId: string, raw: string[]): BridgeEvent {
+  const fields: Record<string, string> = {}
+  for (let i = 0; i < raw.length; i += 2) fields[raw[i]] = raw[i + 1]
+  const event = fields.event
+  return { queue, jobId, event, id, t: Number(id.slice(0, id.indexOf('-'))), final: FINAL.has(event), fields }
 }
 
 /** Builds the small message for a job's channel from a stream entry, or null when it is not relayed. */

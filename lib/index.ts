@@ -7,7 +7,7 @@ import fp from 'fastify-plugin'
 import { Redis } from 'ioredis'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
-import { Bridge } from './bridge'
+import { Bridge, type BridgeEvent } from './bridge'
 import { whenReady } from './redis'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
@@ -87,12 +87,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
 
   const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
+  // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
+  const bridgeListeners: Array<(event: BridgeEvent) => void> = []
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload) })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
     await bridge.start()
   }
 
@@ -233,3 +235,4 @@ export { jobsProtocol, jobUpdate, type JobsProtocolOptions } from './protocols/j
 export { defineProtocol, type ProtocolDefinition, type ClientAction, type ServerMessage } from './protocols/types'
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker'
 export { Keys, isJobId } from './keys'
+export type { BridgeEvent } from './bridge'
