@@ -19,6 +19,11 @@ export interface JobEvent {
   error?: string
   /** Milliseconds since the epoch when the state was observed. */
   ts: number
+  /**
+   * The job's version (see `lib/wire/version.ts`): the attempt and the event stream entry that
+   * produced this state. Absent where the source of the state could not say.
+   */
+  version?: string
 }
 
 export function isFinal (state: JobState): boolean {
