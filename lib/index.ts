@@ -9,6 +9,7 @@ import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge, type BridgeEvent } from './bridge'
 import { whenReady } from './redis'
+import { UploadCleanup } from './cleanup'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './fanout'
@@ -89,6 +90,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
+  const cleanup = new UploadCleanup({ redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, log })
+  bridgeListeners.push((event) => cleanup.onEvent(event))
+  const uploadStorage = cleanup.tracked()
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
@@ -149,7 +153,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath
-    }, opts, owners, storage))
+    }, opts, owners, uploadStorage))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
   for (const protocol of protocols) {
