@@ -89,11 +89,14 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
       signal: abort.signal,
       async report (processed, total) {
         // The attempt lets watchers tell a retry's progress from the failed attempt's.
-        await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1) })
+        let gone: unknown = null
+        // A cancelled job no longer exists in the queue, so the update itself fails then.
+        await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1) }).catch((err: unknown) => { gone = err })
         if (await cancelled(jobId)) {
           abort.abort(new JobCancelledError())
           throw new JobCancelledError()
         }
+        if (gone !== null) throw gone
       }
     })
   }
