@@ -13,8 +13,18 @@ export interface UploadCleanupOptions {
   storage: Storage
   /** Queue name of each kind. */
   queueOf: (kind: string) => string | undefined
+  /** Every queue of the plugin (for the retention sweep). */
+  queues: string[]
+  /** Kept this long after the final state; 0: removed at once. */
+  retentionMs: number
+  /** `.part` files and files of unknown jobs older than this are removed by the sweep. */
+  orphanAgeMs: number
+  sweepIntervalMs: number
   log: FastifyBaseLogger
 }
+
+/** Due retentions removed per round trip of the sweep. */
+const DUE_BATCH = 100
 
 /** How long a write is remembered, so a failed upload's `remove()` also drops its marker. */
 const IN_FLIGHT_MS = 10 * 60_000
@@ -33,9 +43,79 @@ const IN_FLIGHT_MS = 10 * 60_000
 export class UploadCleanup {
   readonly #o: UploadCleanupOptions
   readonly #inFlight = new Map<string, { marker: string, at: number }>()
+  #timer: NodeJS.Timeout | null = null
+  #sweeping: Promise<void> | null = null
+  #closed = false
 
   constructor (opts: UploadCleanupOptions) {
     this.#o = opts
+  }
+
+  /** Sweeps once now (in the background) and then every `sweepIntervalMs`. */
+  start (): void {
+    this.#sweepSoon()
+    this.#timer = setInterval(() => this.#sweepSoon(), this.#o.sweepIntervalMs).unref()
+  }
+
+  async close (): Promise<void> {
+    this.#closed = true
+    if (this.#timer !== null) clearInterval(this.#timer)
+    await this.#sweeping
+  }
+
+  #sweepSoon (): void {
+    if (this.#sweeping !== null || this.#closed) return
+    this.#sweeping = this.sweep()
+      .catch((err: Error) => this.#o.log.warn({ err }, 'job-progress: upload sweep failed; will retry'))
+      .finally(() => { this.#sweeping = null })
+  }
+
+  /** The queue's set of uploads kept for `retentionMs`, scored by when they are due. */
+  #due (queue: string): string {
+    return this.#o.keys.queueKey(queue, 'jp:uploads:due')
+  }
+
+  /**
+   * Removes uploads whose retention ended, then orphans: `.part` files and files whose job has no
+   * marker (lost with Redis, an instance killed between storing and queueing) once older than
+   * `orphanAgeMs`. A marked file whose job is gone or finished without its event having been
+   * handled (a crash between the two) is released like a final event would.
+   */
+  async sweep (): Promise<void> {
+    const { redis, storage, keys } = this.#o
+    const now = Date.now()
+    for (const queue of this.#o.queues) {
+      for (;;) {
+        const due = await redis.zrangebyscore(this.#due(queue), '-inf', now, 'LIMIT', 0, DUE_BATCH)
+        for (const jobId of due) {
+          await this.#remove(queue, jobId)
+          await redis.zrem(this.#due(queue), jobId)
+        }
+        if (due.length < DUE_BATCH || this.#closed) break
+      }
+    }
+    if (storage.list === undefined) return
+    for await (const entry of storage.list()) {
+      if (this.#closed) return
+      if (now - entry.modifiedMs < this.#o.orphanAgeMs) continue
+      if (entry.partial) {
+        await storage.remove(entry.key)
+        continue
+      }
+      const queue = entry.kind === undefined ? undefined : this.#o.queueOf(entry.kind)
+      if (queue === undefined || entry.jobId === undefined) continue
+      const [[, key], [, finishedOn], [, exists]] = await redis.pipeline()
+        .get(this.marker(queue, entry.jobId))
+        .hget(keys.job(queue, entry.jobId), 'finishedOn')
+        .exists(keys.job(queue, entry.jobId))
+        .exec() as Array<[Error | null, unknown]>
+      if (key === null) {
+        this.#o.log.info({ key: entry.key }, 'job-progress: removing an upload whose job is unknown')
+        await storage.remove(entry.key)
+      } else if (exists === 0 || finishedOn !== null) {
+        await this.release(queue, entry.jobId, finishedOn === null ? now : Number(finishedOn))
+      }
+    }
   }
 
   /** The marker that holds a job's storage key until its upload is removed. */
@@ -86,14 +166,24 @@ export class UploadCleanup {
   /** Bridge listener: a job's final event (or its removal) releases its upload. */
   onEvent (event: BridgeEvent): void {
     if (!event.final && event.event !== 'removed') return
-    this.release(event.queue, event.jobId).catch((err: Error) => {
+    this.release(event.queue, event.jobId, event.t).catch((err: Error) => {
       // Left for the sweep, which finds the marker of a finished job again.
       this.#o.log.warn({ err, jobId: event.jobId }, 'job-progress: cannot remove an upload yet')
     })
   }
 
-  /** Removes a finished job's upload, then its marker; idempotent (the bridge is at-least-once). */
-  async release (queue: string, jobId: string): Promise<void> {
+  /**
+   * A job ended at `endedAt`: its upload goes now, or is scheduled for the end of its retention.
+   * Idempotent (the bridge is at-least-once): a second release keeps the first due time.
+   */
+  async release (queue: string, jobId: string, endedAt: number): Promise<void> {
+    const due = endedAt + this.#o.retentionMs
+    if (this.#o.retentionMs === 0 || due <= Date.now()) await this.#remove(queue, jobId)
+    else await this.#o.redis.zadd(this.#due(queue), 'NX', due, jobId)
+  }
+
+  /** Removes the upload first, then its marker: a crash between the two leaves it to the sweep. */
+  async #remove (queue: string, jobId: string): Promise<void> {
     const { redis, storage } = this.#o
     const marker = this.marker(queue, jobId)
     const key = await redis.get(marker)

@@ -90,8 +90,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
-  const cleanup = new UploadCleanup({ redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, log })
+  const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, queues: [...queues.values()].map(q => q.name), log })
   bridgeListeners.push((event) => cleanup.onEvent(event))
+  cleanup.start()
   const uploadStorage = cleanup.tracked()
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
@@ -214,6 +215,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     clearInterval(heartbeatTimer)
     clearInterval(slowTimer)
     await bridge?.close()
+    await cleanup.close()
     hub.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
     await Promise.all(owned.map(async r => {
