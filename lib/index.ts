@@ -10,6 +10,7 @@ import type { WebSocket } from 'ws'
 import { Bridge, type BridgeEvent } from './bridge'
 import { whenReady } from './redis'
 import { UploadCleanup } from './cleanup'
+import { redactedRequest } from './redact'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './fanout'
@@ -114,6 +115,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   if (!fastify.hasRequestDecorator('isMultipart')) await fastify.register(fastifyMultipart)
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
 
+  // Every route the plugin adds below logs its request without credentials (`?api_key=` ...).
+  let ownRoutes = true
+  fastify.addHook('onRoute', (route) => {
+    if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
+  })
+
   const queueOf = (kind: string): string | undefined => {
     const k = opts.kinds[kind]
     return k === undefined ? undefined : k.queueName ?? kind
@@ -167,6 +174,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       })
     }
   }
+
+  ownRoutes = false
 
   // WebSocket-level ping/pong ends peers that vanished without a close; the same sweep closes
   // clients whose sends have not drained in time, and sends the protocols' heartbeats.

@@ -4,7 +4,7 @@ import type { Redis } from 'ioredis'
 import { JobFinishedError, JobNotCompleteError, JobNotFoundError, QueueUnavailableError, UnauthorizedError } from './errors'
 import { isFinal } from './events'
 import { isJobId, type Keys } from './keys'
-import type { Owners } from './owner'
+import { EXPIRED, type Owners } from './owner'
 import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
@@ -36,7 +36,7 @@ const JobParams = {
  */
 export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest): Promise<Snapshot> {
   const identity = await ctx.owners.fromRequest(request)
-  if (identity === null) throw new UnauthorizedError('no session or API key')
+  if (identity === null) throw new UnauthorizedError(ctx.owners.expiredSession(request) ? EXPIRED : 'no session or API key')
   if (!isJobId(jobId)) throw new JobNotFoundError()
   let snapshot: Snapshot | null
   try {
