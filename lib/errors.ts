@@ -41,3 +41,8 @@ export const CloseCodes = {
 
 /** The close reason for a job that is missing or belongs to someone else: the two look alike on purpose. */
 export const NOT_FOUND_REASON = 'job not found or access denied'
+
+// Webhooks
+export const WebhookUrlRefusedError = createError('FST_JP_WEBHOOK_URL_REFUSED', 'The webhook URL is refused: %s', 400)
+export const WebhookForbiddenError = createError('FST_JP_WEBHOOK_FORBIDDEN', 'Not allowed to manage webhook deliveries', 403)
+export const DeliveryNotFoundError = createError('FST_JP_DELIVERY_NOT_FOUND', 'No dead webhook delivery with this id', 404)
