@@ -91,7 +91,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
-  if (webhooks !== null) bridgeListeners.push(event => webhooks.onEvent(event))
+  if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))

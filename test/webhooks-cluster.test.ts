@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import { Queue } from 'bullmq'
 import { Cluster } from './helpers/cluster'
 import { eventually, lines, upload } from './helpers/index'
-import { newSecret, Receiver } from './helpers/receiver'
+import { newSecret, Receiver, selfSigned } from './helpers/receiver'
 
 // Real processes of the example (WEBHOOK_URL, WEBHOOK_SECRET), a real receiver, one Redis.
 const SECRET = newSecret()
@@ -13,9 +13,11 @@ function deliveries (t: Test, cluster: Cluster): Queue {
   return queue
 }
 
-t.test('2 API instances and a job that completes: one delivery, not two', async (t) => {
-  const receiver = await Receiver.start(t, [SECRET])
-  const cluster = await Cluster.start(t, { apis: 2, workers: 1, env: { WEBHOOK_URL: receiver.url + '/hook', WEBHOOK_SECRET: SECRET } })
+t.test('2 API instances and a job that completes: one delivery, not two (over https)', async (t) => {
+  const tls = await selfSigned(t)
+  const receiver = await Receiver.start(t, [SECRET], tls)
+  // The instances trust the receiver's certificate the way an operator would add a private CA.
+  const cluster = await Cluster.start(t, { apis: 2, workers: 1, env: { WEBHOOK_URL: receiver.url + '/hook', WEBHOOK_SECRET: SECRET, NODE_EXTRA_CA_CERTS: tls.certFile } })
   const queue = deliveries(t, cluster)
   const jobs = await Promise.all([0, 1, 0, 1].map(async i => await upload(`${cluster.apis[i].url}/batch/upload`, lines(3))))
   await receiver.waitCalls(4)

@@ -41,7 +41,7 @@ t.test('hostAllowed and checkEndpointUrl: one row per rule', async (t) => {
   t.equal(checkEndpointUrl('http://a.example.com/', ['*.example.com'], true).host, 'a.example.com')
   await t.rejects(resolveEndpoint(new URL('https://x.test/'), async () => { throw Object.assign(new Error('nope'), { code: 'ENOTFOUND' }) }, false), /cannot resolve x\.test: ENOTFOUND/)
   await t.rejects(resolveEndpoint(new URL('https://x.test/'), async () => [], false), /no address/)
-  t.same(await resolveEndpoint(new URL('http://[::1]:9/'), async () => [], true), { address: '::1', family: 6 })
+  t.same(await resolveEndpoint(new URL('http://[::1]:9/'), async () => [], true), [{ address: '::1', family: 6 }])
 })
 
 t.test('parseRetryAfter and retryDelay', async (t) => {
@@ -93,12 +93,12 @@ t.test('a stream entry handled twice (a bridge takeover) makes one delivery', as
   t.teardown(async () => await webhooks.close())
   t.equal(Webhooks.create({ opts: resolveOptions({ kinds: { a: {} } }), connection: open(), cmd: open(), connect: open, keys: new Keys(opts), log: Fastify().log }), null, 'nothing without a kind that has a webhook')
   const event = { queue: 'batch', jobId: '6b1f8e5e-1111-4a4a-9a9a-123456789abc', event: 'completed', id: '1700000000000-0', t: 1700000000000, final: true, fields: { returnvalue: '{"ok":true}' } }
-  webhooks.onEvent(event)
-  webhooks.onEvent({ ...event })
-  webhooks.onEvent({ ...event, queue: 'other' })
+  void webhooks.onEvent(event)
+  void webhooks.onEvent({ ...event })
+  void webhooks.onEvent({ ...event, queue: 'other' })
   const [call] = await receiver.waitCalls(1)
   t.ok(await eventually(async () => (await webhooks.queue.getJobCounts('completed')).completed === 1), 'delivered')
-  webhooks.onEvent({ ...event })
+  void webhooks.onEvent({ ...event })
   t.ok(await eventually(async () => {
     const counts = await webhooks.queue.getJobCounts()
     return Object.values(counts).reduce((a, b) => a + b, 0) === 1

@@ -3,7 +3,7 @@ import { Queue } from 'bullmq'
 import type { LookupAddress } from 'node:dns'
 import { errors, type JobProgressOptions } from '../lib/index'
 import { eventually, jobKeys, lines, redisFor, startApp, startWorker, tempDir, upload, type RedisServer } from './helpers/index'
-import { newSecret, Receiver } from './helpers/receiver'
+import { newSecret, Receiver, selfSigned } from './helpers/receiver'
 
 const SECRET = newSecret()
 const OLD_SECRET = newSecret()
@@ -103,6 +103,17 @@ t.test('a redirect is not followed; 410 stops the tries; both end as dead delive
   const [goneJob] = await gone.deliveries.getFailed()
   t.match(goneJob.failedReason, /HTTP 410 Gone: unsubscribed/)
   t.equal(await goneJob.getState(), 'failed', 'nothing is scheduled after a 410')
+})
+
+t.test('an https endpoint whose certificate is not trusted is not delivered to', async (t) => {
+  const receiver = await Receiver.start(t, [SECRET], await selfSigned(t))
+  const { api, redis, uploadDir, deliveries } = await setup(t, { url: receiver.url }, { attempts: 1 })
+  await upload(`${api.url}/batch/upload`, lines(1))
+  startWorker(t, redis, 'batch', uploadDir)
+  await stateOf(deliveries, 'failed')
+  const [dead] = await deliveries.getFailed()
+  t.match(dead.failedReason, /self[- ]signed certificate/)
+  t.equal(receiver.calls.length, 0)
 })
 
 t.test('Retry-After: 5 makes the next try wait at least 5 s', async (t) => {

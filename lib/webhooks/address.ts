@@ -50,11 +50,11 @@ export const defaultLookup: Lookup = async (hostname) => await dnsLookup(hostnam
 export class RefusedEndpoint extends Error {}
 
 /**
- * Resolves the endpoint's host once and returns the address to connect to, so the check and the
- * connection see the same address (a name that changes between the two cannot get through).
+ * Resolves the endpoint's host once and returns the addresses to connect to, so the check and the
+ * connection see the same addresses (a name that changes between the two cannot get through).
  * Refused when any address of the name is not public, unless private addresses are allowed.
  */
-export async function resolveEndpoint (url: URL, lookup: Lookup, allowPrivate: boolean): Promise<LookupAddress> {
+export async function resolveEndpoint (url: URL, lookup: Lookup, allowPrivate: boolean): Promise<LookupAddress[]> {
   const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname
   let addresses: LookupAddress[]
   if (isIP(host) !== 0) {
@@ -71,7 +71,7 @@ export async function resolveEndpoint (url: URL, lookup: Lookup, allowPrivate: b
     const blocked = addresses.find(a => !isPublicAddress(a.address))
     if (blocked !== undefined) throw new RefusedEndpoint(`${host} resolves to ${blocked.address}, a loopback, private, link-local or reserved address`)
   }
-  return addresses[0]
+  return addresses
 }
 
 /** A host pattern: `example.com`, `*.example.com` (subdomains only), `*`; an optional `:port`. */

@@ -4,8 +4,8 @@ import type { LookupAddress } from 'node:dns'
 
 export interface PostOptions {
   url: URL
-  /** The address the endpoint's name was checked against: the connection goes there and nowhere else. */
-  address: LookupAddress
+  /** The addresses the endpoint's name was checked against: the connection goes there and nowhere else. */
+  addresses: LookupAddress[]
   headers: Record<string, string>
   body: string
   connectTimeoutMs: number
@@ -58,8 +58,8 @@ export async function post (o: PostOptions): Promise<PostResult> {
       agent: false,
       // Connect to the checked address; the Host header and TLS name stay the URL's host.
       lookup: ((_host: string, options: { all?: boolean }, cb: (...args: unknown[]) => void) => {
-        if (options.all === true) cb(null, [o.address])
-        else cb(null, o.address.address, o.address.family)
+        if (options.all === true) cb(null, o.addresses)
+        else cb(null, o.addresses[0].address, o.addresses[0].family)
       }) as never
     })
     const connectTimer = setTimeout(() => done(new Error(`no connection within ${o.connectTimeoutMs} ms`)), o.connectTimeoutMs)

@@ -149,14 +149,19 @@ export class Webhooks {
     }
   }
 
-  /** The bridge's listener: never throws, never blocks the relay. */
-  onEvent (event: BridgeEvent): void {
+  /**
+   * The bridge's listener: never throws or rejects. The promise settles once the delivery is in
+   * its queue; a bridge that waited for it before acknowledging the stream entry would close the
+   * one gap left (an instance killed between the acknowledgement and the enqueue).
+   */
+  async onEvent (event: BridgeEvent): Promise<void> {
     const entry = this.#kinds.get(event.queue)
     if (entry === undefined) return
     const task = this.#enqueue(entry.kind, entry.hook, event)
       .catch((err: Error) => this.#ctx.log.error({ err, job: event.jobId, event: event.event }, 'job-progress: could not schedule a webhook delivery'))
       .finally(() => this.#pending.delete(task))
     this.#pending.add(task)
+    await task
   }
 
   async #enqueue (kind: string, hook: KindWebhook, e: BridgeEvent): Promise<void> {
@@ -201,9 +206,9 @@ export class Webhooks {
   async #deliver (job: Job<DeliveryData>): Promise<{ status: number }> {
     const d = job.data
     const url = new URL(d.url)
-    let address
+    let addresses
     try {
-      address = await resolveEndpoint(url, this.#lookup, d.trusted || this.#o.allowPrivateAddresses)
+      addresses = await resolveEndpoint(url, this.#lookup, d.trusted || this.#o.allowPrivateAddresses)
     } catch (err) {
       // The name now leads somewhere it may not: retrying would only knock again.
       if (err instanceof RefusedEndpoint) throw new UnrecoverableError(`refused: ${err.message}`)
@@ -215,7 +220,7 @@ export class Webhooks {
     const body = d.payload
     const result = await post({
       url,
-      address,
+      addresses,
       body,
       headers: {
         'webhook-id': id,

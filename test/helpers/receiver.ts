@@ -1,6 +1,11 @@
-import { createServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { execFileSync } from 'node:child_process'
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { createServer as createTlsServer } from 'node:https'
 import type { AddressInfo, Socket } from 'node:net'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { Webhook } from 'standardwebhooks'
+import { tempDir } from './index'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -26,24 +31,27 @@ export class Receiver {
   url = ''
   port = 0
   answer: (call: Call) => Answer = () => ({ status: 200 })
-  readonly #server = createServer((req, res) => this.#handle(req, res))
+  readonly #server: Server
   readonly #sockets = new Set<Socket>()
   readonly #secrets: string[]
   #waiters: Array<{ n: number, resolve: () => void }> = []
 
-  constructor (secrets: string[]) {
+  constructor (secrets: string[], tls?: { key: Buffer, cert: Buffer }) {
     this.#secrets = secrets
+    const handle = (req: IncomingMessage, res: ServerResponse): void => this.#handle(req, res)
+    this.#server = tls === undefined ? createServer(handle) : createTlsServer(tls, handle)
     this.#server.on('connection', (socket) => {
       this.#sockets.add(socket)
       socket.once('close', () => this.#sockets.delete(socket))
     })
   }
 
-  static async start (t: Teardown, secrets: string[]): Promise<Receiver> {
-    const receiver = new Receiver(secrets)
+  /** Over https when `tls` is given; `url` then names `localhost`, the certificate's name. */
+  static async start (t: Teardown, secrets: string[], tls?: { key: Buffer, cert: Buffer }): Promise<Receiver> {
+    const receiver = new Receiver(secrets, tls)
     await new Promise<void>(resolve => receiver.#server.listen(0, '127.0.0.1', resolve))
     receiver.port = (receiver.#server.address() as AddressInfo).port
-    receiver.url = `http://127.0.0.1:${receiver.port}`
+    receiver.url = tls === undefined ? `http://127.0.0.1:${receiver.port}` : `https://localhost:${receiver.port}`
     t.teardown(async () => await receiver.close())
     return receiver
   }
@@ -95,4 +103,14 @@ export class Receiver {
 /** A fresh `whsec_` secret. */
 export function newSecret (): string {
   return 'whsec_' + Buffer.from(Array.from({ length: 24 }, () => Math.floor(Math.random() * 256))).toString('base64')
+}
+
+/** A self-signed certificate for `localhost`, made with openssl in a temp directory. */
+export async function selfSigned (t: Teardown): Promise<{ key: Buffer, cert: Buffer, certFile: string }> {
+  const dir = await tempDir(t, 'jp-tls-')
+  const keyFile = join(dir, 'key.pem')
+  const certFile = join(dir, 'cert.pem')
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', keyFile, '-out', certFile,
+    '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost'], { stdio: 'ignore' })
+  return { key: readFileSync(keyFile), cert: readFileSync(certFile), certFile }
 }
