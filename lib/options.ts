@@ -143,10 +143,12 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     if (name !== undefined && !new RegExp(KIND_NAME).test(name)) {
       return `kind name "${name}" is invalid: use letters, digits, "_", "." or "-", starting with a letter or digit`
     }
+    if (e.path.startsWith('/webhooks/secret')) return '`webhooks.secret` must be a `whsec_` secret or an array of them (newest first)'
     if (e.path.startsWith('/session/secret')) return '`session.secret` must be a string of at least 16 characters, or an array of such strings (newest first)'
     return `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`
   })
   problems.push(...webhookProblems)
+  problems.splice(0, problems.length, ...new Set(problems))
   // Checked here, before any connection is opened: a refusal later would leave clients behind.
   const kindOfQueue = new Map<string, string>()
   for (const [kind, k] of Object.entries((opts.kinds ?? {}) as Record<string, { queueName?: unknown }>)) {

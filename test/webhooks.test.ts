@@ -2,7 +2,7 @@ import t, { type Test } from 'tap'
 import { Queue } from 'bullmq'
 import type { LookupAddress } from 'node:dns'
 import { errors, type JobProgressOptions } from '../lib/index'
-import { eventually, jobKeys, lines, redisFor, startApp, startWorker, tempDir, upload, type RedisServer } from './helpers/index'
+import { eventually, gate, jobKeys, lines, redisFor, startApp, startWorker, tempDir, upload, type RedisServer } from './helpers/index'
 import { newSecret, Receiver, selfSigned } from './helpers/receiver'
 
 const SECRET = newSecret()
@@ -68,6 +68,22 @@ t.test('a failed job is delivered as failed with its error; status and progress 
   t.ok(bodies.some(b => b.status === 'running' && b.processed === 0), 'running (status)')
   t.equal(bodies.filter(b => b.status === 'running' && b.processed > 0).length, 1, 'progress at most once per interval')
   t.equal(new Set(receiver.calls.map(c => c.headers['webhook-id'])).size, receiver.calls.length, 'each event its own delivery id')
+})
+
+t.test('a job cancelled while it runs is delivered as cancelled, as the jobs protocol says', async (t) => {
+  const receiver = await Receiver.start(t, [SECRET])
+  const { api, redis, uploadDir, deliveries } = await setup(t, { url: receiver.url })
+  const up = await upload(`${api.url}/batch/upload`, lines(3))
+  const started = gate()
+  const go = gate()
+  startWorker(t, redis, 'batch', uploadDir, { beforeItem: async (i) => { if (i === 1) { started.open(); await go.promise } } })
+  await started.promise
+  const cancel = await fetch(`${api.url}/batch/${up.body.job_id as string}/cancel`, { method: 'POST', headers: { cookie: up.cookie as string } })
+  t.equal(cancel.status, 202)
+  go.open()
+  const [call] = await receiver.waitCalls(1)
+  await stateOf(deliveries, 'completed')
+  t.match(JSON.parse(call.body), { job_id: up.body.job_id, status: 'cancelled', error: 'cancelled', result: null })
 })
 
 t.test('a receiver that hangs is timed out and tried again', async (t) => {
@@ -224,5 +240,5 @@ t.test('options: a webhook needs a whsec_ secret', async (t) => {
   const redis = await redisFor(t)
   await t.rejects(startApp(t, redis, { kinds: { batch: { webhook: { url: 'https://example.com' } } } }), errors.InvalidOptionError)
   await t.rejects(startApp(t, redis, { kinds: { batch: { webhook: { url: 'https://example.com' } } }, webhooks: { secret: 'whsec_***' } }), /must be followed by base64/)
-  await t.rejects(startApp(t, redis, { kinds: { batch: { webhook: { url: 'https://example.com' } } }, webhooks: { secret: 'plain', lookup: 3 as never } }), /webhooks\.lookup` must be a function/)
+  await t.rejects(startApp(t, redis, { kinds: { batch: { webhook: { url: 'https://example.com' } } }, webhooks: { secret: 'plain', lookup: 3 as never } }), /^fastify-job-progress: `webhooks\.secret` must be a `whsec_` secret or an array of them \(newest first\); `webhooks\.lookup` must be a function$/)
 })

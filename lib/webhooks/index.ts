@@ -173,9 +173,12 @@ export class Webhooks {
     if (hook.allow !== undefined) reads.get(urlKey)
     // The completed entry has the result but not the final count: the job hash still has it, when kept.
     if (e.event === 'completed') reads.hget(keys.job(e.queue, e.jobId), 'progress')
-    const replies = reads.length === 0 ? [] : (await reads.exec() ?? []).map(([err, value]) => err === null ? value as string | null : null)
-    const perUpload = hook.allow !== undefined ? replies.shift() ?? null : null
-    const progress = e.event === 'completed' ? replies.shift() ?? null : null
+    // A job stopped by a cancel fails: its cancellation mark tells it apart, as for the sockets.
+    if (e.event === 'failed') reads.exists(keys.cancel(e.queue, e.jobId))
+    const replies = reads.length === 0 ? [] : (await reads.exec() ?? []).map(([err, value]) => err === null ? value as string | number | null : null)
+    const perUpload = hook.allow !== undefined ? replies.shift() as string | null ?? null : null
+    const progress = e.event === 'completed' ? replies.shift() as string | null ?? null : null
+    if (e.event === 'failed' && replies.shift() === 1) e = { ...e, event: 'cancelled' }
     const targets: Array<{ url: string, trusted: boolean }> = []
     if (hook.url !== undefined) targets.push({ url: hook.url, trusted: true })
     if (perUpload !== null) targets.push({ url: perUpload, trusted: false })
