@@ -4,7 +4,7 @@ import type { Redis } from 'ioredis'
 import { createHash } from 'node:crypto'
 import { Webhook } from 'standardwebhooks'
 import type { BridgeEvent } from '../bridge'
-import { DeliveryNotFoundError, WebhookForbiddenError, WebhookUrlRefusedError } from '../errors'
+import { DeliveryNotFoundError, QueueUnavailableError, WebhookForbiddenError, WebhookUrlRefusedError } from '../errors'
 import { parseProgress, type JobEvent } from '../events'
 import type { Keys } from '../keys'
 import type { ResolvedOptions } from '../options'
@@ -265,7 +265,8 @@ export class Webhooks {
         await this.#ctx.cmd.set(this.#ctx.keys.queueKey(queue, 'jp:webhook:' + jobId), url.href, 'EX', this.#o.urlTtlSeconds)
       } catch (err) {
         if (err instanceof RefusedEndpoint) throw new WebhookUrlRefusedError(err.message)
-        throw err
+        this.#ctx.log.warn({ err }, 'job-progress: could not keep a per-upload webhook endpoint')
+        throw new QueueUnavailableError()
       }
     }
   }
