@@ -44,6 +44,7 @@ t.test('a receiver that fails 3 times then answers 200: 4 signed tries, spaced p
   t.ok(calls.every(c => c.verified.every(Boolean)), 'every try verifies with each active secret (rotation)')
   t.equal(new Set(calls.map(c => c.headers['webhook-id'])).size, 1, 'the same webhook-id on every try')
   t.equal(calls[0].headers['webhook-signature']?.split(' ').length, 2, 'one signature per secret, space-separated')
+  t.ok(Number(calls[3].headers['webhook-timestamp']) > Number(calls[0].headers['webhook-timestamp']), 'each try signed anew, with its own timestamp')
   const gaps = calls.slice(1).map((c, i) => c.at - calls[i].at)
   t.ok(gaps[0] >= 280 && gaps[1] >= 580 && gaps[2] >= 1180, `spaced per the backoff (300, 600, 1200 ms): ${gaps.join(', ')}`)
   t.ok(gaps[2] < 3000, 'and not much more')
