@@ -24,6 +24,7 @@ import { SocketSession, type SocketContext } from './socket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler } from './uploads'
+import { Webhooks } from './webhooks/index'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
 export interface JobProgress {
@@ -95,6 +96,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   bridgeListeners.push((event) => cleanup.onEvent(event))
   cleanup.start()
   const uploadStorage = cleanup.tracked()
+  const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
+  if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
@@ -160,10 +163,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       accept: k.accept ?? [],
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
-      wsPath
+      wsPath,
+      beforeAdd: webhooks?.beforeAdd(kind)
     }, opts, owners, uploadStorage))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
+  webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {
@@ -225,6 +230,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     clearInterval(slowTimer)
     await bridge?.close()
     await cleanup.close()
+    await webhooks?.close()
     hub.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
     await Promise.all(owned.map(async r => {
@@ -251,3 +257,4 @@ export { defineProtocol, type ProtocolDefinition, type ClientAction, type Server
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker'
 export { Keys, isJobId } from './keys'
 export type { BridgeEvent } from './bridge'
+export type { KindWebhookOptions, WebhooksOptions } from './webhooks/options'
