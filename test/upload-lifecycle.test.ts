@@ -14,13 +14,18 @@ type T = Parameters<typeof redisFor>[0]
  * pause longer than that hands every active job to a second attempt while the first still runs.
  * Each attempt reads the upload at its start and again at its end: a file removed while any
  * attempt still needs it fails that attempt with ENOENT.
+ *
+ * The tests run two such workers, as a deployment would: the first takes all six jobs, the
+ * second the second attempts. (Two attempts of one job in the same BullMQ worker share its lock
+ * bookkeeping, keyed by job id: the first attempt's end stops the renewal of the second's lock,
+ * which then stalls again and again.)
  */
 function faultyWorker (t: T, redis: RedisServer, app: TestApp, errors: string[]) {
   const worker = createJobWorker({
     kind: 'batch',
     connection: redis.url,
     storage: new DiskStorage(app.uploadDir),
-    workerOptions: { concurrency: 12, lockDuration: 1_000, stalledInterval: 1_000, maxStalledCount: 10 }
+    workerOptions: { concurrency: 6, lockDuration: 1_000, stalledInterval: 1_000, maxStalledCount: 10 }
   }, async (ctx) => {
     const read = async (): Promise<string[]> => {
       try {
@@ -71,10 +76,12 @@ t.test('a 5 s Redis pause mid-way through 6 jobs: second attempts find their upl
   const jobs = await uploadSix(t, app)
   const removed = watchRemovals(t, app.uploadDir)
   const errors: string[] = []
-  const worker = faultyWorker(t, redis, app, errors)
   const started = new Map<string, number>()
-  worker.on('active', (job) => started.set(job.id as string, (started.get(job.id as string) ?? 0) + 1))
+  const first = faultyWorker(t, redis, app, errors)
+  first.on('active', (job) => started.set(job.id as string, (started.get(job.id as string) ?? 0) + 1))
   await Promise.all(jobs.map(async j => await j.client.waitFor(m => m.processed >= 2)))
+  const second = faultyWorker(t, redis, app, errors)
+  second.on('active', (job) => started.set(job.id as string, (started.get(job.id as string) ?? 0) + 1))
 
   redis.signal('SIGSTOP')
   await sleep(5_000)
@@ -106,10 +113,12 @@ t.test('Redis SIGKILLed and restarted from its AOF mid-way: every upload process
   const app = await startApp(t, redis, { kinds: { batch: { jobOptions: { removeOnComplete: true } } } })
   const jobs = await uploadSix(t, app)
   const errors: string[] = []
-  const worker = faultyWorker(t, redis, app, errors)
   const completed = new Set<string>()
-  worker.on('completed', (job) => completed.add(job.id as string))
+  const first = faultyWorker(t, redis, app, errors)
+  first.on('completed', (job) => completed.add(job.id as string))
   await Promise.all(jobs.map(async j => await j.client.waitFor(m => m.processed >= 2)))
+  const second = faultyWorker(t, redis, app, errors)
+  second.on('completed', (job) => completed.add(job.id as string))
 
   await redis.kill()
   await sleep(2_000)
