@@ -27,17 +27,5 @@ export const TooManyPartsError = createError('FST_JP_TOO_MANY_PARTS', 'The form 
 export const TooManyFieldsError = createError('FST_JP_TOO_MANY_FIELDS', 'The form has too many fields: at most %s', 413)
 export const NotMultipartError = createError('FST_JP_NOT_MULTIPART', 'Uploads must be sent as multipart/form-data', 415)
 
-/** WebSocket close codes the plugin uses; 1xxx are standard, 4xxx are ours. */
-export const CloseCodes = {
-  normal: 1000,
-  goingAway: 1001,
-  unsupportedData: 1003,
-  policyViolation: 1008,
-  tooBig: 1009,
-  tryAgainLater: 1013,
-  unauthorized: 4001,
-  forbidden: 4003
-} as const
-
-/** The close reason for a job that is missing or belongs to someone else: the two look alike on purpose. */
-export const NOT_FOUND_REASON = 'job not found or access denied'
+/** WebSocket close codes and their reasons live in the wire module, shared with the client. */
+export { CloseCodes, NOT_FOUND_REASON } from './wire/close-codes'

@@ -18,7 +18,9 @@ import { Owners } from './owner'
 import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
-import { SocketSession, type SocketContext } from './socket'
+import { Session, type SessionContext } from './session/session'
+import { startSessionTimers } from './session/timers'
+import { WebSocketTransport } from './transports/websocket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler } from './uploads'
@@ -99,7 +101,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
 
   // Sockets close with 1001 before @fastify/websocket closes the rest: this hook is added first.
-  const sessions = new Set<SocketSession>()
+  const sessions = new Set<Session>()
   fastify.addHook('preClose', async () => {
     for (const session of sessions) session.close(CloseCodes.goingAway, 'server shutting down')
   })
@@ -113,7 +115,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const k = opts.kinds[kind]
     return k === undefined ? undefined : k.queueName ?? kind
   }
-  const ctx: SocketContext = {
+  const ctx: SessionContext = {
     hub,
     owners,
     queueOf,
@@ -131,6 +133,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     maxConnectionsPerOwner: opts.maxConnectionsPerOwner,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection,
     maxPayload: opts.maxPayload,
+    maxBufferedBytes: opts.maxBufferedBytes,
     firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
     log
   }
@@ -156,39 +159,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {
       fastify.get(path, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
-        const job = kind === undefined ? undefined : { kind, jobId: (request.params as { jobId: string }).jobId }
+        const jobs = kind === undefined ? [] : [{ kind, jobId: (request.params as { jobId: string }).jobId }]
         // eslint-disable-next-line no-new
-        new SocketSession(ctx, protocol, socket, request, job)
+        new Session(ctx, protocol, new WebSocketTransport(socket), request, jobs)
       })
     }
   }
 
-  // WebSocket-level ping/pong ends peers that vanished without a close; the same sweep closes
-  // clients whose sends have not drained in time, and sends the protocols' heartbeats.
-  const pingTimer = setInterval(() => {
-    for (const session of sessions) {
-      if (!session.alive) {
-        session.ws.terminate()
-        continue
-      }
-      session.alive = false
-      session.ws.ping()
-    }
-  }, opts.pingIntervalMs).unref()
-  const heartbeatTimer = setInterval(() => {
-    for (const session of sessions) {
-      if (session.owner !== null && session.protocol.heartbeat !== undefined) session.sendControl(session.protocol.heartbeat())
-    }
-  }, opts.heartbeatIntervalMs).unref()
-  const slowTimer = setInterval(() => {
-    const now = Date.now()
-    for (const session of sessions) {
-      if (session.outbox.stalledFor(now) > opts.sendTimeoutMs) {
-        log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
-        session.ws.terminate()
-      }
-    }
-  }, Math.min(1_000, Math.ceil(opts.sendTimeoutMs / 4))).unref()
+  const stopTimers = startSessionTimers(sessions, { ...opts, log })
 
   fastify.decorate('jobProgress', {
     instanceId,
@@ -206,9 +184,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   } satisfies JobProgress)
 
   fastify.addHook('onClose', async () => {
-    clearInterval(pingTimer)
-    clearInterval(heartbeatTimer)
-    clearInterval(slowTimer)
+    stopTimers()
     await bridge?.close()
     hub.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))

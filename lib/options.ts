@@ -52,6 +52,7 @@ export const OptionsSchema = Type.Object({
   allowedOrigins: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
   throttleMs: Type.Integer({ minimum: 0, default: 100 }),
   maxPayload: Type.Integer({ minimum: 16, default: 4096 }),
+  maxBufferedBytes: Type.Integer({ minimum: 1024, default: 4 * 1024 * 1024 }),
   pingIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   heartbeatIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   sendTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
