@@ -20,6 +20,7 @@ import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
 import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
+import { registerSseRoutes } from './transports/sse'
 import { WebSocketTransport } from './transports/websocket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
@@ -155,6 +156,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     }, opts, owners, storage))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
+  registerSseRoutes(fastify, ctx, {
+    kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath ?? `/${kind}` })),
+    path: opts.ssePath,
+    retryMs: opts.sseRetryMs,
+    maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
+  })
   for (const protocol of protocols) {
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {

@@ -33,6 +33,8 @@ export const OptionsSchema = Type.Object({
   // additionalProperties: without it a name that misses the pattern is not checked at all.
   kinds: Type.Record(Type.String({ pattern: KIND_NAME }), KindSchema, { minProperties: 1, additionalProperties: false }),
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
+  ssePath: Type.String({ pattern: '^/', default: '/events' }),
+  sseRetryMs: Type.Integer({ minimum: 0, default: 2_000 }),
   storage: Type.Optional(Type.Unsafe<Storage>(Type.Object({}, { additionalProperties: true }))),
   uploadDir: Type.String({ minLength: 1, default: join(tmpdir(), 'fastify-job-progress') }),
   limits: Type.Object({
