@@ -78,7 +78,7 @@ export function jobsProtocol (opts: JobsProtocolOptions = {}): ProtocolDefinitio
     authFailed: (reason) => ({ type: 'error', message: reason, ts: ts() }),
     subscribed: (jobId) => ({ type: 'subscribed', job_id: jobId, ts: ts() }),
     unsubscribed: (jobId) => ({ type: 'unsubscribed', job_id: jobId, ts: ts() }),
-    error: (message) => ({ type: 'error', message, ts: ts() }),
+    error: (message, jobId) => ({ type: 'error', message, ...(jobId !== undefined ? { job_id: jobId } : {}), ts: ts() }),
     heartbeat: () => ({ type: 'heartbeat', ts: ts() }),
     pong: () => ({ type: 'pong', ts: ts() })
   }

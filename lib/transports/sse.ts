@@ -50,7 +50,9 @@ export class SseTransport implements Transport {
     this.#res.writeHead(200, {
       'content-type': 'text/event-stream; charset=utf-8',
       'cache-control': 'no-cache, no-transform',
-      connection: 'keep-alive',
+      // A stream's connection is not reused after it ends: kept alive, an ended stream's socket
+      // is not counted as idle and would hold up the server's close.
+      connection: 'close',
       // nginx would otherwise buffer the stream and deliver it in lumps, or at the end.
       'x-accel-buffering': 'no'
     })
