@@ -186,6 +186,8 @@ export class JobProgressClient {
   #state: ConnectionEvent = { state: 'idle', transport: null }
   #lastEventId: string | undefined
   #closed = false
+  #sessionStarted = false
+  #firstUpload: Promise<void> = Promise.resolve()
   /** Connections opened so far (for tests and diagnostics). */
   connections = 0
 
@@ -263,6 +265,26 @@ export class JobProgressClient {
 
   /** Uploads a file to a kind's upload route; resolves once the job is queued. */
   async upload (kind: string, file: Blob, opts: UploadOptions = {}): Promise<UploadedJob> {
+    // With cookie sessions the first upload starts the session: several first uploads at once
+    // would start several, and the page would own only the last one's jobs. Until one upload
+    // went through, they go one at a time.
+    if (this.#opts.apiKey === undefined && !this.#sessionStarted) {
+      const previous = this.#firstUpload
+      let release!: () => void
+      this.#firstUpload = new Promise<void>(resolve => { release = resolve })
+      await previous
+      try {
+        const job = await this.#upload(kind, file, opts)
+        this.#sessionStarted = true
+        return job
+      } finally {
+        release()
+      }
+    }
+    return await this.#upload(kind, file, opts)
+  }
+
+  async #upload (kind: string, file: Blob, opts: UploadOptions): Promise<UploadedJob> {
     const form = new FormData()
     for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
     const name = opts.filename ?? (file as { name?: string }).name ?? 'upload'

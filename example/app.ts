@@ -1,4 +1,6 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import { execFileSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
@@ -33,8 +35,16 @@ export function parseApiKeys (value: string | undefined): Record<string, string>
   return keys
 }
 
+/** The page imports the client the plugin serves; `npm start` from a fresh clone builds it first. */
+function ensureClientBuilt (): void {
+  const root = join(__dirname, '..')
+  if (existsSync(join(root, 'dist', 'client', 'index.min.mjs'))) return
+  execFileSync(process.execPath, [join(root, 'scripts', 'build-client.mjs'), '--js-only'], { cwd: root, stdio: 'inherit' })
+}
+
 /** The example API: the plugin with seed 000's kinds, a demo page and a health route. */
 export async function buildApp (config: ExampleConfig): Promise<FastifyInstance> {
+  ensureClientBuilt()
   const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
   await app.register(jobProgress, {
     connection: config.redisUrl,
@@ -44,6 +54,8 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
     apiKeys: parseApiKeys(config.apiKeys),
     // Seed 002 at its path; seed 001's and seed 003's dialects as protocols of our own.
     protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' }), scanProtocol({ path: '/ws' }), tokenSocketProtocol({ path: '/api/v1/socket' })],
+    // The page below imports the client from here, without a bundler.
+    clientRoute: '/job-progress/client.js',
     ...config.plugin
   })
   const page = await readFile(join(__dirname, 'public', 'index.html'), 'utf8')

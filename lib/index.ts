@@ -21,6 +21,7 @@ import { registerJobRoutes } from './routes'
 import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
+import { registerClientRoute } from './client-route'
 import { WebSocketTransport } from './transports/websocket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
@@ -162,6 +163,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     retryMs: opts.sseRetryMs,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
   })
+  if (opts.clientRoute !== false) registerClientRoute(fastify, opts.clientRoute)
   for (const protocol of protocols) {
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {

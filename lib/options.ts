@@ -35,6 +35,7 @@ export const OptionsSchema = Type.Object({
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
   ssePath: Type.String({ pattern: '^/', default: '/events' }),
   sseRetryMs: Type.Integer({ minimum: 0, default: 2_000 }),
+  clientRoute: Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { default: false }),
   storage: Type.Optional(Type.Unsafe<Storage>(Type.Object({}, { additionalProperties: true }))),
   uploadDir: Type.String({ minLength: 1, default: join(tmpdir(), 'fastify-job-progress') }),
   limits: Type.Object({

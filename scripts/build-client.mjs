@@ -5,7 +5,7 @@ import { execFileSync } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
-const common = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2020', absWorkingDir: root, legalComments: 'none' }
+const common = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2020', absWorkingDir: root, legalComments: 'none', keepNames: true }
 await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.mjs' })
 await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.min.mjs', minify: true })
 await build({
@@ -16,4 +16,4 @@ await build({
   // The hooks use the one client module, not a copy of it.
   plugins: [{ name: 'client-external', setup (b) { b.onResolve({ filter: /^\.\/index$/ }, () => ({ path: './index.mjs', external: true })) } }]
 })
-execFileSync(process.execPath, [fileURLToPath(new URL('../node_modules/typescript/bin/tsc', import.meta.url)), '-p', 'client'], { cwd: root, stdio: 'inherit' })
+if (!process.argv.includes('--js-only')) execFileSync(process.execPath, [fileURLToPath(new URL('../node_modules/typescript/bin/tsc', import.meta.url)), '-p', 'client'], { cwd: root, stdio: 'inherit' })
