@@ -371,7 +371,8 @@ export class JobProgressClient {
   }
 
   #setState (next: ConnectionEvent): void {
-    if (next.state === this.#state.state && next.transport === this.#state.transport) return
+    // Each wait before a reconnect is reported, even when the state stays `reconnecting`.
+    if (next.state === this.#state.state && next.transport === this.#state.transport && next.retryInMs === undefined) return
     this.#state = next
     for (const fn of this.#stateListeners) fn(next)
   }
