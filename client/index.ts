@@ -6,7 +6,7 @@
  */
 import { compareVersions } from '../lib/wire/version'
 import type { JobUpdateMessage } from '../lib/wire/messages'
-import { AuthError, HttpError, JobFailedError, NotFoundError } from './errors'
+import { AuthError, HttpError, JobFailedError, JobProgressError, NotFoundError } from './errors'
 import { authHeaders, openPolling, openSse, openWebSocket, type Conn, type ConnContext, type ConnHandlers } from './transports'
 import type { ConnectionEvent, JobUpdate, Transport } from './types'
 
@@ -411,7 +411,8 @@ export class JobProgressClient {
       },
       touch: () => { this.#lastSeen = Date.now() },
       update: (m, kindHint) => this.#onUpdate(m, kindHint),
-      notFound: (jobId, message) => this.#watches.get(jobId)?._end(new NotFoundError(jobId, message)),
+      // The server names the job in its errors: not found, or a limit such as subscriptions.
+      notFound: (jobId, message) => this.#watches.get(jobId)?._end(/not found/i.test(message) ? new NotFoundError(jobId, message) : new JobProgressError(message)),
       down: (fatal) => {
         if (probe) return
         this.#conn = null

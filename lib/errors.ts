@@ -27,5 +27,10 @@ export const TooManyPartsError = createError('FST_JP_TOO_MANY_PARTS', 'The form 
 export const TooManyFieldsError = createError('FST_JP_TOO_MANY_FIELDS', 'The form has too many fields: at most %s', 413)
 export const NotMultipartError = createError('FST_JP_NOT_MULTIPART', 'Uploads must be sent as multipart/form-data', 415)
 
+// Webhooks
+export const WebhookUrlRefusedError = createError('FST_JP_WEBHOOK_URL_REFUSED', 'The webhook URL is refused: %s', 400)
+export const WebhookForbiddenError = createError('FST_JP_WEBHOOK_FORBIDDEN', 'Not allowed to manage webhook deliveries', 403)
+export const DeliveryNotFoundError = createError('FST_JP_DELIVERY_NOT_FOUND', 'No dead webhook delivery with this id', 404)
+
 /** WebSocket close codes and their reasons live in the wire module, shared with the client. */
 export { CloseCodes, NOT_FOUND_REASON } from './wire/close-codes'

@@ -5,7 +5,7 @@ import { execFileSync } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
-const common = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2020', absWorkingDir: root, legalComments: 'none', keepNames: true }
+const common = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2022', absWorkingDir: root, legalComments: 'none' }
 await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.mjs' })
 await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.min.mjs', minify: true })
 await build({

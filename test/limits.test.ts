@@ -21,7 +21,10 @@ function resume (client: Client): void {
 }
 
 t.test('close codes: a reason for each, retry advice, reasons cut to 123 bytes', async (t) => {
-  for (const code of Object.values(CloseCodes)) t.ok(CLOSE_ADVICE[code]?.reason, `${code} has a reason`)
+  for (const code of Object.values(CloseCodes)) {
+    t.ok(CLOSE_ADVICE[code]?.reason, `${code} has a reason`)
+    t.equal(shouldRetry(code), CLOSE_ADVICE[code].retry, `${code}: shouldRetry agrees with the table`)
+  }
   t.equal(shouldRetry(CloseCodes.unauthorized), false)
   t.equal(shouldRetry(CloseCodes.forbidden), false)
   t.equal(shouldRetry(CloseCodes.goingAway), true)

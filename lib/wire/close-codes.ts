@@ -55,8 +55,12 @@ export const NOT_FOUND_REASON = 'job not found or access denied'
  * client that gives up on a code it does not know would stop for good on a transient fault.
  */
 export function shouldRetry (code: number): boolean {
-  return CLOSE_ADVICE[code]?.retry ?? true
+  // A set of its own, not a lookup in CLOSE_ADVICE: a client that only needs this leaves the
+  // reasons out of its bundle.
+  return !NO_RETRY.has(code)
 }
+
+const NO_RETRY = new Set([1000, 1003, 1007, 1008, 1009, 4001, 4003])
 
 const encoder = new TextEncoder()
 
