@@ -115,3 +115,15 @@ t.test('the server restarts mid-job on the same port: reconnect with backoff, re
   t.ok(c.connections >= 2)
   void worker
 })
+
+t.test('clientRoute serves the built client as an ES module with an ETag', async (t) => {
+  const redis = await redisFor(t)
+  const { url } = await startApp(t, redis, { clientRoute: '/assets/job-progress.js' })
+  const res = await fetch(`${url}/assets/job-progress.js`)
+  t.equal(res.status, 200)
+  t.equal(res.headers.get('content-type'), 'text/javascript; charset=utf-8')
+  t.equal(res.headers.get('cache-control'), 'public, max-age=3600')
+  t.match(await res.text(), /JobProgressClient/)
+  const again = await fetch(`${url}/assets/job-progress.js`, { headers: { 'if-none-match': res.headers.get('etag') as string } })
+  t.equal(again.status, 304)
+})

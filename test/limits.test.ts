@@ -105,5 +105,6 @@ t.test('pings a client never reads count too', async (t) => {
   }
   t.equal(app.jobProgress.stats().sockets, 0, `closed after ${sent} pings`)
   resume(client)
-  t.equal((await client.closed).code, 4008)
+  // 4008 when the client reads through its backlog before the server cuts it (1006) a few seconds later.
+  t.ok([4008, 1006].includes((await client.closed).code))
 })

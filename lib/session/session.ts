@@ -122,8 +122,9 @@ export class Session {
   #overflow (): void {
     this.#ctx.log.info({ owner: this.owner }, 'job-progress: closing a client that left too much unread')
     this.close(CloseCodes.slowClient, `client is not reading its messages (over ${this.#ctx.maxBufferedBytes} bytes unread)`)
-    // The close frame waits behind what the client does not read: do not wait for it either.
-    setTimeout(() => this.transport.terminate(), 1_000).unref()
+    // The close frame waits behind what the client has not read; a client that reads again soon
+    // gets it, one that does not is cut: what is held meanwhile is at most the high-water mark.
+    setTimeout(() => this.transport.terminate(), 3_000).unref()
   }
 
   #enqueue (step: () => Promise<void> | void): void {
