@@ -127,3 +127,18 @@ t.test('clientRoute serves the built client as an ES module with an ETag', async
   const again = await fetch(`${url}/assets/job-progress.js`, { headers: { 'if-none-match': res.headers.get('etag') as string } })
   t.equal(again.status, 304)
 })
+
+t.test('an API key as the first message, or in the query', async (t) => {
+  const redis = await redisFor(t)
+  const s = await setup(t, redis, { protocols: [jobsProtocol({ path: '/ws/token', auth: 'first-message' }), jobsProtocol({ path: '/ws/jobs' })] })
+  const byToken = client(t, s as unknown as TestApp, { wsPath: '/ws/token', apiKeyVia: 'first-message', transports: ['websocket'] })
+  const byQuery = client(t, s as unknown as TestApp, { apiKeyVia: 'query', transports: ['websocket'] })
+  const a = await byToken.upload('batch', new Blob([lines(2)]))
+  const b = await byQuery.upload('batch', new Blob([lines(2)]))
+  const [wa, wb] = [a.watch(), b.watch()]
+  startWorker(t, redis, 'batch', s.uploadDir)
+  t.match(await wa.done, { status: 'succeeded' })
+  t.match(await wb.done, { status: 'succeeded' })
+  const wrong = client(t, s as unknown as TestApp, { wsPath: '/ws/token', apiKeyVia: 'first-message', apiKey: 'nope', transports: ['websocket'] })
+  await t.rejects(wrong.watch('batch', a.jobId).done, AuthError)
+})
