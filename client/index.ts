@@ -218,19 +218,7 @@ export class JobProgressClient {
       cancel: options.paths?.cancel ?? ((kind, id) => `/${kind}/${id}/cancel`)
     }
     this.#order = this.#opts.transports.filter(t => t !== 'websocket' || this.#opts.WebSocket !== undefined)
-    this.#ctx = {
-      baseUrl,
-      apiKeyVia: this.#opts.apiKeyVia,
-      credentials: this.#opts.credentials,
-      fetch: this.#opts.fetch,
-      wsPath: this.#opts.wsPath,
-      ssePath: this.#opts.ssePath,
-      statusPath: this.#paths.status,
-      resultPath: this.#paths.result,
-      pollIntervalMs: this.#opts.pollIntervalMs,
-      ...(this.#opts.apiKey !== undefined ? { apiKey: this.#opts.apiKey } : {}),
-      ...(this.#opts.WebSocket !== undefined ? { WebSocket: this.#opts.WebSocket } : {})
-    }
+    this.#ctx = { ...this.#opts, statusPath: this.#paths.status, resultPath: this.#paths.result }
     // The browser knows when the network is gone and back: no point in backing off meanwhile.
     g.addEventListener?.('offline', () => this.#setState({ state: 'offline', transport: null }))
     g.addEventListener?.('online', () => { if (this.#conn === null && this.#active().length > 0) this.#connectNow() })
@@ -427,11 +415,15 @@ export class JobProgressClient {
           // A new transport is tried at once: the old one's failure says nothing about it.
           return this.#connectNow()
         }
-        const delay = fullJitter(this.#attempt++, this.#opts.backoff.minMs, this.#opts.backoff.maxMs)
-        this.#setState({ state: 'reconnecting', transport: this.#connTransport, retryInMs: delay })
-        this.#retryTimer = setTimeout(() => { this.#retryTimer = null; this.#connectNow() }, delay)
+        this.#retryLater()
       }
     }
+  }
+
+  #retryLater (): void {
+    const delay = fullJitter(this.#attempt++, this.#opts.backoff.minMs, this.#opts.backoff.maxMs)
+    this.#setState({ state: 'reconnecting', transport: this.#connTransport, retryInMs: delay })
+    this.#retryTimer = setTimeout(() => { this.#retryTimer = null; this.#connectNow() }, delay)
   }
 
   #onUpdate (m: JobUpdateMessage, kindHint?: string): void {
@@ -476,9 +468,7 @@ export class JobProgressClient {
     this.#live = false
     if (this.#watchdog !== null) clearInterval(this.#watchdog)
     this.#watchdog = null
-    const delay = fullJitter(this.#attempt++, this.#opts.backoff.minMs, this.#opts.backoff.maxMs)
-    this.#setState({ state: 'reconnecting', transport: this.#connTransport, retryInMs: delay })
-    this.#retryTimer = setTimeout(() => { this.#retryTimer = null; this.#connectNow() }, delay)
+    this.#retryLater()
   }
 
   /** While on a fallback, try the best transport now and then; switch once it is live. */
