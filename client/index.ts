@@ -99,8 +99,12 @@ export class Watch implements AsyncIterable<JobUpdate> {
   _update (u: JobUpdate): boolean {
     if (this.#ended !== null) return false
     const last = this.current
-    if (last !== null && u.version !== undefined && last.version !== undefined && compareVersions(u.version, last.version) < 0) return false
-    if (last !== null && !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed) return false
+    if (last !== null) {
+      // The version orders states across transports and instances (a retry is a newer attempt);
+      // without one, progress within a status only goes forward.
+      const versioned = u.version !== undefined && last.version !== undefined
+      if (versioned ? compareVersions(u.version as string, last.version as string) < 0 : !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed) return false
+    }
     this.current = u
     for (const fn of this.#listeners) fn(u)
     if (u.status === 'succeeded') this._end(undefined, u)

@@ -144,7 +144,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
 
   const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
-  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix), ...opts.protocols]
+  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion }), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
     const basePath = k.basePath ?? `/${kind}`

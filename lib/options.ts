@@ -35,6 +35,7 @@ export const OptionsSchema = Type.Object({
   // additionalProperties: without it a name that misses the pattern is not checked at all.
   kinds: Type.Record(Type.String({ pattern: KIND_NAME }), KindSchema, { minProperties: 1, additionalProperties: false }),
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
+  progressVersion: Type.Boolean({ default: false }),
   ssePath: Type.String({ pattern: '^/', default: '/events' }),
   sseRetryMs: Type.Integer({ minimum: 0, default: 2_000 }),
   clientRoute: Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { default: false }),

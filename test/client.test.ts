@@ -142,3 +142,16 @@ t.test('an API key as the first message, or in the query', async (t) => {
   const wrong = client(t, s as unknown as TestApp, { wsPath: '/ws/token', apiKeyVia: 'first-message', apiKey: 'nope', transports: ['websocket'] })
   await t.rejects(wrong.watch('batch', a.jobId).done, AuthError)
 })
+
+t.test('heartbeat watchdog: a connection silent for heartbeatTimeoutMs is replaced', async (t) => {
+  const s = await setup(t, undefined, { heartbeatIntervalMs: 60_000 })
+  const c = client(t, s as unknown as TestApp, { heartbeatTimeoutMs: 400, transports: ['websocket'] })
+  const up = await c.upload('batch', new Blob([lines(1)]))
+  const w = up.watch()
+  const states: ConnectionEvent[] = []
+  c.onState(st => states.push(st))
+  t.ok(await eventually(() => c.connections >= 2, 5_000), 'reconnected after the silence')
+  t.ok(states.some(st => st.state === 'reconnecting'))
+  startWorker(t, s.redis, 'batch', s.uploadDir)
+  t.match(await w.done, { status: 'succeeded' })
+})
