@@ -1,11 +1,9 @@
 import Fastify, { type FastifyInstance } from 'fastify'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import WebSocket from 'ws'
 import { createJobWorker, DiskStorage, jobProgress, type JobContext, type JobProgressOptions } from '../../lib/index'
 import { RedisServer } from './redis'
+import { mkdtempTracked, removeTracked } from './tracked'
 
 export { RedisServer, freePort } from './redis'
 
@@ -20,8 +18,8 @@ export async function redisFor (t: Teardown): Promise<RedisServer> {
 
 /** A temp directory removed at teardown. */
 export async function tempDir (t: Teardown, name = 'jp-test-'): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), name))
-  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  const dir = mkdtempTracked(name)
+  t.teardown(() => removeTracked(dir))
   return dir
 }
 
