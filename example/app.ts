@@ -18,6 +18,8 @@ export interface ExampleConfig {
   /** `key:owner,key2:owner2` */
   apiKeys?: string
   logger?: FastifyServerOptions['logger']
+  /** The app's public base URL, for `ws_url` (PUBLIC_URL); without it `ws_url` is a path. */
+  publicUrl?: string
   /** Extra plugin options (tests shorten intervals). */
   plugin?: Partial<JobProgressOptions>
 }
@@ -42,6 +44,7 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
     ...(config.sessionSecret !== undefined ? { session: { secret: config.sessionSecret } } : {}),
     ...(config.uploadDir !== undefined ? { uploadDir: config.uploadDir } : {}),
     apiKeys: parseApiKeys(config.apiKeys),
+    ...(config.publicUrl !== undefined && config.publicUrl !== '' ? { publicUrl: config.publicUrl } : {}),
     // Seed 002 at its path; seed 001's and seed 003's dialects as protocols of our own.
     protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' }), scanProtocol({ path: '/ws' }), tokenSocketProtocol({ path: '/api/v1/socket' })],
     ...config.plugin

@@ -65,7 +65,7 @@ async function main (): Promise<void> {
 
   if (ROLE !== 'worker') {
     const sessionSecret = env.SESSION_SECRET
-    const app = await buildApp({ redisUrl: url, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, logger: { level: env.LOG_LEVEL ?? 'info' } })
+    const app = await buildApp({ redisUrl: url, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, publicUrl: env.PUBLIC_URL, logger: { level: env.LOG_LEVEL ?? 'info' } })
     if (sessionSecret === undefined) app.log.warn('SESSION_SECRET is not set: using a random one. Sessions break across restarts and across instances; set it in production.')
     try {
       await app.listen({ port: PORT, host: HOST })

@@ -21,7 +21,7 @@ import { registerJobRoutes } from './routes'
 import { SocketSession, type SocketContext } from './socket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
-import { uploadHandler } from './uploads'
+import { uploadHandler, uploadShutdown } from './uploads'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
 export interface JobProgress {
@@ -135,6 +135,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     log
   }
 
+  const inflightUploads = uploadShutdown(fastify, opts)
   const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
   const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix), ...opts.protocols]
   for (const [kind, queue] of queues) {
@@ -149,7 +150,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath
-    }, opts, owners, storage))
+    }, opts, owners, storage, inflightUploads))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
   for (const protocol of protocols) {
