@@ -35,7 +35,7 @@ export function parseApiKeys (value: string | undefined): Record<string, string>
   return keys
 }
 
-/** The example API: the plugin with seed 000's kinds, a demo page and a health route. */
+/** The example API: the plugin with seed 000's kinds, a demo page (the plugin adds /health and /ready). */
 export async function buildApp (config: ExampleConfig): Promise<FastifyInstance> {
   const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
   await app.register(jobProgress, {
@@ -51,9 +51,5 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
   })
   const page = await readFile(join(__dirname, 'public', 'index.html'), 'utf8')
   app.get('/', async (_req, reply) => await reply.type('text/html').send(page))
-  app.get('/health', async (_req, reply) => {
-    const redis = app.jobProgress.redisReady()
-    return await reply.code(redis ? 200 : 503).send({ status: redis ? 'ok' : 'degraded', redis: redis ? 'up' : 'down', instance: app.jobProgress.instanceId, ...app.jobProgress.stats() })
-  })
   return app
 }

@@ -22,6 +22,7 @@ import { SocketSession, type SocketContext } from './socket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler, uploadShutdown } from './uploads'
+import { registerHealth } from './health'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
 export interface JobProgress {
@@ -90,8 +91,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
   let bridge: Bridge | null = null
+  let bridgeReady = (): boolean | null => null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+    bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
     bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
@@ -205,6 +208,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0, relayedLocally: hub.relayedLocally }),
     redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
   } satisfies JobProgress)
+  registerHealth(fastify, opts, () => bridgeReady())
 
   fastify.addHook('onClose', async () => {
     clearInterval(pingTimer)

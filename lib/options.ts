@@ -46,6 +46,10 @@ export const OptionsSchema = Type.Object({
     requestTimeoutMs: Type.Integer({ minimum: 100, default: 10 * 60_000, description: 'an upload still sending after this long is ended with 408' }),
     shutdownGraceMs: Type.Integer({ minimum: 0, default: 10_000, description: 'at close, uploads still sending after this long are ended with 503' })
   }, { default: {}, additionalProperties: false }),
+  health: Type.Union([Type.Literal(false), Type.Object({
+    livePath: Type.String({ pattern: '^/', default: '/health' }),
+    readyPath: Type.String({ pattern: '^/', default: '/ready' })
+  }, { additionalProperties: false })], { default: {} }),
   publicUrl: Type.Optional(Type.String({ pattern: '^(https?|wss?)://[^/?#]+(/[^?#]*)?$', description: 'public base URL of the app, used for `ws_url`; without it `ws_url` is a path' })),
   session: Type.Object({
     secret: Type.Optional(Type.Union([Type.String({ minLength: 16 }), Type.Array(Type.String({ minLength: 16 }), { minItems: 1 })])),
@@ -100,7 +104,7 @@ export interface KindOptions {
   jobOptions?: JobsOptions
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health'>> & {
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
   /**
@@ -111,6 +115,12 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    * wait for a slow client.
    */
   uploads?: Partial<Resolved['uploads']>
+  /**
+   * Liveness (`livePath`, default `/health`: 200 while the process serves) and readiness
+   * (`readyPath`, default `/ready`: 200 when Redis is reachable and the bridge runs, else 503)
+   * routes; `false` adds neither (an app with its own).
+   */
+  health?: false | { livePath?: string, readyPath?: string }
   /**
    * The app's public base URL (`https://api.example.com`, optionally with a path prefix): the
    * upload answer's `ws_url` is built from it (`http` becomes `ws`, `https` becomes `wss`). Without

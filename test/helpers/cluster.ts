@@ -131,6 +131,7 @@ export class Cluster {
   readonly #workerEnv: Record<string, string>
   readonly #t: Teardown
   #workerCount = 0
+  #nginxPort: number | undefined
 
   private constructor (t: Teardown, redis: RedisServer, uploadDir: string, opts: ClusterOptions) {
     this.#t = t
@@ -143,7 +144,11 @@ export class Cluster {
   static async start (t: Teardown, opts: ClusterOptions = {}): Promise<Cluster> {
     const redis = await RedisServer.start()
     const uploadDir = await tempDir(t, 'jp-cluster-uploads-')
-    const cluster = new Cluster(t, redis, uploadDir, opts)
+    // nginx's port is chosen first: it is the public URL the API instances build `ws_url` from.
+    const nginxPort = opts.nginx === true ? await freePort() : undefined
+    const env = { ...(nginxPort !== undefined ? { PUBLIC_URL: `http://127.0.0.1:${nginxPort}` } : {}), ...opts.env }
+    const cluster = new Cluster(t, redis, uploadDir, { ...opts, env })
+    cluster.#nginxPort = nginxPort
     // One teardown, in order: the front first, then the apps and workers, Redis last.
     t.teardown(async () => {
       await cluster.nginx?.proc.stop('SIGTERM')
@@ -194,7 +199,7 @@ export class Cluster {
   /** Runs nginx with deploy/nginx.conf in front of the API instances started so far. */
   async startNginx (): Promise<NginxProc> {
     const prefix = await tempDir(this.#t, 'jp-nginx-')
-    const port = await freePort()
+    const port = this.#nginxPort ?? await freePort()
     const conf = renderNginxConf(await readFile(NGINX_CONF, 'utf8'), {
       servers: this.apis.map(a => `127.0.0.1:${a.port}`),
       port,
