@@ -160,6 +160,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {
       fastify.get(path, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
+        // An app that registered @fastify/websocket itself has its preClose run before ours, and
+        // it closes every client without a code: ours still tell their clients 1001.
+        const close = socket.close.bind(socket)
+        socket.close = (code?: number, reason?: string | Buffer) => { close(code ?? CloseCodes.goingAway, code === undefined ? 'server shutting down' : reason) }
         const job = kind === undefined ? undefined : { kind, jobId: (request.params as { jobId: string }).jobId }
         // eslint-disable-next-line no-new
         new SocketSession(ctx, protocol, socket, request, job)

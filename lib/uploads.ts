@@ -223,10 +223,13 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     }
     // At shutdown, the connection is not kept alive for a next request that would be refused.
     if (inflight.isClosing) reply.header('connection', 'close')
+    // Registered inside a prefixed context (`register(..., { prefix: '/api' })`), the routes
+    // carry the prefix: so do the URLs that point at them.
+    const prefix = request.server.prefix
     return reply.code(202).send({
       job_id: jobId,
-      status_url: route.statusUrl(jobId),
-      ws_url: wsUrl(opts.publicUrl, route.wsPath(jobId))
+      status_url: prefix + route.statusUrl(jobId),
+      ws_url: wsUrl(opts.publicUrl, prefix + route.wsPath(jobId))
     })
   }
 }
