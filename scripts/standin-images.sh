@@ -17,7 +17,12 @@ log() { echo "[standin-images] $*" >&2; }
 have() { "$DOCKER" image inspect "$1" >/dev/null 2>&1; }
 
 missing=()
-for image in node:20-slim redis:7 nginx:stable; do have "$image" || missing+=("$image"); done
+for image in node:20-slim redis:7 nginx:stable; do
+  if ! have "$image"; then missing+=("$image")
+  elif [ "$("$DOCKER" image inspect -f '{{index .Config.Labels "jp.standin"}}' "$image" 2>/dev/null)" = 1 ]; then
+    log "$image: using the local stand-in built earlier from Debian packages (not the registry's image)"
+  fi
+done
 [ ${#missing[@]} -gt 0 ] || exit 0
 log "no image registry needed: building local stand-ins for ${missing[*]} from Debian packages"
 [ "$(id -u)" = 0 ] || { log "must run as root (debootstrap)"; exit 1; }
@@ -63,8 +68,9 @@ if ! have node:20-slim; then
   cp "$NODE_BIN" "$WORK/node/node"
   cp -a "$NPM_DIR" "$WORK/node/npm"
   log "node:20-slim from $BASE + this machine's node $("$NODE_BIN" -v)"
-  "$DOCKER" build -q -t node:20-slim -f - "$WORK/node" >/dev/null <<DOCKERFILE
+  "$DOCKER" build -q -t node:20-slim -f - "$WORK/node" >"$WORK/build.log" 2>&1 <<DOCKERFILE || { cat "$WORK/build.log" >&2; exit 1; }
 FROM $BASE
+LABEL jp.standin=1
 COPY node /usr/local/bin/node
 COPY npm /usr/local/lib/node_modules/npm
 RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \\
@@ -77,8 +83,9 @@ fi
 
 if ! have redis:7; then
   log "redis:7 from $BASE + Debian's redis-server"
-  "$DOCKER" build -q -t redis:7 - >/dev/null <<DOCKERFILE
+  "$DOCKER" build -q -t redis:7 - >"$WORK/build.log" 2>&1 <<DOCKERFILE || { cat "$WORK/build.log" >&2; exit 1; }
 FROM $BASE
+LABEL jp.standin=1
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null \
  && rm -rf /var/lib/apt/lists/* && mkdir -p /data && chown redis:redis /data
 WORKDIR /data
@@ -90,8 +97,9 @@ fi
 
 if ! have nginx:stable; then
   log "nginx:stable from $BASE + Debian's nginx-light"
-  "$DOCKER" build -q -t nginx:stable - >/dev/null <<DOCKERFILE
+  "$DOCKER" build -q -t nginx:stable - >"$WORK/build.log" 2>&1 <<DOCKERFILE || { cat "$WORK/build.log" >&2; exit 1; }
 FROM $BASE
+LABEL jp.standin=1
 RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null \
  && rm -rf /var/lib/apt/lists/* && ln -sf /dev/stdout /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log
 EXPOSE 80
