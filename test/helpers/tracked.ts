@@ -11,7 +11,7 @@ import { onExit } from 'signal-exit'
  * assertion, a timeout, SIGINT, SIGTERM), and as a file in the run's registry, so the check at the
  * end of the run (test/global/after.ts) finds what a process killed outright could not clean.
  */
-export const REGISTRY = resolve(__dirname, '..', '..', '.test-registry')
+export const REGISTRY = process.env.JP_TEST_REGISTRY ?? resolve(__dirname, '..', '..', '.test-registry')
 
 interface ProcessRecord { kind: 'process', pid: number, command: string, owner: number, started: string | null }
 interface DirRecord { kind: 'dir', path: string, owner: number }
