@@ -39,7 +39,7 @@ if (!root || !onPath('apt-get')) {
   process.exit(1)
 }
 
-console.log(`Installing what the tests need and this machine lacks, with apt: ${pkgs.join(' ')}`)
+console.log(`Installing what this project needs and this machine lacks, with apt: ${pkgs.join(' ')}`)
 const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }
 // A policy-rc.d that says "no" keeps the packages' daemons (Redis on 6379, nginx on 80) from
 // being started by the install; nothing of ours uses them.
