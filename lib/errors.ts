@@ -32,6 +32,11 @@ export const UploadIdleError = createError('FST_JP_UPLOAD_IDLE', 'The upload sen
 export const UploadTimeoutError = createError('FST_JP_UPLOAD_TIMEOUT', 'The upload took longer than %s ms: it was ended and its partial file removed; send it again', 408)
 export const UploadShutdownError = createError('FST_JP_SHUTTING_DOWN', 'The server is shutting down: the upload was ended and its partial file removed; send it again', 503)
 
+// Webhooks
+export const WebhookUrlRefusedError = createError('FST_JP_WEBHOOK_URL_REFUSED', 'The webhook URL is refused: %s', 400)
+export const WebhookForbiddenError = createError('FST_JP_WEBHOOK_FORBIDDEN', 'Not allowed to manage webhook deliveries', 403)
+export const DeliveryNotFoundError = createError('FST_JP_DELIVERY_NOT_FOUND', 'No dead webhook delivery with this id', 404)
+
 /** WebSocket close codes the plugin uses; 1xxx are standard, 4xxx are ours. */
 export const CloseCodes = {
   normal: 1000,

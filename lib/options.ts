@@ -8,6 +8,7 @@ import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
 import type { Storage } from './storage'
 import type { ProtocolDefinition } from './protocols/types'
+import { keepWebhookFunctions, KindWebhookSchema, WebhooksSchema, type KindWebhookOptions, type ResolvedWebhooks, type WebhooksOptions } from './webhooks/options'
 
 /** A function-valued option: TypeBox checks it is a function, TypeScript gives its signature. */
 function Fn<T> (description: string) {
@@ -23,7 +24,8 @@ const KindSchema = Type.Object({
   queueName: Type.Optional(Type.String({ minLength: 1, description: 'BullMQ queue name; default the kind' })),
   accept: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { description: 'accepted MIME types (`text/csv`, `text/*`) or extensions (`.csv`); empty or absent accepts any' })),
   maxFileSize: Type.Optional(Type.Integer({ minimum: 1, description: 'bytes; default `limits.fileSize`' })),
-  jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true })))
+  jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true }))),
+  webhook: Type.Optional(KindWebhookSchema)
 }, { additionalProperties: false })
 
 export const OptionsSchema = Type.Object({
@@ -83,7 +85,8 @@ export const OptionsSchema = Type.Object({
     default: { removeOnComplete: { age: 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 } }
   })),
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
-  instanceId: Type.Optional(Type.String({ minLength: 1 }))
+  instanceId: Type.Optional(Type.String({ minLength: 1 })),
+  webhooks: WebhooksSchema
 }, { additionalProperties: false })
 
 type Resolved = Static<typeof OptionsSchema>
@@ -102,9 +105,11 @@ export interface KindOptions {
   maxFileSize?: number
   /** BullMQ options for this kind's jobs, merged over `defaultJobOptions`. */
   jobOptions?: JobsOptions
+  /** Webhooks for this kind's jobs (see the README's Webhooks section). @default none */
+  webhook?: KindWebhookOptions
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks'>> & {
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
   /**
@@ -131,9 +136,10 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
   publicUrl?: string
   session?: Partial<Resolved['session']>
   bridge?: Partial<Resolved['bridge']>
+  webhooks?: WebhooksOptions
 }
 
-export type ResolvedOptions = Resolved
+export type ResolvedOptions = Omit<Resolved, 'webhooks'> & { webhooks: ResolvedWebhooks }
 
 const FUNCTION_OPTIONS = ['getOwner'] as const
 const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', ...FUNCTION_OPTIONS] as const
@@ -160,6 +166,8 @@ export function resolveOptions (input: unknown): ResolvedOptions {
       raw[key] = placeholder(key, raw[key])
     }
   }
+  const webhookProblems: string[] = []
+  const restoreWebhooks = keepWebhookFunctions(raw, webhookProblems)
   const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
   const problems = [...Value.Errors(OptionsSchema, opts)].map(e => {
     // A bad kind name only shows as an "unexpected property": say what a name may be.
@@ -167,9 +175,12 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     if (name !== undefined && !new RegExp(KIND_NAME).test(name)) {
       return `kind name "${name}" is invalid: use letters, digits, "_", "." or "-", starting with a letter or digit`
     }
+    if (e.path.startsWith('/webhooks/secret')) return '`webhooks.secret` must be a `whsec_` secret or an array of them (newest first)'
     if (e.path.startsWith('/session/secret')) return '`session.secret` must be a string of at least 16 characters, or an array of such strings (newest first)'
     return `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`
   })
+  problems.push(...webhookProblems)
+  problems.splice(0, problems.length, ...new Set(problems))
   // Checked here, before any connection is opened: a refusal later would leave clients behind.
   const kindOfQueue = new Map<string, string>()
   for (const [kind, k] of Object.entries((opts.kinds ?? {}) as Record<string, { queueName?: unknown }>)) {
@@ -195,6 +206,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   }
   if (problems.length > 0) throw new InvalidOptionError(problems.join('; '))
   Object.assign(opts, kept)
+  restoreWebhooks(opts)
   return opts as unknown as ResolvedOptions
 }
 

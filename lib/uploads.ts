@@ -30,6 +30,8 @@ export interface UploadRoute {
   maxFileSize: number
   statusUrl: (jobId: string) => string
   wsPath: (jobId: string) => string
+  /** Checks (and may keep) the form's fields before the job is added; throws to refuse the upload. */
+  beforeAdd?: (jobId: string, fields: Record<string, string>, owner: string) => Promise<void>
 }
 
 /** A MIME type (`text/csv`, `text/*`) or an extension (`.csv`) from the kind's `accept` list. */
@@ -166,10 +168,17 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     const fields: Record<string, string> = {}
     let stored: { key: string, size: number } | null = null
     let file: UploadJobData['file'] | null = null
+    // What the multipart parser raised (a bad body is the client's fault: 400); a failure of the
+    // storage, a hook or Redis is not.
+    let parserError: unknown = null
+    const fromParser = (err: unknown): never => {
+      parserError = err
+      throw err
+    }
     try {
       const parts = request.parts({ limits })[Symbol.asyncIterator]()
       for (;;) {
-        const next = await Promise.race([parts.next(), stopped])
+        const next = await Promise.race([parts.next().catch(fromParser), stopped])
         if (next.done === true) break
         const part = next.value
         if (part.type === 'field') {
@@ -188,7 +197,13 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
           throw new UnsupportedFileTypeError(upload.mimetype, route.accept.join(', '))
         }
         current = upload.file
-        stored = await storage.write(upload.file, { kind: route.kind, jobId, filename: upload.filename, mimetype: upload.mimetype })
+        try {
+          stored = await storage.write(upload.file, { kind: route.kind, jobId, filename: upload.filename, mimetype: upload.mimetype })
+        } catch (err) {
+          // The file's own stream failed: the body broke off inside the file part.
+          if (upload.file.errored === err) fromParser(err)
+          throw err
+        }
         current = null
         if (upload.file.truncated) throw new FileTooLargeError(route.maxFileSize)
         if (stored.size === 0) throw new EmptyFileError(upload.filename)
@@ -199,6 +214,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
       if (file === null) throw new NoFileError()
       // The client gave up while we were reading: nobody would ever learn this job's id.
       if (raw.destroyed && !raw.complete) throw new Error('client aborted the upload')
+      await route.beforeAdd?.(jobId, fields, identity.owner)
       const data: UploadJobData = { owner: identity.owner, kind: route.kind, file, fields }
       try {
         await route.queue.add(route.kind, data, { jobId })
@@ -218,7 +234,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
       const code = (err as { code?: string }).code
       if (code !== undefined && Object.hasOwn(limitErrors, code)) throw limitErrors[code]()
       // (A client that left is not answered: its own abort is not a malformed body.)
-      if (isParserError(err) && !(raw.destroyed && !raw.complete)) throw new MalformedMultipartError(err.message)
+      if (err === parserError && isParserError(err) && !(raw.destroyed && !raw.complete)) throw new MalformedMultipartError(err.message)
       throw err
     }
     // At shutdown, the connection is not kept alive for a next request that would be refused.
