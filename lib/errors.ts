@@ -26,6 +26,11 @@ export const UnsupportedFileTypeError = createError('FST_JP_UNSUPPORTED_FILE_TYP
 export const TooManyPartsError = createError('FST_JP_TOO_MANY_PARTS', 'The form has too many parts: at most %s (fields and files together)', 413)
 export const TooManyFieldsError = createError('FST_JP_TOO_MANY_FIELDS', 'The form has too many fields: at most %s', 413)
 export const NotMultipartError = createError('FST_JP_NOT_MULTIPART', 'Uploads must be sent as multipart/form-data', 415)
+export const FieldTooLargeError = createError('FST_JP_FIELD_TOO_LARGE', 'The form field "%s" is longer than the limit of %s bytes', 413)
+export const MalformedMultipartError = createError('FST_JP_MALFORMED_MULTIPART', 'Malformed multipart/form-data body: %s', 400)
+export const UploadIdleError = createError('FST_JP_UPLOAD_IDLE', 'The upload sent no data for %s ms: it was ended and its partial file removed; send it again', 408)
+export const UploadTimeoutError = createError('FST_JP_UPLOAD_TIMEOUT', 'The upload took longer than %s ms: it was ended and its partial file removed; send it again', 408)
+export const UploadShutdownError = createError('FST_JP_SHUTTING_DOWN', 'The server is shutting down: the upload was ended and its partial file removed; send it again', 503)
 
 // Webhooks
 export const WebhookUrlRefusedError = createError('FST_JP_WEBHOOK_URL_REFUSED', 'The webhook URL is refused: %s', 400)

@@ -25,7 +25,8 @@ import { registerClientRoute } from './client-route'
 import { WebSocketTransport } from './transports/websocket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
-import { uploadHandler } from './uploads'
+import { uploadHandler, uploadShutdown } from './uploads'
+import { registerHealth } from './health'
 import { Webhooks } from './webhooks/index'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
@@ -97,8 +98,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
   if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
+  let bridgeReady = (): boolean | null => null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+    bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
     bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
@@ -143,6 +146,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     log
   }
 
+  const inflightUploads = uploadShutdown(fastify, opts)
   const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
   const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion }), ...opts.protocols]
   for (const [kind, queue] of queues) {
@@ -158,7 +162,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath,
       beforeAdd: webhooks?.beforeAdd(kind)
-    }, opts, owners, storage))
+    }, opts, owners, storage, inflightUploads))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
   registerSseRoutes(fastify, ctx, {
@@ -196,6 +200,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0, relayedLocally: hub.relayedLocally }),
     redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
   } satisfies JobProgress)
+  registerHealth(fastify, opts, () => bridgeReady())
 
   fastify.addHook('onClose', async () => {
     stopTimers()

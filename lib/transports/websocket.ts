@@ -1,5 +1,5 @@
 import type { RawData, WebSocket } from 'ws'
-import { closeReason } from '../wire/close-codes'
+import { CloseCodes, closeReason } from '../wire/close-codes'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
 
 const TEXT = { binary: false } as const
@@ -18,10 +18,13 @@ export class WebSocketTransport implements Transport {
     this.ws = ws
     // ws closes on its own for frames it refuses (over maxPayload: 1009, bad UTF-8: 1007, protocol
     // errors: 1002) and sends no reason. Every close this socket sends gets one: a person reading
-    // "1009" alone cannot tell what to change.
+    // "1009" alone cannot tell what to change. An app that registered @fastify/websocket itself
+    // has its preClose run before ours, and it closes every client without a code: ours still
+    // tell their clients 1001.
     const close = ws.close.bind(ws)
     ws.close = (code?: number, reason?: string | Buffer) => {
-      close(code, code === undefined || code === 1005 ? reason : closeReason(code, reason?.toString()))
+      if (code === undefined) close(CloseCodes.goingAway, closeReason(CloseCodes.goingAway))
+      else close(code, code === 1005 ? undefined : closeReason(code, reason?.toString()))
     }
   }
 
