@@ -130,3 +130,33 @@ t.test('a reader that stops is cut like a slow socket', async (t) => {
   const { eventually } = await import('./helpers/index')
   t.ok(await eventually(() => app.jobProgress.stats().sockets === 0, 15_000), 'the stalled stream was closed')
 })
+
+t.test('a paused reader gets conflated progress, monotonic, ending with the final one', async (t) => {
+  const redis = await redisFor(t)
+  const { url, uploadDir } = await startApp(t, redis, { sendTimeoutMs: 60_000, maxBufferedBytes: 64 * 1024 * 1024 })
+  const { createJobWorker, DiskStorage } = await import('../lib/index')
+  const big = await upload(`${url}/dataset/upload`, lines(1))
+  const busy = await upload(`${url}/batch/upload`, lines(40), { cookie: big.cookie })
+  const stream = await sse(t, `${url}/events?jobs=${big.body.job_id},${busy.body.job_id}`, { cookie: big.cookie })
+  await stream.waitFor(e => e.data?.job_id === busy.body.job_id)
+  stream.res.pause()
+  // A final message larger than the kernel takes from a stopped reader: what follows waits.
+  const worker = createJobWorker({ kind: 'dataset', connection: redis.url, storage: new DiskStorage(uploadDir) }, async (ctx) => {
+    await ctx.report(1, 1)
+    return { text: 'x'.repeat(12 * 1024 * 1024) }
+  })
+  worker.on('error', () => {})
+  t.teardown(async () => await worker.close())
+  await new Promise(resolve => worker.once('completed', resolve))
+  const steps = startWorker(t, redis, 'batch', uploadDir, { delayMs: 5 })
+  await new Promise(resolve => steps.once('completed', resolve))
+  const from = stream.events.length
+  stream.res.resume()
+  await stream.waitFor(e => e.data?.job_id === busy.body.job_id && e.data.status === 'succeeded', 30_000)
+  const updates = stream.events.slice(from).filter(e => e.event === 'job_update' && e.data.job_id === busy.body.job_id)
+  t.ok(updates.length < 10, `${updates.length} updates instead of 40`)
+  const processed = updates.map(e => e.data.processed as number)
+  t.same(processed, [...processed].sort((a, b) => a - b), 'never back')
+  t.match(updates.at(-1)?.data, { status: 'succeeded', processed: 40 })
+  t.equal(stream.events.find(e => e.data?.job_id === big.body.job_id && e.data.status === 'succeeded')?.data.result.text.length, 12 * 1024 * 1024, 'the stuck final was delivered, not dropped')
+})
