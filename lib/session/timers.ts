@@ -21,7 +21,11 @@ export function startSessionTimers (sessions: Set<Session>, opts: SessionTimerOp
   }, opts.pingIntervalMs).unref()
   const heartbeat = setInterval(() => {
     for (const session of sessions) {
-      if (session.owner !== null && session.protocol.heartbeat !== undefined) session.sendControl(session.protocol.heartbeat())
+      // An SSE stream's first byte is its 200: none before its job is known to be the caller's,
+      // so that a refusal can still be a plain 404.
+      if (session.owner === null || session.protocol.heartbeat === undefined) continue
+      if (session.transport.kind === 'sse' && session.subscriptions === 0) continue
+      session.sendControl(session.protocol.heartbeat())
     }
   }, opts.heartbeatIntervalMs).unref()
   const slow = setInterval(() => {
