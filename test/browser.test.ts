@@ -39,7 +39,7 @@ t.test('the example page in a browser: upload, live progress over the session co
   ])
   const card = (name: string): string => `article.job:has(.name:text-is("${name}"))`
   await page.waitForSelector(`${card('first.txt')}[data-status=succeeded]`, { timeout: 20_000 })
-  t.match(await page.textContent(`${card('first.txt')} .outcome`), 'Done: {"lines":5}')
+  t.match(await page.textContent(`${card('first.txt')} .outcome`), 'Done · lines: 5')
   t.equal(await page.textContent(`${card('first.txt')} .info`), '5 of 5 records')
   await page.waitForSelector(`${card('second.txt')}[data-status=failed]`, { timeout: 20_000 })
   t.equal(await page.textContent(`${card('second.txt')} .outcome`), 'Failed: record on line 3 is FAIL')
