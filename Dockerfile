@@ -10,6 +10,10 @@ COPY tsconfig.json tsconfig.image.json ./
 COPY lib ./lib
 COPY example ./example
 RUN npx tsc -p tsconfig.image.json && cp -r example/public build/example/public
+# The browser client the example page imports (the plugin's clientRoute serves it from lib/client/).
+COPY client ./client
+COPY scripts/build-client.mjs ./scripts/
+RUN node scripts/build-client.mjs --js-only && mkdir -p build/lib/client && cp dist/client/index.min.mjs build/lib/client/
 
 # ---- production dependencies only ---------------------------------------------------------------
 FROM node:20-slim AS deps

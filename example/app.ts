@@ -1,8 +1,8 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
 import { execFileSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { clientFile } from '../lib/client-route'
 import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { scanProtocol, tokenSocketProtocol } from './protocols'
 
@@ -44,8 +44,8 @@ export function parseApiKeys (value: string | undefined): Record<string, string>
 
 /** The page imports the client the plugin serves; `npm start` from a fresh clone builds it first. */
 function ensureClientBuilt (): void {
+  if (clientFile() !== null) return
   const root = join(__dirname, '..')
-  if (existsSync(join(root, 'dist', 'client', 'index.min.mjs'))) return
   execFileSync(process.execPath, [join(root, 'scripts', 'build-client.mjs'), '--js-only'], { cwd: root, stdio: 'inherit' })
 }
 

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
 
 /** Where the built client is: next to the compiled plugin (dist/), or in dist/ when run from source. */
-function clientFile (): string | null {
+export function clientFile (): string | null {
   for (const file of [join(__dirname, 'client', 'index.min.mjs'), join(__dirname, '..', 'dist', 'client', 'index.min.mjs')]) {
     if (existsSync(file)) return file
   }
