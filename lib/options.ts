@@ -63,6 +63,10 @@ export const OptionsSchema = Type.Object({
     secure: Type.Union([Type.Boolean(), Type.Literal('auto')], { default: 'auto' }),
     maxAgeSeconds: Type.Integer({ minimum: 1, default: 7 * 24 * 3600 })
   }, { default: {}, additionalProperties: false }),
+  watchTokens: Type.Object({
+    secret: Type.Optional(Type.Union([Type.String({ minLength: 16 }), Type.Array(Type.String({ minLength: 16 }), { minItems: 1 })])),
+    ttlSeconds: Type.Integer({ minimum: 1, default: 3600 })
+  }, { default: {}, additionalProperties: false }),
   getOwner: Type.Optional(Fn<(request: FastifyRequest) => string | null | undefined | Promise<string | null | undefined>>('resolves the owner of a request')),
   apiKeys: Type.Optional(Type.Unsafe<Record<string, string> | ((key: string) => string | null | undefined | Promise<string | null | undefined>)>(Type.Any())),
   allowedOrigins: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
@@ -135,7 +139,7 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'watchTokens'>> & {
   files?: FilesOptions
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
@@ -162,6 +166,14 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    */
   publicUrl?: string
   session?: Partial<Resolved['session']>
+  /**
+   * Signed, expiring tokens that let a page on another origin (or another app) watch one job
+   * without the owner's session: the upload's 202 carries `watch_token`, and
+   * `POST <basePath>/:jobId/watch-token` mints a fresh one. `secret` (a string of 16+ characters,
+   * or an array, newest first: the first signs, all verify) defaults to `session.secret`; with
+   * neither, no tokens are issued. `ttlSeconds`: how long a token is valid. @default { ttlSeconds: 3600 }
+   */
+  watchTokens?: Partial<Resolved['watchTokens']>
   bridge?: Partial<Resolved['bridge']>
   webhooks?: WebhooksOptions
 }
@@ -203,6 +215,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
       return `kind name "${name}" is invalid: use letters, digits, "_", "." or "-", starting with a letter or digit`
     }
     if (e.path.startsWith('/webhooks/secret')) return '`webhooks.secret` must be a `whsec_` secret or an array of them (newest first)'
+    if (e.path.startsWith('/watchTokens/secret')) return '`watchTokens.secret` must be a string of at least 16 characters, or an array of such strings (newest first)'
     if (e.path.startsWith('/session/secret')) return '`session.secret` must be a string of at least 16 characters, or an array of such strings (newest first)'
     return `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`
   })

@@ -3,11 +3,24 @@ import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { randomBytes, randomUUID } from 'node:crypto'
 import { UnauthorizedError } from './errors'
 import type { ResolvedOptions } from './options'
+import { WatchTokens } from './watch-token'
 
 /** Who is asking, and how we know. */
 export interface Identity {
   owner: string
-  via: 'session' | 'apiKey' | 'custom'
+  via: 'session' | 'apiKey' | 'custom' | 'token'
+  /**
+   * For a watch token: the one job it allows, or null for a token that is forged, expired or
+   * malformed (it then allows nothing, and is answered like an unknown job).
+   */
+  job?: { kind: string, jobId: string } | null
+}
+
+/** Whether `identity` may read the job `kind`/`jobId` whose recorded owner is `owner`. */
+export function mayRead (identity: Identity, kind: string, jobId: string, owner: string | null | undefined): boolean {
+  if (owner === null || owner === undefined || identity.owner !== owner) return false
+  if (identity.via !== 'token') return true
+  return identity.job !== null && identity.job !== undefined && identity.job.kind === kind && identity.job.jobId === jobId
 }
 
 const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
@@ -30,6 +43,8 @@ export class Owners {
   readonly #keys: KeyResolver | null
   readonly #allowedOrigins: Set<string> | null
   readonly #expired = new WeakSet<FastifyRequest>()
+  /** Null when no secret is configured for them (neither `watchTokens.secret` nor `session.secret`). */
+  readonly watchTokens: WatchTokens | null
 
   constructor (opts: ResolvedOptions, log: FastifyBaseLogger) {
     this.#opts = opts
@@ -41,6 +56,8 @@ export class Owners {
     this.#signer = new Signer(secret ?? randomBytes(32).toString('hex'))
     const keys = opts.apiKeys
     this.#keys = keys === undefined ? null : typeof keys === 'function' ? keys : (key: string) => Object.hasOwn(keys, key) ? keys[key] : null
+    const tokenSecret = opts.watchTokens.secret ?? opts.session.secret
+    this.watchTokens = tokenSecret === undefined ? null : new WatchTokens(Array.isArray(tokenSecret) ? tokenSecret : [tokenSecret], opts.watchTokens.ttlSeconds)
     this.#allowedOrigins = opts.allowedOrigins === undefined ? null : new Set(opts.allowedOrigins.map(o => o.toLowerCase()))
   }
 
@@ -59,7 +76,18 @@ export class Owners {
    * Null when the request carries no credentials at all; throws {@link UnauthorizedError} when
    * it carries a key that is wrong, so a bad key is never mistaken for "anonymous".
    */
-  async fromRequest (request: FastifyRequest, websocket = false): Promise<Identity | null> {
+  async fromRequest (request: FastifyRequest, websocket = false, watch = false): Promise<Identity | null> {
+    // A watch token names its job and owner itself: it stands in for every other credential (the
+    // getOwner hook included) on the routes that only watch a job.
+    if (watch && this.watchTokens !== null) {
+      const token = (request.query as Record<string, unknown> | undefined)?.token
+      if (token !== undefined) {
+        const grant = typeof token === 'string' ? this.watchTokens.verify(token) : null
+        return grant === null
+          ? { owner: `invalid-token:${randomUUID()}`, via: 'token', job: null }
+          : { owner: grant.owner, via: 'token', job: { kind: grant.kind, jobId: grant.jobId } }
+      }
+    }
     if (this.#opts.getOwner !== undefined) {
       const owner = await this.#opts.getOwner(request)
       return typeof owner === 'string' && owner !== '' ? { owner, via: 'custom' } : null

@@ -4,7 +4,7 @@ import type { Redis } from 'ioredis'
 import { JobFinishedError, JobNotCompleteError, JobNotFoundError, QueueUnavailableError, UnauthorizedError } from './errors'
 import { isFinal } from './events'
 import { isJobId, type Keys } from './keys'
-import { EXPIRED, type Owners } from './owner'
+import { EXPIRED, mayRead, type Owners } from './owner'
 import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
@@ -34,10 +34,11 @@ const JobParams = {
  * Reads a job for a request and checks the request owns it. A missing job and somebody else's
  * answer the same 404, so job ids leak nothing.
  */
-export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest): Promise<Snapshot> {
-  const identity = await ctx.owners.fromRequest(request)
+export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest, watch = false): Promise<Snapshot> {
+  const identity = await ctx.owners.fromRequest(request, false, watch)
   if (identity === null) throw new UnauthorizedError(ctx.owners.expiredSession(request) ? EXPIRED : 'no session or API key')
-  if (!isJobId(jobId)) throw new JobNotFoundError()
+  // A bad watch token is answered like an unknown job, before any Redis read.
+  if (!isJobId(jobId) || identity.job === null) throw new JobNotFoundError()
   let snapshot: Snapshot | null
   try {
     [snapshot] = await readSnapshots(ctx.redis, ctx.keys, [{ kind, queue, jobId }], true)
@@ -45,7 +46,7 @@ export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: str
     request.log.warn({ err }, 'job-progress: cannot read the job')
     throw new QueueUnavailableError()
   }
-  if (snapshot === null || snapshot.owner !== identity.owner) throw new JobNotFoundError()
+  if (snapshot === null || !mayRead(identity, kind, jobId, snapshot.owner)) throw new JobNotFoundError()
   return snapshot
 }
 
@@ -59,12 +60,12 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
   type Req = FastifyRequest<{ Params: { jobId: string } }>
 
   fastify.get(`${basePath}/:jobId/status`, { schema }, async (request: Req) => {
-    const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request)
+    const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, true)
     return progressMessage(snapshot.event)
   })
 
   fastify.get(`${basePath}/:jobId/result`, { schema }, async (request: Req) => {
-    const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request)
+    const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, true)
     if (event.state !== 'completed') throw new JobNotCompleteError(progressMessage(event).status)
     return { job_id: event.jobId, result: event.result ?? null }
   })
@@ -85,4 +86,16 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
     if (!outcome.won) throw new JobFinishedError(ENDED[outcome.state])
     return reply.code(202).send({ job_id: jobId, status: 'cancelled' })
   })
+
+  // A fresh watch token for a job the caller owns (by session, API key or getOwner, never by a
+  // token: a token cannot extend itself).
+  const tokens = ctx.owners.watchTokens
+  if (tokens !== null) {
+    fastify.post(`${basePath}/:jobId/watch-token`, { schema }, async (request: Req) => {
+      const jobId = request.params.jobId
+      const { owner } = await loadOwned(ctx, kind, queue.name, jobId, request)
+      const { token, expiresAt } = tokens.sign({ kind, jobId, owner: owner ?? '' })
+      return { job_id: jobId, watch_token: token, expires_at: new Date(expiresAt * 1000).toISOString() }
+    })
+  }
 }

@@ -245,7 +245,9 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     return reply.code(202).send({
       job_id: jobId,
       status_url: prefix + route.statusUrl(jobId),
-      ws_url: wsUrl(opts.publicUrl, prefix + route.wsPath(jobId))
+      ws_url: wsUrl(opts.publicUrl, prefix + route.wsPath(jobId)),
+      // Lets another origin or app watch this one job without the session (see watchTokens).
+      ...(owners.watchTokens === null ? {} : { watch_token: owners.watchTokens.sign({ kind: route.kind, jobId, owner: identity.owner }).token })
     })
   }
 }

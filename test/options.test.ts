@@ -116,7 +116,7 @@ t.test('defaults on a running app: routes, cookie, BullMQ prefix, limits and max
 
   const up = await upload(`${url}/batch/upload`, lines(2))
   t.equal(up.status, 202, 'upload at /<kind>/upload')
-  t.same(up.body, { job_id: up.body.job_id, status_url: `/batch/${up.body.job_id}/status`, ws_url: `/ws/batch/${up.body.job_id}` }, 'status at /<kind>/:id/status, socket at /ws/<kind>/:id (a path: no publicUrl)')
+  t.same(up.body, { job_id: up.body.job_id, status_url: `/batch/${up.body.job_id}/status`, ws_url: `/ws/batch/${up.body.job_id}`, watch_token: up.body.watch_token }, 'status at /<kind>/:id/status, socket at /ws/<kind>/:id (a path: no publicUrl)')
   t.match(up.cookie, /^jp_session=/, 'the session cookie is jp_session')
   t.same(await jobKeys(redis, 'batch', 'bull'), [`bull:batch:${up.body.job_id}`], "BullMQ's default prefix and the kind as the queue name")
   t.equal(app.jobProgress.storage.constructor.name, 'DiskStorage', 'disk storage by default')

@@ -4,7 +4,7 @@ import { isFinal, type JobEvent } from '../events'
 import type { Hub, OpenedJob, Sink } from '../fanout'
 import { isJobId } from '../keys'
 import { Outbox } from '../outbox'
-import type { Owners } from '../owner'
+import { mayRead, type Identity, type Owners } from '../owner'
 import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
 import type { SnapshotTarget } from '../snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
@@ -71,6 +71,7 @@ export class Session {
   readonly outbox: Outbox
   readonly protocol: ProtocolDefinition
   owner: string | null = null
+  #identity: Identity | null = null
   readonly #ctx: SessionContext
   readonly #request: FastifyRequest
   readonly #subs = new Map<string, Subscription>()
@@ -137,15 +138,18 @@ export class Session {
   async #authenticate (jobs: InitialJob[]): Promise<void> {
     let identity
     try {
-      identity = await this.#ctx.owners.fromRequest(this.#request, true)
+      identity = await this.#ctx.owners.fromRequest(this.#request, true, true)
     } catch (err) {
       if (err instanceof UnauthorizedError) return this.#refuse((err as Error).message.replace(/^Authentication required: /, ''))
       throw err
     }
     if (identity === null) return this.#refuse('authentication required: no session or API key')
-    if (identity.via === 'session' && !this.#ctx.owners.originAllowed(this.#request)) {
+    if ((identity.via === 'session' || identity.via === 'token') && !this.#ctx.owners.originAllowed(this.#request)) {
       return this.close(CloseCodes.forbidden, 'origin not allowed')
     }
+    // A bad watch token on a one-job route: the same close as an unknown job, before anything else.
+    if (identity.job === null && this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
+    this.#identity = identity
     await this.#ready(identity.owner)
     for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true)
   }
@@ -263,7 +267,8 @@ export class Session {
     if (found === null || queue === undefined) return this.#notFound(jobId)
     const target: SnapshotTarget = { kind: found, queue, jobId }
     const opened = await this.#ctx.hub.open(target)
-    if (opened === null || opened.snapshot.owner !== this.owner) {
+    const owner = opened?.snapshot.owner
+    if (opened === null || !(this.#identity === null ? owner === this.owner : mayRead(this.#identity, found, jobId, owner))) {
       opened?.detach({ deliver () {} })
       return this.#notFound(jobId)
     }
