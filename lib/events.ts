@@ -1,3 +1,5 @@
+import { detailsDiffer } from './progress-details'
+
 /** The one internal event every protocol renders. */
 export type JobState = 'queued' | 'active' | 'completed' | 'failed' | 'cancelled'
 
@@ -24,6 +26,10 @@ export interface JobEvent {
    * produced this state. Absent where the source of the state could not say.
    */
   version?: string
+  /** The worker's stage, message and small data of its last report (see lib/progress-details.ts). */
+  stage?: string
+  message?: string
+  data?: unknown
 }
 
 export function isFinal (state: JobState): boolean {
@@ -43,7 +49,7 @@ export function isNewer (next: JobEvent, last: JobEvent | null): boolean {
   if (next.attempt !== last.attempt) return next.attempt > last.attempt
   if (RANK[next.state] !== RANK[last.state]) return RANK[next.state] > RANK[last.state]
   if (next.processed !== last.processed) return next.processed > last.processed
-  return next.total !== last.total
+  return next.total !== last.total || detailsDiffer(next, last)
 }
 
 /** Percentage done, 0-100, one decimal. */

@@ -159,8 +159,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
 
   const inflightUploads = uploadShutdown(fastify, opts)
-  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
-  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion }), ...opts.protocols]
+  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds, details: opts.progressDetails }
+  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion, details: opts.progressDetails }), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
     const basePath = k.basePath ?? `/${kind}`

@@ -36,6 +36,7 @@ export const OptionsSchema = Type.Object({
   kinds: Type.Record(Type.String({ pattern: KIND_NAME }), KindSchema, { minProperties: 1, additionalProperties: false }),
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
   progressVersion: Type.Boolean({ default: false }),
+  progressDetails: Type.Boolean({ default: false, description: 'adds the worker\'s stage, message and data to the per-job socket and status messages (seed 000 format); off: exactly the seed\'s fields' }),
   ssePath: Type.String({ pattern: '^/', default: '/events' }),
   sseRetryMs: Type.Integer({ minimum: 0, default: 2_000 }),
   clientRoute: Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { default: false }),

@@ -5,7 +5,7 @@ import { JobFinishedError, JobNotCompleteError, JobNotFoundError, QueueUnavailab
 import { isFinal } from './events'
 import { isJobId, type Keys } from './keys'
 import { EXPIRED, mayRead, type Owners } from './owner'
-import { progressMessage } from './protocols/progress'
+import { detailedProgressMessage, progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
 import { cancelJob, type CancelOutcome } from './cancel'
@@ -16,6 +16,8 @@ export interface JobRoutesContext {
   owners: Owners
   storage: Storage
   cancelTtlSeconds: number
+  /** Whether the status route adds the worker's stage, message and data (`progressDetails`). */
+  details?: boolean
 }
 
 interface KindRoute {
@@ -61,7 +63,7 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
 
   fastify.get(`${basePath}/:jobId/status`, { schema }, async (request: Req) => {
     const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, true)
-    return progressMessage(snapshot.event)
+    return ctx.details === true ? detailedProgressMessage(snapshot.event) : progressMessage(snapshot.event)
   })
 
   fastify.get(`${basePath}/:jobId/result`, { schema }, async (request: Req) => {

@@ -2,6 +2,7 @@ import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq
 import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
 import type { Readable } from 'node:stream'
 import { Keys } from './keys'
+import { progressDetails, type Clipped, type ProgressDetails } from './progress-details'
 import { DiskStorage, type Storage } from './storage'
 import type { UploadJobData } from './uploads'
 import { tmpdir } from 'node:os'
@@ -26,10 +27,12 @@ export interface JobContext {
   /** A local path to the file, when the storage has one. */
   path: string | null
   /**
-   * Reports progress (`{ processed, total }` on the job). Throws {@link JobCancelledError} when
+   * Reports progress (`{ processed, total }` on the job), with an optional `stage`, `message`
+   * (cut to 1,024 characters) and small `data` (dropped over 4 KiB as JSON; the counts still go
+   * through, and a warning says what was cut). Throws {@link JobCancelledError} when
    * the job was cancelled: let it propagate and the worker stops here.
    */
-  report: (processed: number, total: number) => Promise<void>
+  report: (processed: number, total: number, details?: ProgressDetails) => Promise<void>
   /** Aborted once a report saw the job cancelled, or BullMQ cancelled it. */
   signal: AbortSignal
 }
@@ -49,6 +52,8 @@ export interface JobWorkerOptions {
   storage?: Storage
   /** More BullMQ worker options (concurrency, lockDuration ...). */
   workerOptions?: Omit<WorkerOptions, 'connection' | 'prefix'>
+  /** Where the helper's warnings go (a report over the size limits). @default process.emitWarning */
+  warn?: (message: string) => void
 }
 
 /**
@@ -61,6 +66,7 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
   const queue = opts.queueName ?? opts.kind
   const keys = new Keys({ prefix: opts.prefix ?? 'bull', channelPrefix: opts.channelPrefix ?? 'jp' })
   const storage = opts.storage ?? new DiskStorage(join(tmpdir(), 'fastify-job-progress'))
+  const warn = opts.warn ?? ((message: string) => process.emitWarning(message, 'JobProgressWarning'))
   // A URL becomes a client of ours, closed with the worker; BullMQ workers block, hence null retries.
   const fromUrl = typeof opts.connection === 'string' || opts.connection === undefined
     ? new IORedis(opts.connection ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null })
@@ -87,11 +93,16 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
       open: () => storage.open(file.key),
       path: storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
-      async report (processed, total) {
+      async report (processed, total, details) {
         // The attempt lets watchers tell a retry's progress from the failed attempt's.
         let gone: unknown = null
+        // Limits applied here too, so what is stored is what watchers get, and the worker's
+        // author learns of it where the report is made.
+        const clipped: Clipped = []
+        const extra = details === undefined ? {} : progressDetails(details, clipped)
+        if (clipped.length > 0) warn(`job-progress: job ${jobId}: progress ${clipped.join(', ')} over the size limit (stage 64 and message 1,024 characters, data 4 KiB as JSON): cut or dropped; the counts went through`)
         // A cancelled job no longer exists in the queue, so the update itself fails then.
-        await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1) }).catch((err: unknown) => { gone = err })
+        await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1), ...extra }).catch((err: unknown) => { gone = err })
         if (await cancelled(jobId)) {
           abort.abort(new JobCancelledError())
           throw new JobCancelledError()

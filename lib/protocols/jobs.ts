@@ -1,4 +1,5 @@
 import { percent, type JobEvent } from '../events'
+import { detailFields } from '../progress-details'
 import type { JobUpdateMessage } from '../wire/messages'
 import type { ClientAction, ProtocolDefinition } from './types'
 
@@ -27,7 +28,8 @@ export function jobUpdate (event: JobEvent): JobUpdateMessage {
     eta_seconds: event.etaSeconds,
     ts: Math.floor(event.ts / 1000),
     // Absent rather than undefined: JSON.stringify would drop it anyway, tests compare objects.
-    ...(event.version !== undefined ? { version: event.version } : {})
+    ...(event.version !== undefined ? { version: event.version } : {}),
+    ...detailFields(event)
   }
 }
 

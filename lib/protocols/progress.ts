@@ -1,4 +1,5 @@
 import { isFinal, percent, type JobEvent } from '../events'
+import { detailFields } from '../progress-details'
 import type { ProgressMessage } from '../wire/messages'
 import type { ProtocolDefinition } from './types'
 
@@ -26,14 +27,15 @@ export function progressMessage (event: JobEvent): ProgressMessage {
  * `version: true` adds the job's version to each message (off by default: seed 000's format is
  * exact).
  */
-export function progressProtocol (wsPrefix: string, opts: { version?: boolean } = {}): ProtocolDefinition {
+export function progressProtocol (wsPrefix: string, opts: { version?: boolean, details?: boolean } = {}): ProtocolDefinition {
+  const base = opts.version === true ? versionedProgressMessage : progressMessage
   return {
     name: 'progress',
     path: wsPrefix,
     perJob: true,
     closeOnFinal: true,
     // Seed 000's clients compare the message exactly: the version only when asked for.
-    render: opts.version === true ? versionedProgressMessage : progressMessage
+    render: opts.details === true ? (event) => detailedProgressMessage(event, base) : base
   }
 }
 
@@ -42,4 +44,9 @@ export function versionedProgressMessage (event: JobEvent): ProgressMessage {
   const message = progressMessage(event)
   if (event.version !== undefined) message.version = event.version
   return message
+}
+
+/** Seed 000's message plus the worker's stage, message and data (the `progressDetails` option). */
+export function detailedProgressMessage (event: JobEvent, render: (event: JobEvent) => ProgressMessage = progressMessage): ProgressMessage {
+  return { ...render(event), ...detailFields(event) }
 }

@@ -17,6 +17,10 @@ export interface ProgressMessage {
   error?: string
   /** The job's version (lib/wire/version.ts); only when the protocol's `version` option is on. */
   version?: string
+  /** The worker's stage, message and small data; only with the plugin's `progressDetails` option. */
+  stage?: string
+  message?: string
+  data?: unknown
 }
 
 export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled'
@@ -39,6 +43,10 @@ export interface JobUpdateMessage {
   ts: number
   /** The job's version (lib/wire/version.ts), whenever the server knows it. */
   version?: string
+  /** The worker's stage, message and small data, when it reported them. */
+  stage?: string
+  message?: string
+  data?: unknown
 }
 
 /** The other server messages of the `jobs` protocol. */
