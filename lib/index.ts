@@ -8,6 +8,7 @@ import { Redis } from 'ioredis'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge, type BridgeEvent } from './bridge'
+import { ConnectionLimit } from './connection-limit'
 import { whenReady } from './redis'
 import { UploadCleanup } from './cleanup'
 import { redactedRequest } from './redact'
@@ -131,6 +132,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
   })
 
+  const connectionLimit = new ConnectionLimit({ redis: cmd, prefix: opts.channelPrefix, instanceId, max: opts.maxConnectionsPerOwner, heartbeatMs: opts.instanceHeartbeatMs, log })
+  await connectionLimit.start()
   const queueOf = (kind: string): string | undefined => {
     const k = opts.kinds[kind]
     return k === undefined ? undefined : k.queueName ?? kind
@@ -149,7 +152,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       return i < 0 ? null : kinds[i]
     },
     sessions,
-    connectionsPerOwner: new Map(),
+    connectionLimit,
     maxConnectionsPerOwner: opts.maxConnectionsPerOwner,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection,
     maxPayload: opts.maxPayload,
@@ -218,6 +221,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 
   fastify.addHook('onClose', async () => {
     stopTimers()
+    await connectionLimit.close()
     await bridge?.close()
     await cleanup.close()
     await webhooks?.close()

@@ -80,6 +80,7 @@ export const OptionsSchema = Type.Object({
   reconcileIntervalMs: Type.Integer({ minimum: 100, default: 5_000 }),
   maxSubscriptionsPerConnection: Type.Integer({ minimum: 1, default: 100 }),
   maxConnectionsPerOwner: Type.Integer({ minimum: 1, default: 50 }),
+  instanceHeartbeatMs: Type.Integer({ minimum: 100, default: 5_000, description: 'how often an instance tells the others it is alive (the connection limit across instances); a killed instance\'s connections stop counting after 3 of these' }),
   firstMessageTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
   cancelTtlSeconds: Type.Integer({ minimum: 1, default: 7 * 24 * 3600 }),
   bridge: Type.Object({

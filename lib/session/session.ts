@@ -1,6 +1,7 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import { UnauthorizedError } from '../errors'
 import { isFinal, type JobEvent } from '../events'
+import type { ConnectionLimit } from '../connection-limit'
 import type { Hub, OpenedJob, Sink } from '../fanout'
 import { isJobId } from '../keys'
 import { Outbox } from '../outbox'
@@ -19,7 +20,8 @@ export interface SessionContext {
   /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
   findKind: (jobId: string) => Promise<string | null>
   sessions: Set<Session>
-  connectionsPerOwner: Map<string, number>
+  /** Connections per owner, counted across every instance. */
+  connectionLimit: ConnectionLimit
   maxConnectionsPerOwner: number
   maxSubscriptionsPerConnection: number
   maxPayload: number
@@ -173,11 +175,11 @@ export class Session {
 
   async #ready (owner: string): Promise<void> {
     if (this.#state !== 'auth') return
-    const count = this.#ctx.connectionsPerOwner.get(owner) ?? 0
-    if (count >= this.#ctx.maxConnectionsPerOwner) {
+    if (!await this.#ctx.connectionLimit.acquire(owner)) {
       return this.close(CloseCodes.policyViolation, `too many connections (${this.#ctx.maxConnectionsPerOwner} per owner)`)
     }
-    this.#ctx.connectionsPerOwner.set(owner, count + 1)
+    // The client left while the slot was being taken.
+    if (this.#state !== 'auth') return this.#ctx.connectionLimit.release(owner)
     this.owner = owner
     this.#state = 'ready'
     this.sendControl(this.protocol.connected?.())
@@ -328,10 +330,6 @@ export class Session {
     for (const sub of this.#subs.values()) sub.opened.detach(sub.sink)
     this.#subs.clear()
     this.#ctx.sessions.delete(this)
-    if (wasReady && this.owner !== null) {
-      const left = (this.#ctx.connectionsPerOwner.get(this.owner) ?? 1) - 1
-      if (left > 0) this.#ctx.connectionsPerOwner.set(this.owner, left)
-      else this.#ctx.connectionsPerOwner.delete(this.owner)
-    }
+    if (wasReady && this.owner !== null) this.#ctx.connectionLimit.release(this.owner)
   }
 }

@@ -1,0 +1,81 @@
+import t from 'tap'
+import { Redis } from 'ioredis'
+import { jobsProtocol } from '../lib/index'
+import { connect, eventually, lines, redisFor, startApp, upload, type Client } from './helpers/index'
+import { sse } from './helpers/sse'
+
+const LIMIT = { code: 1008, reason: 'too many connections (2 per owner)' }
+
+t.test('the per-owner connection limit holds across instances, frees on close, forgets a dead instance and counts a live new one', async (t) => {
+  const redis = await redisFor(t)
+  const opts = { maxConnectionsPerOwner: 2, instanceHeartbeatMs: 200, protocols: [jobsProtocol({ path: '/jobs-ws' })] }
+  const a = await startApp(t, redis, opts)
+  const b = await startApp(t, redis, { ...opts, uploadDir: a.uploadDir })
+  const up = await upload(`${a.url}/batch/upload`, lines(1))
+  const cookie = up.cookie as string
+  const open = async (url: string): Promise<Client> => {
+    const client = connect(t, `${url}/jobs-ws`, { cookie })
+    // The first message is `connected`; a refused client gets only the close.
+    await Promise.race([new Promise(resolve => client.socket.once('message', resolve)), client.closed])
+    return client
+  }
+
+  const onA = await open(a.ws)
+  await open(b.ws)
+  t.same(await (await open(a.ws)).closed, LIMIT, 'a third on A, with one on each: refused')
+  t.same(await (await open(b.ws)).closed, LIMIT, 'a third on B: refused')
+  const stream = await sse(t, `${b.url}/batch/${up.body.job_id}/events`, { cookie })
+  t.equal(stream.status, 429, 'SSE counts alike')
+  const other = await upload(`${b.url}/batch/upload`, lines(1))
+  const theirs = connect(t, `${b.ws}/jobs-ws`, { cookie: other.cookie })
+  await theirs.waitFor(m => m.type === 'connected')
+  t.pass('another owner still connects')
+
+  onA.close()
+  await eventually(() => a.app.jobProgress.stats().sockets === 0)
+  const again = await open(b.ws)
+  t.equal(again.messages[0]?.type, 'connected', 'a closed connection on A frees a place on B')
+
+  // Counts left by an instance that died without closing (no heartbeat): not counted, and removed.
+  const direct = new Redis(redis.url)
+  t.teardown(async () => { await direct.quit() })
+  const owner = `session:${decodeURIComponent(cookie.split('=')[1]).split('.')[0]}`
+  const key = `jp:conns:{${owner}}`
+  t.equal(Number((await direct.hgetall(key))[b.app.jobProgress.instanceId]), 2)
+  again.close()
+  await eventually(async () => Number((await direct.hget(key, b.app.jobProgress.instanceId)) ?? 0) === 1)
+  await direct.hset(key, 'dead-instance', 5)
+  const past = await open(a.ws)
+  t.equal(past.messages[0]?.type, 'connected', "a dead instance's counts do not count")
+  t.equal(await direct.hget(key, 'dead-instance'), null, 'and are removed on the way')
+  past.close()
+  await eventually(async () => Number((await direct.hget(key, a.app.jobProgress.instanceId)) ?? 0) === 0)
+
+  // An instance that started after A last read who is alive: its connections count at once.
+  await direct.zadd('jp:instances', Date.now() + 60_000, 'new-instance')
+  await direct.hset(key, 'new-instance', 1)
+  t.same(await (await open(a.ws)).closed, LIMIT, "a new instance's connection counts")
+  await direct.zrem('jp:instances', 'new-instance')
+  await direct.hdel(key, 'new-instance')
+
+  // A clean close gives back the instance's counts at once.
+  await b.app.close()
+  t.equal(await direct.hget(key, b.app.jobProgress.instanceId), null, "B's counts are gone with B")
+  t.equal(await direct.zscore('jp:instances', b.app.jobProgress.instanceId), null, "and B's heartbeat")
+  const c1 = await open(a.ws)
+  const c2 = await open(a.ws)
+  t.ok(c1.messages[0]?.type === 'connected' && c2.messages[0]?.type === 'connected', 'A has both places again')
+})
+
+t.test('Redis unreachable: the limit counts this instance only, and nobody is locked out', async (t) => {
+  const redis = await redisFor(t)
+  const app = await startApp(t, redis, { maxConnectionsPerOwner: 1, instanceHeartbeatMs: 200, protocols: [jobsProtocol({ path: '/jobs-ws' })] })
+  const up = await upload(`${app.url}/batch/upload`, lines(1))
+  await redis.down()
+  const client = connect(t, `${app.ws}/jobs-ws`, { cookie: up.cookie })
+  t.equal((await client.waitFor(m => m.type === 'connected')).type, 'connected')
+  const second = connect(t, `${app.ws}/jobs-ws`, { cookie: up.cookie })
+  t.same(await second.closed, { code: 1008, reason: 'too many connections (1 per owner)' }, 'the local count still limits')
+  // Back up before the app closes, so its close does not wait on reconnects.
+  await redis.up()
+})
