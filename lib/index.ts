@@ -30,6 +30,7 @@ import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler, uploadShutdown } from './uploads'
 import { registerHealth } from './health'
+import { registerLongIdRoutes } from './long-ids'
 import { Webhooks } from './webhooks/index'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
@@ -180,6 +181,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     }, opts, owners, uploadStorage, inflightUploads))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
+  registerLongIdRoutes(fastify, [...queues.keys()].map(kind => opts.kinds[kind].basePath ?? `/${kind}`), [...queues.keys()].map(kind => `${opts.wsPrefix}/${kind}`))
   registerSseRoutes(fastify, ctx, {
     kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath ?? `/${kind}` })),
     path: opts.ssePath,
