@@ -1,12 +1,11 @@
 import type { FastifyBaseLogger } from 'fastify'
 import type { Redis } from 'ioredis'
+import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
+import { FINAL_EVENTS as FINAL, relayMessage } from './wire/relay'
+import { compareEntryIds } from './wire/version'
 
-/** BullMQ events that change what a watcher should see; the rest (added, drained ...) are skipped. */
-const RELAYED = new Set(['progress', 'active', 'waiting', 'delayed', 'stalled', 'completed', 'failed', 'removed', 'cancelled'])
-
-/** BullMQ's final events, plus the plugin's own `cancelled`. */
-const FINAL = new Set(['completed', 'failed', 'cancelled'])
+export { relayMessage } from './wire/relay'
 
 /**
  * One stream entry the bridge relayed, as handed to `onEvent` listeners (upload cleanup,
@@ -50,6 +49,7 @@ export interface BridgeOptions {
    * operation, again after a takeover). Errors thrown here are logged, never block the relay.
    */
   onEvent?: (event: BridgeEvent) => void
+  telemetry?: Telemetry
   log: FastifyBaseLogger
 }
 
@@ -73,6 +73,12 @@ export class Bridge {
   #lastSweep = Date.now()
   /** Events published since start (for tests and metrics). */
   published = 0
+  /** Per stream: the group's position at the last check, to tell a trim that passed it. */
+  readonly #delivered = new Map<string, string>()
+  /** Per stream: entries not yet delivered to the group, at the last check. */
+  readonly #lag = new Map<string, number>()
+  /** Faults this bridge detected and announced (for tests and metrics). */
+  faults = 0
 
   constructor (opts: BridgeOptions) {
     this.#o = opts
@@ -81,19 +87,81 @@ export class Bridge {
   }
 
   async start (): Promise<void> {
+    const t = this.#o.telemetry ?? noTelemetry
+    t.gauge('bridgeLag', () => [...this.#lag].map(([stream, n]) => [{ queue: this.#queueOf(stream) }, n]))
     this.#running = true
     await this.#ensureGroups().catch((err: Error) => this.#o.log.warn({ err }, 'job-progress: cannot create the bridge consumer group yet; will retry'))
     this.#loop = this.#read()
     this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
   }
 
-  async #ensureGroups (): Promise<void> {
+  #queueOf (stream: string): string {
+    return stream.slice(this.#o.keys.prefix.length + 1, -':events'.length)
+  }
+
+  /**
+   * Creates the group where it is missing. At start it begins at the stream's end ('$'); made
+   * again after it vanished (Redis came back empty, the queue was obliterated) it begins at the
+   * stream's start, so events written since are not skipped, and every instance is told to
+   * re-read that queue's watched jobs: what was in flight is gone.
+   */
+  async #ensureGroups (again = false): Promise<void> {
     for (const stream of this.#streams) {
       try {
-        // '$': the group starts at the stream's end; MKSTREAM: before the first job ever ran.
-        await this.#o.redis.xgroup('CREATE', stream, this.#o.group, '$', 'MKSTREAM')
+        // MKSTREAM: before the first job ever ran.
+        await this.#o.redis.xgroup('CREATE', stream, this.#o.group, again ? '0' : '$', 'MKSTREAM')
+        if (again) await this.#announce(stream, 'restart')
       } catch (err) {
         if (!String((err as Error).message).includes('BUSYGROUP')) throw err
+      }
+    }
+  }
+
+  /**
+   * Tells every instance to re-read the watched jobs of a stream's queue: a resync message on
+   * each of the queue's channels that somebody watches right now. Listing the channels costs in
+   * proportion to them, once per fault; no instance listens to anything while it watches nothing.
+   */
+  async #announce (stream: string, cause: string): Promise<void> {
+    this.faults++
+    ;(this.#o.telemetry ?? noTelemetry).count('faults', { cause })
+    const { redis, keys } = this.#o
+    const payload = JSON.stringify({ e: 'resync', t: Date.now(), c: cause })
+    const pattern = keys.channel(this.#queueOf(stream), '').slice(0, -2).replace(/[*?[\]\\]/g, '\\$&') + '{*'
+    const channels = await redis.call('PUBSUB', 'CHANNELS', pattern) as string[]
+    if (channels.length === 0) return
+    const pipe = redis.pipeline()
+    for (const channel of channels) pipe.publish(channel, payload)
+    const sent = pipe.exec()
+    if (this.#o.local !== undefined) for (const channel of channels) this.#o.local(channel, payload)
+    await sent
+  }
+
+  /**
+   * BullMQ trims its event stream (about 10,000 entries). Entries trimmed before the group read
+   * them are lost to every watcher. Redis 7 keeps the largest id ever deleted: when that passes
+   * where the group stood at the previous check, events may have been lost, and the queue's
+   * watchers re-read. Two O(1) commands per queue per check.
+   */
+  async #checkTrim (): Promise<void> {
+    const { redis, group } = this.#o
+    for (const stream of this.#streams) {
+      const pipe = redis.pipeline()
+      pipe.xinfo('STREAM', stream)
+      pipe.xinfo('GROUPS', stream)
+      const replies = await pipe.exec()
+      if (replies === null || replies[0][0] !== null || replies[1][0] !== null) continue
+      const info = pairs(replies[0][1] as unknown[])
+      const mine = (replies[1][1] as unknown[][]).map(pairs).find(g => g.name === group)
+      if (mine === undefined) continue
+      const delivered = String(mine['last-delivered-id'])
+      const lag = Number(mine.lag)
+      if (Number.isFinite(lag)) this.#lag.set(stream, lag)
+      const before = this.#delivered.get(stream)
+      this.#delivered.set(stream, delivered)
+      const trimmed = info['max-deleted-entry-id']
+      if (before !== undefined && typeof trimmed === 'string' && compareEntryIds(trimmed, before) > 0 && compareEntryIds(trimmed, delivered) >= 0) {
+        await this.#announce(stream, 'trim')
       }
     }
   }
@@ -115,7 +183,7 @@ export class Bridge {
         if (!this.#running) break
         const message = String((err as Error).message)
         // The stream or group vanished (Redis restarted empty, the queue was obliterated): make it again.
-        if (message.includes('NOGROUP')) await this.#ensureGroups().catch(() => {})
+        if (message.includes('NOGROUP')) await this.#ensureGroups(true).catch(() => {})
         else this.#o.log.debug({ err }, 'job-progress: bridge read failed; retrying')
         await new Promise(resolve => setTimeout(resolve, backoff).unref())
         backoff = Math.min(backoff * 2, 2_000)
@@ -136,6 +204,7 @@ export class Bridge {
           cursor = next
         } while (cursor !== '0-0' && this.#running)
       }
+      await this.#checkTrim()
       if (Date.now() - this.#lastSweep > this.#o.consumerIdleMs) await this.#sweepConsumers()
     } catch (err) {
       this.#o.log.debug({ err }, 'job-progress: bridge claim failed; will retry')
@@ -167,7 +236,7 @@ export class Bridge {
     const local: Array<[string, string]> = []
     const events: BridgeEvent[] = []
     for (const [stream, entries] of streams) {
-      const queue = stream.slice(keys.prefix.length + 1, -':events'.length)
+      const queue = this.#queueOf(stream)
       const ids: string[] = []
       for (const [id, fields] of entries) {
         ids.push(id)
@@ -182,6 +251,7 @@ export class Bridge {
       }
       if (ids.length > 0) pipe.xack(stream, group, ...ids)
     }
+    ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, local.length)
     // Sent first, so the other instances are not kept waiting while this one serves its sockets.
     const sent = pipe.exec()
     if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
@@ -220,22 +290,8 @@ function bridgeEvent (queue: string, id: string, jobId: string, raw: string[]): 
   return { queue, jobId, event, id, t: Number(id.slice(0, id.indexOf('-'))), final: FINAL.has(event), fields }
 }
 
-/** Builds the small message for a job's channel from a stream entry, or null when it is not relayed. */
-export function relayMessage (id: string, fields: string[]): { jobId: string, payload: string } | null {
-  let event = ''
-  let jobId = ''
-  let data: string | null = null
-  for (let i = 0; i < fields.length; i += 2) {
-    const name = fields[i]
-    if (name === 'event') event = fields[i + 1]
-    else if (name === 'jobId') jobId = fields[i + 1]
-    else if (name === 'data') data = fields[i + 1]
-  }
-  if (jobId === '' || !RELAYED.has(event)) return null
-  const t = Number(id.slice(0, id.indexOf('-')))
-  // The progress value is already JSON in the stream: splice it in instead of parsing it.
-  const payload = event === 'progress' && data !== null
-    ? `{"e":"progress","t":${t},"d":${data}}`
-    : `{"e":"${event}","t":${t}}`
-  return { jobId, payload }
+function pairs (row: unknown[]): Record<string, unknown> {
+  const out: Record<string, unknown> = {}
+  for (let i = 0; i + 1 < row.length; i += 2) out[String(row[i])] = row[i + 1]
+  return out
 }

@@ -19,7 +19,7 @@ import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
 import { SocketSession, type SocketContext } from './socket'
-import { readSnapshots, type Snapshot } from './snapshot'
+import { readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler } from './uploads'
 
@@ -83,10 +83,16 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   for (const [kind, k] of Object.entries(opts.kinds)) {
     const queue = new Queue(k.queueName ?? kind, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
     queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))
+    // The owner gets a field of its own, so ownership checks read it alone (not the job's data).
+    queue.on('waiting', (job: { id?: string, data?: { owner?: unknown } }) => {
+      if (typeof job.id === 'string' && typeof job.data?.owner === 'string') {
+        writeOwner(redis, keys, queue.name, job.id, job.data.owner).catch((err: Error) => log.debug({ err }, 'job-progress: cannot store the owner field; data.owner is read instead'))
+      }
+    })
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
+  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
   let bridge: Bridge | null = null
