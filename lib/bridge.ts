@@ -3,7 +3,6 @@ import type { Redis } from 'ioredis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
 import { FINAL_EVENTS as FINAL, relayMessage } from './wire/relay'
-import { compareEntryIds } from './wire/version'
 
 export { relayMessage } from './wire/relay'
 
@@ -73,8 +72,8 @@ export class Bridge {
   #lastSweep = Date.now()
   /** Events published since start (for tests and metrics). */
   published = 0
-  /** Per stream: the group's position at the last check, to tell a trim that passed it. */
-  readonly #delivered = new Map<string, string>()
+  /** Per stream: entries trimmed before the group read them, at the last check. */
+  readonly #deficit = new Map<string, number>()
   /** Per stream: entries not yet delivered to the group, at the last check. */
   readonly #lag = new Map<string, number>()
   /** Faults this bridge detected and announced (for tests and metrics). */
@@ -138,10 +137,11 @@ export class Bridge {
   }
 
   /**
-   * BullMQ trims its event stream (about 10,000 entries). Entries trimmed before the group read
-   * them are lost to every watcher. Redis 7 keeps the largest id ever deleted: when that passes
-   * where the group stood at the previous check, events may have been lost, and the queue's
-   * watchers re-read. Two O(1) commands per queue per check.
+   * BullMQ trims its event stream (about 10,000 entries): entries trimmed before the group read
+   * them are lost to every watcher. Redis 7 counts the entries ever added to the stream and the
+   * entries the group read; entries gone from the stream's head that the group never read show
+   * as `added - length - read > 0`, and stay visible after the group skipped past them. When that
+   * deficit grows, the queue's watchers re-read. Two O(1) commands per queue per check.
    */
   async #checkTrim (): Promise<void> {
     const { redis, group } = this.#o
@@ -154,15 +154,14 @@ export class Bridge {
       const info = pairs(replies[0][1] as unknown[])
       const mine = (replies[1][1] as unknown[][]).map(pairs).find(g => g.name === group)
       if (mine === undefined) continue
-      const delivered = String(mine['last-delivered-id'])
-      const lag = Number(mine.lag)
-      if (Number.isFinite(lag)) this.#lag.set(stream, lag)
-      const before = this.#delivered.get(stream)
-      this.#delivered.set(stream, delivered)
-      const trimmed = info['max-deleted-entry-id']
-      if (before !== undefined && typeof trimmed === 'string' && compareEntryIds(trimmed, before) > 0 && compareEntryIds(trimmed, delivered) >= 0) {
-        await this.#announce(stream, 'trim')
-      }
+      const lag = Number(mine.lag ?? NaN)
+      if (mine.lag !== null && Number.isFinite(lag)) this.#lag.set(stream, lag)
+      if (mine['entries-read'] === null || mine['entries-read'] === undefined) continue
+      const deficit = Math.max(0, Number(info['entries-added']) - Number(info.length) - Number(mine['entries-read']))
+      if (!Number.isFinite(deficit)) continue
+      const before = this.#deficit.get(stream) ?? 0
+      this.#deficit.set(stream, deficit)
+      if (deficit > before) await this.#announce(stream, 'trim')
     }
   }
 

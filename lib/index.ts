@@ -22,6 +22,8 @@ import { SocketSession, type SocketContext } from './socket'
 import { readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler } from './uploads'
+import { noTelemetry, type Telemetry } from './core/telemetry'
+import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
 export interface JobProgress {
@@ -53,6 +55,11 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const opts: ResolvedOptions = resolveOptions(options)
   const log = fastify.log
   const instanceId = opts.instanceId ?? randomUUID()
+  const metrics = resolveMetrics(opts.metrics)
+  const backends: Telemetry[] = []
+  if (opts.telemetry !== undefined) backends.push(opts.telemetry)
+  if (metrics !== null) backends.push(prometheusTelemetry(metrics.registry, metrics.prefix))
+  const telemetry = backends.length === 0 ? noTelemetry : teeTelemetry(backends)
 
   // Connections: the caller's command client is used as it is and left open at close; every
   // other connection is ours. One connection only SUBSCRIBEs, one only blocks on the bridge.
@@ -92,7 +99,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, log })
+  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
   let bridge: Bridge | null = null
@@ -100,12 +107,18 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
     await bridge.start()
   }
 
   // Sockets close with 1001 before @fastify/websocket closes the rest: this hook is added first.
   const sessions = new Set<SocketSession>()
+  telemetry.gauge('socketsOpen', () => {
+    const by = new Map<string, number>()
+    for (const session of sessions) by.set(session.protocol.name, (by.get(session.protocol.name) ?? 0) + 1)
+    return [...by].map(([protocol, n]) => [{ protocol }, n])
+  })
+  if (metrics !== null && metrics.path !== false) metricsRoute(fastify, metrics.path, metrics.registry)
   fastify.addHook('preClose', async () => {
     for (const session of sessions) session.close(CloseCodes.goingAway, 'server shutting down')
   })
@@ -147,7 +160,13 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const k = opts.kinds[kind]
     const basePath = k.basePath ?? `/${kind}`
     const wsPath = (jobId: string): string => `${opts.wsPrefix}/${kind}/${jobId}`
-    fastify.post(k.uploadPath ?? `${basePath}/upload`, uploadHandler({
+    const countUpload = {
+      onResponse: async (_request: FastifyRequest, reply: { statusCode: number }) => {
+        const ok = reply.statusCode < 300
+        telemetry.count('uploads', { outcome: ok ? 'accepted' : 'refused', reason: ok ? 'ok' : String(reply.statusCode) })
+      }
+    }
+    fastify.post(k.uploadPath ?? `${basePath}/upload`, countUpload, uploadHandler({
       kind,
       queue,
       queueReady: () => redis.status === 'ready',
@@ -191,6 +210,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     for (const session of sessions) {
       if (session.outbox.stalledFor(now) > opts.sendTimeoutMs) {
         log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
+        telemetry.count('slowClientsClosed')
         session.ws.terminate()
       }
     }

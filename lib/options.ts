@@ -8,6 +8,8 @@ import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
 import type { Storage } from './storage'
 import type { ProtocolDefinition } from './protocols/types'
+import type { MetricsOptions } from './metrics'
+import type { Telemetry } from './core/telemetry'
 
 /** A function-valued option: TypeBox checks it is a function, TypeScript gives its signature. */
 function Fn<T> (description: string) {
@@ -74,7 +76,9 @@ export const OptionsSchema = Type.Object({
     default: { removeOnComplete: { age: 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 } }
   })),
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
-  instanceId: Type.Optional(Type.String({ minLength: 1 }))
+  instanceId: Type.Optional(Type.String({ minLength: 1 })),
+  metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
+  telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' })))
 }, { additionalProperties: false })
 
 type Resolved = Static<typeof OptionsSchema>
@@ -105,7 +109,7 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
 export type ResolvedOptions = Resolved
 
 const FUNCTION_OPTIONS = ['getOwner'] as const
-const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', ...FUNCTION_OPTIONS] as const
+const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', 'metrics', 'telemetry', ...FUNCTION_OPTIONS] as const
 
 function placeholder (key: string, value: unknown): unknown {
   if (key === 'connection') return typeof value === 'string' ? value : (value !== null && typeof value === 'object' ? {} : value)
