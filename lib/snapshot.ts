@@ -64,13 +64,14 @@ return {h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], where, cancel, last, own
  * and a job that does not exist then cost the same, so timing tells nothing about job ids.
  */
 const OWNER_SCRIPT = `
-local owner = redis.call('HGET', KEYS[1], '${OWNER_FIELD}')
-if owner then return owner end
-if redis.call('HEXISTS', KEYS[1], 'timestamp') == 1 then
+local h = redis.call('HMGET', KEYS[1], '${OWNER_FIELD}', 'timestamp')
+local mark = redis.call('GET', KEYS[2])
+if h[1] then return h[1] end
+if h[2] then
   local ok, decoded = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'data') or '')
   if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then return decoded.owner end
 end
-return redis.call('GET', KEYS[2])
+return mark
 `
 
 interface Scripted {
