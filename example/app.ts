@@ -18,6 +18,11 @@ export interface ExampleConfig {
   /** `key:owner,key2:owner2` */
   apiKeys?: string
   logger?: FastifyServerOptions['logger']
+  /** Every kind delivers its final states here, signed with `webhookSecret` (`whsec_...`). */
+  webhookUrl?: string
+  webhookSecret?: string
+  /** Delivery tuning (tests and demos shorten the retries). */
+  webhooks?: JobProgressOptions['webhooks']
   /** Extra plugin options (tests shorten intervals). */
   plugin?: Partial<JobProgressOptions>
 }
@@ -36,9 +41,11 @@ export function parseApiKeys (value: string | undefined): Record<string, string>
 /** The example API: the plugin with seed 000's kinds, a demo page and a health route. */
 export async function buildApp (config: ExampleConfig): Promise<FastifyInstance> {
   const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
+  const webhook = config.webhookUrl === undefined || config.webhookUrl === '' ? undefined : { url: config.webhookUrl }
   await app.register(jobProgress, {
     connection: config.redisUrl,
-    kinds: KINDS,
+    kinds: webhook === undefined ? KINDS : Object.fromEntries(Object.entries(KINDS).map(([kind, k]) => [kind, { ...k, webhook }])),
+    ...(webhook !== undefined ? { webhooks: { secret: config.webhookSecret, ...config.webhooks } } : {}),
     ...(config.sessionSecret !== undefined ? { session: { secret: config.sessionSecret } } : {}),
     ...(config.uploadDir !== undefined ? { uploadDir: config.uploadDir } : {}),
     apiKeys: parseApiKeys(config.apiKeys),

@@ -60,7 +60,9 @@ async function main (): Promise<void> {
 
   if (ROLE !== 'worker') {
     const sessionSecret = env.SESSION_SECRET
-    const app = await buildApp({ redisUrl: url, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, logger: { level: env.LOG_LEVEL ?? 'info' } })
+    // WEBHOOK_URL and WEBHOOK_SECRET (whsec_...): final states of every kind are POSTed there.
+    const webhooks = { ...(STALLED_INTERVAL_MS !== undefined ? { stalledIntervalMs: STALLED_INTERVAL_MS, lockDurationMs: 2 * STALLED_INTERVAL_MS } : {}), ...(env.WEBHOOK_BACKOFF_MS !== undefined ? { backoffMs: Number(env.WEBHOOK_BACKOFF_MS) } : {}) }
+    const app = await buildApp({ redisUrl: url, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks })
     if (sessionSecret === undefined) app.log.warn('SESSION_SECRET is not set: using a random one. Sessions break across restarts and across instances; set it in production.')
     try {
       await app.listen({ port: PORT, host: HOST })

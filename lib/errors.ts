@@ -27,6 +27,11 @@ export const TooManyPartsError = createError('FST_JP_TOO_MANY_PARTS', 'The form 
 export const TooManyFieldsError = createError('FST_JP_TOO_MANY_FIELDS', 'The form has too many fields: at most %s', 413)
 export const NotMultipartError = createError('FST_JP_NOT_MULTIPART', 'Uploads must be sent as multipart/form-data', 415)
 
+// Webhooks
+export const WebhookUrlRefusedError = createError('FST_JP_WEBHOOK_URL_REFUSED', 'The webhook URL is refused: %s', 400)
+export const WebhookForbiddenError = createError('FST_JP_WEBHOOK_FORBIDDEN', 'Not allowed to manage webhook deliveries', 403)
+export const DeliveryNotFoundError = createError('FST_JP_DELIVERY_NOT_FOUND', 'No dead webhook delivery with this id', 404)
+
 /** WebSocket close codes the plugin uses; 1xxx are standard, 4xxx are ours. */
 export const CloseCodes = {
   normal: 1000,

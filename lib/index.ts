@@ -24,6 +24,7 @@ import { DiskStorage, type Storage } from './storage'
 import { uploadHandler } from './uploads'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
+import { Webhooks } from './webhooks/index'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
 export interface JobProgress {
@@ -102,6 +103,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
+  const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
+  if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
     const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
@@ -173,10 +176,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       accept: k.accept ?? [],
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
-      wsPath
+      wsPath,
+      beforeAdd: webhooks?.beforeAdd(kind)
     }, opts, owners, storage))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
+  webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {
@@ -236,6 +241,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     clearInterval(heartbeatTimer)
     clearInterval(slowTimer)
     await bridge?.close()
+    await webhooks?.close()
     hub.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
     await Promise.all(owned.map(async r => {
@@ -262,3 +268,4 @@ export { defineProtocol, type ProtocolDefinition, type ClientAction, type Server
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker'
 export { Keys, isJobId } from './keys'
 export type { BridgeEvent } from './bridge'
+export type { KindWebhookOptions, WebhooksOptions } from './webhooks/options'

@@ -10,6 +10,7 @@ import type { Storage } from './storage'
 import type { ProtocolDefinition } from './protocols/types'
 import type { MetricsOptions } from './metrics'
 import type { Telemetry } from './core/telemetry'
+import { keepWebhookFunctions, KindWebhookSchema, WebhooksSchema, type KindWebhookOptions, type ResolvedWebhooks, type WebhooksOptions } from './webhooks/options'
 
 /** A function-valued option: TypeBox checks it is a function, TypeScript gives its signature. */
 function Fn<T> (description: string) {
@@ -25,7 +26,8 @@ const KindSchema = Type.Object({
   queueName: Type.Optional(Type.String({ minLength: 1, description: 'BullMQ queue name; default the kind' })),
   accept: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { description: 'accepted MIME types (`text/csv`, `text/*`) or extensions (`.csv`); empty or absent accepts any' })),
   maxFileSize: Type.Optional(Type.Integer({ minimum: 1, description: 'bytes; default `limits.fileSize`' })),
-  jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true })))
+  jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true }))),
+  webhook: Type.Optional(KindWebhookSchema)
 }, { additionalProperties: false })
 
 export const OptionsSchema = Type.Object({
@@ -78,7 +80,8 @@ export const OptionsSchema = Type.Object({
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
   instanceId: Type.Optional(Type.String({ minLength: 1 })),
   metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
-  telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' })))
+  telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' }))),
+  webhooks: WebhooksSchema
 }, { additionalProperties: false })
 
 type Resolved = Static<typeof OptionsSchema>
@@ -97,16 +100,19 @@ export interface KindOptions {
   maxFileSize?: number
   /** BullMQ options for this kind's jobs, merged over `defaultJobOptions`. */
   jobOptions?: JobsOptions
+  /** Webhooks for this kind's jobs (see the README's Webhooks section). @default none */
+  webhook?: KindWebhookOptions
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'webhooks'>> & {
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
   session?: Partial<Resolved['session']>
   bridge?: Partial<Resolved['bridge']>
+  webhooks?: WebhooksOptions
 }
 
-export type ResolvedOptions = Resolved
+export type ResolvedOptions = Omit<Resolved, 'webhooks'> & { webhooks: ResolvedWebhooks }
 
 const FUNCTION_OPTIONS = ['getOwner'] as const
 const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', 'metrics', 'telemetry', ...FUNCTION_OPTIONS] as const
@@ -133,6 +139,8 @@ export function resolveOptions (input: unknown): ResolvedOptions {
       raw[key] = placeholder(key, raw[key])
     }
   }
+  const webhookProblems: string[] = []
+  const restoreWebhooks = keepWebhookFunctions(raw, webhookProblems)
   const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
   const problems = [...Value.Errors(OptionsSchema, opts)].map(e => {
     // A bad kind name only shows as an "unexpected property": say what a name may be.
@@ -140,9 +148,12 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     if (name !== undefined && !new RegExp(KIND_NAME).test(name)) {
       return `kind name "${name}" is invalid: use letters, digits, "_", "." or "-", starting with a letter or digit`
     }
+    if (e.path.startsWith('/webhooks/secret')) return '`webhooks.secret` must be a `whsec_` secret or an array of them (newest first)'
     if (e.path.startsWith('/session/secret')) return '`session.secret` must be a string of at least 16 characters, or an array of such strings (newest first)'
     return `${e.path === '' ? 'options' : '`' + e.path.slice(1).replace(/\//g, '.') + '`'} ${e.message.toLowerCase()}`
   })
+  problems.push(...webhookProblems)
+  problems.splice(0, problems.length, ...new Set(problems))
   // Checked here, before any connection is opened: a refusal later would leave clients behind.
   const kindOfQueue = new Map<string, string>()
   for (const [kind, k] of Object.entries((opts.kinds ?? {}) as Record<string, { queueName?: unknown }>)) {
@@ -168,6 +179,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   }
   if (problems.length > 0) throw new InvalidOptionError(problems.join('; '))
   Object.assign(opts, kept)
+  restoreWebhooks(opts)
   return opts as unknown as ResolvedOptions
 }
 

@@ -28,6 +28,8 @@ export interface UploadRoute {
   maxFileSize: number
   statusUrl: (jobId: string) => string
   wsPath: (jobId: string) => string
+  /** Checks (and may keep) the form's fields before the job is added; throws to refuse the upload. */
+  beforeAdd?: (jobId: string, fields: Record<string, string>, owner: string) => Promise<void>
 }
 
 /** A MIME type (`text/csv`, `text/*`) or an extension (`.csv`) from the kind's `accept` list. */
@@ -94,6 +96,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
       if (file === null) throw new NoFileError()
       // The client gave up while we were reading: nobody would ever learn this job's id.
       if (request.raw.destroyed && !request.raw.complete) throw new Error('client aborted the upload')
+      await route.beforeAdd?.(jobId, fields, identity.owner)
       const data: UploadJobData = { owner: identity.owner, kind: route.kind, file, fields }
       try {
         await route.queue.add(route.kind, data, { jobId })
