@@ -1,5 +1,7 @@
 import type { FastifyBaseLogger } from 'fastify'
-import type { Redis } from 'ioredis'
+import type { Broker } from './broker/index'
+import { slotOf } from './broker/slot'
+import type { Commands } from './snapshot'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
 import { FINAL_EVENTS as FINAL, relayMessage } from './wire/relay'
@@ -29,9 +31,11 @@ export interface BridgeEvent {
 
 export interface BridgeOptions {
   /** Commands: PUBLISH, XACK, XAUTOCLAIM. */
-  redis: Redis
+  redis: Commands
   /** A dedicated connection for the blocking XREADGROUP. */
-  blocking: Redis
+  blocking: Commands
+  /** Where to publish; PUBLISH on `redis` in one pipeline with the XACKs when absent. */
+  broker?: Broker
   keys: Keys
   queues: string[]
   group: string
@@ -64,7 +68,7 @@ export class Bridge {
   readonly #o: BridgeOptions
   readonly #streams: string[]
   #running = false
-  #loop: Promise<void> | null = null
+  #loops: Array<Promise<void>> = []
   /** Settles when close() starts, so the read loop never waits on a read that cannot end. */
   #stopped: Promise<null>
   #stop!: () => void
@@ -90,7 +94,14 @@ export class Bridge {
     t.gauge('bridgeLag', () => [...this.#lag].map(([stream, n]) => [{ queue: this.#queueOf(stream) }, n]))
     this.#running = true
     await this.#ensureGroups().catch((err: Error) => this.#o.log.warn({ err }, 'job-progress: cannot create the bridge consumer group yet; will retry'))
-    this.#loop = this.#read()
+    // One blocking read cannot span cluster slots: one loop per slot (a single one standalone,
+    // or with a hash-tagged prefix that puts every queue in one slot).
+    const groups = new Map<number, string[]>()
+    for (const stream of this.#streams) {
+      const slot = this.#o.broker?.kind === 'sharded' ? slotOf(stream) : 0
+      groups.set(slot, [...(groups.get(slot) ?? []), stream])
+    }
+    this.#loops = [...groups.values()].map(async streams => await this.#read(streams))
     this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
   }
 
@@ -127,11 +138,17 @@ export class Bridge {
     const { redis, keys } = this.#o
     const payload = JSON.stringify({ e: 'resync', t: Date.now(), c: cause })
     const pattern = keys.channel(this.#queueOf(stream), '').slice(0, -2).replace(/[*?[\]\\]/g, '\\$&') + '{*'
-    const channels = await redis.call('PUBSUB', 'CHANNELS', pattern) as string[]
+    const broker = this.#o.broker
+    const channels = broker !== undefined ? await broker.channels(pattern) : await redis.call('PUBSUB', 'CHANNELS', pattern) as string[]
     if (channels.length === 0) return
-    const pipe = redis.pipeline()
-    for (const channel of channels) pipe.publish(channel, payload)
-    const sent = pipe.exec()
+    let sent: Promise<unknown>
+    if (broker !== undefined) {
+      sent = broker.publish(channels.map(c => [c, payload]))
+    } else {
+      const pipe = redis.pipeline()
+      for (const channel of channels) pipe.publish(channel, payload)
+      sent = pipe.exec()
+    }
     if (this.#o.local !== undefined) for (const channel of channels) this.#o.local(channel, payload)
     await sent
   }
@@ -165,9 +182,9 @@ export class Bridge {
     }
   }
 
-  async #read (): Promise<void> {
+  async #read (streams: string[]): Promise<void> {
     const { blocking, group, consumer, blockMs } = this.#o
-    const args = [...this.#streams, ...this.#streams.map(() => '>')]
+    const args = [...streams, ...streams.map(() => '>')]
     let backoff = 100
     while (this.#running) {
       try {
@@ -230,8 +247,12 @@ export class Bridge {
   }
 
   async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
-    const { redis, keys, group } = this.#o
+    const { redis, keys, group, broker } = this.#o
+    // Standalone: the PUBLISHes and the XACKs in one pipeline, publishes first. Sharded: the
+    // messages go to each channel's shard, and the XACKs follow once they were all taken.
+    const sharded = broker !== undefined && broker.kind === 'sharded'
     const pipe = redis.pipeline()
+    const acks: Array<[string, string[]]> = []
     const local: Array<[string, string]> = []
     const events: BridgeEvent[] = []
     for (const [stream, entries] of streams) {
@@ -242,17 +263,20 @@ export class Bridge {
         const message = relayMessage(id, fields)
         if (message !== null) {
           const channel = keys.channel(queue, message.jobId)
-          pipe.publish(channel, message.payload)
+          if (!sharded) pipe.publish(channel, message.payload)
           local.push([channel, message.payload])
           this.published++
           if (this.#o.onEvent !== undefined) events.push(bridgeEvent(queue, id, message.jobId, fields))
         }
       }
-      if (ids.length > 0) pipe.xack(stream, group, ...ids)
+      if (ids.length > 0) acks.push([stream, ids])
     }
+    if (!sharded) for (const [stream, ids] of acks) pipe.xack(stream, group, ...ids)
     ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, local.length)
     // Sent first, so the other instances are not kept waiting while this one serves its sockets.
-    const sent = pipe.exec()
+    const sent = sharded
+      ? (broker as Broker).publish(local).then(async () => await Promise.all(acks.map(async ([stream, ids]) => await redis.xack(stream, group, ...ids))))
+      : pipe.exec()
     if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
     await sent
     for (const event of events) {
@@ -271,7 +295,7 @@ export class Bridge {
     if (this.#claimTimer !== null) clearInterval(this.#claimTimer)
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()
-    await this.#loop
+    await Promise.all(this.#loops)
     // Leave no dead consumer behind in the group, unless it still holds entries for others to claim.
     for (const stream of this.#streams) {
       try {

@@ -3,7 +3,8 @@ import type { Redis } from 'ioredis'
 import { eta, isFinal, isNewer, parseProgress, type JobEvent } from './events'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
-import { whenReady } from './redis'
+import type { Broker } from './broker/index'
+import { RedisBroker } from './broker/redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
 import { JOB_LOST, parseRelay, RESYNC, type RelayMessage } from './wire/relay'
@@ -49,8 +50,10 @@ class Watch {
 export interface HubOptions {
   /** Commands (snapshots). */
   redis: Commands
-  /** A connection used for SUBSCRIBE only. */
-  subscriber: Redis
+  /** A connection used for SUBSCRIBE only (wrapped in a classic broker when `broker` is absent). */
+  subscriber?: Redis
+  /** The pub/sub to read from; classic on `subscriber` by default. */
+  broker?: Broker
   keys: Keys
   throttleMs: number
   /**
@@ -117,13 +120,13 @@ class Batcher<T, R> {
 export class Hub {
   readonly #opts: HubOptions
   readonly #t: Telemetry
+  readonly #broker: Broker
   readonly #watches = new Map<string, Watch>()
   readonly #sweep: NodeJS.Timeout | null
   #sweepQueue: Watch[] = []
-  #wasReady: boolean
   #closed = false
   readonly #subscribes = new Batcher<string, null>(async (channels) => {
-    await this.#opts.subscriber.subscribe(...channels)
+    await this.#broker.subscribe(channels)
     this.#t.count('redisCommands', { op: 'subscribe' })
     return channels.map(() => null)
   })
@@ -137,10 +140,11 @@ export class Hub {
   constructor (opts: HubOptions) {
     this.#opts = opts
     this.#t = opts.telemetry ?? noTelemetry
-    opts.subscriber.on('message', (channel: string, message: string) => this.#onMessage(channel, message))
-    this.#wasReady = opts.subscriber.status === 'ready'
-    // After a reconnect ioredis subscribes again, but what was published meanwhile is gone.
-    opts.subscriber.on('ready', () => { void this.#onSubscriberReady() })
+    if (opts.broker === undefined && opts.subscriber === undefined) throw new TypeError('Hub needs a broker or a subscriber connection')
+    this.#broker = opts.broker ?? new RedisBroker(opts.redis as Redis, opts.subscriber as Redis)
+    this.#broker.onMessage((channel, message) => this.#onMessage(channel, message))
+    // After a reconnect the subscriptions are made again, but what was published meanwhile is gone.
+    this.#broker.onRecover(() => { void this.#resync([...this.#watches.values()], 'reconnect') })
     const budget = opts.sweepReadsPerSecond ?? 1
     this.#sweep = budget > 0 ? setInterval(() => { void this.#sweepStep(budget) }, 1_000).unref() : null
     this.#t.gauge('watchedJobs', () => this.#watches.size)
@@ -219,7 +223,7 @@ export class Hub {
   async #first (watch: Watch): Promise<Snapshot | null> {
     // Ride out a reconnect in progress (ioredis retries every 2 s at most), but do not queue a
     // SUBSCRIBE behind an outage the client would wait on for ever.
-    if (!await whenReady(this.#opts.subscriber, SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
+    if (!await this.#broker.ready(SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
     // Opens in one turn of the event loop share one SUBSCRIBE and one pipelined read (storms).
     await this.#subscribes.add(watch.channel)
     const snapshot = await this.#firstReads.add(watch.target)
@@ -241,7 +245,7 @@ export class Hub {
     this.#watches.delete(watch.channel)
     if (watch.timer !== null) clearTimeout(watch.timer)
     if (!this.#closed) {
-      this.#opts.subscriber.unsubscribe(watch.channel).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))
+      this.#broker.unsubscribe([watch.channel]).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))
     }
   }
 
@@ -303,22 +307,6 @@ export class Hub {
       ts,
       version: formatVersion(at, watch.entry)
     })
-  }
-
-  async #onSubscriberReady (): Promise<void> {
-    if (!this.#wasReady) {
-      this.#wasReady = true
-      return
-    }
-    // A reconnect: whatever was published while the connection was down is lost. ioredis has
-    // re-sent the SUBSCRIBEs; one more round trip on that connection confirms they took effect
-    // before the re-read, so nothing falls between the two.
-    try {
-      await this.#opts.subscriber.ping()
-    } catch {
-      return
-    }
-    await this.#resync([...this.#watches.values()], 'reconnect')
   }
 
   /**

@@ -4,7 +4,8 @@ import fastifyWebsocket from '@fastify/websocket'
 import { Queue } from 'bullmq'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { Redis } from 'ioredis'
+import { Redis, type Cluster, type ClusterOptions, type RedisOptions } from 'ioredis'
+import { createBroker, isCluster } from './broker/index'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge, type BridgeEvent } from './bridge'
@@ -12,7 +13,7 @@ import { whenReady } from './redis'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './fanout'
-import { Keys } from './keys'
+import { clusterKeyProblem, Keys } from './keys'
 import { resolveOptions, type JobProgressOptions, type ResolvedOptions } from './options'
 import { Owners } from './owner'
 import { progressProtocol } from './protocols/progress'
@@ -65,12 +66,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   // Connections: the caller's command client is used as it is and left open at close; every
   // other connection is ours. One connection only SUBSCRIBEs, one only blocks on the bridge.
   const owned: Redis[] = []
-  const own = (redis: Redis): Redis => {
+  const own = <R extends Redis>(redis: R): R => {
     owned.push(redis)
     redis.on('error', (err: Error) => log.debug({ err }, 'job-progress: redis connection error'))
     return redis
   }
-  const connection = opts.connection
+  const connection = opts.connection as Redis | RedisOptions | string
   const redis = isRedis(connection)
     ? connection
     // Fail fast while Redis is down: an upload answers 503 instead of waiting on a reconnect.
@@ -79,8 +80,20 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       : new Redis({ ...connection, enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
   // BullMQ loads its Lua scripts onto the queues' connection, and ioredis copies every one of them
   // into each pipeline made on it: the plugin's own reads and publishes use a plain connection.
-  const cmd = own(redis.duplicate({ enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
-  const subscriber = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+  // A Cluster answers the same commands; it is typed as a client below and told apart at run
+  // time where it matters (pipelines per slot, sharded pub/sub). Its duplicate() takes start
+  // nodes and cluster options instead of client options.
+  const clustered = isCluster(redis)
+  if (clustered) {
+    const problem = clusterKeyProblem(opts.prefix, Object.entries(opts.kinds).map(([kind, k]) => k.queueName ?? kind))
+    if (problem !== null) throw new errors.InvalidOptionError(problem)
+  }
+  const dup = (clientOptions: RedisOptions, clusterOptions: ClusterOptions = {}): Redis => clustered
+    ? (redis as unknown as Cluster).duplicate([], clusterOptions) as unknown as Redis
+    : redis.duplicate(clientOptions)
+  const cmd = own(dup({ enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
+  const subscriber = own(dup({ enableOfflineQueue: true, maxRetriesPerRequest: null }, { shardedSubscribers: true }))
+  const broker = createBroker(cmd, subscriber, opts.pubsub)
   const ready = await Promise.all([whenReady(redis, 5_000), whenReady(cmd, 5_000)])
   if (!ready.every(Boolean)) log.warn('job-progress: Redis is not reachable yet; uploads answer 503 until it is')
 
@@ -100,17 +113,17 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
+  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
   if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
   if (opts.bridge.enabled) {
-    const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+    const blocking = own(dup({ enableOfflineQueue: true, maxRetriesPerRequest: null }, { redisOptions: { ...(redis as unknown as Cluster).options?.redisOptions, maxRetriesPerRequest: null } }))
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
     await bridge.start()
   }
 

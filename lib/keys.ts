@@ -66,6 +66,22 @@ export class Keys {
   }
 }
 
+/**
+ * On a Redis Cluster BullMQ runs multi-key scripts over a queue's keys, so they must share one
+ * slot: the prefix or each queue name must carry a hash tag. Null when they do, else what to write.
+ */
+export function clusterKeyProblem (prefix: string, queues: string[]): string | null {
+  const tag = (key: string): string | null => {
+    const open = key.indexOf('{')
+    const close = open < 0 ? -1 : key.indexOf('}', open + 1)
+    return close > open + 1 ? key.slice(open + 1, close) : null
+  }
+  const bad = queues.filter(queue => tag(`${prefix}:${queue}:`) === null)
+  if (bad.length === 0) return null
+  return `on a Redis Cluster every key of a BullMQ queue must be in one slot, but prefix "${prefix}" and queue ${bad.map(q => `"${q}"`).join(', ')} carry no hash tag: ` +
+    `set \`prefix: '{${prefix.replace(/[{}]/g, '')}}'\` (and the same prefix in your workers), or hash-tag each queue name (\`queueName: '{${bad[0]}}'\`)`
+}
+
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 /** Job ids are random UUIDs; anything else cannot be a job of ours and is answered as "not found". */

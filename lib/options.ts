@@ -2,7 +2,7 @@ import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import type { FastifyRequest } from 'fastify'
 import type { JobsOptions } from 'bullmq'
-import type { Redis, RedisOptions } from 'ioredis'
+import type { Cluster, Redis, RedisOptions } from 'ioredis'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
@@ -31,7 +31,7 @@ const KindSchema = Type.Object({
 }, { additionalProperties: false })
 
 export const OptionsSchema = Type.Object({
-  connection: Type.Unsafe<Redis | RedisOptions | string>(Type.Union([Type.String(), Type.Object({}, { additionalProperties: true })], { default: 'redis://127.0.0.1:6379' })),
+  connection: Type.Unsafe<Redis | Cluster | RedisOptions | string>(Type.Union([Type.String(), Type.Object({}, { additionalProperties: true })], { default: 'redis://127.0.0.1:6379' })),
   prefix: Type.String({ minLength: 1, default: 'bull' }),
   channelPrefix: Type.String({ minLength: 1, default: 'jp' }),
   // additionalProperties: without it a name that misses the pattern is not checked at all.
@@ -79,6 +79,7 @@ export const OptionsSchema = Type.Object({
   })),
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
   instanceId: Type.Optional(Type.String({ minLength: 1 })),
+  pubsub: Type.Optional(Type.Union([Type.Literal('classic'), Type.Literal('sharded')], { description: 'pub/sub style; default sharded on a Cluster connection, classic otherwise' })),
   metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
   telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' }))),
   webhooks: WebhooksSchema

@@ -2,6 +2,8 @@ import type { Cluster, Redis } from 'ioredis'
 import { eta, parseProgress, type JobEvent, type JobState } from './events'
 import { OWNER_FIELD, type Keys } from './keys'
 import { formatVersion, NO_ENTRY } from './wire/version'
+import { isCluster } from './broker/index'
+import { slotOf } from './broker/slot'
 
 /** A job's current state read from Redis, with what the routes need besides the event. */
 export interface Snapshot {
@@ -121,6 +123,23 @@ export async function readSnapshots (redis: Commands, keys: Keys, targets: Snaps
   if (targets.length === 1) {
     const reply = await (redis as unknown as Scripted).jpSnapshot(...snapshotArgs(keys, targets[0], withData))
     return [toSnapshot(targets[0], reply as Reply, withData, now)]
+  }
+  if (isCluster(redis)) {
+    // A cluster pipeline must stay on one node: one pipeline per slot (per queue, as a queue's
+    // keys share a slot), run side by side.
+    const groups = new Map<number, number[]>()
+    targets.forEach((target, i) => {
+      const slot = slotOf(keys.job(target.queue, target.jobId))
+      groups.set(slot, [...(groups.get(slot) ?? []), i])
+    })
+    if (groups.size > 1) {
+      const out: Array<Snapshot | null> = new Array(targets.length)
+      await Promise.all([...groups.values()].map(async (indexes) => {
+        const got = await readSnapshots(redis, keys, indexes.map(i => targets[i]), withData)
+        indexes.forEach((i, j) => { out[i] = got[j] })
+      }))
+      return out
+    }
   }
   const pipe = redis.pipeline() as unknown as Scripted & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
   for (const target of targets) void pipe.jpSnapshot(...snapshotArgs(keys, target, withData))
