@@ -59,10 +59,11 @@ export class Keys {
 
   /**
    * The cancellation mark of a job: holds its owner, outlives the job when a queued job is
-   * removed. In the queue's namespace (and slot); `jp:` cannot clash with a UUID job id.
+   * removed (BullMQ removes the job hash and its own suffixes, not this one). In the queue's
+   * namespace, so in its slot.
    */
   cancel (queue: string, jobId: string): string {
-    return `${this.prefix}:${queue}:jp:cancel:${jobId}`
+    return `${this.job(queue, jobId)}:jp-cancel`
   }
 }
 
