@@ -60,7 +60,7 @@ export interface HubOptions {
    * The safety sweep's budget: at most this many watched jobs re-read per second by this
    * instance, whatever the number watched; 0 turns it off. Faults are detected and repaired
    * without it; the sweep only bounds how long an undetected loss could last.
-   * @defaultValue 1
+   * @defaultValue 0.2
    */
   sweepReadsPerSecond?: number
   /** @deprecated ignored: convergence is paid per event and per fault, not on a timer. */
@@ -124,6 +124,7 @@ export class Hub {
   readonly #watches = new Map<string, Watch>()
   readonly #sweep: NodeJS.Timeout | null
   #sweepQueue: Watch[] = []
+  #credit = 0
   #closed = false
   readonly #subscribes = new Batcher<string, null>(async (channels) => {
     await this.#broker.subscribe(channels)
@@ -145,7 +146,7 @@ export class Hub {
     this.#broker.onMessage((channel, message) => this.#onMessage(channel, message))
     // After a reconnect the subscriptions are made again, but what was published meanwhile is gone.
     this.#broker.onRecover(() => { void this.#resync([...this.#watches.values()], 'reconnect') })
-    const budget = opts.sweepReadsPerSecond ?? 1
+    const budget = opts.sweepReadsPerSecond ?? 0.2
     this.#sweep = budget > 0 ? setInterval(() => { void this.#sweepStep(budget) }, 1_000).unref() : null
     this.#t.gauge('watchedJobs', () => this.#watches.size)
   }
@@ -338,8 +339,13 @@ export class Hub {
   /** The safety sweep: a fixed budget of reads per second, round robin over unfinished watches. */
   async #sweepStep (budget: number): Promise<void> {
     if (this.#closed || this.#opts.redis.status !== 'ready') return
+    // A fractional budget accrues: 0.2 is one read every 5 s.
+    this.#credit = Math.min(this.#credit + budget, Math.max(1, budget))
+    const take = Math.floor(this.#credit)
+    if (take === 0) return
+    this.#credit -= take
     const picked: Watch[] = []
-    while (picked.length < budget) {
+    while (picked.length < take) {
       if (this.#sweepQueue.length === 0) {
         this.#sweepQueue = [...this.#watches.values()]
         if (this.#sweepQueue.length === 0) break

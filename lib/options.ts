@@ -60,7 +60,7 @@ export const OptionsSchema = Type.Object({
   heartbeatIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   sendTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
   reconcileIntervalMs: Type.Integer({ minimum: 100, default: 5_000, description: 'deprecated, ignored: convergence is paid per event and per fault' }),
-  sweepReadsPerSecond: Type.Number({ minimum: 0, default: 1, description: 'safety sweep budget: watched jobs re-read per second per instance, whatever the number watched; 0 turns it off' }),
+  sweepReadsPerSecond: Type.Number({ minimum: 0, default: 0.2, description: 'safety sweep budget: watched jobs re-read per second per instance, whatever the number watched; 0 turns it off' }),
   maxSubscriptionsPerConnection: Type.Integer({ minimum: 1, default: 100 }),
   maxConnectionsPerOwner: Type.Integer({ minimum: 1, default: 50 }),
   firstMessageTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
