@@ -2,7 +2,9 @@
  * Idle cost and subscribe storms, in jobs: ACTIVE jobs held active (locked, nothing reporting),
  * W of them watched on the `jobs` protocol (100 subscriptions per socket), for each W given.
  * Reports the time until every subscription had its first message, and the Redis commands per
- * second per idle watched job above the baseline (the app running, nothing watched).
+ * second per idle watched job above the baseline (the app running, nothing watched). The peer in
+ * the same run: Socket.IO with its Redis adapter, each subscription an ownership read of the job
+ * then a room join, acknowledged.
  *
  *   npx tsx bench/idle-cost.ts [--active 20000] [--watched 200,2000,20000] [--seconds 10]
  */
@@ -10,6 +12,11 @@ import Fastify from 'fastify'
 import { Queue, Worker } from 'bullmq'
 import { randomUUID } from 'node:crypto'
 import WebSocket from 'ws'
+import { createAdapter } from '@socket.io/redis-adapter'
+import { Redis } from 'ioredis'
+import { createServer } from 'node:http'
+import { Server } from 'socket.io'
+import { io as sioClient, type Socket } from 'socket.io-client'
 import { jobProgress, jobsProtocol } from '../lib/index'
 import { BenchRedis, redisDelta } from './lib/redis'
 
@@ -84,6 +91,44 @@ async function main (): Promise<void> {
     await sleep(1000)
   }
   await app.close()
+
+  // The peer: Socket.IO with the Redis adapter.
+  const pub = new Redis(redis.url)
+  const sub = pub.duplicate()
+  const server = createServer()
+  const sio = new Server(server, { transports: ['websocket'], adapter: createAdapter(pub, sub) })
+  sio.on('connection', (socket) => {
+    socket.on('subscribe', (jobId: string, ack: (ok: boolean) => void) => {
+      pub.hget(`bull:batch:${jobId}`, 'data').then(data => {
+        if (data === null || (JSON.parse(data) as { owner?: string }).owner !== 'bench') return ack(false)
+        void socket.join(`job:${jobId}`)
+        ack(true)
+      }, () => ack(false))
+    })
+  })
+  await new Promise<void>(resolve => server.listen(0, '127.0.0.1', resolve))
+  const sioPort = (server.address() as { port: number }).port
+  process.stdout.write('\nSocket.IO + Redis adapter, same jobs:\n\n| watched jobs | sockets | storm: all rooms joined | commands/s above baseline | per watched job |\n| --- | --- | --- | --- | --- |\n')
+  for (const watched of WATCHED) {
+    const clients: Socket[] = []
+    const started = Date.now()
+    const acks: Array<Promise<unknown>> = []
+    for (let s = 0; s * PER_SOCKET < watched; s++) {
+      const mine = ids.slice(s * PER_SOCKET, Math.min(watched, (s + 1) * PER_SOCKET))
+      const client = sioClient(`http://127.0.0.1:${sioPort}`, { transports: ['websocket'], forceNew: true })
+      clients.push(client)
+      for (const id of mine) acks.push(new Promise(resolve => client.emit('subscribe', id, resolve)))
+    }
+    await Promise.all(acks)
+    const storm = Date.now() - started
+    const busy = await rate() - baseline
+    process.stdout.write(`| ${watched} | ${clients.length} | ${(storm / 1000).toFixed(2)} s | ${busy.toFixed(2)} | ${(busy / watched).toFixed(5)} |\n`)
+    for (const c of clients) c.disconnect()
+    await sleep(1000)
+  }
+  await new Promise(resolve => sio.close(resolve))
+  pub.disconnect()
+  sub.disconnect()
   await worker.close()
   await queue.close()
   await redis.stop()
