@@ -259,7 +259,11 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
     await Promise.all(owned.map(async r => {
       if (r.status === 'end') return
-      await r.quit().catch(() => r.disconnect())
+      // A QUIT to a node that died (a failed-over cluster master) would wait for ever.
+      let timer: NodeJS.Timeout | undefined
+      await Promise.race([r.quit().catch(() => {}), new Promise(resolve => { timer = setTimeout(resolve, 2_000) })])
+      clearTimeout(timer)
+      r.disconnect()
     }))
   })
 }

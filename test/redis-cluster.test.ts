@@ -47,7 +47,7 @@ function workerOn (t: { teardown: (fn: () => unknown) => void }, cluster: RedisC
   })
   worker.on('error', () => {})
   t.teardown(async () => {
-    await worker.close()
+    await worker.close(true)
     connection.disconnect()
   })
   return worker
