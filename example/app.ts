@@ -1,7 +1,9 @@
 import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastify'
+import { execFileSync } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { Cluster } from 'ioredis'
+import { clientFile } from '../lib/client-route'
 import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { scanProtocol, tokenSocketProtocol } from './protocols'
 
@@ -24,6 +26,8 @@ export interface ExampleConfig {
   /** `key:owner,key2:owner2` */
   apiKeys?: string
   logger?: FastifyServerOptions['logger']
+  /** The app's public base URL, for `ws_url` (PUBLIC_URL); without it `ws_url` is a path. */
+  publicUrl?: string
   /** Every kind delivers its final states here, signed with `webhookSecret` (`whsec_...`). */
   webhookUrl?: string
   webhookSecret?: string
@@ -44,8 +48,16 @@ export function parseApiKeys (value: string | undefined): Record<string, string>
   return keys
 }
 
-/** The example API: the plugin with seed 000's kinds, a demo page and a health route. */
+/** The page imports the client the plugin serves; `npm start` from a fresh clone builds it first. */
+function ensureClientBuilt (): void {
+  if (clientFile() !== null) return
+  const root = join(__dirname, '..')
+  execFileSync(process.execPath, [join(root, 'scripts', 'build-client.mjs'), '--js-only'], { cwd: root, stdio: 'inherit' })
+}
+
+/** The example API: the plugin with seed 000's kinds, a demo page (the plugin adds /health and /ready). */
 export async function buildApp (config: ExampleConfig): Promise<FastifyInstance> {
+  ensureClientBuilt()
   const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
   const webhook = config.webhookUrl === undefined || config.webhookUrl === '' ? undefined : { url: config.webhookUrl }
   await app.register(jobProgress, {
@@ -59,15 +71,14 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
     ...(config.sessionSecret !== undefined ? { session: { secret: config.sessionSecret } } : {}),
     ...(config.uploadDir !== undefined ? { uploadDir: config.uploadDir } : {}),
     apiKeys: parseApiKeys(config.apiKeys),
+    ...(config.publicUrl !== undefined && config.publicUrl !== '' ? { publicUrl: config.publicUrl } : {}),
     // Seed 002 at its path; seed 001's and seed 003's dialects as protocols of our own.
     protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' }), scanProtocol({ path: '/ws' }), tokenSocketProtocol({ path: '/api/v1/socket' })],
+    // The page below imports the client from here, without a bundler.
+    clientRoute: '/job-progress/client.js',
     ...config.plugin
   })
   const page = await readFile(join(__dirname, 'public', 'index.html'), 'utf8')
   app.get('/', async (_req, reply) => await reply.type('text/html').send(page))
-  app.get('/health', async (_req, reply) => {
-    const redis = app.jobProgress.redisReady()
-    return await reply.code(redis ? 200 : 503).send({ status: redis ? 'ok' : 'degraded', redis: redis ? 'up' : 'down', instance: app.jobProgress.instanceId, ...app.jobProgress.stats() })
-  })
   return app
 }

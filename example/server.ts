@@ -1,4 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import { connect } from 'node:net'
 import { Cluster, type Redis } from 'ioredis'
 import { createJobWorker, DiskStorage } from '../lib/index'
@@ -41,9 +42,13 @@ async function redisUrl (): Promise<string> {
   if (env.REDIS_URL !== undefined && env.REDIS_URL !== '') return env.REDIS_URL
   if (await reachable(6379)) return 'redis://127.0.0.1:6379'
   if (spawnSync('redis-server', ['--version']).status !== 0) {
-    fail(`Nothing answers at redis://127.0.0.1:6379 and redis-server is not installed.
-Start a Redis (for example: sudo apt-get install redis-server, or docker run -p 6379:6379 redis:7),
-or point REDIS_URL at one: REDIS_URL=redis://host:6379 npm start`)
+    // The same tool check `npm test` runs: installs redis-server with apt when it can, or names
+    // the command to run.
+    const script = join(__dirname, '..', 'scripts', 'ensure-tools.mjs')
+    process.stdout.write('No Redis at 127.0.0.1:6379 and no redis-server installed: getting one for this example.\n')
+    if (!existsSync(script) || spawnSync(process.execPath, [script, 'redis-server'], { stdio: 'inherit' }).status !== 0) {
+      fail('Start a Redis and point REDIS_URL at it (REDIS_URL=redis://host:6379 npm start), or install redis-server.')
+    }
   }
   const port = 6390 + Math.floor(Math.random() * 100)
   const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
@@ -78,7 +83,7 @@ async function main (): Promise<void> {
     const sessionSecret = env.SESSION_SECRET
     // WEBHOOK_URL and WEBHOOK_SECRET (whsec_...): final states of every kind are POSTed there.
     const webhooks = { ...(STALLED_INTERVAL_MS !== undefined ? { stalledIntervalMs: STALLED_INTERVAL_MS, lockDurationMs: 2 * STALLED_INTERVAL_MS } : {}), ...(env.WEBHOOK_BACKOFF_MS !== undefined ? { backoffMs: Number(env.WEBHOOK_BACKOFF_MS) } : {}) }
-    const app = await buildApp({ redisUrl: url, redisCluster: cluster, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks })
+    const app = await buildApp({ redisUrl: url, redisCluster: cluster, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, publicUrl: env.PUBLIC_URL, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks })
     if (sessionSecret === undefined) app.log.warn('SESSION_SECRET is not set: using a random one. Sessions break across restarts and across instances; set it in production.')
     try {
       await app.listen({ port: PORT, host: HOST })

@@ -26,23 +26,16 @@ export const UnsupportedFileTypeError = createError('FST_JP_UNSUPPORTED_FILE_TYP
 export const TooManyPartsError = createError('FST_JP_TOO_MANY_PARTS', 'The form has too many parts: at most %s (fields and files together)', 413)
 export const TooManyFieldsError = createError('FST_JP_TOO_MANY_FIELDS', 'The form has too many fields: at most %s', 413)
 export const NotMultipartError = createError('FST_JP_NOT_MULTIPART', 'Uploads must be sent as multipart/form-data', 415)
+export const FieldTooLargeError = createError('FST_JP_FIELD_TOO_LARGE', 'The form field "%s" is longer than the limit of %s bytes', 413)
+export const MalformedMultipartError = createError('FST_JP_MALFORMED_MULTIPART', 'Malformed multipart/form-data body: %s', 400)
+export const UploadIdleError = createError('FST_JP_UPLOAD_IDLE', 'The upload sent no data for %s ms: it was ended and its partial file removed; send it again', 408)
+export const UploadTimeoutError = createError('FST_JP_UPLOAD_TIMEOUT', 'The upload took longer than %s ms: it was ended and its partial file removed; send it again', 408)
+export const UploadShutdownError = createError('FST_JP_SHUTTING_DOWN', 'The server is shutting down: the upload was ended and its partial file removed; send it again', 503)
 
 // Webhooks
 export const WebhookUrlRefusedError = createError('FST_JP_WEBHOOK_URL_REFUSED', 'The webhook URL is refused: %s', 400)
 export const WebhookForbiddenError = createError('FST_JP_WEBHOOK_FORBIDDEN', 'Not allowed to manage webhook deliveries', 403)
 export const DeliveryNotFoundError = createError('FST_JP_DELIVERY_NOT_FOUND', 'No dead webhook delivery with this id', 404)
 
-/** WebSocket close codes the plugin uses; 1xxx are standard, 4xxx are ours. */
-export const CloseCodes = {
-  normal: 1000,
-  goingAway: 1001,
-  unsupportedData: 1003,
-  policyViolation: 1008,
-  tooBig: 1009,
-  tryAgainLater: 1013,
-  unauthorized: 4001,
-  forbidden: 4003
-} as const
-
-/** The close reason for a job that is missing or belongs to someone else: the two look alike on purpose. */
-export const NOT_FOUND_REASON = 'job not found or access denied'
+/** WebSocket close codes and their reasons live in the wire module, shared with the client. */
+export { CloseCodes, NOT_FOUND_REASON } from './wire/close-codes'

@@ -19,10 +19,15 @@ import { Owners } from './owner'
 import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
-import { SocketSession, type SocketContext } from './socket'
+import { Session, type SessionContext } from './session/session'
+import { startSessionTimers } from './session/timers'
+import { registerSseRoutes } from './transports/sse'
+import { registerClientRoute } from './client-route'
+import { WebSocketTransport } from './transports/websocket'
 import { readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
-import { uploadHandler } from './uploads'
+import { uploadHandler, uploadShutdown } from './uploads'
+import { registerHealth } from './health'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
 import { Webhooks } from './webhooks/index'
@@ -119,8 +124,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
   if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
+  let bridgeReady = (): boolean | null => null
   if (opts.bridge.enabled) {
     const blocking = own(dup({ enableOfflineQueue: true, maxRetriesPerRequest: null }, { redisOptions: { ...(redis as unknown as Cluster).options?.redisOptions, maxRetriesPerRequest: null } }))
+    bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
     bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
@@ -128,7 +135,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
 
   // Sockets close with 1001 before @fastify/websocket closes the rest: this hook is added first.
-  const sessions = new Set<SocketSession>()
+  const sessions = new Set<Session>()
   telemetry.gauge('socketsOpen', () => {
     const by = new Map<string, number>()
     for (const session of sessions) by.set(session.protocol.name, (by.get(session.protocol.name) ?? 0) + 1)
@@ -148,7 +155,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const k = opts.kinds[kind]
     return k === undefined ? undefined : k.queueName ?? kind
   }
-  const ctx: SocketContext = {
+  const ctx: SessionContext = {
     hub,
     owners,
     queueOf,
@@ -166,12 +173,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     maxConnectionsPerOwner: opts.maxConnectionsPerOwner,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection,
     maxPayload: opts.maxPayload,
+    maxBufferedBytes: opts.maxBufferedBytes,
     firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
     log
   }
 
+  const inflightUploads = uploadShutdown(fastify, opts)
   const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
-  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix), ...opts.protocols]
+  const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion }), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
     const basePath = k.basePath ?? `/${kind}`
@@ -191,48 +200,29 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath,
       beforeAdd: webhooks?.beforeAdd(kind)
-    }, opts, owners, storage))
+    }, opts, owners, storage, inflightUploads))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
+  registerSseRoutes(fastify, ctx, {
+    kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath ?? `/${kind}` })),
+    path: opts.ssePath,
+    retryMs: opts.sseRetryMs,
+    maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
+  })
+  if (opts.clientRoute !== false) registerClientRoute(fastify, opts.clientRoute)
   webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {
       fastify.get(path, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
-        const job = kind === undefined ? undefined : { kind, jobId: (request.params as { jobId: string }).jobId }
+        const jobs = kind === undefined ? [] : [{ kind, jobId: (request.params as { jobId: string }).jobId }]
         // eslint-disable-next-line no-new
-        new SocketSession(ctx, protocol, socket, request, job)
+        new Session(ctx, protocol, new WebSocketTransport(socket), request, jobs)
       })
     }
   }
 
-  // WebSocket-level ping/pong ends peers that vanished without a close; the same sweep closes
-  // clients whose sends have not drained in time, and sends the protocols' heartbeats.
-  const pingTimer = setInterval(() => {
-    for (const session of sessions) {
-      if (!session.alive) {
-        session.ws.terminate()
-        continue
-      }
-      session.alive = false
-      session.ws.ping()
-    }
-  }, opts.pingIntervalMs).unref()
-  const heartbeatTimer = setInterval(() => {
-    for (const session of sessions) {
-      if (session.owner !== null && session.protocol.heartbeat !== undefined) session.sendControl(session.protocol.heartbeat())
-    }
-  }, opts.heartbeatIntervalMs).unref()
-  const slowTimer = setInterval(() => {
-    const now = Date.now()
-    for (const session of sessions) {
-      if (session.outbox.stalledFor(now) > opts.sendTimeoutMs) {
-        log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
-        telemetry.count('slowClientsClosed')
-        session.ws.terminate()
-      }
-    }
-  }, Math.min(1_000, Math.ceil(opts.sendTimeoutMs / 4))).unref()
+  const stopTimers = startSessionTimers(sessions, { ...opts, log })
 
   fastify.decorate('jobProgress', {
     instanceId,
@@ -248,11 +238,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0, relayedLocally: hub.relayedLocally }),
     redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
   } satisfies JobProgress)
+  registerHealth(fastify, opts, () => bridgeReady())
 
   fastify.addHook('onClose', async () => {
-    clearInterval(pingTimer)
-    clearInterval(heartbeatTimer)
-    clearInterval(slowTimer)
+    stopTimers()
     await bridge?.close()
     await webhooks?.close()
     hub.close()

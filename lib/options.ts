@@ -37,6 +37,10 @@ export const OptionsSchema = Type.Object({
   // additionalProperties: without it a name that misses the pattern is not checked at all.
   kinds: Type.Record(Type.String({ pattern: KIND_NAME }), KindSchema, { minProperties: 1, additionalProperties: false }),
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
+  progressVersion: Type.Boolean({ default: false }),
+  ssePath: Type.String({ pattern: '^/', default: '/events' }),
+  sseRetryMs: Type.Integer({ minimum: 0, default: 2_000 }),
+  clientRoute: Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { default: false }),
   storage: Type.Optional(Type.Unsafe<Storage>(Type.Object({}, { additionalProperties: true }))),
   uploadDir: Type.String({ minLength: 1, default: join(tmpdir(), 'fastify-job-progress') }),
   limits: Type.Object({
@@ -45,6 +49,16 @@ export const OptionsSchema = Type.Object({
     fieldSize: Type.Integer({ minimum: 1, default: 64 * 1024 }),
     parts: Type.Integer({ minimum: 1, default: 30 })
   }, { default: {}, additionalProperties: false }),
+  uploads: Type.Object({
+    idleTimeoutMs: Type.Integer({ minimum: 100, default: 30_000, description: 'an upload that sends no data for this long is ended with 408' }),
+    requestTimeoutMs: Type.Integer({ minimum: 100, default: 10 * 60_000, description: 'an upload still sending after this long is ended with 408' }),
+    shutdownGraceMs: Type.Integer({ minimum: 0, default: 10_000, description: 'at close, uploads still sending after this long are ended with 503' })
+  }, { default: {}, additionalProperties: false }),
+  health: Type.Union([Type.Literal(false), Type.Object({
+    livePath: Type.String({ pattern: '^/', default: '/health' }),
+    readyPath: Type.String({ pattern: '^/', default: '/ready' })
+  }, { additionalProperties: false })], { default: {} }),
+  publicUrl: Type.Optional(Type.String({ pattern: '^(https?|wss?)://[^/?#]+(/[^?#]*)?$', description: 'public base URL of the app, used for `ws_url`; without it `ws_url` is a path' })),
   session: Type.Object({
     secret: Type.Optional(Type.Union([Type.String({ minLength: 16 }), Type.Array(Type.String({ minLength: 16 }), { minItems: 1 })])),
     cookieName: Type.String({ minLength: 1, default: 'jp_session' }),
@@ -56,6 +70,7 @@ export const OptionsSchema = Type.Object({
   allowedOrigins: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
   throttleMs: Type.Integer({ minimum: 0, default: 100 }),
   maxPayload: Type.Integer({ minimum: 16, default: 4096 }),
+  maxBufferedBytes: Type.Integer({ minimum: 1024, default: 4 * 1024 * 1024 }),
   pingIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   heartbeatIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   sendTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
@@ -105,9 +120,31 @@ export interface KindOptions {
   webhook?: KindWebhookOptions
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'webhooks'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks'>> & {
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
+  /**
+   * Time limits of an upload; each ends the upload with a clear status and removes its partial
+   * file. `idleTimeoutMs` (default 30 s): no data for that long, 408. `requestTimeoutMs` (default
+   * 10 min): still sending after that long, 408. `shutdownGraceMs` (default 10 s): at
+   * `app.close()`, uploads still sending after that long are ended with 503 so shutdown does not
+   * wait for a slow client.
+   */
+  uploads?: Partial<Resolved['uploads']>
+  /**
+   * Liveness (`livePath`, default `/health`: 200 while the process serves) and readiness
+   * (`readyPath`, default `/ready`: 200 when Redis is reachable and the bridge runs, else 503)
+   * routes; `false` adds neither (an app with its own).
+   */
+  health?: false | { livePath?: string, readyPath?: string }
+  /**
+   * The app's public base URL (`https://api.example.com`, optionally with a path prefix): the
+   * upload answer's `ws_url` is built from it (`http` becomes `ws`, `https` becomes `wss`). Without
+   * it `ws_url` is a path (`/ws/<kind>/<id>`) that the client resolves against the URL it called.
+   * Never taken from request headers (`Host`, `X-Forwarded-*`), which a client controls.
+   * @default undefined
+   */
+  publicUrl?: string
   session?: Partial<Resolved['session']>
   bridge?: Partial<Resolved['bridge']>
   webhooks?: WebhooksOptions

@@ -1,11 +1,13 @@
 import type { MultipartFile, MultipartValue } from '@fastify/multipart'
-import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Queue } from 'bullmq'
 import { randomUUID } from 'node:crypto'
 import { extname } from 'node:path'
+import type { Readable } from 'node:stream'
 import {
-  EmptyFileError, FileTooLargeError, NoFileError, NotMultipartError, QueueUnavailableError,
-  TooManyFieldsError, TooManyFilesError, TooManyPartsError, UnauthorizedError, UnsupportedFileTypeError
+  EmptyFileError, FieldTooLargeError, FileTooLargeError, MalformedMultipartError, NoFileError, NotMultipartError,
+  QueueUnavailableError, TooManyFieldsError, TooManyFilesError, TooManyPartsError, UnauthorizedError,
+  UnsupportedFileTypeError, UploadIdleError, UploadShutdownError, UploadTimeoutError
 } from './errors'
 import type { Owners } from './owner'
 import type { ResolvedOptions } from './options'
@@ -46,11 +48,77 @@ export function accepts (accept: string[], mimetype: string, filename: string): 
 }
 
 /**
+ * The uploads still being received, so that `app.close()` can end them after a grace period
+ * instead of waiting for a slow client (a trickling upload would otherwise hold the shutdown).
+ */
+export class InFlightUploads {
+  readonly #aborts = new Set<(err: Error) => void>()
+  #timer: NodeJS.Timeout | null = null
+  #closing = false
+
+  /** Calls `abort` at shutdown, unless the returned function was called first. */
+  track (abort: (err: Error) => void): () => void {
+    if (this.#closing && this.#timer === null) abort(new UploadShutdownError())
+    this.#aborts.add(abort)
+    return () => { this.#aborts.delete(abort) }
+  }
+
+  get size (): number {
+    return this.#aborts.size
+  }
+
+  get isClosing (): boolean {
+    return this.#closing
+  }
+
+  /** Starts the grace period: uploads still running when it ends are answered 503. */
+  closing (graceMs: number): void {
+    this.#closing = true
+    const abortAll = (): void => {
+      this.#timer = null
+      for (const abort of this.#aborts) abort(new UploadShutdownError())
+    }
+    if (graceMs === 0) abortAll()
+    else this.#timer = setTimeout(abortAll, graceMs)
+  }
+
+  closed (): void {
+    if (this.#timer !== null) clearTimeout(this.#timer)
+    this.#timer = null
+  }
+}
+
+/** Ties in-flight uploads to the app's close: a line in the plugin, the rest here. */
+export function uploadShutdown (fastify: FastifyInstance, opts: ResolvedOptions): InFlightUploads {
+  const inflight = new InFlightUploads()
+  fastify.addHook('preClose', async () => { inflight.closing(opts.uploads.shutdownGraceMs) })
+  fastify.addHook('onClose', async () => { inflight.closed() })
+  return inflight
+}
+
+/** `ws_url`: from the configured public URL, else a path; never from request headers. */
+export function wsUrl (publicUrl: string | undefined, path: string): string {
+  if (publicUrl === undefined) return path
+  return publicUrl.replace(/^http/, 'ws').replace(/\/+$/, '') + path
+}
+
+/**
+ * Errors of the multipart parser (a missing or wrong boundary, a missing end, bad part headers)
+ * are the client's: they carry no HTTP status and, unlike storage errors, no `syscall`.
+ */
+function isParserError (err: unknown): err is Error {
+  return err instanceof Error && (err as { statusCode?: number }).statusCode === undefined &&
+    (err as { syscall?: string }).syscall === undefined && (err as { code?: string }).code === undefined
+}
+
+/**
  * Builds the upload handler of one kind: the file is streamed to storage (never buffered whole),
  * then one BullMQ job is added. Whatever goes wrong before the job exists, the stored file is
- * removed, so a failed upload leaves neither a file nor a job behind.
+ * removed, so a failed upload leaves neither a file nor a job behind. An upload that goes idle,
+ * takes too long or is still running at shutdown is ended with its own status; its connection is
+ * closed after the answer, so the rest of a slow body is not waited for.
  */
-export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners: Owners, storage: Storage) {
+export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners: Owners, storage: Storage, inflight: InFlightUploads = new InFlightUploads()) {
   const limits = { ...opts.limits, fileSize: route.maxFileSize, files: 1 }
   // @fastify/multipart's limit errors, reworded with the limit so a person can act on them.
   const limitErrors: Record<string, () => Error> = {
@@ -59,6 +127,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     FST_PARTS_LIMIT: () => new TooManyPartsError(limits.parts),
     FST_FIELDS_LIMIT: () => new TooManyFieldsError(limits.fields)
   }
+  const { idleTimeoutMs, requestTimeoutMs } = opts.uploads
   return async function upload (request: FastifyRequest, reply: FastifyReply) {
     if (!request.isMultipart()) throw new NotMultipartError()
     let identity = await owners.fromRequest(request)
@@ -69,14 +138,53 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     // Refuse before reading a byte when the job could not be queued anyway.
     if (!route.queueReady()) throw new QueueUnavailableError()
 
+    // Ending an upload early: the file being written gets the error (storage removes its partial
+    // file), and a wait for the next part is cut short.
+    let current: Readable | null = null
+    let stop: ((err: Error) => void) | null = null
+    let ended: Error | null = null
+    const stopped = new Promise<never>((_resolve, reject) => { stop = reject })
+    stopped.catch(() => {})
+    const end = (err: Error): void => {
+      if (ended !== null) return
+      ended = err
+      current?.destroy(err)
+      stop?.(err)
+    }
+    const raw = request.raw
+    const idle = setTimeout(() => end(new UploadIdleError(idleTimeoutMs)), idleTimeoutMs)
+    const onData = (): void => { idle.refresh() }
+    raw.on('data', onData)
+    const total = setTimeout(() => end(new UploadTimeoutError(requestTimeoutMs)), requestTimeoutMs)
+    const untrack = inflight.track(end)
+    const done = (): void => {
+      clearTimeout(idle)
+      clearTimeout(total)
+      raw.off('data', onData)
+      untrack()
+    }
+
     const jobId = randomUUID()
     const fields: Record<string, string> = {}
     let stored: { key: string, size: number } | null = null
     let file: UploadJobData['file'] | null = null
+    // What the multipart parser raised (a bad body is the client's fault: 400); a failure of the
+    // storage, a hook or Redis is not.
+    let parserError: unknown = null
+    const fromParser = (err: unknown): never => {
+      parserError = err
+      throw err
+    }
     try {
-      for await (const part of request.parts({ limits })) {
+      const parts = request.parts({ limits })[Symbol.asyncIterator]()
+      for (;;) {
+        const next = await Promise.race([parts.next().catch(fromParser), stopped])
+        if (next.done === true) break
+        const part = next.value
         if (part.type === 'field') {
-          fields[part.fieldname] = String((part as MultipartValue).value)
+          const field = part as MultipartValue & { valueTruncated?: boolean, fieldnameTruncated?: boolean }
+          if (field.valueTruncated === true || field.fieldnameTruncated === true) throw new FieldTooLargeError(field.fieldname, limits.fieldSize)
+          fields[field.fieldname] = String(field.value)
           continue
         }
         const upload = part as MultipartFile
@@ -88,14 +196,24 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
           upload.file.resume()
           throw new UnsupportedFileTypeError(upload.mimetype, route.accept.join(', '))
         }
-        stored = await storage.write(upload.file, { kind: route.kind, jobId, filename: upload.filename, mimetype: upload.mimetype })
+        current = upload.file
+        try {
+          stored = await storage.write(upload.file, { kind: route.kind, jobId, filename: upload.filename, mimetype: upload.mimetype })
+        } catch (err) {
+          // The file's own stream failed: the body broke off inside the file part.
+          if (upload.file.errored === err) fromParser(err)
+          throw err
+        }
+        current = null
         if (upload.file.truncated) throw new FileTooLargeError(route.maxFileSize)
         if (stored.size === 0) throw new EmptyFileError(upload.filename)
         file = { key: stored.key, name: upload.filename, size: stored.size, type: upload.mimetype }
       }
+      done()
+      if (ended !== null) throw ended
       if (file === null) throw new NoFileError()
       // The client gave up while we were reading: nobody would ever learn this job's id.
-      if (request.raw.destroyed && !request.raw.complete) throw new Error('client aborted the upload')
+      if (raw.destroyed && !raw.complete) throw new Error('client aborted the upload')
       await route.beforeAdd?.(jobId, fields, identity.owner)
       const data: UploadJobData = { owner: identity.owner, kind: route.kind, file, fields }
       try {
@@ -104,17 +222,30 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
         request.log.warn({ err }, 'job-progress: could not add the job')
         throw new QueueUnavailableError()
       }
-    } catch (err) {
+    } catch (caught) {
+      done()
       if (stored !== null) await storage.remove(stored.key).catch(() => {})
+      const err = ended ?? caught
+      if (ended !== null || inflight.isClosing || (!raw.complete && !raw.destroyed)) {
+        // The rest of the body is not read: the connection closes once the answer is sent.
+        reply.header('connection', 'close')
+        reply.raw.once('finish', () => raw.socket?.destroy())
+      }
       const code = (err as { code?: string }).code
       if (code !== undefined && Object.hasOwn(limitErrors, code)) throw limitErrors[code]()
+      // (A client that left is not answered: its own abort is not a malformed body.)
+      if (err === parserError && isParserError(err) && !(raw.destroyed && !raw.complete)) throw new MalformedMultipartError(err.message)
       throw err
     }
-    const host = request.headers.host ?? `${request.hostname}`
+    // At shutdown, the connection is not kept alive for a next request that would be refused.
+    if (inflight.isClosing) reply.header('connection', 'close')
+    // Registered inside a prefixed context (`register(..., { prefix: '/api' })`), the routes
+    // carry the prefix: so do the URLs that point at them.
+    const prefix = request.server.prefix
     return reply.code(202).send({
       job_id: jobId,
-      status_url: route.statusUrl(jobId),
-      ws_url: `${request.protocol === 'https' ? 'wss' : 'ws'}://${host}${route.wsPath(jobId)}`
+      status_url: prefix + route.statusUrl(jobId),
+      ws_url: wsUrl(opts.publicUrl, prefix + route.wsPath(jobId))
     })
   }
 }

@@ -28,19 +28,43 @@ t.test('the example page in a browser: upload, live progress over the session co
   t.teardown(async () => await browser.close())
   const context = await browser.newContext()
   const page = await context.newPage()
+  const sockets: string[] = []
+  page.on('websocket', ws => sockets.push(ws.url()))
   await page.goto(origin + '/')
-  await page.setInputFiles('#file', { name: 'records.txt', mimeType: 'text/plain', buffer: Buffer.from('a\nb\nc\nd\ne\n') })
-  await page.click('button[type=submit]')
-  await page.waitForFunction(() => document.getElementById('status')?.textContent?.startsWith('complete'), undefined, { timeout: 20_000 })
-  t.equal(await page.textContent('#status'), 'complete: 100% (5/5), ETA 0 s')
-  const log = (await page.textContent('#log')) ?? ''
-  t.ok(log.split('\n').filter(Boolean).length >= 3, 'several progress messages arrived live')
+  t.equal(await page.textContent('#connection'), 'Idle', 'no connection before anything is watched')
+  await page.setInputFiles('#file', [
+    { name: 'first.txt', mimeType: 'text/plain', buffer: Buffer.from('a\nb\nc\nd\ne\n') },
+    { name: 'second.txt', mimeType: 'text/plain', buffer: Buffer.from('a\nb\nFAIL\nd\n') },
+    { name: 'third.txt', mimeType: 'text/plain', buffer: Buffer.from(Array.from({ length: 200 }, (_, i) => `r${i}`).join('\n')) }
+  ])
+  const card = (name: string): string => `article.job:has(.name:text-is("${name}"))`
+  await page.waitForSelector(`${card('first.txt')}[data-status=succeeded]`, { timeout: 20_000 })
+  t.match(await page.textContent(`${card('first.txt')} .outcome`), 'Done · lines: 5')
+  t.equal(await page.textContent(`${card('first.txt')} .info`), '5 of 5 records')
+  await page.waitForSelector(`${card('second.txt')}[data-status=failed]`, { timeout: 20_000 })
+  t.equal(await page.textContent(`${card('second.txt')} .outcome`), 'Failed: record on line 3 is FAIL')
+  // The long one: cancelled while it runs.
+  await page.waitForSelector(`${card('third.txt')}[data-status=running]`, { timeout: 20_000 })
+  t.match(await page.textContent(`${card('third.txt')} .info`), /^\d+ of 200 records/)
+  t.equal(await page.getAttribute('#connection', 'data-state'), 'live')
+  t.equal(await page.textContent('#connection'), 'Live')
+  await page.click(`${card('third.txt')} button.cancel`)
+  await page.waitForSelector(`${card('third.txt')}[data-status=cancelled]`, { timeout: 20_000 })
+  t.equal(await page.textContent(`${card('third.txt')} .outcome`), 'Cancelled.')
+  t.same(sockets.map(u => new URL(u).pathname), ['/api/v1/ws/jobs'], 'three jobs, one WebSocket')
+  await page.waitForSelector('#connection[data-state=idle]')
 
   const cookies = await context.cookies(origin)
   const session = cookies.find(c => c.name === 'jp_session')
   t.match(session, { httpOnly: true, sameSite: 'Lax' }, 'the session cookie is HttpOnly and SameSite=Lax')
-  const jobId = /"job_id":"([0-9a-f-]{36})"/.exec(log)?.[1]
+  const jobId = await page.getAttribute(card('first.txt'), 'data-job-id')
   t.ok(jobId, 'the page saw its job id')
+
+  const served = await fetch(`${origin}/job-progress/client.js`)
+  t.equal(served.headers.get('content-type'), 'text/javascript; charset=utf-8')
+  t.equal(served.headers.get('cache-control'), 'public, max-age=3600')
+  const again = await fetch(`${origin}/job-progress/client.js`, { headers: { 'if-none-match': served.headers.get('etag') as string } })
+  t.equal(again.status, 304, 'the module is served with an ETag')
 
   const other = await context.newPage()
   await other.goto(evilOrigin + '/')

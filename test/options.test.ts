@@ -116,7 +116,7 @@ t.test('defaults on a running app: routes, cookie, BullMQ prefix, limits and max
 
   const up = await upload(`${url}/batch/upload`, lines(2))
   t.equal(up.status, 202, 'upload at /<kind>/upload')
-  t.same(up.body, { job_id: up.body.job_id, status_url: `/batch/${up.body.job_id}/status`, ws_url: `ws://127.0.0.1:${port}/ws/batch/${up.body.job_id}` }, 'status at /<kind>/:id/status, socket at /ws/<kind>/:id')
+  t.same(up.body, { job_id: up.body.job_id, status_url: `/batch/${up.body.job_id}/status`, ws_url: `/ws/batch/${up.body.job_id}` }, 'status at /<kind>/:id/status, socket at /ws/<kind>/:id (a path: no publicUrl)')
   t.match(up.cookie, /^jp_session=/, 'the session cookie is jp_session')
   t.same(await jobKeys(redis, 'batch', 'bull'), [`bull:batch:${up.body.job_id}`], "BullMQ's default prefix and the kind as the queue name")
   t.equal(app.jobProgress.storage.constructor.name, 'DiskStorage', 'disk storage by default')
@@ -127,7 +127,7 @@ t.test('defaults on a running app: routes, cookie, BullMQ prefix, limits and max
   t.equal(many.status, 413)
   t.match(many.body, { message: 'The form has too many fields: at most 20' }, 'the default field limit applies')
 
-  const ok = connect(t, up.body.ws_url, { cookie: up.cookie })
+  const ok = connect(t, `ws://127.0.0.1:${port}${up.body.ws_url}`, { cookie: up.cookie })
   await ok.waitFor(m => m.job_id === up.body.job_id)
   ok.send('x'.repeat(4096))
   await new Promise(resolve => setTimeout(resolve, 100))

@@ -2,6 +2,7 @@ import t from 'tap'
 import { once } from 'node:events'
 import WebSocket, { WebSocketServer } from 'ws'
 import { Outbox } from '../lib/outbox'
+import { WebSocketTransport } from '../lib/transports/websocket'
 
 /** A real server socket whose client has stopped reading. */
 async function stalledPair (t: { teardown: (fn: () => unknown) => void }) {
@@ -22,7 +23,7 @@ async function stalledPair (t: { teardown: (fn: () => unknown) => void }) {
 
 t.test('a waiting progress message is replaced by the newer one, which goes behind later control messages', async (t) => {
   const { server, client, received } = await stalledPair(t)
-  const outbox = new Outbox(server)
+  const outbox = new Outbox(new WebSocketTransport(server))
   // More than the kernel takes from a reader that has stopped: everything after it waits.
   outbox.send('big:' + 'x'.repeat(16 * 1024 * 1024))
   outbox.send('progress-1', 'job')
@@ -43,7 +44,7 @@ t.test('a waiting progress message is replaced by the newer one, which goes behi
 
 t.test('closeWhenFlushed closes only after what was queued before it', async (t) => {
   const { server, client, received } = await stalledPair(t)
-  const outbox = new Outbox(server)
+  const outbox = new Outbox(new WebSocketTransport(server))
   outbox.send('big:' + 'x'.repeat(16 * 1024 * 1024))
   outbox.send('final', 'job', true)
   outbox.closeWhenFlushed(1000, 'job finished')
@@ -53,4 +54,35 @@ t.test('closeWhenFlushed closes only after what was queued before it', async (t)
   t.equal(code, 1000)
   t.equal(String(reason), 'job finished')
   t.same(received.map(r => r.startsWith('big:') ? 'big' : r), ['big', 'final'])
+})
+
+t.test('unread bytes over maxBytes: onOverflow once, the queue let go, nothing more queued', async (t) => {
+  const { server } = await stalledPair(t)
+  let overflows = 0
+  // Unflushed bytes count too: the limit is above what the first send leaves in the transport.
+  const outbox = new Outbox(new WebSocketTransport(server), { maxBytes: 17 * 1024 * 1024, onOverflow: () => overflows++ })
+  outbox.send('big:' + 'x'.repeat(16 * 1024 * 1024))
+  // Replies without a job are never conflated: they are what a client that never reads piles up.
+  let sent = 0
+  while (sent < 4000) {
+    sent++
+    outbox.send('{"type":"pong"}'.padEnd(1024))
+    if (outbox.queuedBytes === 0 && sent > 1) break
+  }
+  t.equal(overflows, 1, 'the limit was reached')
+  t.ok(sent > 100, `the limit counts queued replies (${sent} sent before it)`)
+  t.equal(outbox.queuedBytes, 0, 'what waited was dropped')
+  outbox.send('after')
+  t.equal(outbox.queuedBytes, 0, 'nothing is queued after the overflow')
+  t.equal(overflows, 1, 'reported once')
+})
+
+t.test('a conflated message counts once against the limit', async (t) => {
+  const { server } = await stalledPair(t)
+  let overflows = 0
+  const outbox = new Outbox(new WebSocketTransport(server), { maxBytes: 17 * 1024 * 1024, onOverflow: () => overflows++ })
+  outbox.send('big:' + 'x'.repeat(16 * 1024 * 1024))
+  for (let i = 0; i < 1000; i++) outbox.send(`progress-${i}`.padEnd(1024), 'job')
+  t.equal(overflows, 0, 'a thousand progress updates of one job hold one slot')
+  t.equal(outbox.queuedBytes, 1024)
 })

@@ -119,3 +119,31 @@ t.test('the per-job routes under the same prefix still work beside it', async (t
   t.match(await client.waitFor(() => true), { job_id: up.body.job_id, status: 'processing' })
   t.equal(up.body.ws_url, `${ws}/ws/batch/${up.body.job_id}`)
 })
+
+t.test('a finished run and a running one subscribed in one write: the socket stays until both ended', async (t) => {
+  const { url, ws, redis, uploadDir } = await setup(t)
+  const done = await upload(`${url}/batch/upload`, lines(1))
+  const cookie = done.cookie
+  const worker = startWorker(t, redis, 'batch', uploadDir)
+  await new Promise(resolve => worker.once('completed', resolve))
+  await worker.close()
+  const running = await upload(`${url}/batch/upload`, lines(3), { cookie })
+
+  const client = connect(t, `${ws}/ws`, { cookie })
+  await client.opened
+  // Both frames in one TCP write: the server parses them in one go.
+  const tcp = (client.socket as unknown as { _socket: { cork: () => void, uncork: () => void } })._socket
+  tcp.cork()
+  client.send({ type: 'subscribe', run_uuid: done.body.job_id })
+  client.send({ type: 'subscribe', run_uuid: running.body.job_id })
+  tcp.uncork()
+  await client.waitFor(m => m.type === 'status_update' && m.run_uuid === done.body.job_id && m.data.status === 'optimal')
+  await client.waitFor(m => m.type === 'status_update' && m.run_uuid === running.body.job_id)
+  client.send({ type: 'bogus' })
+  await client.waitFor(m => m.type === 'error')
+  t.equal(client.socket.readyState, 1, 'still open: the running job has not ended')
+
+  startWorker(t, redis, 'batch', uploadDir)
+  await client.waitFor(m => m.run_uuid === running.body.job_id && m.data.status === 'optimal')
+  t.same(await client.closed, { code: 1000, reason: 'job finished' })
+})

@@ -82,7 +82,7 @@ t.test('a client that stops reading is closed after sendTimeoutMs; the other wat
 
 t.test('a paused client gets conflated progress: fewer messages, monotonic, ending with the final one', async (t) => {
   // Long enough that nobody is closed here: this is about what a lagging client receives.
-  const { url, ws, redis, uploadDir } = await setup(t, { sendTimeoutMs: 60_000 })
+  const { url, ws, redis, uploadDir } = await setup(t, { sendTimeoutMs: 60_000, maxBufferedBytes: 64 * 1024 * 1024 })
   const big = await upload(`${url}/dataset/upload`, lines(1))
   const cookie = big.cookie
   const busy = await upload(`${url}/batch/upload`, lines(40), { cookie })

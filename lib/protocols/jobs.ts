@@ -1,27 +1,13 @@
 import { percent, type JobEvent } from '../events'
+import type { JobUpdateMessage } from '../wire/messages'
 import type { ClientAction, ProtocolDefinition } from './types'
+
+export type { JobUpdateMessage }
 
 const STATUS = { queued: 'queued', active: 'running', completed: 'succeeded', failed: 'failed', cancelled: 'cancelled' } as const
 
 /** Whole seconds since the epoch: the seed's `ts` is an integer Unix time. */
 const ts = (): number => Math.floor(Date.now() / 1000)
-
-/** What the `jobs` protocol sends for a job event. */
-export interface JobUpdateMessage {
-  type: 'job_update'
-  job_id: string
-  status: 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled'
-  /** The job's return value on `succeeded`, else null. */
-  result: unknown
-  /** Why it ended on `failed` and `cancelled`, else null. */
-  error: string | null
-  /** Beyond the seed: percent done (0-100, one decimal), items done and in all, ETA. */
-  progress: number
-  processed: number
-  total: number
-  eta_seconds: number | null
-  ts: number
-}
 
 /**
  * Renders the internal event as a `job_update`. It is sent on every change, not only on status
@@ -39,7 +25,9 @@ export function jobUpdate (event: JobEvent): JobUpdateMessage {
     processed: Math.floor(event.processed),
     total: Math.floor(event.total),
     eta_seconds: event.etaSeconds,
-    ts: Math.floor(event.ts / 1000)
+    ts: Math.floor(event.ts / 1000),
+    // Absent rather than undefined: JSON.stringify would drop it anyway, tests compare objects.
+    ...(event.version !== undefined ? { version: event.version } : {})
   }
 }
 
@@ -90,7 +78,7 @@ export function jobsProtocol (opts: JobsProtocolOptions = {}): ProtocolDefinitio
     authFailed: (reason) => ({ type: 'error', message: reason, ts: ts() }),
     subscribed: (jobId) => ({ type: 'subscribed', job_id: jobId, ts: ts() }),
     unsubscribed: (jobId) => ({ type: 'unsubscribed', job_id: jobId, ts: ts() }),
-    error: (message) => ({ type: 'error', message, ts: ts() }),
+    error: (message, jobId) => ({ type: 'error', message, ...(jobId !== undefined ? { job_id: jobId } : {}), ts: ts() }),
     heartbeat: () => ({ type: 'heartbeat', ts: ts() }),
     pong: () => ({ type: 'pong', ts: ts() })
   }

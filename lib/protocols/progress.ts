@@ -1,18 +1,10 @@
 import { isFinal, percent, type JobEvent } from '../events'
+import type { ProgressMessage } from '../wire/messages'
 import type { ProtocolDefinition } from './types'
 
-const STATUS = { queued: 'processing', active: 'processing', completed: 'complete', failed: 'failed', cancelled: 'cancelled' } as const
+export type { ProgressMessage }
 
-/** Seed 000's message: exactly these fields, plus `error` on failed and cancelled. */
-export interface ProgressMessage {
-  job_id: string
-  status: 'processing' | 'complete' | 'failed' | 'cancelled'
-  progress: number
-  processed: number
-  total: number
-  eta_seconds: number | null
-  error?: string
-}
+const STATUS = { queued: 'processing', active: 'processing', completed: 'complete', failed: 'failed', cancelled: 'cancelled' } as const
 
 /** Renders the internal event as seed 000's progress message (also the status route's body). */
 export function progressMessage (event: JobEvent): ProgressMessage {
@@ -31,13 +23,23 @@ export function progressMessage (event: JobEvent): ProgressMessage {
 /**
  * `progress`: one socket per job at `<wsPrefix>/<kind>/:jobId`; a snapshot at once, then every
  * change, then the final message and a 1000 close. Text frames (the seed's `ping`) are ignored.
+ * `version: true` adds the job's version to each message (off by default: seed 000's format is
+ * exact).
  */
-export function progressProtocol (wsPrefix: string): ProtocolDefinition {
+export function progressProtocol (wsPrefix: string, opts: { version?: boolean } = {}): ProtocolDefinition {
   return {
     name: 'progress',
     path: wsPrefix,
     perJob: true,
     closeOnFinal: true,
-    render: progressMessage
+    // Seed 000's clients compare the message exactly: the version only when asked for.
+    render: opts.version === true ? versionedProgressMessage : progressMessage
   }
+}
+
+/** Seed 000's message plus the job's version, when the event has one. */
+export function versionedProgressMessage (event: JobEvent): ProgressMessage {
+  const message = progressMessage(event)
+  if (event.version !== undefined) message.version = event.version
+  return message
 }

@@ -1,9 +1,10 @@
-import { spawn, type ChildProcess } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
 import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { freePort, RedisServer } from './redis'
 import { tempDir } from './index'
+import { spawnTracked } from './tracked'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -11,12 +12,6 @@ interface Teardown { teardown: (fn: () => unknown) => void }
 export const ROOT = resolve(__dirname, '..', '..')
 export const NGINX_CONF = join(ROOT, 'deploy', 'nginx.conf')
 export const SESSION_SECRET = 'a-cluster-secret-shared-by-every-instance'
-
-/** Every child still running, so that a crashed test run leaves no process behind. */
-const live = new Set<ChildProcess>()
-process.once('exit', () => {
-  for (const child of live) child.kill('SIGKILL')
-})
 
 /** A child process of the cluster, with the tail of its output for error messages. */
 export class Proc {
@@ -28,12 +23,15 @@ export class Proc {
 
   constructor (name: string, command: string, args: string[], env: NodeJS.ProcessEnv) {
     this.name = name
-    this.child = spawn(command, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
-    live.add(this.child)
-    this.exited = new Promise(resolve => this.child.once('exit', () => {
-      live.delete(this.child)
-      resolve()
-    }))
+    this.child = spawnTracked(command, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] })
+    this.exited = new Promise(resolve => {
+      if (this.child.pid === undefined) {
+        this.#output = `${command}: not found (npm test installs it: see scripts/ensure-tools.mjs)`
+        resolve()
+      } else {
+        this.child.once('exit', () => resolve())
+      }
+    })
     const keep = (chunk: Buffer): void => {
       this.#output = (this.#output + chunk.toString()).slice(-4000)
       for (const listener of this.#listeners) listener()
@@ -47,7 +45,7 @@ export class Proc {
   }
 
   get running (): boolean {
-    return this.child.exitCode === null && this.child.signalCode === null
+    return this.child.pid !== undefined && this.child.exitCode === null && this.child.signalCode === null
   }
 
   /** Resolves once the process printed `text`; rejects if it exits first. */
@@ -133,6 +131,7 @@ export class Cluster {
   readonly #workerEnv: Record<string, string>
   readonly #t: Teardown
   #workerCount = 0
+  #nginxPort: number | undefined
 
   private constructor (t: Teardown, redis: RedisServer, uploadDir: string, opts: ClusterOptions) {
     this.#t = t
@@ -145,7 +144,11 @@ export class Cluster {
   static async start (t: Teardown, opts: ClusterOptions = {}): Promise<Cluster> {
     const redis = await RedisServer.start()
     const uploadDir = await tempDir(t, 'jp-cluster-uploads-')
-    const cluster = new Cluster(t, redis, uploadDir, opts)
+    // nginx's port is chosen first: it is the public URL the API instances build `ws_url` from.
+    const nginxPort = opts.nginx === true ? await freePort() : undefined
+    const env = { ...(nginxPort !== undefined ? { PUBLIC_URL: `http://127.0.0.1:${nginxPort}` } : {}), ...opts.env }
+    const cluster = new Cluster(t, redis, uploadDir, { ...opts, env })
+    cluster.#nginxPort = nginxPort
     // One teardown, in order: the front first, then the apps and workers, Redis last.
     t.teardown(async () => {
       await cluster.nginx?.proc.stop('SIGTERM')
@@ -196,7 +199,7 @@ export class Cluster {
   /** Runs nginx with deploy/nginx.conf in front of the API instances started so far. */
   async startNginx (): Promise<NginxProc> {
     const prefix = await tempDir(this.#t, 'jp-nginx-')
-    const port = await freePort()
+    const port = this.#nginxPort ?? await freePort()
     const conf = renderNginxConf(await readFile(NGINX_CONF, 'utf8'), {
       servers: this.apis.map(a => `127.0.0.1:${a.port}`),
       port,

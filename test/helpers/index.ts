@@ -1,11 +1,9 @@
 import Fastify, { type FastifyInstance } from 'fastify'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import WebSocket from 'ws'
 import { createJobWorker, DiskStorage, jobProgress, type JobContext, type JobProgressOptions } from '../../lib/index'
-import { RedisServer } from './redis'
+import { freePort, RedisServer } from './redis'
+import { mkdtempTracked, removeTracked } from './tracked'
 
 export { RedisServer, freePort } from './redis'
 
@@ -20,8 +18,8 @@ export async function redisFor (t: Teardown): Promise<RedisServer> {
 
 /** A temp directory removed at teardown. */
 export async function tempDir (t: Teardown, name = 'jp-test-'): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), name))
-  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  const dir = mkdtempTracked(name)
+  t.teardown(() => removeTracked(dir))
   return dir
 }
 
@@ -38,8 +36,11 @@ export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<J
   const uploadDir = opts.uploadDir ?? await tempDir(t, 'jp-uploads-')
   const app = Fastify({ logger: false })
   if (setup !== undefined) await setup(app)
+  // The port is chosen first so that the app's public URL (and so `ws_url`) can name it.
+  const listenPort = await freePort()
   await app.register(jobProgress, {
     connection: redis.url,
+    publicUrl: `http://127.0.0.1:${listenPort}`,
     kinds: { batch: {}, dataset: {} },
     session: { secret: 'a-test-secret-of-enough-length' },
     reconcileIntervalMs: 500,
@@ -48,9 +49,9 @@ export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<J
     ...opts,
     uploadDir
   })
-  await app.listen({ port: 0, host: '127.0.0.1' })
+  await app.listen({ port: listenPort, host: '127.0.0.1' })
   t.teardown(async () => await app.close())
-  const { port } = app.server.address() as { port: number }
+  const port = listenPort
   return { app, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, storage: new DiskStorage(uploadDir), uploadDir }
 }
 

@@ -1,9 +1,7 @@
-import { spawn, type ChildProcess } from 'node:child_process'
-import { mkdtemp, rm } from 'node:fs/promises'
+import type { ChildProcess } from 'node:child_process'
 import { createServer } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { Redis } from 'ioredis'
+import { mkdtempTracked, removeTracked, spawnTracked } from './tracked'
 
 /** A free TCP port on 127.0.0.1. */
 export async function freePort (): Promise<number> {
@@ -33,8 +31,13 @@ export class RedisServer {
   }
 
   static async start (): Promise<RedisServer> {
-    const server = new RedisServer(await freePort(), await mkdtemp(join(tmpdir(), 'jp-redis-')))
-    await server.up()
+    const server = new RedisServer(await freePort(), mkdtempTracked('jp-redis-'))
+    try {
+      await server.up()
+    } catch (err) {
+      await server.stop()
+      throw err
+    }
     return server
   }
 
@@ -44,7 +47,7 @@ export class RedisServer {
 
   async up (): Promise<void> {
     if (this.#proc !== null && this.#proc.exitCode === null) return
-    const proc = spawn('redis-server', [
+    const proc = spawnTracked('redis-server', [
       '--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir,
       '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--daemonize', 'no', '--loglevel', 'warning'
     ], { stdio: 'ignore' })
@@ -60,7 +63,11 @@ export class RedisServer {
         return
       } catch {
         probe.disconnect()
-        if (Date.now() > deadline || proc.exitCode !== null) throw new Error(`redis-server did not start on port ${this.port}`)
+        if (Date.now() > deadline || proc.exitCode !== null || proc.pid === undefined) {
+          if (proc.pid === undefined) throw new Error('redis-server is not installed (npm test installs it: see scripts/ensure-tools.mjs)')
+          await this.down()
+          throw new Error(`redis-server did not start on port ${this.port}`)
+        }
         await new Promise(resolve => setTimeout(resolve, 50))
       }
     }
@@ -70,7 +77,7 @@ export class RedisServer {
   async down (): Promise<void> {
     const proc = this.#proc
     this.#proc = null
-    if (proc === null || proc.exitCode !== null) return
+    if (proc === null || proc.exitCode !== null || proc.signalCode !== null || proc.pid === undefined) return
     await new Promise<void>(resolve => {
       proc.once('exit', () => resolve())
       proc.kill('SIGTERM')
@@ -84,7 +91,7 @@ export class RedisServer {
 
   async stop (): Promise<void> {
     await this.down()
-    await rm(this.dir, { recursive: true, force: true })
+    removeTracked(this.dir)
   }
 
   /** A new client (the caller closes it). */

@@ -1,30 +1,36 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
-import type { RawData, WebSocket } from 'ws'
-import { CloseCodes, NOT_FOUND_REASON, UnauthorizedError } from './errors'
-import { isFinal, type JobEvent } from './events'
-import type { Hub, OpenedJob, Sink } from './fanout'
-import { isJobId } from './keys'
-import { Outbox } from './outbox'
-import type { Owners } from './owner'
-import type { ClientAction, ProtocolDefinition, ServerMessage } from './protocols/types'
-import type { SnapshotTarget } from './snapshot'
+import { UnauthorizedError } from '../errors'
+import { isFinal, type JobEvent } from '../events'
+import type { Hub, OpenedJob, Sink } from '../fanout'
+import { isJobId } from '../keys'
+import { Outbox } from '../outbox'
+import type { Owners } from '../owner'
+import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
+import type { SnapshotTarget } from '../snapshot'
+import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
+import type { Transport } from './transport'
 
-/** What every socket of one plugin instance shares. */
-export interface SocketContext {
+/** What every session of one plugin instance shares. */
+export interface SessionContext {
   hub: Hub
   owners: Owners
   /** The queue of a kind, or undefined for a kind we do not serve. */
   queueOf: (kind: string) => string | undefined
   /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
   findKind: (jobId: string) => Promise<string | null>
-  sessions: Set<SocketSession>
+  sessions: Set<Session>
   connectionsPerOwner: Map<string, number>
   maxConnectionsPerOwner: number
   maxSubscriptionsPerConnection: number
   maxPayload: number
+  /** Bytes a connection may leave unread (queued and unflushed) before it is closed. */
+  maxBufferedBytes: number
   firstMessageTimeoutMs: number
   log: FastifyBaseLogger
 }
+
+/** A job a session starts with (named by the route, not by a client message). */
+export interface InitialJob { kind?: string, jobId: string }
 
 interface Subscription {
   opened: OpenedJob
@@ -36,19 +42,12 @@ interface Subscription {
   sent?: string
 }
 
-/** A close reason must fit in 123 bytes of UTF-8, and error texts may quote what a client sent. */
-function closeReason (text: string): string {
-  let reason = text.slice(0, 123)
-  while (Buffer.byteLength(reason) > 123) reason = reason.slice(0, -1)
-  return reason
-}
-
 const serialize = (message: ServerMessage): string | undefined =>
   message === undefined ? undefined : typeof message === 'string' ? message : JSON.stringify(message)
 
 /**
- * The hub hands the same event object to every socket watching the job, one after the other:
- * render and serialize it once per protocol, not once per socket.
+ * The hub hands the same event object to every session watching the job, one after the other:
+ * render and serialize it once per protocol, not once per session.
  */
 interface Rendered { event: JobEvent, text: string | undefined, bytes: Buffer | undefined }
 const rendered = new WeakMap<ProtocolDefinition, Rendered>()
@@ -56,47 +55,52 @@ function renderOnce (protocol: ProtocolDefinition, event: JobEvent): Rendered {
   const last = rendered.get(protocol)
   if (last !== undefined && last.event === event) return last
   const text = serialize(protocol.render(event))
-  // Encoded once too: ws would otherwise turn the same string into bytes for every socket.
+  // Encoded once too: the transport would otherwise turn the same string into bytes for each.
   const next = { event, text, bytes: text === undefined ? undefined : Buffer.from(text) }
   rendered.set(protocol, next)
   return next
 }
 
 /**
- * One client socket under one protocol: authenticates it, checks ownership before any job data
- * leaves, subscribes its jobs through the hub, and applies the limits. The protocol only renders.
+ * One client connection under one protocol, over any transport: authenticates it, checks
+ * ownership before any job data leaves, subscribes its jobs through the hub, and applies the
+ * limits. The protocol only renders; the transport only carries.
  */
-export class SocketSession {
-  readonly ws: WebSocket
+export class Session {
+  readonly transport: Transport
   readonly outbox: Outbox
   readonly protocol: ProtocolDefinition
-  /** Answered the last ping: the plugin's ping sweep ends peers that stop answering. */
-  alive = true
   owner: string | null = null
-  readonly #ctx: SocketContext
+  readonly #ctx: SessionContext
   readonly #request: FastifyRequest
   readonly #subs = new Map<string, Subscription>()
   #state: 'auth' | 'ready' | 'closed' = 'auth'
   #chain: Promise<void> = Promise.resolve()
   #early: string[] = []
   #authTimer: NodeJS.Timeout | null = null
+  /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
+  #pending = 0
 
-  /** Call synchronously from the route handler: frames that arrive before auth ends are kept. */
-  constructor (ctx: SocketContext, protocol: ProtocolDefinition, ws: WebSocket, request: FastifyRequest, job?: { kind: string, jobId: string }) {
+  /** Call synchronously from the route handler: messages that arrive before auth ends are kept. */
+  constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = []) {
     this.#ctx = ctx
     this.protocol = protocol
-    this.ws = ws
+    this.transport = transport
     this.#request = request
-    this.outbox = new Outbox(ws)
+    this.outbox = new Outbox(transport, {
+      maxBytes: ctx.maxBufferedBytes,
+      onOverflow: () => this.#overflow()
+    })
     ctx.sessions.add(this)
-    ws.on('message', (data, isBinary) => this.#onFrame(data, isBinary))
-    ws.on('pong', () => { this.alive = true })
-    ws.on('error', (err) => ctx.log.debug({ err }, 'job-progress: socket error'))
-    ws.on('close', () => this.#cleanup())
+    transport.bind({
+      message: (data, isBinary, size) => this.#onFrame(data, isBinary, size),
+      close: () => this.#cleanup()
+    })
     if (protocol.auth === 'first-message') {
       this.#authTimer = setTimeout(() => this.#refuse('authentication timeout: send {"token": "..."} first'), ctx.firstMessageTimeoutMs).unref()
     } else {
-      this.#enqueue(() => this.#authenticate(job))
+      this.#pending += jobs.length
+      this.#enqueue(() => this.#authenticate(jobs))
     }
   }
 
@@ -111,18 +115,26 @@ export class SocketSession {
   }
 
   close (code: number, reason: string): void {
-    if (this.ws.readyState === 0 || this.ws.readyState === 1) this.ws.close(code, reason)
+    this.transport.close(code, closeReason(code, reason))
     this.#cleanup()
+  }
+
+  #overflow (): void {
+    this.#ctx.log.info({ owner: this.owner }, 'job-progress: closing a client that left too much unread')
+    this.close(CloseCodes.slowClient, `client is not reading its messages (over ${this.#ctx.maxBufferedBytes} bytes unread)`)
+    // The close frame waits behind what the client has not read; a client that reads again soon
+    // gets it, one that does not is cut: what is held meanwhile is at most the high-water mark.
+    setTimeout(() => this.transport.terminate(), 3_000).unref()
   }
 
   #enqueue (step: () => Promise<void> | void): void {
     this.#chain = this.#chain.then(step).catch((err: Error) => {
-      this.#ctx.log.error({ err }, 'job-progress: socket handler failed')
+      this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
       this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
     })
   }
 
-  async #authenticate (job?: { kind: string, jobId: string }): Promise<void> {
+  async #authenticate (jobs: InitialJob[]): Promise<void> {
     let identity
     try {
       identity = await this.#ctx.owners.fromRequest(this.#request, true)
@@ -135,7 +147,7 @@ export class SocketSession {
       return this.close(CloseCodes.forbidden, 'origin not allowed')
     }
     await this.#ready(identity.owner)
-    if (job !== undefined) await this.#subscribe(job.jobId, job.kind)
+    for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true)
   }
 
   async #authenticateWith (text: string): Promise<void> {
@@ -151,8 +163,8 @@ export class SocketSession {
   #refuse (reason: string): void {
     if (this.#state !== 'auth') return
     const message = serialize(this.protocol.authFailed?.(reason))
-    if (message !== undefined && this.ws.readyState === 1) this.ws.send(message)
-    this.close(CloseCodes.unauthorized, reason.slice(0, 120))
+    if (message !== undefined && this.transport.open) this.transport.write(message, () => {})
+    this.close(CloseCodes.unauthorized, reason)
   }
 
   async #ready (owner: string): Promise<void> {
@@ -170,9 +182,8 @@ export class SocketSession {
     for (const text of early) this.#onText(text)
   }
 
-  #onFrame (data: RawData, isBinary: boolean): void {
+  #onFrame (data: Buffer | string, isBinary: boolean, size: number): void {
     if (this.#state === 'closed') return
-    const size = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : (data as Buffer).byteLength
     // ws enforces maxPayload when the plugin made the server; a host-owned server may allow more.
     if (size > this.#ctx.maxPayload) return this.close(CloseCodes.tooBig, `message larger than ${this.#ctx.maxPayload} bytes`)
     if (isBinary) {
@@ -198,7 +209,8 @@ export class SocketSession {
     const action: ClientAction = this.protocol.parse?.(text) ?? { type: 'ignore' }
     switch (action.type) {
       case 'subscribe':
-        this.#enqueue(() => this.#subscribe(action.jobId))
+        this.#pending++
+        this.#enqueue(() => this.#subscribe(action.jobId, undefined, true))
         break
       case 'unsubscribe':
         this.#enqueue(() => this.#unsubscribe(action.jobId))
@@ -214,7 +226,7 @@ export class SocketSession {
 
   #error (message: string, jobId?: string): void {
     // A protocol that cannot render errors closes instead, so no client waits on a silent failure.
-    if (this.protocol.error === undefined) return this.close(CloseCodes.policyViolation, closeReason(message))
+    if (this.protocol.error === undefined) return this.close(CloseCodes.policyViolation, message)
     this.sendControl(this.protocol.error(message, jobId))
   }
 
@@ -224,7 +236,16 @@ export class SocketSession {
     this.#error(`Job not found or access denied: ${id}`, id)
   }
 
-  async #subscribe (jobId: unknown, kind?: string): Promise<void> {
+  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean): Promise<void> {
+    try {
+      await this.#open(jobId, kind)
+    } finally {
+      if (counted) this.#pending--
+      this.#closeIfDone()
+    }
+  }
+
+  async #open (jobId: unknown, kind?: string): Promise<void> {
     if (this.#state !== 'ready') return
     if (!isJobId(jobId)) return this.#notFound(jobId)
     const existing = this.#subs.get(jobId)
@@ -269,9 +290,18 @@ export class SocketSession {
     }
     if (!final) return
     sub.final = true
-    if (this.protocol.closeOnFinal === true && [...this.#subs.values()].every(s => s.final)) {
-      this.outbox.closeWhenFlushed(CloseCodes.normal, 'job finished')
-    }
+    this.#closeIfDone()
+  }
+
+  /**
+   * A close-on-final connection ends once every job it watches has ended and no subscribe is
+   * still to be answered: a finished job and a running one subscribed in one write must not
+   * close it after the first.
+   */
+  #closeIfDone (): void {
+    if (this.protocol.closeOnFinal !== true || this.#state !== 'ready' || this.#pending > 0 || this.#subs.size === 0) return
+    for (const sub of this.#subs.values()) if (!sub.final) return
+    this.outbox.closeWhenFlushed(CloseCodes.normal, 'job finished')
   }
 
   async #unsubscribe (jobId: unknown): Promise<void> {
@@ -282,6 +312,7 @@ export class SocketSession {
       sub.opened.detach(sub.sink)
     }
     this.sendControl(this.protocol.unsubscribed?.(jobId))
+    this.#closeIfDone()
   }
 
   #cleanup (): void {

@@ -1,0 +1,71 @@
+import type { RawData, WebSocket } from 'ws'
+import { CloseCodes, closeReason } from '../wire/close-codes'
+import type { OutboxData, Transport, TransportEvents } from '../session/transport'
+
+const TEXT = { binary: false } as const
+
+/**
+ * A `ws` socket as a session transport. Text frames in, text frames out; WebSocket ping/pong for
+ * liveness.
+ */
+export class WebSocketTransport implements Transport {
+  readonly kind = 'websocket'
+  readonly ws: WebSocket
+  /** Answered the last ping. */
+  #alive = true
+
+  constructor (ws: WebSocket) {
+    this.ws = ws
+    // ws closes on its own for frames it refuses (over maxPayload: 1009, bad UTF-8: 1007, protocol
+    // errors: 1002) and sends no reason. Every close this socket sends gets one: a person reading
+    // "1009" alone cannot tell what to change. An app that registered @fastify/websocket itself
+    // has its preClose run before ours, and it closes every client without a code: ours still
+    // tell their clients 1001.
+    const close = ws.close.bind(ws)
+    ws.close = (code?: number, reason?: string | Buffer) => {
+      if (code === undefined) close(CloseCodes.goingAway, closeReason(CloseCodes.goingAway))
+      else close(code, code === 1005 ? undefined : closeReason(code, reason?.toString()))
+    }
+  }
+
+  get open (): boolean {
+    return this.ws.readyState === 1
+  }
+
+  get bufferedAmount (): number {
+    return this.ws.bufferedAmount
+  }
+
+  bind (events: TransportEvents): void {
+    const ws = this.ws
+    ws.on('message', (data: RawData, isBinary: boolean) => {
+      const size = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : (data as Buffer).byteLength
+      events.message(Array.isArray(data) ? Buffer.concat(data) : data as Buffer, isBinary, size)
+    })
+    ws.on('pong', () => { this.#alive = true })
+    // Errors end in a close event; nothing else to do with them here.
+    ws.on('error', () => {})
+    ws.on('close', () => events.close())
+  }
+
+  write (data: OutboxData, done: (err?: Error | null) => void): void {
+    this.ws.send(data, TEXT, done)
+  }
+
+  close (code: number, reason: string): void {
+    if (this.ws.readyState === 0 || this.ws.readyState === 1) this.ws.close(code, reason)
+  }
+
+  terminate (): void {
+    this.ws.terminate()
+  }
+
+  keepalive (): void {
+    if (!this.#alive) {
+      this.ws.terminate()
+      return
+    }
+    this.#alive = false
+    this.ws.ping()
+  }
+}

@@ -1,0 +1,69 @@
+/**
+ * The message shapes of the plugin's own protocols, as a client sees them. The server renders
+ * them (lib/protocols) and the client reads them; both import these types from here.
+ *
+ * This module has no server dependencies.
+ */
+
+/** Seed 000's per-job message (`/ws/<kind>/<jobId>` and the status route): exactly these fields. */
+export interface ProgressMessage {
+  job_id: string
+  status: 'processing' | 'complete' | 'failed' | 'cancelled'
+  progress: number
+  processed: number
+  total: number
+  eta_seconds: number | null
+  /** On `failed` and `cancelled`. */
+  error?: string
+  /** The job's version (lib/wire/version.ts); only when the protocol's `version` option is on. */
+  version?: string
+}
+
+export type JobStatus = 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled'
+
+/** What the `jobs` protocol, and SSE, send for a job event. */
+export interface JobUpdateMessage {
+  type: 'job_update'
+  job_id: string
+  status: JobStatus
+  /** The job's return value on `succeeded`, else null. */
+  result: unknown
+  /** Why it ended on `failed` and `cancelled`, else null. */
+  error: string | null
+  /** Beyond the seed: percent done (0-100, one decimal), items done and in all, ETA. */
+  progress: number
+  processed: number
+  total: number
+  eta_seconds: number | null
+  /** Unix time, seconds. */
+  ts: number
+  /** The job's version (lib/wire/version.ts), whenever the server knows it. */
+  version?: string
+}
+
+/** The other server messages of the `jobs` protocol. */
+export type JobsControlMessage =
+  | { type: 'connected', message: string, ts: number }
+  | { type: 'subscribed', job_id: string, ts: number }
+  | { type: 'unsubscribed', job_id: string, ts: number }
+  | { type: 'error', message: string, job_id?: string, ts: number }
+  | { type: 'heartbeat', ts: number }
+  | { type: 'pong', ts: number }
+
+export type JobsServerMessage = JobUpdateMessage | JobsControlMessage
+
+/** What a client sends on the `jobs` protocol. */
+export type JobsClientMessage =
+  | { action: 'subscribe' | 'unsubscribe', job_id: string }
+  | { action: 'ping' }
+
+/**
+ * Server-Sent Events: `event:` names. `job_update` carries a {@link JobUpdateMessage} and has an
+ * `id:` (see {@link sseEventId}); `error` a `{ message, job_id? }`; `close` a `{ code, reason }`
+ * just before the server ends the stream (codes of lib/wire/close-codes.ts).
+ */
+export type SseEventName = 'job_update' | 'error' | 'close'
+
+export function isFinalStatus (status: string): boolean {
+  return status === 'succeeded' || status === 'failed' || status === 'cancelled' || status === 'complete'
+}

@@ -1,0 +1,19 @@
+// Builds fastify-job-progress/client and /react as ES modules (dist/client/*.mjs) with esbuild,
+// and their declarations with tsc. The client has no runtime dependencies; React stays external.
+import { build } from 'esbuild'
+import { execFileSync } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+
+const root = fileURLToPath(new URL('..', import.meta.url))
+const common = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2022', absWorkingDir: root, legalComments: 'none' }
+await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.mjs' })
+await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.min.mjs', minify: true })
+await build({
+  ...common,
+  entryPoints: ['client/react.ts'],
+  outfile: 'dist/client/react.mjs',
+  external: ['react'],
+  // The hooks use the one client module, not a copy of it.
+  plugins: [{ name: 'client-external', setup (b) { b.onResolve({ filter: /^\.\/index$/ }, () => ({ path: './index.mjs', external: true })) } }]
+})
+if (!process.argv.includes('--js-only')) execFileSync(process.execPath, [fileURLToPath(new URL('../node_modules/typescript/bin/tsc', import.meta.url)), '-p', 'client'], { cwd: root, stdio: 'inherit' })

@@ -1,0 +1,23 @@
+import Fastify from 'fastify'
+import { jobProgress, type JobProgressOptions } from '../../lib/index'
+import type { RedisServer } from './redis'
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+/** An app like startApp's on a given port (a restart at the same address). */
+export async function buildTestApp (t: Teardown, redis: RedisServer, port: number, uploadDir: string, opts: Partial<JobProgressOptions> = {}) {
+  const app = Fastify({ logger: false })
+  await app.register(jobProgress, {
+    connection: redis.url,
+    kinds: { batch: {}, dataset: {} },
+    session: { secret: 'a-test-secret-of-enough-length' },
+    reconcileIntervalMs: 500,
+    throttleMs: 0,
+    bridge: { claimIdleMs: 1000, claimIntervalMs: 500 },
+    ...opts,
+    uploadDir
+  })
+  await app.listen({ port, host: '127.0.0.1' })
+  t.teardown(async () => await app.close())
+  return app
+}

@@ -1,0 +1,73 @@
+import t from 'tap'
+import { spawn } from 'node:child_process'
+import { existsSync, readFileSync } from 'node:fs'
+import { join, resolve } from 'node:path'
+import { eventually, tempDir } from './helpers/index'
+
+// The end-of-run leak check itself, on a registry of its own (never the run's): a test process
+// that dies by SIGKILL cannot clean up, so what it started must be found, stopped and reported.
+const ROOT = resolve(__dirname, '..')
+
+async function node (args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null, signal: string | null, output: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { cwd: ROOT, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stdout.on('data', (c: Buffer) => { output += c.toString() })
+  child.stderr.on('data', (c: Buffer) => { output += c.toString() })
+  return await new Promise(resolve => child.once('exit', (code, signal) => resolve({ code, signal, output })))
+}
+
+/** Running (not gone, not a zombie waiting to be reaped). */
+const running = (pid: number): boolean => {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    return stat.slice(stat.lastIndexOf(')') + 2)[0] !== 'Z'
+  } catch {
+    return false
+  }
+}
+
+t.test('a test killed outright leaves a redis-server and temp dirs: the check stops them and fails the run', async (t) => {
+  const registry = await tempDir(t, 'jp-registry-')
+  const env = { JP_TEST_REGISTRY: registry }
+  const victim = `
+    const { RedisServer } = require('./test/helpers/redis')
+    RedisServer.start().then((r) => {
+      console.log(JSON.stringify({ dir: r.dir }))
+      process.kill(process.pid, 'SIGKILL')
+    })`
+  const died = await node(['-e', victim], env)
+  t.equal(died.signal, 'SIGKILL', 'the test process died without any cleanup')
+  const { dir } = JSON.parse(died.output.trim().split('\n')[0]) as { dir: string }
+  t.ok(existsSync(dir), "the dead process's temp dir is still there")
+
+  const check = await node([join('test', 'global', 'after.ts')], env)
+  t.equal(check.code, 1, 'the check fails the run')
+  t.match(check.output, /Leak check: the tests left 2 thing\(s\) behind/)
+  t.match(check.output, /process \d+ still running: redis-server --port/)
+  t.match(check.output, /temp directory left: .*jp-redis-/)
+  const pid = Number(/process (\d+) still running/.exec(check.output)?.[1])
+  t.ok(await eventually(() => !running(pid)), 'the redis-server was stopped')
+  t.notOk(existsSync(dir), 'the temp dir was removed')
+
+  const again = await node([join('test', 'global', 'after.ts')], env)
+  t.equal(again.code, 0, 'a clean registry passes')
+  t.match(again.output, /no process or temp directory left/)
+})
+
+t.test('an interrupted test (SIGINT) stops what it started on its way out', async (t) => {
+  const registry = await tempDir(t, 'jp-registry-')
+  const env = { JP_TEST_REGISTRY: registry }
+  const victim = `
+    const { RedisServer } = require('./test/helpers/redis')
+    RedisServer.start().then((r) => {
+      console.log(JSON.stringify({ dir: r.dir, port: r.port }))
+      process.kill(process.pid, 'SIGINT')
+      setTimeout(() => {}, 10000)
+    })`
+  const died = await node(['-e', victim], env)
+  t.equal(died.signal, 'SIGINT', 'the process ended by the signal')
+  const { dir } = JSON.parse(died.output.trim().split('\n')[0]) as { dir: string }
+  t.notOk(existsSync(dir), 'its temp dir is gone')
+  const check = await node([join('test', 'global', 'after.ts')], env)
+  t.equal(check.code, 0, 'nothing left for the check to find')
+})

@@ -1,0 +1,54 @@
+import t from 'tap'
+import { once } from 'node:events'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
+import WebSocket from 'ws'
+import { jobsProtocol } from '../lib/index'
+import { eventually, lines, redisFor, startApp, upload } from './helpers/index'
+
+// Connect, subscribe, get the snapshot, close: thousands of times. Whatever a connection leaves
+// behind (a session, a watch, a listener, a timer, a rendered message) grows the heap with the
+// count; allocator high-water does not show in the heap after a full GC.
+
+setFlagsFromString('--expose-gc')
+const gc = runInNewContext('gc') as () => void
+
+async function settledHeap (): Promise<number> {
+  for (let i = 0; i < 4; i++) {
+    gc()
+    await new Promise(resolve => setImmediate(resolve))
+  }
+  return process.memoryUsage().heapUsed
+}
+
+t.test('5,000 connect/subscribe/close cycles after 1,000 warm-up ones leave the heap where it was', async (t) => {
+  const redis = await redisFor(t)
+  const { url, ws, app } = await startApp(t, redis, { apiKeys: { k: 'alice' }, protocols: [jobsProtocol()] })
+  const up = await upload(`${url}/batch/upload`, lines(1), { headers: { authorization: 'Bearer k' } })
+  const jobId = up.body.job_id as string
+
+  async function cycles (n: number): Promise<void> {
+    // 50 at a time, as many clients coming and going would.
+    const one = async (): Promise<void> => {
+      const client = new WebSocket(`${ws}/ws/jobs?api_key=k`)
+      client.on('message', (data) => {
+        const m = JSON.parse(data.toString()) as { type: string }
+        if (m.type === 'connected') client.send(JSON.stringify({ action: 'subscribe', job_id: jobId }))
+        if (m.type === 'job_update') client.close()
+      })
+      await once(client, 'close')
+    }
+    for (let i = 0; i < n; i += 50) await Promise.all(Array.from({ length: 50 }, one))
+  }
+
+  await cycles(1000)
+  await eventually(() => app.jobProgress.stats().sockets === 0 && app.jobProgress.stats().watchedJobs === 0)
+  const before = await settledHeap()
+  const rssBefore = process.memoryUsage().rss
+  await cycles(5000)
+  t.ok(await eventually(() => app.jobProgress.stats().sockets === 0 && app.jobProgress.stats().watchedJobs === 0), 'sockets and watches back to 0')
+  const after = await settledHeap()
+  const grown = after - before
+  t.comment(`RSS ${(rssBefore / 1048576).toFixed(0)} → ${(process.memoryUsage().rss / 1048576).toFixed(0)} MB (allocator pages, not live objects)`)
+  t.ok(grown < 5 * 1024 * 1024, `heap ${(before / 1048576).toFixed(1)} → ${(after / 1048576).toFixed(1)} MB after 5,000 more cycles (${(grown / 5000).toFixed(0)} bytes per cycle; a connection left behind costs several KB)`)
+})
