@@ -74,7 +74,7 @@ t.test('on a cluster', async (t) => {
     workerOn(t, cluster, uploadDir, async (i) => { if (i === 2) await hold.promise })
     const up = await upload(`${url}/batch/upload`, lines(4))
     t.equal(up.status, 202)
-    const client = connect(t, up.body.ws_url, { cookie: up.cookie })
+    const client = connect(t, `ws://${new URL(url).host}${String(up.body.ws_url)}`, { cookie: up.cookie })
     await client.waitFor(m => m.processed === 2, 20_000)
     const channel = `jp:batch:{${up.body.job_id}}`
     const owner = await cluster.masterOf(channel)
@@ -101,7 +101,7 @@ t.test('on a cluster', async (t) => {
     }
     const channelMaster = await cluster.masterOf(`jp:batch:{${up.body.job_id}}`)
     t.not(channelMaster, queueMaster)
-    const client = connect(t, up.body.ws_url, { cookie: up.cookie })
+    const client = connect(t, `ws://${new URL(url).host}${String(up.body.ws_url)}`, { cookie: up.cookie })
     await client.waitFor(m => m.status === 'processing', 20_000)
     await cluster.kill(channelMaster)
     hold.open()
