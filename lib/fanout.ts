@@ -145,7 +145,7 @@ export class Hub {
     this.#broker = opts.broker ?? new RedisBroker(opts.redis as Redis, opts.subscriber as Redis)
     this.#broker.onMessage((channel, message) => this.#onMessage(channel, message))
     // After a reconnect the subscriptions are made again, but what was published meanwhile is gone.
-    this.#broker.onRecover(() => { void this.#resync([...this.#watches.values()], 'reconnect') })
+    this.#broker.onRecover(() => { void this.#recover() })
     const budget = opts.sweepReadsPerSecond ?? 0.2
     this.#sweep = budget > 0 ? setInterval(() => { void this.#sweepStep(budget) }, 1_000).unref() : null
     this.#t.gauge('watchedJobs', () => this.#watches.size)
@@ -308,6 +308,22 @@ export class Hub {
       ts,
       version: formatVersion(at, watch.entry)
     })
+  }
+
+  /**
+   * After the subscriptions were lost: subscribe every watched channel again ourselves (a no-op
+   * where the client library already did), so the subscriptions are in effect before the
+   * re-read, whatever order the library re-sends them in; then re-read every watched job.
+   */
+  async #recover (): Promise<void> {
+    const channels = [...this.#watches.keys()]
+    try {
+      for (let i = 0; i < channels.length; i += BATCH) await this.#broker.subscribe(channels.slice(i, i + BATCH))
+    } catch (err) {
+      this.#opts.log.debug({ err }, 'job-progress: re-subscribe after a reconnect failed; the next recovery retries')
+      return
+    }
+    await this.#resync([...this.#watches.values()], 'reconnect')
   }
 
   /**
