@@ -10,6 +10,8 @@ import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge, type BridgeEvent } from './bridge'
 import { whenReady } from './redis'
+import { UploadCleanup } from './cleanup'
+import { redactedRequest } from './redact'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './fanout'
@@ -121,6 +123,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void> = []
+  const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, queues: [...queues.values()].map(q => q.name), log })
+  bridgeListeners.push((event) => cleanup.onEvent(event))
+  cleanup.start()
+  const uploadStorage = cleanup.tracked()
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
   if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
   let bridge: Bridge | null = null
@@ -150,6 +156,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
   if (!fastify.hasRequestDecorator('isMultipart')) await fastify.register(fastifyMultipart)
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
+
+  // Every route the plugin adds below logs its request without credentials (`?api_key=` ...).
+  let ownRoutes = true
+  fastify.addHook('onRoute', (route) => {
+    if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
+  })
 
   const queueOf = (kind: string): string | undefined => {
     const k = opts.kinds[kind]
@@ -200,7 +212,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath,
       beforeAdd: webhooks?.beforeAdd(kind)
-    }, opts, owners, storage, inflightUploads))
+    }, opts, owners, uploadStorage, inflightUploads))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
   registerSseRoutes(fastify, ctx, {
@@ -221,6 +233,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       })
     }
   }
+
+  ownRoutes = false
 
   const stopTimers = startSessionTimers(sessions, { ...opts, log })
 
@@ -243,6 +257,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   fastify.addHook('onClose', async () => {
     stopTimers()
     await bridge?.close()
+    await cleanup.close()
     await webhooks?.close()
     hub.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))

@@ -92,6 +92,13 @@ export const OptionsSchema = Type.Object({
     additionalProperties: true,
     default: { removeOnComplete: { age: 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 } }
   })),
+  // Uploads: kept until their job's final state is in Redis, then for `retentionMs`; a sweep at
+  // start and every `sweepIntervalMs` removes `.part` files and files of unknown jobs older than `orphanAgeMs`.
+  files: Type.Object({
+    retentionMs: Type.Integer({ minimum: 0, default: 0 }),
+    orphanAgeMs: Type.Integer({ minimum: 1_000, default: 3_600_000 }),
+    sweepIntervalMs: Type.Integer({ minimum: 100, default: 600_000 })
+  }, { default: {}, additionalProperties: false }),
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
   instanceId: Type.Optional(Type.String({ minLength: 1 })),
   pubsub: Type.Optional(Type.Union([Type.Literal('classic'), Type.Literal('sharded')], { description: 'pub/sub style; default sharded on a Cluster connection, classic otherwise' })),
@@ -120,7 +127,22 @@ export interface KindOptions {
   webhook?: KindWebhookOptions
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks'>> & {
+/** Upload lifecycle (`files`). */
+export interface FilesOptions {
+  /** How long an upload is kept after its job's final state is recorded; 0 removes it at once. @default 0 */
+  retentionMs?: number
+  /**
+   * A `.part` file (an upload cut off by a crash), or a stored file whose job Redis does not know
+   * (lost with Redis, or never added), is removed once it is this old. Must exceed the longest
+   * upload. @default 3_600_000 (1 hour)
+   */
+  orphanAgeMs?: number
+  /** How often the sweep runs (also once at start): due retentions and orphans. @default 600_000 (10 minutes) */
+  sweepIntervalMs?: number
+}
+
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files'>> & {
+  files?: FilesOptions
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
   /**

@@ -10,6 +10,13 @@ export interface Identity {
   via: 'session' | 'apiKey' | 'custom'
 }
 
+const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
+const SESSION_VALUE = new RegExp(`^(${UUID})\\.(\\d{1,12})$`)
+const UNDATED = new RegExp(`^${UUID}$`)
+/** An issue time this far in the future is still accepted (instances' clocks differ a little). */
+const CLOCK_SKEW_SECONDS = 300
+export const EXPIRED = 'session expired; upload again to start a new session'
+
 type KeyResolver = (key: string) => string | null | undefined | Promise<string | null | undefined>
 
 /**
@@ -22,6 +29,7 @@ export class Owners {
   readonly #signer: InstanceType<typeof Signer>
   readonly #keys: KeyResolver | null
   readonly #allowedOrigins: Set<string> | null
+  readonly #expired = new WeakSet<FastifyRequest>()
 
   constructor (opts: ResolvedOptions, log: FastifyBaseLogger) {
     this.#opts = opts
@@ -70,14 +78,37 @@ export class Owners {
     }
     const session = this.#session(request)
     if (session === null && refused) throw new UnauthorizedError('invalid API key')
+    if (session === 'expired') {
+      // A socket is refused with the reason; an upload starts a new session; the routes say why.
+      if (websocket) throw new UnauthorizedError(EXPIRED)
+      this.#expired.add(request)
+      return null
+    }
     return session
   }
 
-  #session (request: FastifyRequest): Identity | null {
+  /** Whether the request's only credential was a session cookie past its max age (or of the old, undated format). */
+  expiredSession (request: FastifyRequest): boolean {
+    return this.#expired.has(request)
+  }
+
+  /**
+   * The cookie signs `<session id>.<issued at, Unix seconds>` with the first secret; any listed
+   * secret verifies, so secrets can be rotated. A cookie older than `maxAgeSeconds`, or of the
+   * undated format (`<session id>` alone, issued before sessions expired), is expired: its age
+   * cannot be bounded, so it is refused rather than trusted for ever.
+   */
+  #session (request: FastifyRequest): Identity | null | 'expired' {
     const raw = (request as FastifyRequest & { cookies?: Record<string, string | undefined> }).cookies?.[this.#opts.session.cookieName]
     if (raw === undefined) return null
     const { valid, value } = this.#signer.unsign(raw)
-    return valid && value !== null ? { owner: `session:${value}`, via: 'session' } : null
+    if (!valid || value === null) return null
+    const match = SESSION_VALUE.exec(value)
+    if (match === null) return UNDATED.test(value) ? 'expired' : null
+    const issuedAt = Number(match[2])
+    const now = Date.now() / 1000
+    if (issuedAt > now + CLOCK_SKEW_SECONDS || now - issuedAt > this.#opts.session.maxAgeSeconds) return 'expired'
+    return { owner: `session:${match[1]}`, via: 'session' }
   }
 
   /** Whether sessions are the fallback, so an upload without credentials may start one. */
@@ -89,7 +120,7 @@ export class Owners {
   startSession (request: FastifyRequest, reply: FastifyReply): Identity {
     const sid = randomUUID()
     const { cookieName, secure, maxAgeSeconds } = this.#opts.session
-    ;(reply as FastifyReply & { setCookie: (name: string, value: string, opts: object) => FastifyReply }).setCookie(cookieName, this.#signer.sign(sid), {
+    ;(reply as FastifyReply & { setCookie: (name: string, value: string, opts: object) => FastifyReply }).setCookie(cookieName, this.#signer.sign(`${sid}.${Math.floor(Date.now() / 1000)}`), {
       path: '/',
       httpOnly: true,
       sameSite: 'lax',
@@ -116,12 +147,34 @@ export class Owners {
   }
 }
 
-/** The API key a request presents and where it came from, or null. */
+/** RFC 6750 `b64token` (token68): the only characters a Bearer token may have. */
+const TOKEN68 = /^[A-Za-z0-9\-._~+/]+=*$/
+
+/**
+ * The API key a request presents and where it came from, or null when it presents none. One
+ * documented way: `Authorization: Bearer <token>` as RFC 6750 writes it (scheme in any case,
+ * exactly one space, token68 characters), or one `api_key` query parameter, or for sockets the
+ * first `Sec-WebSocket-Protocol` value (browsers cannot set headers). Throws
+ * {@link UnauthorizedError} for a malformed Bearer header, `api_key` given twice, or a header
+ * and a query key together (RFC 6750: one method per request). Other Authorization schemes are
+ * not ours and are ignored.
+ */
 export function apiKeyOf (request: FastifyRequest, websocket: boolean): { key: string, from: 'header' | 'query' | 'subprotocol' } | null {
+  let found: { key: string, from: 'header' | 'query' } | null = null
   const auth = request.headers.authorization
-  if (typeof auth === 'string' && auth.startsWith('Bearer ')) return { key: auth.slice(7).trim(), from: 'header' }
+  if (typeof auth === 'string' && /^bearer(?:[ \t]|$)/i.test(auth)) {
+    const token = auth.slice(7)
+    if (auth[6] !== ' ' || !TOKEN68.test(token)) throw new UnauthorizedError('malformed Authorization header: expected "Bearer <token>" with one space and no other whitespace (RFC 6750)')
+    found = { key: token, from: 'header' }
+  }
   const query = request.query as Record<string, unknown> | undefined
-  if (typeof query?.api_key === 'string') return { key: query.api_key, from: 'query' }
+  const param = query?.api_key
+  if (Array.isArray(param)) throw new UnauthorizedError('api_key given more than once: send it once')
+  if (typeof param === 'string') {
+    if (found !== null) throw new UnauthorizedError('an API key in both the Authorization header and api_key: send it one way')
+    found = { key: param, from: 'query' }
+  }
+  if (found !== null) return found
   if (websocket) {
     const protocol = request.headers['sec-websocket-protocol']
     if (typeof protocol === 'string' && protocol !== '') return { key: protocol.split(',')[0].trim(), from: 'subprotocol' }

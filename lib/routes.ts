@@ -4,11 +4,11 @@ import type { Redis } from 'ioredis'
 import { JobFinishedError, JobNotCompleteError, JobNotFoundError, QueueUnavailableError, UnauthorizedError } from './errors'
 import { isFinal } from './events'
 import { isJobId, type Keys } from './keys'
-import type { Owners } from './owner'
+import { EXPIRED, type Owners } from './owner'
 import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
-import type { UploadJobData } from './uploads'
+import { cancelJob, type CancelOutcome } from './cancel'
 
 export interface JobRoutesContext {
   redis: Redis
@@ -36,7 +36,7 @@ const JobParams = {
  */
 export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest): Promise<Snapshot> {
   const identity = await ctx.owners.fromRequest(request)
-  if (identity === null) throw new UnauthorizedError('no session or API key')
+  if (identity === null) throw new UnauthorizedError(ctx.owners.expiredSession(request) ? EXPIRED : 'no session or API key')
   if (!isJobId(jobId)) throw new JobNotFoundError()
   let snapshot: Snapshot | null
   try {
@@ -48,6 +48,9 @@ export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: str
   if (snapshot === null || snapshot.owner !== identity.owner) throw new JobNotFoundError()
   return snapshot
 }
+
+/** How a 409 names the end a job reached before the cancel (`gone`: finished and already removed). */
+const ENDED = { completed: 'complete', failed: 'failed', cancelled: 'cancelled', gone: 'finished' } as const
 
 /** `GET :jobId/status`, `GET :jobId/result`, `POST :jobId/cancel` of one kind. */
 export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesContext, route: KindRoute): void {
@@ -68,32 +71,18 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
 
   fastify.post(`${basePath}/:jobId/cancel`, { schema }, async (request: Req, reply) => {
     const jobId = request.params.jobId
-    const { event, owner, data } = await loadOwned(ctx, kind, queue.name, jobId, request)
+    const { event, owner } = await loadOwned(ctx, kind, queue.name, jobId, request)
     if (isFinal(event.state)) throw new JobFinishedError(progressMessage(event).status)
-    const cancelKey = ctx.keys.cancel(queue.name, jobId)
+    let outcome: CancelOutcome
     try {
-      // The mark holds the owner, so the job stays answerable after a queued job is removed.
-      await ctx.redis.set(cancelKey, owner ?? '', 'EX', ctx.cancelTtlSeconds)
-      // A queued job goes at once; an active one is locked by its worker, which sees the mark at
-      // its next progress report and stops.
-      const removed = await queue.remove(jobId)
-      if (removed === 1) {
-        const file = (data as UploadJobData | null)?.file
-        if (file !== undefined) await ctx.storage.remove(file.key).catch(() => {})
-      } else {
-        const [after] = await readSnapshots(ctx.redis, ctx.keys, [{ kind, queue: queue.name, jobId }], false)
-        if (after?.event.state === 'completed') {
-          // It finished while we were cancelling it: the result stands.
-          await ctx.redis.del(cancelKey)
-          throw new JobFinishedError('complete')
-        }
-      }
-      await ctx.redis.publish(ctx.keys.channel(queue.name, jobId), JSON.stringify({ e: 'cancelled', t: Date.now() }))
+      // Decided in one script against the job's state: either the cancel wins and the job can no
+      // longer complete, or the job's own end stands. Watchers learn it from the event stream.
+      outcome = await cancelJob(ctx.redis, ctx.keys, queue.name, jobId, owner ?? '', ctx.cancelTtlSeconds)
     } catch (err) {
-      if (err instanceof JobFinishedError) throw err
       request.log.warn({ err }, 'job-progress: cancel failed')
       throw new QueueUnavailableError()
     }
+    if (!outcome.won) throw new JobFinishedError(ENDED[outcome.state])
     return reply.code(202).send({ job_id: jobId, status: 'cancelled' })
   })
 }

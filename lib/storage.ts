@@ -1,5 +1,5 @@
 import { createReadStream, createWriteStream } from 'node:fs'
-import { mkdir, rename, rm, stat } from 'node:fs/promises'
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises'
 import { resolve, sep } from 'node:path'
 import { Transform, type Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
@@ -26,7 +26,26 @@ export interface Storage {
   remove: (key: string) => Promise<void>
   /** A local path for the key, when the storage has one (workers that need a path, not a stream). */
   localPath?: (key: string) => string
+  /**
+   * Every stored and partial file, for the orphan sweep; a storage without it is not swept (its
+   * uploads are still removed when their jobs end).
+   */
+  list?: () => AsyncIterable<StoredEntry>
 }
+
+/** One file in storage, as the orphan sweep sees it. */
+export interface StoredEntry {
+  key: string
+  /** Still being written (or cut off by a crash): removed by `remove(key)` too. */
+  partial: boolean
+  /** Last modification, ms since the epoch. */
+  modifiedMs: number
+  /** The kind and job it was stored for, when the storage can tell. */
+  kind?: string
+  jobId?: string
+}
+
+const STORED_NAME = /^(.+)-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(\.part)?$/
 
 /**
  * The default storage: one file per job in a directory. A file is written as `<key>.part` and
@@ -77,6 +96,24 @@ export class DiskStorage implements Storage {
   async remove (key: string): Promise<void> {
     const path = this.localPath(key)
     await Promise.all([rm(path, { force: true }), rm(path + '.part', { force: true })])
+  }
+
+  async * list (): AsyncIterable<StoredEntry> {
+    let names: string[]
+    try {
+      names = await readdir(this.dir)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return
+      throw err
+    }
+    for (const name of names) {
+      // Only names this storage writes: a shared directory's other files are left alone.
+      const match = STORED_NAME.exec(name)
+      if (match === null) continue
+      const info = await stat(resolve(this.dir, name)).catch(() => null)
+      if (info === null || !info.isFile()) continue
+      yield { key: `${match[1]}-${match[2]}`, partial: match[3] !== undefined, modifiedMs: info.mtimeMs, kind: match[1], jobId: match[2] }
+    }
   }
 
   /** Size of a stored file, or null when it is gone (used by tests and tools). */

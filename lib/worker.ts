@@ -53,8 +53,9 @@ export interface JobWorkerOptions {
 
 /**
  * A BullMQ worker for one kind: the processor gets the uploaded file, reports
- * `{ processed, total }`, stops when the job is cancelled, and the upload is removed once the job
- * has ended (not between attempts, which still need it).
+ * `{ processed, total }` and stops when the job is cancelled. The upload is not removed here: an
+ * attempt cannot know it was the last (its lock may have expired and another attempt started), so
+ * the plugin removes it once the job's final state is recorded in Redis.
  */
 export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobContext) => Promise<R>): Worker<UploadJobData, R> {
   const queue = opts.queueName ?? opts.kind
@@ -78,33 +79,26 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
     const abort = new AbortController()
     bullSignal?.addEventListener('abort', () => abort.abort(bullSignal.reason), { once: true })
     const { file, fields } = job.data
-    let ended = true
-    try {
-      if (await cancelled(jobId)) throw new JobCancelledError()
-      return await handler({
-        job,
-        file,
-        fields: fields ?? {},
-        open: () => storage.open(file.key),
-        path: storage.localPath?.(file.key) ?? null,
-        signal: abort.signal,
-        async report (processed, total) {
-          // The attempt lets watchers tell a retry's progress from the failed attempt's.
-          await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1) })
-          if (await cancelled(jobId)) {
-            abort.abort(new JobCancelledError())
-            throw new JobCancelledError()
-          }
+    if (await cancelled(jobId)) throw new JobCancelledError()
+    return await handler({
+      job,
+      file,
+      fields: fields ?? {},
+      open: () => storage.open(file.key),
+      path: storage.localPath?.(file.key) ?? null,
+      signal: abort.signal,
+      async report (processed, total) {
+        // The attempt lets watchers tell a retry's progress from the failed attempt's.
+        let gone: unknown = null
+        // A cancelled job no longer exists in the queue, so the update itself fails then.
+        await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1) }).catch((err: unknown) => { gone = err })
+        if (await cancelled(jobId)) {
+          abort.abort(new JobCancelledError())
+          throw new JobCancelledError()
         }
-      })
-    } catch (err) {
-      // Another attempt will follow unless this one cannot be retried or was the last.
-      const attempts = job.opts.attempts ?? 1
-      ended = err instanceof UnrecoverableError || job.attemptsMade + 1 >= attempts
-      throw err
-    } finally {
-      if (ended && file?.key !== undefined) await storage.remove(file.key).catch(() => {})
-    }
+        if (gone !== null) throw gone
+      }
+    })
   }
 
   worker = new Worker<UploadJobData, R>(queue, processor, { ...opts.workerOptions, connection: connection as never, prefix: opts.prefix ?? 'bull' })

@@ -180,7 +180,8 @@ export async function jobKeys (redis: RedisServer, queue = 'batch', prefix = 'bu
   const client = redis.client()
   try {
     const keys = await client.keys(`${prefix}:${queue}:*`)
-    return keys.filter(k => /:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(k))
+    // Exactly `<prefix>:<queue>:<uuid>`: not the plugin's per-job keys in the queue's space (`jp:upload:<uuid>`).
+    return keys.filter(k => /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(k.slice(`${prefix}:${queue}:`.length)))
   } finally {
     client.disconnect()
   }

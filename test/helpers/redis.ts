@@ -84,6 +84,22 @@ export class RedisServer {
     })
   }
 
+  /** Sends a signal to the server (SIGSTOP/SIGCONT pause and resume it). */
+  signal (signal: NodeJS.Signals): void {
+    this.#proc?.kill(signal)
+  }
+
+  /** Kills the server without letting it flush (its append-only file is fsynced per write). */
+  async kill (): Promise<void> {
+    const proc = this.#proc
+    this.#proc = null
+    if (proc === null || proc.exitCode !== null) return
+    await new Promise<void>(resolve => {
+      proc.once('exit', () => resolve())
+      proc.kill('SIGKILL')
+    })
+  }
+
   async restart (): Promise<void> {
     await this.down()
     await this.up()
