@@ -14,6 +14,8 @@ export type { RelayMessage } from './wire/relay'
 
 /** How long a socket may wait for the subscriber connection to come back. */
 const SUBSCRIBER_WAIT_MS = 2_500
+/** How long a recovery waits for its re-subscription before it re-reads anyway. */
+const RECOVER_WAIT_MS = 1_000
 /** Most jobs one pipelined read or one SUBSCRIBE carries in a storm. */
 const BATCH = 500
 
@@ -317,13 +319,20 @@ export class Hub {
    */
   async #recover (): Promise<void> {
     const channels = [...this.#watches.keys()]
-    try {
+    const subscribed = (async () => {
       for (let i = 0; i < channels.length; i += BATCH) await this.#broker.subscribe(channels.slice(i, i + BATCH))
-    } catch (err) {
-      this.#opts.log.debug({ err }, 'job-progress: re-subscribe after a reconnect failed; the next recovery retries')
-      return
-    }
+    })()
+    subscribed.catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: re-subscribe after a reconnect failed'))
+    // A subscribe can be held up behind the library's own re-subscription: re-read at once
+    // anyway, and once more when the subscriptions are confirmed, so no publish falls between.
+    let timer: NodeJS.Timeout | undefined
+    const confirmed = await Promise.race([
+      subscribed.then(() => true, () => false),
+      new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(false), RECOVER_WAIT_MS).unref() })
+    ])
+    clearTimeout(timer)
     await this.#resync([...this.#watches.values()], 'reconnect')
+    if (!confirmed) subscribed.then(async () => await this.#resync([...this.#watches.values()], 'reconnect'), () => {})
   }
 
   /**
