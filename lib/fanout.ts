@@ -5,6 +5,7 @@ import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
 import type { Broker } from './broker/index'
 import { RedisBroker } from './broker/redis'
+import { whenReady } from './redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
 import { JOB_LOST, parseRelay, RESYNC, type RelayMessage } from './wire/relay'
@@ -16,6 +17,9 @@ export type { RelayMessage } from './wire/relay'
 const SUBSCRIBER_WAIT_MS = 2_500
 /** How long a recovery waits for its re-subscription before it re-reads anyway. */
 const RECOVER_WAIT_MS = 1_000
+/** How long a re-read after a fault waits for the command connection, and how often it tries. */
+const RECOVER_READY_MS = 10_000
+const RECOVER_TRIES = 5
 /** Most jobs one pipelined read or one SUBSCRIBE carries in a storm. */
 const BATCH = 500
 
@@ -348,7 +352,10 @@ export class Hub {
     }
   }
 
-  async #reread (watches: Watch[], cause: string): Promise<void> {
+  async #reread (watches: Watch[], cause: string, tries = 1): Promise<void> {
+    // The subscriber can be back before the command connection is: wait for it, then read.
+    if (this.#opts.redis.status !== 'ready') await whenReady(this.#opts.redis as Redis, RECOVER_READY_MS)
+    if (this.#closed) return
     try {
       this.#t.count('snapshotReads', { reason: cause }, watches.length)
       this.#t.count('redisCommands', { op: 'snapshot' }, watches.length)
@@ -357,6 +364,12 @@ export class Hub {
         if (this.#applyOrGone(watch, snapshots[i], 'lost')) this.#t.count('gapsRepaired', { cause })
       })
     } catch (err) {
+      // A re-read after a fault must not be lost to a second blip: try again a few times.
+      if (cause !== 'sweep' && tries < RECOVER_TRIES && !this.#closed) {
+        await new Promise(resolve => setTimeout(resolve, 500 * tries).unref())
+        await this.#reread(watches, cause, tries + 1)
+        return
+      }
       this.#opts.log.debug({ err, cause }, 'job-progress: re-read after a fault failed; the sweep will retry')
     }
   }
