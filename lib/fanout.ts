@@ -1,6 +1,7 @@
 import type { FastifyBaseLogger } from 'fastify'
 import type { Redis } from 'ioredis'
 import { eta, isFinal, isNewer, parseProgress, type JobEvent } from './events'
+import { progressDetails, type Clipped } from './progress-details'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
 import type { Broker } from './broker/index'
@@ -46,6 +47,8 @@ class Watch {
   ready: Promise<Snapshot | null> | null = null
   refreshing = false
   refreshAgain: string | null = null
+  /** Whether an over-limit report of this job was logged already. */
+  clipLogged = false
 
   constructor (channel: string, target: SnapshotTarget) {
     this.channel = channel
@@ -298,6 +301,13 @@ export class Hub {
     }
     const { processed, total, attempt } = parseProgress(message.d)
     const ts = message.t
+    const clipped: Clipped = []
+    const details = progressDetails(message.d, clipped)
+    if (clipped.length > 0 && !watch.clipLogged) {
+      // Once per watched job, not per report: a worker that always sends too much would flood the log.
+      watch.clipLogged = true
+      this.#opts.log.warn({ jobId: watch.target.jobId, clipped }, 'job-progress: a progress report is over the size limits (stage 64, message 1,024 characters, data 4 KiB as JSON): cut or dropped; the counts went through')
+    }
     if (message.i !== undefined) watch.entry = message.i
     // A report that names its attempt orders itself: a retry's first reports replace the
     // failed attempt's higher count instead of being dropped as going back.
@@ -312,7 +322,8 @@ export class Hub {
       attempt: at,
       etaSeconds: eta('active', processed, total, watch.startedAt, ts),
       ts,
-      version: formatVersion(at, watch.entry)
+      version: formatVersion(at, watch.entry),
+      ...details
     })
   }
 

@@ -1,5 +1,6 @@
 import type { Cluster, Redis } from 'ioredis'
 import { eta, parseProgress, type JobEvent, type JobState } from './events'
+import { progressDetails } from './progress-details'
 import { OWNER_FIELD, type Keys } from './keys'
 import { formatVersion, NO_ENTRY } from './wire/version'
 import { isCluster } from './broker/index'
@@ -220,6 +221,8 @@ export function toSnapshot (target: SnapshotTarget, reply: Reply, withData: bool
     ts: now,
     version: formatVersion(attempt, entryId)
   }
+  // The worker's stage and message of this attempt (a waiting retry shows none of the failed attempt's).
+  if (state !== 'queued') Object.assign(event, progressDetails(json(progress)))
   if (state === 'completed') event.result = json(returnvalue)
   if (state === 'failed') event.error = failedReason ?? 'failed'
   if (state === 'cancelled') event.error = 'cancelled'
