@@ -444,7 +444,10 @@ export class JobProgressClient {
       etaSeconds: m.eta_seconds,
       result: m.result ?? null,
       error: m.error ?? null,
-      ...(m.version !== undefined ? { version: m.version } : {})
+      ...(m.version !== undefined ? { version: m.version } : {}),
+      ...(m.stage !== undefined ? { stage: m.stage } : {}),
+      ...(m.message !== undefined ? { message: m.message } : {}),
+      ...(m.data !== undefined ? { data: m.data } : {})
     })
   }
 

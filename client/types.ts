@@ -18,6 +18,10 @@ export interface JobUpdate {
   error: string | null
   /** The job's continuity version, when the server sent one. */
   version?: string
+  /** The worker's stage, message and small data, when it reported them. */
+  stage?: string
+  message?: string
+  data?: unknown
 }
 
 export type Transport = 'websocket' | 'sse' | 'polling'
