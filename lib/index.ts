@@ -32,6 +32,7 @@ import { DiskStorage, type Storage } from './storage'
 import { uploadHandler, uploadShutdown } from './uploads'
 import { registerHealth } from './health'
 import { registerLongIdRoutes } from './long-ids'
+import { registerLogsRoute } from './job-logs'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
 import { Webhooks } from './webhooks/index'
@@ -218,6 +219,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       beforeAdd: webhooks?.beforeAdd(kind)
     }, opts, owners, uploadStorage, inflightUploads))
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
+    registerLogsRoute(fastify, routeCtx, { kind, queue: queue.name, basePath })
   }
   registerLongIdRoutes(fastify, [...queues.keys()].map(kind => opts.kinds[kind].basePath ?? `/${kind}`), [...queues.keys()].map(kind => `${opts.wsPrefix}/${kind}`))
   registerSseRoutes(fastify, ctx, {

@@ -1,6 +1,7 @@
 import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq'
 import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
 import type { Readable } from 'node:stream'
+import { appendLog } from './job-logs'
 import { Keys } from './keys'
 import { progressDetails, type Clipped, type ProgressDetails } from './progress-details'
 import { DiskStorage, type Storage } from './storage'
@@ -33,6 +34,11 @@ export interface JobContext {
    * the job was cancelled: let it propagate and the worker stops here.
    */
   report: (processed: number, total: number, details?: ProgressDetails) => Promise<void>
+  /**
+   * Appends a line to the job's log (BullMQ's `job.log()` list, trimmed to `keepLogs`) and
+   * returns its offset: offsets are absolute, counted in the job, so trimming never shifts them.
+   */
+  log: (line: string) => Promise<number>
   /** Aborted once a report saw the job cancelled, or BullMQ cancelled it. */
   signal: AbortSignal
 }
@@ -93,6 +99,10 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
       open: () => storage.open(file.key),
       path: storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
+      async log (line) {
+        const client = await worker.getBackend().client as unknown as Redis
+        return await appendLog(client, keys, queue, jobId, line, job.opts.keepLogs ?? 0)
+      },
       async report (processed, total, details) {
         // The attempt lets watchers tell a retry's progress from the failed attempt's.
         let gone: unknown = null
