@@ -78,16 +78,21 @@ export class Owners {
    */
   async fromRequest (request: FastifyRequest, websocket = false, watch = false): Promise<Identity | null> {
     // A watch token names its job and owner itself: it stands in for every other credential (the
-    // getOwner hook included) on the routes that only watch a job.
+    // getOwner hook included) on the routes that only watch a job. A token that does not verify
+    // leaves the request's own credentials to decide (a `token` parameter may be the app's own);
+    // with none, it allows nothing and is answered like an unknown job.
     if (watch && this.watchTokens !== null) {
       const token = (request.query as Record<string, unknown> | undefined)?.token
       if (token !== undefined) {
         const grant = typeof token === 'string' ? this.watchTokens.verify(token) : null
-        return grant === null
-          ? { owner: `invalid-token:${randomUUID()}`, via: 'token', job: null }
-          : { owner: grant.owner, via: 'token', job: { kind: grant.kind, jobId: grant.jobId } }
+        if (grant !== null) return { owner: grant.owner, via: 'token', job: { kind: grant.kind, jobId: grant.jobId } }
+        return await this.#credentials(request, websocket) ?? { owner: `invalid-token:${randomUUID()}`, via: 'token', job: null }
       }
     }
+    return await this.#credentials(request, websocket)
+  }
+
+  async #credentials (request: FastifyRequest, websocket: boolean): Promise<Identity | null> {
     if (this.#opts.getOwner !== undefined) {
       const owner = await this.#opts.getOwner(request)
       return typeof owner === 'string' && owner !== '' ? { owner, via: 'custom' } : null

@@ -113,6 +113,10 @@ t.test('across two real instances: a token from A watches the job on B (ws, SSE,
     const stream = await sse(t, `${b.url}/batch/${jobId}/events${q(tok)}`)
     t.equal(stream.status, 404, `${name} token, SSE`)
   }
+  // A token that does not verify leaves the request's own credentials to decide.
+  t.equal((await get(`${b.url}/batch/${jobId}/status${q(bad.forged)}`, { headers: { cookie: up.cookie as string } })).status, 200, "the owner's cookie with a bad token: the cookie decides")
+  const strangerBad = await upload(`${a.url}/batch/upload`, lines(1))
+  t.same((await get(`${b.url}/batch/${jobId}/status${q(bad.forged)}`, { headers: { cookie: strangerBad.cookie as string } })).body, missing.body, 'another session with a bad token: like an unknown job')
   const bearer = await get(`${b.url}/batch/${jobId}/status`, { headers: { authorization: `Bearer ${token}` } })
   t.equal(bearer.status, 401, 'a watch token is not an API key: Bearer does not take it')
 
