@@ -27,7 +27,12 @@ import { registerClientRoute } from './client-route'
 import { WebSocketTransport } from './transports/websocket'
 import { readSnapshots, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
-import { uploadHandler, uploadShutdown } from './uploads'
+import { acceptedBody, uploadHandler, uploadShutdown } from './uploads'
+import { ownerOnly } from './access'
+import type { AdmissionContext } from './admission'
+import { createJob, registerCreateRoute, type CreateKind, type EnqueueInput, type EnqueueResult } from './enqueue'
+import { Idempotency } from './idempotency'
+import { Quotas } from './quotas'
 import { registerHealth } from './health'
 import { Webhooks } from './webhooks/index'
 
@@ -45,6 +50,11 @@ export interface JobProgress {
   stats: () => { sockets: number, watchedJobs: number, relayed: number, relayedLocally: number }
   /** Whether the plugin's Redis command connection is up. */
   redisReady: () => boolean
+  /**
+   * Creates a job from server code, with the same owner check, idempotency keys, quotas and
+   * answer as an upload (throws the same errors).
+   */
+  enqueue: (kind: string, input: EnqueueInput) => Promise<EnqueueResult>
 }
 
 declare module 'fastify' {
@@ -131,6 +141,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
   })
 
+  const canAccess = opts.canAccess ?? ownerOnly
+  const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log }
+  const creators = new Map<string, CreateKind>()
   const queueOf = (kind: string): string | undefined => {
     const k = opts.kinds[kind]
     return k === undefined ? undefined : k.queueName ?? kind
@@ -155,26 +168,33 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     maxPayload: opts.maxPayload,
     maxBufferedBytes: opts.maxBufferedBytes,
     firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
-    log
+    log,
+    canAccess
   }
 
   const inflightUploads = uploadShutdown(fastify, opts)
-  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
+  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds, canAccess }
   const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion }), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
     const basePath = k.basePath ?? `/${kind}`
     const wsPath = (jobId: string): string => `${opts.wsPrefix}/${kind}/${jobId}`
-    fastify.post(k.uploadPath ?? `${basePath}/upload`, uploadHandler({
+    const creator: CreateKind = {
       kind,
       queue,
       queueReady: () => redis.status === 'ready',
-      accept: k.accept ?? [],
-      maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath,
       beforeAdd: webhooks?.beforeAdd(kind)
+    }
+    creators.set(kind, creator)
+    fastify.post(k.uploadPath ?? `${basePath}/upload`, uploadHandler({
+      ...creator,
+      accept: k.accept ?? [],
+      maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
+      admission
     }, opts, owners, uploadStorage, inflightUploads))
+    if (k.create !== undefined) registerCreateRoute(fastify, opts, owners, admission, creator, basePath, k.create)
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
   }
   registerSseRoutes(fastify, ctx, {
@@ -212,7 +232,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       return snapshot
     },
     stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0, relayedLocally: hub.relayedLocally }),
-    redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
+    redisReady: () => redis.status === 'ready' && cmd.status === 'ready',
+    async enqueue (kind: string, input: EnqueueInput) {
+      const creator = creators.get(kind)
+      if (creator === undefined) throw new errors.InvalidOptionError(`unknown kind "${kind}"`)
+      const { jobId, created } = await createJob(admission, creator, input)
+      const answer = acceptedBody(creator, opts, fastify.prefix, jobId)
+      return { jobId, statusUrl: answer.status_url, wsUrl: answer.ws_url, created }
+    }
   } satisfies JobProgress)
   registerHealth(fastify, opts, () => bridgeReady())
 
@@ -248,3 +275,6 @@ export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledEr
 export { Keys, isJobId } from './keys'
 export type { BridgeEvent } from './bridge'
 export type { KindWebhookOptions, WebhooksOptions } from './webhooks/options'
+export type { AccessJob, CanAccess, JobAction } from './access'
+export type { CreateRouteOptions, EnqueueInput, EnqueueResult, FileReference } from './enqueue'
+export type { QuotaOptions } from './quotas'

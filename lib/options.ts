@@ -7,6 +7,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
 import type { Storage } from './storage'
+import type { CanAccess } from './access'
+import type { CreateRouteOptions } from './enqueue'
+import type { QuotaOptions } from './quotas'
 import type { ProtocolDefinition } from './protocols/types'
 import { keepWebhookFunctions, KindWebhookSchema, WebhooksSchema, type KindWebhookOptions, type ResolvedWebhooks, type WebhooksOptions } from './webhooks/options'
 
@@ -25,7 +28,8 @@ const KindSchema = Type.Object({
   accept: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { description: 'accepted MIME types (`text/csv`, `text/*`) or extensions (`.csv`); empty or absent accepts any' })),
   maxFileSize: Type.Optional(Type.Integer({ minimum: 1, description: 'bytes; default `limits.fileSize`' })),
   jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true }))),
-  webhook: Type.Optional(KindWebhookSchema)
+  webhook: Type.Optional(KindWebhookSchema),
+  create: Type.Optional(Type.Unsafe<CreateRouteOptions>(Type.Object({}, { additionalProperties: true, description: 'adds `POST <basePath>`: a job from JSON' })))
 }, { additionalProperties: false })
 
 export const OptionsSchema = Type.Object({
@@ -98,7 +102,17 @@ export const OptionsSchema = Type.Object({
   }, { default: {}, additionalProperties: false }),
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
   instanceId: Type.Optional(Type.String({ minLength: 1 })),
-  webhooks: WebhooksSchema
+  webhooks: WebhooksSchema,
+  idempotency: Type.Object({
+    windowSeconds: Type.Integer({ minimum: 1, default: 24 * 3600 })
+  }, { default: {}, additionalProperties: false }),
+  quotas: Type.Object({
+    maxActiveJobs: Type.Integer({ minimum: 0, default: 0 }),
+    maxJobsPerWindow: Type.Integer({ minimum: 0, default: 0 }),
+    windowMs: Type.Integer({ minimum: 1_000, default: 60_000 }),
+    activeRetryAfterSeconds: Type.Integer({ minimum: 1, default: 5 })
+  }, { default: {}, additionalProperties: false }),
+  canAccess: Type.Optional(Fn<CanAccess>('whether a requester may act on a job'))
 }, { additionalProperties: false })
 
 type Resolved = Static<typeof OptionsSchema>
@@ -119,6 +133,8 @@ export interface KindOptions {
   jobOptions?: JobsOptions
   /** Webhooks for this kind's jobs (see the README's Webhooks section). @default none */
   webhook?: KindWebhookOptions
+  /** Adds `POST <basePath>`, a job from a JSON body `{ data, file? }` (see "Jobs from JSON"). @default undefined (no route) */
+  create?: CreateRouteOptions
 }
 
 /** Upload lifecycle (`files`). */
@@ -135,7 +151,11 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas'>> & {
+  /** How long an `Idempotency-Key` is remembered (per owner and kind), in seconds. @default 86400 */
+  idempotency?: { windowSeconds?: number }
+  /** Per-owner, per-kind limits on creating jobs, atomic across instances (429 with `Retry-After`). @default no limits */
+  quotas?: Partial<QuotaOptions>
   files?: FilesOptions
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
@@ -168,7 +188,7 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
 
 export type ResolvedOptions = Omit<Resolved, 'webhooks'> & { webhooks: ResolvedWebhooks }
 
-const FUNCTION_OPTIONS = ['getOwner'] as const
+const FUNCTION_OPTIONS = ['getOwner', 'canAccess'] as const
 const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', ...FUNCTION_OPTIONS] as const
 
 function placeholder (key: string, value: unknown): unknown {

@@ -9,6 +9,7 @@ import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
 import { cancelJob, type CancelOutcome } from './cancel'
+import { allowed, type CanAccess, type JobAction } from './access'
 
 export interface JobRoutesContext {
   redis: Redis
@@ -16,6 +17,8 @@ export interface JobRoutesContext {
   owners: Owners
   storage: Storage
   cancelTtlSeconds: number
+  /** Who may act on a job besides its owner (`canAccess` option). */
+  canAccess: CanAccess
 }
 
 interface KindRoute {
@@ -31,10 +34,10 @@ const JobParams = {
 } as const
 
 /**
- * Reads a job for a request and checks the request owns it. A missing job and somebody else's
- * answer the same 404, so job ids leak nothing.
+ * Reads a job for a request and checks the access policy lets the request take `action` on it.
+ * A missing job and one the policy refuses answer the same 404, so job ids leak nothing.
  */
-export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest): Promise<Snapshot> {
+export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest, action: JobAction): Promise<Snapshot> {
   const identity = await ctx.owners.fromRequest(request)
   if (identity === null) throw new UnauthorizedError(ctx.owners.expiredSession(request) ? EXPIRED : 'no session or API key')
   if (!isJobId(jobId)) throw new JobNotFoundError()
@@ -45,7 +48,8 @@ export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: str
     request.log.warn({ err }, 'job-progress: cannot read the job')
     throw new QueueUnavailableError()
   }
-  if (snapshot === null || snapshot.owner !== identity.owner) throw new JobNotFoundError()
+  if (snapshot === null || snapshot.owner === null) throw new JobNotFoundError()
+  if (!await allowed(ctx.canAccess, request, { kind, jobId, owner: snapshot.owner, data: snapshot.data }, action, identity.owner)) throw new JobNotFoundError()
   return snapshot
 }
 
@@ -59,19 +63,19 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
   type Req = FastifyRequest<{ Params: { jobId: string } }>
 
   fastify.get(`${basePath}/:jobId/status`, { schema }, async (request: Req) => {
-    const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request)
+    const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'status')
     return progressMessage(snapshot.event)
   })
 
   fastify.get(`${basePath}/:jobId/result`, { schema }, async (request: Req) => {
-    const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request)
+    const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'result')
     if (event.state !== 'completed') throw new JobNotCompleteError(progressMessage(event).status)
     return { job_id: event.jobId, result: event.result ?? null }
   })
 
   fastify.post(`${basePath}/:jobId/cancel`, { schema }, async (request: Req, reply) => {
     const jobId = request.params.jobId
-    const { event, owner } = await loadOwned(ctx, kind, queue.name, jobId, request)
+    const { event, owner } = await loadOwned(ctx, kind, queue.name, jobId, request, 'cancel')
     if (isFinal(event.state)) throw new JobFinishedError(progressMessage(event).status)
     let outcome: CancelOutcome
     try {

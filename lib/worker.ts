@@ -7,6 +7,8 @@ import type { UploadJobData } from './uploads'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
+const NO_FILE: UploadJobData['file'] = { key: '', name: '', size: 0, type: '' }
+
 /** Thrown by `report()` once the job was cancelled; BullMQ does not retry it. */
 export class JobCancelledError extends UnrecoverableError {
   constructor () {
@@ -18,9 +20,14 @@ export class JobCancelledError extends UnrecoverableError {
 /** What a processor written with {@link createJobWorker} receives. */
 export interface JobContext {
   job: Job<UploadJobData>
-  /** The uploaded file's name, size and type, and the form's text fields. */
+  /**
+   * The uploaded file's name, size and type, and the form's text fields. A job created from JSON
+   * without a file has `{ key: '', name: '', size: 0, type: '' }` here, and `open()` throws.
+   */
   file: UploadJobData['file']
   fields: Record<string, string>
+  /** The job's input when it was created from JSON (`POST <basePath>` or `enqueue`); `{}` for an upload. */
+  data: Record<string, unknown>
   /** Opens the uploaded file from storage. */
   open: () => Readable
   /** A local path to the file, when the storage has one. */
@@ -78,14 +85,19 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
     const jobId = job.id as string
     const abort = new AbortController()
     bullSignal?.addEventListener('abort', () => abort.abort(bullSignal.reason), { once: true })
-    const { file, fields } = job.data
+    const { fields } = job.data
+    const file = job.data.file ?? NO_FILE
     if (await cancelled(jobId)) throw new JobCancelledError()
     return await handler({
       job,
       file,
       fields: fields ?? {},
-      open: () => storage.open(file.key),
-      path: storage.localPath?.(file.key) ?? null,
+      data: (job.data as { data?: Record<string, unknown> }).data ?? {},
+      open: () => {
+        if (file.key === '') throw new Error('this job was created without a file')
+        return storage.open(file.key)
+      },
+      path: file.key === '' ? null : storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
       async report (processed, total) {
         // The attempt lets watchers tell a retry's progress from the failed attempt's.

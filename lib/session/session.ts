@@ -1,4 +1,5 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import { allowed, type CanAccess } from '../access'
 import { UnauthorizedError } from '../errors'
 import { isFinal, type JobEvent } from '../events'
 import type { Hub, OpenedJob, Sink } from '../fanout'
@@ -27,6 +28,8 @@ export interface SessionContext {
   maxBufferedBytes: number
   firstMessageTimeoutMs: number
   log: FastifyBaseLogger
+  /** Who may watch a job besides its owner (`canAccess` option). */
+  canAccess: CanAccess
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
@@ -263,7 +266,9 @@ export class Session {
     if (found === null || queue === undefined) return this.#notFound(jobId)
     const target: SnapshotTarget = { kind: found, queue, jobId }
     const opened = await this.#ctx.hub.open(target)
-    if (opened === null || opened.snapshot.owner !== this.owner) {
+    const owner = opened?.snapshot.owner ?? null
+    if (opened === null || owner === null || this.owner === null ||
+      !await allowed(this.#ctx.canAccess, this.#request, { kind: found, jobId, owner, data: opened.snapshot.data }, 'watch', this.owner)) {
       opened?.detach({ deliver () {} })
       return this.#notFound(jobId)
     }
