@@ -215,6 +215,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   }
   const webhookProblems: string[] = []
   const restoreWebhooks = keepWebhookFunctions(raw, webhookProblems)
+  const restoreCreate = keepCreateOptions(raw, webhookProblems)
   const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
   const problems = [...Value.Errors(OptionsSchema, opts)].map(e => {
     // A bad kind name only shows as an "unexpected property": say what a name may be.
@@ -254,7 +255,33 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   if (problems.length > 0) throw new InvalidOptionError(problems.join('; '))
   Object.assign(opts, kept)
   restoreWebhooks(opts)
+  restoreCreate(opts)
   return opts as unknown as ResolvedOptions
 }
 
 export type { TSchema }
+
+/**
+ * A kind's `create` holds a schema (TypeBox's carry symbols) and a function: kept aside from the
+ * clone and checked by shape.
+ */
+function keepCreateOptions (raw: Record<string, unknown>, problems: string[]): (opts: Record<string, unknown>) => void {
+  if (raw.kinds === null || typeof raw.kinds !== 'object') return () => {}
+  const kinds: Record<string, unknown> = { ...(raw.kinds as Record<string, unknown>) }
+  const kept = new Map<string, unknown>()
+  for (const [kind, k] of Object.entries(kinds)) {
+    const create = (k as { create?: unknown } | null)?.create
+    if (create === undefined) continue
+    const c = create as { schema?: unknown, resolveFile?: unknown } | null
+    if (c === null || typeof c !== 'object' || (c.schema !== undefined && (c.schema === null || typeof c.schema !== 'object')) ||
+      (c.resolveFile !== undefined && typeof c.resolveFile !== 'function')) {
+      problems.push(`\`kinds.${kind}.create\` must be an object with an optional \`schema\` (a JSON schema) and an optional \`resolveFile\` function`)
+    }
+    kept.set(kind, create)
+    kinds[kind] = { ...(k as object), create: {} }
+  }
+  raw.kinds = kinds
+  return (opts) => {
+    for (const [kind, create] of kept) (opts.kinds as Record<string, Record<string, unknown>>)[kind].create = create
+  }
+}
