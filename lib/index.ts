@@ -20,6 +20,7 @@ import { Owners } from './owner'
 import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
+import { registerManageRoutes } from './manage-routes'
 import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
@@ -196,6 +197,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     }, opts, owners, uploadStorage, inflightUploads))
     if (k.create !== undefined) registerCreateRoute(fastify, opts, owners, admission, creator, basePath, k.create)
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
+    registerManageRoutes(fastify, routeCtx, { kind, queue, basePath, uploads: uploadStorage })
   }
   registerSseRoutes(fastify, ctx, {
     kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath ?? `/${kind}` })),
@@ -278,3 +280,4 @@ export type { KindWebhookOptions, WebhooksOptions } from './webhooks/options'
 export type { AccessJob, CanAccess, JobAction } from './access'
 export type { CreateRouteOptions, EnqueueInput, EnqueueResult, FileReference } from './enqueue'
 export type { QuotaOptions } from './quotas'
+export type { OutputFile } from './outputs'

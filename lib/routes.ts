@@ -9,6 +9,7 @@ import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
 import { cancelJob, type CancelOutcome } from './cancel'
+import { listOutputs } from './outputs'
 import { allowed, type CanAccess, type JobAction } from './access'
 
 export interface JobRoutesContext {
@@ -70,7 +71,11 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
   fastify.get(`${basePath}/:jobId/result`, { schema }, async (request: Req) => {
     const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'result')
     if (event.state !== 'completed') throw new JobNotCompleteError(progressMessage(event).status)
-    return { job_id: event.jobId, result: event.result ?? null }
+    // Output files a worker attached (`putOutput`), listed only when there are some.
+    const outputs = await listOutputs(ctx.redis, ctx.keys, queue.name, event.jobId).catch(() => [])
+    if (outputs.length === 0) return { job_id: event.jobId, result: event.result ?? null }
+    const base = `${request.server.prefix}${basePath}/${event.jobId}/outputs/`
+    return { job_id: event.jobId, result: event.result ?? null, outputs: outputs.map(o => ({ name: o.name, size: o.size, type: o.type, url: base + o.name })) }
   })
 
   fastify.post(`${basePath}/:jobId/cancel`, { schema }, async (request: Req, reply) => {

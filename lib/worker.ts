@@ -2,6 +2,8 @@ import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq
 import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
 import type { Readable } from 'node:stream'
 import { Keys } from './keys'
+import { deletedKey } from './delete'
+import { outputsKey, putOutput, type OutputFile } from './outputs'
 import { DiskStorage, type Storage } from './storage'
 import type { UploadJobData } from './uploads'
 import { tmpdir } from 'node:os'
@@ -39,6 +41,13 @@ export interface JobContext {
   report: (processed: number, total: number) => Promise<void>
   /** Aborted once a report saw the job cancelled, or BullMQ cancelled it. */
   signal: AbortSignal
+  /**
+   * Stores an output file through the storage and lists it in the job's result; users download
+   * it from `GET <basePath>/:jobId/outputs/<name>`. Names: letters, digits, `.`, `_`, `-`. A
+   * second output of one name replaces the first. Throws {@link JobCancelledError} (and keeps
+   * nothing) when the job was cancelled or deleted meanwhile.
+   */
+  putOutput: (name: string, source: Readable, type?: string) => Promise<OutputFile>
 }
 
 export interface JobWorkerOptions {
@@ -76,9 +85,10 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
   // eslint-disable-next-line prefer-const
   let worker: Worker<UploadJobData, R>
 
+  const client = async (): Promise<Redis> => await worker.getBackend().client as unknown as Redis
+  // Cancelled, or deleted (`DELETE <basePath>/:jobId`): either way the attempt stops.
   const cancelled = async (jobId: string): Promise<boolean> => {
-    const client = await worker.getBackend().client as unknown as Redis
-    return await client.exists(keys.cancel(queue, jobId)) === 1
+    return await (await client()).exists(keys.cancel(queue, jobId), deletedKey(keys, queue, jobId)) > 0
   }
 
   async function processor (job: Job<UploadJobData>, _token?: string, bullSignal?: AbortSignal): Promise<R> {
@@ -99,6 +109,18 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
       },
       path: file.key === '' ? null : storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
+      async putOutput (name, source, type) {
+        const redis = await client()
+        const file = await putOutput(redis, keys, storage, queue, opts.kind, jobId, name, source, type)
+        // A delete that ran meanwhile did not see this file: it is removed here instead.
+        if (await cancelled(jobId)) {
+          await redis.hdel(outputsKey(keys, queue, jobId), name)
+          await storage.remove(file.key)
+          abort.abort(new JobCancelledError())
+          throw new JobCancelledError()
+        }
+        return file
+      },
       async report (processed, total) {
         // The attempt lets watchers tell a retry's progress from the failed attempt's.
         let gone: unknown = null
