@@ -3,6 +3,7 @@ import type { Queue } from 'bullmq'
 import { randomUUID } from 'node:crypto'
 import { admitJob, type AdmissionContext } from './admission'
 import { InvalidFileReferenceError, QueueUnavailableError, UnauthorizedError } from './errors'
+import { AcceptedSchema, errors, IdempotencyHeaders } from './http-schemas'
 import { fingerprint, idempotencyKeyOf } from './idempotency'
 import type { ResolvedOptions } from './options'
 import type { Owners } from './owner'
@@ -102,22 +103,6 @@ const FileReferenceSchema = {
   additionalProperties: false
 } as const
 
-export const AcceptedSchema = {
-  description: 'The job was created (or, for a repeated Idempotency-Key, found)',
-  type: 'object',
-  properties: {
-    job_id: { type: 'string', format: 'uuid' },
-    status_url: { type: 'string' },
-    ws_url: { type: 'string' }
-  },
-  required: ['job_id', 'status_url', 'ws_url']
-} as const
-
-export const ErrorSchema = {
-  type: 'object',
-  properties: { statusCode: { type: 'integer' }, code: { type: 'string' }, error: { type: 'string' }, message: { type: 'string' } }
-} as const
-
 /** `POST <basePath>` of one kind: a job from a JSON body `{ data, file? }`, answered 202 like an upload. */
 export function registerCreateRoute (fastify: FastifyInstance, opts: ResolvedOptions, owners: Owners, admission: AdmissionContext, k: CreateKind, path: string, create: CreateRouteOptions): void {
   const body = {
@@ -128,9 +113,9 @@ export function registerCreateRoute (fastify: FastifyInstance, opts: ResolvedOpt
   }
   const schema = {
     summary: `Create a ${k.kind} job from JSON`,
-    headers: { type: 'object', properties: { 'idempotency-key': { type: 'string', minLength: 1, maxLength: 255 } } },
+    headers: IdempotencyHeaders,
     body,
-    response: { 202: AcceptedSchema, 400: ErrorSchema, 401: ErrorSchema, 422: ErrorSchema, 429: ErrorSchema, 503: ErrorSchema }
+    response: { 202: AcceptedSchema, ...errors(400, 401, 422, 429, 503) }
   }
   fastify.post(path, { schema }, async (request: FastifyRequest<{ Body: { data: Record<string, unknown>, file?: FileReference } }>, reply) => {
     const idempotencyKey = idempotencyKeyOf(request)

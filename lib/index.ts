@@ -21,6 +21,7 @@ import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
 import { registerManageRoutes } from './manage-routes'
+import { noBodyValidation, uploadSchema } from './http-schemas'
 import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
@@ -189,7 +190,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       beforeAdd: webhooks?.beforeAdd(kind)
     }
     creators.set(kind, creator)
-    fastify.post(k.uploadPath ?? `${basePath}/upload`, uploadHandler({
+    fastify.post(k.uploadPath ?? `${basePath}/upload`, { schema: uploadSchema(kind, k.accept ?? []), validatorCompiler: noBodyValidation }, uploadHandler({
       ...creator,
       accept: k.accept ?? [],
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,

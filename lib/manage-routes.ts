@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { Queue } from 'bullmq'
 import { deleteJob } from './delete'
 import { JobNotFoundError, QueueUnavailableError } from './errors'
+import { errors } from './http-schemas'
 import { isOutputName, listOutputs, sendOutput } from './outputs'
 import { loadOwned, type JobRoutesContext } from './routes'
 import type { Storage } from './storage'
@@ -39,7 +40,7 @@ export function registerManageRoutes (fastify: FastifyInstance, ctx: JobRoutesCo
     schema: {
       summary: `Delete a ${kind} job, its upload and its outputs`,
       params: JobParams,
-      response: { 200: { type: 'object', properties: { job_id: { type: 'string' }, status: { type: 'string', enum: ['deleted'] } }, required: ['job_id', 'status'] } }
+      response: { 200: { type: 'object', properties: { job_id: { type: 'string' }, status: { type: 'string', enum: ['deleted'] } }, required: ['job_id', 'status'] }, ...errors(401, 404, 503) }
     }
   }, async (request: FastifyRequest<{ Params: { jobId: string } }>) => {
     const jobId = request.params.jobId
@@ -61,7 +62,8 @@ export function registerManageRoutes (fastify: FastifyInstance, ctx: JobRoutesCo
       headers: { type: 'object', properties: { range: { type: 'string' } } },
       response: {
         200: { description: 'the whole file', type: 'string', format: 'binary' },
-        206: { description: 'the requested byte range', type: 'string', format: 'binary' }
+        206: { description: 'the requested byte range', type: 'string', format: 'binary' },
+        ...errors(401, 404, 416, 503)
       }
     }
   }, async (request: FastifyRequest<{ Params: { jobId: string, name: string } }>, reply) => {
@@ -76,7 +78,7 @@ export function registerManageRoutes (fastify: FastifyInstance, ctx: JobRoutesCo
       summary: `Read the log lines a worker added to a ${kind} job`,
       params: JobParams,
       querystring: { type: 'object', properties: { start: { type: 'integer', minimum: 0, default: 0 }, limit: { type: 'integer', minimum: 1, maximum: MAX_LOG_LINES, default: 100 } } },
-      response: { 200: { type: 'object', properties: { job_id: { type: 'string' }, count: { type: 'integer' }, logs: { type: 'array', items: { type: 'string' } } }, required: ['job_id', 'count', 'logs'] } }
+      response: { 200: { type: 'object', properties: { job_id: { type: 'string' }, count: { type: 'integer' }, logs: { type: 'array', items: { type: 'string' } } }, required: ['job_id', 'count', 'logs'] }, ...errors(400, 401, 404, 503) }
     }
   }, async (request: FastifyRequest<{ Params: { jobId: string }, Querystring: { start: number, limit: number } }>) => {
     const { jobId } = request.params

@@ -9,6 +9,7 @@ import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
 import { cancelJob, type CancelOutcome } from './cancel'
+import { CancelledSchema, errors, ProgressMessageSchema, ResultSchema } from './http-schemas'
 import { listOutputs } from './outputs'
 import { allowed, type CanAccess, type JobAction } from './access'
 
@@ -61,14 +62,15 @@ const ENDED = { completed: 'complete', failed: 'failed', cancelled: 'cancelled',
 export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesContext, route: KindRoute): void {
   const { kind, queue, basePath } = route
   const schema = { params: JobParams }
+  const doc = (summary: string, ok: Record<number, unknown>, ...codes: number[]): Record<string, unknown> => ({ ...schema, summary, response: { ...ok, ...errors(401, 404, ...codes, 503) } })
   type Req = FastifyRequest<{ Params: { jobId: string } }>
 
-  fastify.get(`${basePath}/:jobId/status`, { schema }, async (request: Req) => {
+  fastify.get(`${basePath}/:jobId/status`, { schema: doc(`Status of a ${kind} job`, { 200: ProgressMessageSchema }) }, async (request: Req) => {
     const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'status')
     return progressMessage(snapshot.event)
   })
 
-  fastify.get(`${basePath}/:jobId/result`, { schema }, async (request: Req) => {
+  fastify.get(`${basePath}/:jobId/result`, { schema: doc(`Result of a completed ${kind} job`, { 200: ResultSchema }, 409) }, async (request: Req) => {
     const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'result')
     if (event.state !== 'completed') throw new JobNotCompleteError(progressMessage(event).status)
     // Output files a worker attached (`putOutput`), listed only when there are some.
@@ -78,7 +80,7 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
     return { job_id: event.jobId, result: event.result ?? null, outputs: outputs.map(o => ({ name: o.name, size: o.size, type: o.type, url: base + o.name })) }
   })
 
-  fastify.post(`${basePath}/:jobId/cancel`, { schema }, async (request: Req, reply) => {
+  fastify.post(`${basePath}/:jobId/cancel`, { schema: doc(`Cancel a ${kind} job`, { 202: CancelledSchema }, 409) }, async (request: Req, reply) => {
     const jobId = request.params.jobId
     const { event, owner } = await loadOwned(ctx, kind, queue.name, jobId, request, 'cancel')
     if (isFinal(event.state)) throw new JobFinishedError(progressMessage(event).status)
