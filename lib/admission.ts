@@ -35,6 +35,17 @@ export interface JobRequest {
  * Whatever refuses after a slot or a key was taken gives it back.
  */
 export async function admitJob (ctx: AdmissionContext, r: JobRequest): Promise<{ jobId: string, created: boolean }> {
+  try {
+    return await admit(ctx, r)
+  } catch (err) {
+    // Our own refusals carry a status; anything else is Redis failing under us.
+    if (typeof (err as { statusCode?: unknown }).statusCode === 'number') throw err
+    ctx.log.warn({ err }, 'job-progress: cannot admit the job')
+    throw new QueueUnavailableError()
+  }
+}
+
+async function admit (ctx: AdmissionContext, r: JobRequest): Promise<{ jobId: string, created: boolean }> {
   const queue = r.queue.name
   let digest: string | null = null
   if (r.idempotencyKey !== undefined) {

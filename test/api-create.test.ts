@@ -185,3 +185,17 @@ t.test('quotas: jobs per window, across instances and both ways of creating a jo
   t.equal((await upload(`${a.url}/dataset/upload`, lines(1), { headers: alice })).status, 202, 'per kind')
   await t.rejects(a.app.jobProgress.enqueue('batch', { data: { items: 1 }, owner: 'alice' }), { statusCode: 429 })
 })
+
+t.test('a request refused after its key was claimed gives the key and the quota slot back', async (t) => {
+  const { a } = await two(t, {
+    quotas: { maxActiveJobs: 1 },
+    webhooks: { secret: 'whsec_' + Buffer.from('a-webhook-secret-of-32-bytes!!!!').toString('base64'), worker: false, lookup: async () => [{ address: '93.184.216.34', family: 4 }] },
+    kinds: { batch: {}, dataset: { webhook: { allow: ['hooks.example.com'] } } }
+  })
+  const headers = { ...alice, 'idempotency-key': 'web-1' }
+  const refused = await upload(`${a.url}/dataset/upload`, lines(1), { headers, fields: { webhook_url: 'https://elsewhere.example.org/x' } })
+  t.equal(refused.status, 400, 'the webhook check refuses it')
+  const retried = await upload(`${a.url}/dataset/upload`, lines(1), { headers, fields: { webhook_url: 'https://hooks.example.com/x' } })
+  t.equal(retried.status, 202, 'the same key with a corrected body is a new request, and the slot was free')
+  t.equal((await upload(`${a.url}/dataset/upload`, lines(1), { headers: alice })).status, 429, 'the one slot is now taken')
+})
