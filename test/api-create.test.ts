@@ -199,3 +199,14 @@ t.test('a request refused after its key was claimed gives the key and the quota 
   t.equal(retried.status, 202, 'the same key with a corrected body is a new request, and the slot was free')
   t.equal((await upload(`${a.url}/dataset/upload`, lines(1), { headers: alice })).status, 429, 'the one slot is now taken')
 })
+
+t.test('options are checked at registration', async (t) => {
+  const { resolveOptions } = await import('../lib/options')
+  t.throws(() => resolveOptions({ kinds: { a: {} }, canAccess: 3 }), /`canAccess` must be a function/)
+  t.throws(() => resolveOptions({ kinds: { a: { create: { resolveFile: 1 } } } }), /`kinds\.a\.create` must be an object/)
+  t.throws(() => resolveOptions({ kinds: { a: { create: null } } }), /`kinds\.a\.create` must be an object/)
+  t.throws(() => resolveOptions({ kinds: { a: {} }, quotas: { maxActiveJobs: -1 } }), /quotas\.maxActiveJobs/)
+  t.throws(() => resolveOptions({ kinds: { a: {} }, idempotency: { windowSeconds: 0 } }), /idempotency\.windowSeconds/)
+  const schema = Type.Object({ n: Type.Integer() })
+  t.equal(resolveOptions({ kinds: { a: { create: { schema } } } }).kinds.a.create?.schema, schema, 'the schema is kept as given')
+})
