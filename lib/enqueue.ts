@@ -119,8 +119,12 @@ export function registerCreateRoute (fastify: FastifyInstance, opts: ResolvedOpt
   }
   fastify.post(path, { schema }, async (request: FastifyRequest<{ Body: { data: Record<string, unknown>, file?: FileReference } }>, reply) => {
     const idempotencyKey = idempotencyKeyOf(request)
-    const identity = await owners.fromRequest(request)
-    if (identity === null) throw new UnauthorizedError('no session or API key')
+    // Owned as an upload is: a request without credentials starts a session (when sessions are the fallback).
+    let identity = await owners.fromRequest(request)
+    if (identity === null) {
+      if (!owners.issuesSessions) throw new UnauthorizedError('no credentials')
+      identity = owners.startSession(request, reply)
+    }
     let file: FileReference | undefined
     if (request.body.file !== undefined) {
       if (create.resolveFile === undefined) throw new InvalidFileReferenceError('this kind takes no file references')

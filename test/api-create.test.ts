@@ -80,9 +80,13 @@ t.test('POST <basePath> with JSON: validated by the kind\'s schema, 202 like an 
   const ref = await post(`${a.url}/batch`, { data: { items: 1 }, file: { key: 'batch-someone-elses' } }, alice)
   t.equal(ref.status, 400)
   t.equal(ref.body.code, 'FST_JP_INVALID_FILE_REFERENCE', 'no file references without resolveFile')
-  t.equal((await post(`${a.url}/batch`, { data: { items: 1 } })).status, 401, 'no credentials')
+  const anonymous = await fetch(`${a.url}/batch`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ data: { items: 1 } }) })
+  t.equal(anonymous.status, 202, 'no credentials: a session starts, as for an upload')
+  const cookie = (anonymous.headers.get('set-cookie') ?? '').split(';')[0]
+  const anonymousJob = (await anonymous.json()).job_id as string
+  t.equal((await fetch(`${b.url}/batch/${anonymousJob}/status`, { headers: { cookie } })).status, 200, 'and owns the job')
   t.equal((await post(`${a.url}/dataset`, { data: {} }, alice)).status, 404, 'no JSON route for a kind without `create`')
-  t.same(await jobKeys(redis), [`bull:batch:${created.body.job_id as string}`], 'refused requests made no job')
+  t.same((await jobKeys(redis)).sort(), [`bull:batch:${created.body.job_id as string}`, `bull:batch:${anonymousJob}`].sort(), 'refused requests made no job')
 })
 
 t.test('a file reference admitted by resolveFile; enqueue() from server code', async (t) => {
@@ -209,4 +213,11 @@ t.test('options are checked at registration', async (t) => {
   t.throws(() => resolveOptions({ kinds: { a: {} }, idempotency: { windowSeconds: 0 } }), /idempotency\.windowSeconds/)
   const schema = Type.Object({ n: Type.Integer() })
   t.equal(resolveOptions({ kinds: { a: { create: { schema } } } }).kinds.a.create?.schema, schema, 'the schema is kept as given')
+})
+
+t.test('with getOwner, a JSON create without an owner is 401', async (t) => {
+  const redis = await redisFor(t)
+  const a = await startApp(t, redis, { getOwner: (request) => request.headers['x-user'] as string | undefined, kinds: { batch: { create: {} } } })
+  t.equal((await post(`${a.url}/batch`, { data: {} })).status, 401)
+  t.equal((await post(`${a.url}/batch`, { data: {} }, { 'x-user': 'u1' })).status, 202)
 })
