@@ -4,11 +4,15 @@
  * Response schemas also serialize: every property a route sends is listed here.
  */
 
+/**
+ * Open (`additionalProperties`, nothing required): a host app's error handler may answer in its
+ * own shape, and a response schema must not strip or refuse it.
+ */
 export const ErrorSchema = {
   description: 'An error (see the README\'s Errors table for each `code`)',
   type: 'object',
   properties: { statusCode: { type: 'integer' }, code: { type: 'string' }, error: { type: 'string' }, message: { type: 'string' } },
-  required: ['statusCode', 'message']
+  additionalProperties: true
 } as const
 
 /** Error responses a route may answer, each with {@link ErrorSchema}. */
