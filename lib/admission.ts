@@ -45,6 +45,22 @@ export async function admitJob (ctx: AdmissionContext, r: JobRequest): Promise<{
   }
 }
 
+/** Refuses early, before a body is read, when the owner is already at a quota (sets `Retry-After`). */
+export async function precheckQuota (ctx: AdmissionContext, queue: string, owner: string, reply: FastifyReply): Promise<void> {
+  try {
+    await ctx.quotas.check(queue, owner)
+  } catch (err) {
+    const retryAfter = (err as { retryAfter?: number }).retryAfter
+    if (retryAfter === undefined) {
+      // Redis trouble here is left to the admission, which answers it.
+      ctx.log.debug({ err }, 'job-progress: quota pre-check failed')
+      return
+    }
+    reply.header('retry-after', String(retryAfter))
+    throw err
+  }
+}
+
 async function admit (ctx: AdmissionContext, r: JobRequest): Promise<{ jobId: string, created: boolean }> {
   const queue = r.queue.name
   let digest: string | null = null

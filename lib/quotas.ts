@@ -23,7 +23,7 @@ export interface QuotaOptions {
  * holds more than the limit, so the pruning costs O(limit) per admission and nothing otherwise.
  *
  * KEYS: active set, window counter. ARGV: job key prefix, now, max active, grace ms, job id,
- * max per window, window ms, retry-after for the active limit (s).
+ * max per window, window ms, retry-after for the active limit (s), "1" to only check.
  * Returns 0 when admitted, else the seconds to wait, negated for the active limit.
  */
 const SCRIPT = `
@@ -54,10 +54,11 @@ if maxActive > 0 then
     if live then count = count + 1 else rcall("ZREM", KEYS[1], id) end
   end
   if count >= maxActive then return -tonumber(ARGV[8]) end
+  if ARGV[9] == "1" then return 0 end
   rcall("ZADD", KEYS[1], now, ARGV[5])
   rcall("PEXPIRE", KEYS[1], 7 * 24 * 3600 * 1000)
 end
-if maxWindow > 0 then
+if maxWindow > 0 and ARGV[9] ~= "1" then
   if rcall("INCR", KEYS[2]) == 1 then rcall("PEXPIRE", KEYS[2], ARGV[7]) end
 end
 return 0
@@ -88,10 +89,22 @@ export class Quotas {
 
   /** Takes a slot for `jobId`, or throws {@link QuotaExceededError} (429, with `retryAfter`). */
   async admit (queue: string, owner: string, jobId: string): Promise<void> {
+    await this.#run(queue, owner, jobId, false)
+  }
+
+  /**
+   * Throws as {@link admit} would, taking nothing: an upload is refused before its body is read
+   * when its owner is already at a limit. The admission itself still decides atomically.
+   */
+  async check (queue: string, owner: string): Promise<void> {
+    await this.#run(queue, owner, '', true)
+  }
+
+  async #run (queue: string, owner: string, jobId: string, dryRun: boolean): Promise<void> {
     if (!this.enabled) return
     const o = this.#opts
     const reply = await this.#redis.eval(SCRIPT, 2, ...this.#names(queue, owner),
-      this.#keys.job(queue, ''), Date.now(), o.maxActiveJobs, ADD_GRACE_MS, jobId, o.maxJobsPerWindow, o.windowMs, o.activeRetryAfterSeconds) as number
+      this.#keys.job(queue, ''), Date.now(), o.maxActiveJobs, ADD_GRACE_MS, jobId, o.maxJobsPerWindow, o.windowMs, o.activeRetryAfterSeconds, dryRun ? '1' : '0') as number
     if (reply === 0) return
     const err = reply < 0
       ? new QuotaExceededError(`at most ${o.maxActiveJobs} unfinished jobs per owner`)

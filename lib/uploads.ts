@@ -9,7 +9,7 @@ import {
   QueueUnavailableError, TooManyFieldsError, TooManyFilesError, TooManyPartsError, UnauthorizedError,
   UnsupportedFileTypeError, UploadIdleError, UploadShutdownError, UploadTimeoutError
 } from './errors'
-import { admitJob, type AdmissionContext } from './admission'
+import { admitJob, precheckQuota, type AdmissionContext } from './admission'
 import { fingerprint, idempotencyKeyOf } from './idempotency'
 import type { Owners } from './owner'
 import type { ResolvedOptions } from './options'
@@ -151,6 +151,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     }
     // Refuse before reading a byte when the job could not be queued anyway.
     if (!route.queueReady()) throw new QueueUnavailableError()
+    if (route.admission !== undefined) await precheckQuota(route.admission, route.queue.name, identity.owner, reply)
 
     // Ending an upload early: the file being written gets the error (storage removes its partial
     // file), and a wait for the next part is cut short.

@@ -15,7 +15,7 @@ interface Teardown { teardown: (fn: () => unknown) => void }
 
 async function two (t: Teardown, opts: Partial<JobProgressOptions> = {}): Promise<{ redis: RedisServer, a: TestApp, b: TestApp, uploadDir: string }> {
   const redis = await redisFor(t)
-  const uploadDir = await tempDir(t, 'jp-api-')
+  const uploadDir = opts.uploadDir ?? await tempDir(t, 'jp-api-')
   const kinds = {
     batch: { create: { schema: Type.Object({ items: Type.Integer({ minimum: 1, maximum: 1000 }), label: Type.Optional(Type.String()) }, { additionalProperties: false }) } },
     dataset: {}
@@ -159,7 +159,12 @@ t.test('Idempotency-Key raced from both instances: one job, every answer names i
 })
 
 t.test('quotas: 50 concurrent uploads of one owner across 2 instances, at most 5 unfinished jobs; 429 with Retry-After', async (t) => {
-  const { redis, a, b, uploadDir } = await two(t, { quotas: { maxActiveJobs: 5 } })
+  const dir = await tempDir(t, 'jp-quota-')
+  const disk = new DiskStorage(dir)
+  let writes = 0
+  // Counts what reaches storage, to tell a refusal from the headers from one after the body.
+  const storage = { write: async (...args: Parameters<DiskStorage['write']>) => { writes++; return await disk.write(...args) }, open: (key: string) => disk.open(key), remove: async (key: string) => await disk.remove(key), localPath: (key: string) => disk.localPath(key) }
+  const { redis, a, b, uploadDir } = await two(t, { quotas: { maxActiveJobs: 5 }, storage, uploadDir: dir })
   const ups = await Promise.all(Array.from({ length: 50 }, async (_, i) => await upload(`${(i % 2 === 0 ? a : b).url}/dataset/upload`, lines(2), { headers: alice })))
   const accepted = ups.filter(r => r.status === 202)
   const refused = ups.filter(r => r.status === 429)
@@ -172,6 +177,12 @@ t.test('quotas: 50 concurrent uploads of one owner across 2 instances, at most 5
   t.equal(res.status, 429)
   t.equal(res.headers.get('retry-after'), '5')
   t.equal((await upload(`${b.url}/dataset/upload`, lines(1), { headers: bob })).status, 202, 'another owner has its own quota')
+  // At the limit, a large upload is refused from its headers: its body is never read.
+  const before = writes
+  const big = await upload(`${b.url}/dataset/upload`, Buffer.alloc(8 * 1024 * 1024, 'x'), { headers: alice })
+  t.equal(big.status, 429)
+  t.equal(writes, before, 'refused before its file reached storage')
+  t.equal((await filesIn(uploadDir)).length, 6, 'nothing of it was stored')
   // Once the jobs end, their slots are free again.
   startWorker(t, redis, 'dataset', uploadDir)
   for (const up of accepted) await finalStatus(`${a.url}${up.body.status_url as string}`, alice)
