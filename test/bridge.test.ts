@@ -4,8 +4,8 @@ import { relayMessage } from '../lib/bridge'
 import { connect, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
 
 t.test('relayMessage: progress is spliced in as JSON, lifecycle events carry only their name', async (t) => {
-  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { e: 'progress', t: 1700000000000, d: { processed: 3, total: 9 } })
-  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"e":"completed","t":5}' })
+  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { e: 'progress', t: 1700000000000, i: '1700000000000-0', d: { processed: 3, total: 9 } })
+  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"e":"completed","t":5,"i":"5-1"}' })
   t.equal(relayMessage('5-1', ['event', 'drained']), null, 'events without a job are not relayed')
   t.equal(relayMessage('5-1', ['event', 'added', 'jobId', 'j1']), null, 'events no watcher needs are not relayed')
 })
@@ -14,7 +14,7 @@ t.test('events a dead instance read but never published are claimed and relayed 
   const redis = await redisFor(t)
   const uploadDir = await tempDir(t)
   // The instance clients watch through: no bridge of its own, and a reconcile too slow to help.
-  const watcher = await startApp(t, redis, { uploadDir, bridge: { enabled: false }, reconcileIntervalMs: 600_000 })
+  const watcher = await startApp(t, redis, { uploadDir, bridge: { enabled: false }, sweepReadsPerSecond: 0 })
   // Made once so the consumer group exists, then gone.
   const first = await startApp(t, redis, { uploadDir })
   await first.app.close()
