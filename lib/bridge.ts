@@ -48,10 +48,11 @@ export interface BridgeOptions {
   /** Also hands each published message to this instance's own subscribers. */
   local?: (channel: string, payload: string) => void
   /**
-   * Called with every relayed event after it was published (once across the cluster in normal
-   * operation, again after a takeover). Errors thrown here are logged, never block the relay.
+   * Called with every relayed event after it was published and before it is acknowledged (once
+   * across the cluster in normal operation, again after a takeover: be idempotent on the entry
+   * id). The bridge waits for a returned promise, so keep it short; errors are logged.
    */
-  onEvent?: (event: BridgeEvent) => void
+  onEvent?: (event: BridgeEvent) => void | Promise<void>
   telemetry?: Telemetry
   log: FastifyBaseLogger
 }
@@ -271,21 +272,27 @@ export class Bridge {
       }
       if (ids.length > 0) acks.push([stream, ids])
     }
-    if (!sharded) for (const [stream, ids] of acks) pipe.xack(stream, group, ...ids)
     ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, local.length)
     // Sent first, so the other instances are not kept waiting while this one serves its sockets.
-    const sent = sharded
-      ? (broker as Broker).publish(local).then(async () => await Promise.all(acks.map(async ([stream, ids]) => await redis.xack(stream, group, ...ids))))
-      : pipe.exec()
+    const sent = sharded ? (broker as Broker).publish(local) : pipe.exec()
     if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
     await sent
-    for (const event of events) {
-      try {
-        this.#o.onEvent?.(event)
-      } catch (err) {
-        this.#o.log.error({ err }, 'job-progress: a bridge event listener failed')
-      }
+    // Listeners (webhooks, upload cleanup) act on an event before it is acknowledged: an instance
+    // that dies in between, or a listener that fails (Redis gone for a moment), leaves the entry
+    // pending, and it is claimed and replayed after claimIdleMs.
+    if (this.#o.onEvent !== undefined && events.length > 0) {
+      const failed = new Set<string>()
+      await Promise.all(events.map(async (event) => {
+        try {
+          await this.#o.onEvent?.(event)
+        } catch (err) {
+          failed.add(event.id)
+          this.#o.log.warn({ err, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed; the event stays pending for a retry')
+        }
+      }))
+      if (failed.size > 0) for (const entry of acks) entry[1] = entry[1].filter(id => !failed.has(id))
     }
+    await Promise.all(acks.filter(([, ids]) => ids.length > 0).map(async ([stream, ids]) => await redis.xack(stream, group, ...ids)))
   }
 
   /** Stops reading so other instances take over; acknowledged work is never lost. */

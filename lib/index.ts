@@ -134,13 +134,13 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 
   const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
-  const bridgeListeners: Array<(event: BridgeEvent) => void> = []
+  const bridgeListeners: Array<(event: BridgeEvent) => void | Promise<void>> = []
   const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, queues: [...queues.values()].map(q => q.name), log })
   bridgeListeners.push((event) => cleanup.onEvent(event))
   cleanup.start()
   const uploadStorage = cleanup.tracked()
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
-  if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
+  if (webhooks !== null) bridgeListeners.push(async event => { await webhooks.onEvent(event) })
   let bridge: Bridge | null = null
   let bridgeReady = (): boolean | null => null
   if (opts.bridge.enabled) {
@@ -148,7 +148,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: async (event) => { await Promise.all(bridgeListeners.map(async listener => { await listener(event) })) } })
     await bridge.start()
   }
 
@@ -260,7 +260,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 
   ownRoutes = false
 
-  const stopTimers = startSessionTimers(sessions, { ...opts, log })
+  const stopTimers = startSessionTimers(sessions, { ...opts, log, telemetry })
 
   fastify.decorate('jobProgress', {
     instanceId,
