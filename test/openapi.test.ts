@@ -12,7 +12,10 @@ t.test('the OpenAPI document lists the routes with their schemas', async (t) => 
   const { app } = await startApp(t, redis, {
     apiKeys: { k: 'alice' },
     protocols: [jobsProtocol({ path: '/ws/jobs' })],
-    kinds: { batch: { accept: ['text/csv'], create: { schema: Type.Object({ rows: Type.Integer({ minimum: 1 }) }) } }, dataset: {} }
+    metrics: true,
+    clientRoute: '/client.js',
+    webhooks: { secret: 'whsec_' + Buffer.from('a-webhook-secret-of-32-bytes!!!!').toString('base64'), worker: false, authorize: () => true },
+    kinds: { batch: { accept: ['text/csv'], create: { schema: Type.Object({ rows: Type.Integer({ minimum: 1 }) }) } }, dataset: { webhook: { url: 'https://hooks.example.com/jobs' } } }
   }, async (app) => {
     await app.register(fastifySwagger, { openapi: { info: { title: 'test', version: '1.0.0' } } })
   })
@@ -53,6 +56,10 @@ t.test('the OpenAPI document lists the routes with their schemas', async (t) => 
   t.ok(op('/events', 'get').parameters.some((p: any) => p.name === 'jobs'))
   t.ok(op('/health', 'get').responses['200'])
   t.ok(op('/ready', 'get').responses['503'])
+  t.ok(op('/metrics', 'get').responses['200'])
+  t.ok(op('/client.js', 'get').responses['304'])
+  t.ok(op('/webhooks/dead', 'get').responses['200'].content['application/json'].schema.properties.deliveries)
+  t.ok(op('/webhooks/dead/{id}/replay', 'post').responses['202'])
   // Every operation of the plugin answers with a schema.
   for (const [path, ops] of Object.entries(paths)) {
     for (const [method, o] of Object.entries(ops)) t.ok(Object.keys(o.responses ?? {}).some(code => code !== 'default'), `${method.toUpperCase()} ${path} has response schemas`)
