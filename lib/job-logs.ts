@@ -1,13 +1,8 @@
-import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { Redis } from 'ioredis'
-import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
-import { loadOwned, type JobRoutesContext } from './routes'
 
 /** The job hash field counting every line ever written through {@link appendLog}. */
 export const LOGS_WRITTEN_FIELD = 'jpLogs'
-/** Most lines one request returns. */
-export const MAX_LOG_LINES = 1000
 
 /**
  * Appends a line as BullMQ's `job.log()` does (RPUSH, trimmed to `keepLogs`), and counts it in
@@ -44,40 +39,19 @@ export async function appendLog (redis: Redis, keys: Keys, queue: string, jobId:
   return Number(await redis.eval(APPEND, 2, job, `${job}:logs`, line, keepLogs))
 }
 
-export interface LogsPage {
-  job_id: string
+/** A page of a job's log: absolute offsets; `truncated` when the lines asked for were trimmed. */
+export interface LogsRead {
   /** Offset of the first line returned (at least `first`). */
   from: number
-  /** Offset to ask for next. */
-  next: number
   /** Oldest offset still kept (earlier lines were trimmed by `keepLogs`). */
   first: number
   /** Lines written so far. */
   total: number
-  /** Present when the lines asked for were trimmed: they are lost, reading resumes at `from`. */
-  truncated?: true
   lines: string[]
 }
 
-/** `GET <basePath>/:jobId/logs?from=<offset>&limit=<n>`: a job's log lines with absolute offsets. */
-export function registerLogsRoute (fastify: FastifyInstance, ctx: JobRoutesContext, route: { kind: string, queue: string, basePath: string }): void {
-  fastify.get(`${route.basePath}/:jobId/logs`, {
-    schema: {
-      params: { type: 'object', properties: { jobId: { type: 'string' } }, required: ['jobId'] },
-      querystring: { type: 'object', properties: { from: { type: 'integer', minimum: 0, default: 0 }, limit: { type: 'integer', minimum: 1, maximum: MAX_LOG_LINES, default: 100 } }, additionalProperties: true }
-    }
-  }, async (request: FastifyRequest<{ Params: { jobId: string }, Querystring: { from: number, limit: number } }>): Promise<LogsPage> => {
-    const { jobId } = request.params
-    await loadOwned(ctx, route.kind, route.queue, jobId, request, true)
-    const job = ctx.keys.job(route.queue, jobId)
-    let reply: [number, number, number, string[]]
-    try {
-      reply = await ctx.redis.eval(READ, 2, job, `${job}:logs`, request.query.from, request.query.limit) as typeof reply
-    } catch (err) {
-      request.log.warn({ err }, 'job-progress: cannot read the job\'s logs')
-      throw new QueueUnavailableError()
-    }
-    const [first, total, from, lines] = reply
-    return { job_id: jobId, from, next: from + lines.length, first, total, ...(request.query.from < from ? { truncated: true as const } : {}), lines }
-  })
+export async function readLogs (redis: Redis, keys: Keys, queue: string, jobId: string, from: number, limit: number): Promise<LogsRead> {
+  const job = keys.job(queue, jobId)
+  const [first, total, start, lines] = await redis.eval(READ, 2, job, `${job}:logs`, from, limit) as [number, number, number, string[]]
+  return { from: start, first, total, lines }
 }

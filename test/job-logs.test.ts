@@ -28,9 +28,9 @@ t.test("the helper's log(): absolute offsets that keepLogs trimming does not shi
   t.same(await written.promise, [0, 1, 2, 3, 4], 'log() returns each line\'s offset')
 
   const url = `${app.url}/batch/${jobId}/logs`
-  t.same((await get(`${url}?from=0`, cookie)).body, { job_id: jobId, from: 2, next: 5, first: 2, total: 5, truncated: true, lines: ['line 2', 'line 3', 'line 4'] }, 'trimmed lines: truncated, resumes at the oldest kept')
-  t.same((await get(`${url}?from=3&limit=1`, cookie)).body, { job_id: jobId, from: 3, next: 4, first: 2, total: 5, lines: ['line 3'] }, 'offset 3 is still line 3 after the trim')
-  t.same((await get(`${url}?from=5`, cookie)).body.lines, [], 'nothing new yet')
+  t.same((await get(`${url}?from=0`, cookie)).body, { job_id: jobId, count: 5, logs: ['line 2', 'line 3', 'line 4'], from: 2, next: 5, first: 2, truncated: true }, 'trimmed lines: truncated, resumes at the oldest kept')
+  t.same((await get(`${url}?from=3&limit=1`, cookie)).body, { job_id: jobId, count: 5, logs: ['line 3'], from: 3, next: 4, first: 2 }, 'offset 3 is still line 3 after the trim')
+  t.same((await get(`${url}?from=5`, cookie)).body.logs, [], 'nothing new yet')
   t.equal((await get(`${url}?from=5`, cookie)).body.next, 5)
   t.equal((await get(`${url}?token=${encodeURIComponent(up.body.watch_token)}`)).status, 200, 'a watch token reads the logs')
   const other = await upload(`${app.url}/batch/upload`, lines(1))
@@ -55,5 +55,5 @@ t.test('a plain BullMQ Worker with job.log(): served with offsets from the list'
   t.teardown(async () => await worker.close())
   await done.promise
   const res = await get(`${app.url}/batch/${up.body.job_id}/logs?from=1`, up.cookie)
-  t.same(res.body, { job_id: up.body.job_id, from: 1, next: 2, first: 0, total: 2, lines: ['plain 1'] })
+  t.same(res.body, { job_id: up.body.job_id, count: 2, logs: ['plain 1'], from: 1, next: 2, first: 0 })
 })

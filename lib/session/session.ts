@@ -1,11 +1,12 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import { allowed, ownerOnly, type CanAccess } from '../access'
 import { UnauthorizedError } from '../errors'
 import { isFinal, type JobEvent } from '../events'
 import type { ConnectionLimit } from '../connection-limit'
 import type { Hub, OpenedJob, Sink } from '../fanout'
 import { isJobId } from '../keys'
 import { Outbox } from '../outbox'
-import { mayRead, type Identity, type Owners } from '../owner'
+import type { Identity, Owners } from '../owner'
 import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
 import type { SnapshotTarget } from '../snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
@@ -29,6 +30,10 @@ export interface SessionContext {
   maxBufferedBytes: number
   firstMessageTimeoutMs: number
   log: FastifyBaseLogger
+  /** Who may watch a job besides its owner (`canAccess` option). */
+  canAccess: CanAccess
+  /** A job's owner, read alone; null when the job does not exist. */
+  ownerOf: (target: SnapshotTarget) => Promise<string | null>
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
@@ -268,12 +273,20 @@ export class Session {
     const queue = found === null ? undefined : this.#ctx.queueOf(found)
     if (found === null || queue === undefined) return this.#notFound(jobId)
     const target: SnapshotTarget = { kind: found, queue, jobId }
-    const opened = await this.#ctx.hub.open(target)
-    const owner = opened?.snapshot.owner
-    if (opened === null || !(this.#identity === null ? owner === this.owner : mayRead(this.#identity, found, jobId, owner))) {
-      opened?.detach({ deliver () {} })
-      return this.#notFound(jobId)
+    if (this.owner === null) return this.#notFound(jobId)
+    // A watch token grants its one job and nothing else; the hub checks the owner it names.
+    const identity = this.#identity
+    if (identity?.via === 'token' && (identity.job === null || identity.job === undefined || identity.job.kind !== found || identity.job.jobId !== jobId)) return this.#notFound(jobId)
+    // The owner is read alone first, so a job the requester may not watch costs no subscription.
+    // With the default policy the hub checks it; a policy of the application's is asked here.
+    let expected: string | undefined = this.owner
+    if (identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: found, jobId, owner, data: null }, 'watch', this.owner)) return this.#notFound(jobId)
+      expected = owner
     }
+    const opened = await this.#ctx.hub.open(target, expected)
+    if (opened === null) return this.#notFound(jobId)
     if (this.#state !== 'ready') {
       opened.detach({ deliver () {} })
       return
