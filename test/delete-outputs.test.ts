@@ -111,7 +111,7 @@ t.test('an output file: listed in the result, downloaded whole and by Range, sam
   t.equal((await fetch(`${a.url}/batch/${jobId}/outputs/..%2F..%2Fetc`, { headers: alice })).status, 404)
 
   const logs = await (await fetch(`${a.url}/batch/${jobId}/logs`, { headers: alice })).json()
-  t.same(logs, { job_id: jobId, count: 1, logs: ['wrote report.csv'] })
+  t.same(logs, { job_id: jobId, count: 1, logs: ['wrote report.csv'], from: 0, next: 1, first: 0 })
   t.equal((await fetch(`${a.url}/batch/${jobId}/logs`, { headers: bob })).status, 404)
 
   t.ok(await eventually(async () => (await filesIn(uploadDir)).length === 1), 'the upload went at the end; the output stays')

@@ -30,7 +30,7 @@ t.test('the OpenAPI document lists the routes with their schemas', async (t) => 
     const upload = op(`/${kind}/upload`, 'post')
     t.ok(upload.requestBody.content['multipart/form-data'].schema.properties.file, 'upload: the file part')
     t.same(upload.requestBody.content['multipart/form-data'].schema.required, ['file'])
-    t.same(Object.keys(upload.responses['202'].content['application/json'].schema.properties).sort(), ['job_id', 'status_url', 'ws_url'])
+    t.same(Object.keys(upload.responses['202'].content['application/json'].schema.properties).sort(), ['job_id', 'status_url', 'watch_token', 'ws_url'])
     t.ok(upload.responses['429'] && upload.responses['413'] && upload.responses['415'], 'upload: its errors')
     t.ok(upload.parameters.some((p: any) => p.in === 'header' && p.name === 'idempotency-key'), 'upload: Idempotency-Key')
     const status = op(`/${kind}/{jobId}/status`, 'get')
