@@ -1,6 +1,7 @@
 import type { RawData, WebSocket } from 'ws'
 import { CloseCodes, closeReason } from '../wire/close-codes'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
+import { canWriteFrame, frameOf, writeFrame } from './ws-frame'
 
 const TEXT = { binary: false } as const
 
@@ -49,7 +50,9 @@ export class WebSocketTransport implements Transport {
   }
 
   write (data: OutboxData, done: (err?: Error | null) => void): void {
-    this.ws.send(data, TEXT, done)
+    // A Buffer is a rendered event shared by every socket of its job: framed once for all of them.
+    if (typeof data !== 'string' && this.ws.readyState === 1 && canWriteFrame(this.ws)) writeFrame(this.ws, frameOf(data), done)
+    else this.ws.send(data, TEXT, done)
   }
 
   close (code: number, reason: string): void {

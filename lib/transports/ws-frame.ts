@@ -1,0 +1,84 @@
+import WebSocketModule, { type WebSocket } from 'ws'
+
+/**
+ * Writing one prebuilt WebSocket frame to many sockets. `ws` frames every `send` anew (a header
+ * buffer, a corked pair of writes) for each socket; a job's event goes to every socket watching
+ * it with the same bytes, so it is framed once (server frames are never masked) and each socket
+ * gets one write of the same buffer, as the fastest Node WebSocket servers do.
+ *
+ * `ws` has no public API for this: what it relies on is checked per socket
+ * ({@link canWriteFrame}) and covered by test/ws-frame.test.ts, which fails when `ws` changes it.
+ * Anything else (permessage-deflate negotiated, a fragmented or queued send in progress, a
+ * `ws` whose internals differ) falls back to `ws.send`.
+ */
+
+/** `ws`'s frame builder: exported at run time, absent from its typings. */
+const Sender = (WebSocketModule as unknown as { Sender?: { frame?: unknown } }).Sender ?? {}
+
+/** The parts of `ws`'s socket and sender the direct write uses. */
+interface WsInternals {
+  _socket?: { write?: unknown, destroyed?: boolean } | null
+  _sender?: { _state?: unknown, _firstFragment?: unknown, _queue?: unknown } | null
+  _extensions?: Record<string, unknown>
+}
+
+/** Sender.frame's options for an unmasked, unfragmented, uncompressed text frame. */
+const TEXT_FRAME = { fin: true, opcode: 1, mask: false, readOnly: false, rsv1: false }
+
+/** Whether `ws` still has what the direct write relies on (checked once). */
+export const framingSupported = typeof Sender.frame === 'function'
+
+/** Frames `payload` as one unmasked text frame, header and payload in one buffer. */
+export function frameText (payload: Buffer): Buffer {
+  const parts = (Sender as unknown as { frame: (data: Buffer, options: object) => Buffer[] }).frame(payload, TEXT_FRAME)
+  return parts.length === 1 ? parts[0] : Buffer.concat(parts, parts[0].length + payload.length)
+}
+
+/**
+ * Whether a prebuilt frame can go straight to this socket now: no extension that changes the
+ * frames (permessage-deflate), the sender idle (nothing queued behind a compression or a blob,
+ * no fragmented message open), and the net socket there.
+ */
+export function canWriteFrame (ws: WebSocket): boolean {
+  const w = ws as unknown as WsInternals
+  const sender = w._sender
+  const socket = w._socket
+  return framingSupported &&
+    sender != null && sender._state === 0 && sender._firstFragment === true &&
+    Array.isArray(sender._queue) && sender._queue.length === 0 &&
+    w._extensions != null && Object.keys(w._extensions).length === 0 &&
+    socket != null && typeof socket.write === 'function' && socket.destroyed !== true
+}
+
+/**
+ * The frames of the last few payloads: the hub hands the same rendered buffer to every socket of
+ * a job one after the other (one per protocol), so a handful of entries covers it with no
+ * per-message map or weak reference.
+ */
+const SLOTS = 4
+const payloads: Array<Buffer | null> = new Array(SLOTS).fill(null)
+const frames: Array<Buffer | null> = new Array(SLOTS).fill(null)
+let next = 0
+
+/** Frames of payloads built since start (for tests and metrics). */
+export const frameStats = { built: 0, written: 0 }
+
+/** The frame of `payload`, built once for every socket it goes to. */
+export function frameOf (payload: Buffer): Buffer {
+  for (let i = 0; i < SLOTS; i++) {
+    if (payloads[i] === payload) return frames[i] as Buffer
+  }
+  const frame = frameText(payload)
+  frameStats.built++
+  payloads[next] = payload
+  frames[next] = frame
+  next = (next + 1) % SLOTS
+  return frame
+}
+
+/** Writes a prebuilt frame to the socket's net socket; `done` runs once it is flushed. */
+export function writeFrame (ws: WebSocket, frame: Buffer, done: (err?: Error | null) => void): void {
+  frameStats.written++
+  const socket = (ws as unknown as { _socket: { write: (b: Buffer, cb: (err?: Error | null) => void) => boolean } })._socket
+  socket.write(frame, done)
+}
