@@ -7,7 +7,7 @@ import WebSocketModule, { type WebSocket } from 'ws'
  * gets one write of the same buffer, as the fastest Node WebSocket servers do.
  *
  * `ws` has no public API for this: what it relies on is checked per socket
- * ({@link canWriteFrame}) and covered by test/ws-frame.test.ts, which fails when `ws` changes it.
+ * ({@link framesFit}, {@link senderIdle}) and covered by test/ws-frame.test.ts, which fails when `ws` changes it.
  * Anything else (permessage-deflate negotiated, a fragmented or queued send in progress, a
  * `ws` whose internals differ) falls back to `ws.send`.
  */
@@ -35,20 +35,31 @@ export function frameText (payload: Buffer): Buffer {
 }
 
 /**
- * Whether a prebuilt frame can go straight to this socket now: no extension that changes the
- * frames (permessage-deflate), the sender idle (nothing queued behind a compression or a blob,
- * no fragmented message open), and the net socket there.
+ * Whether prebuilt frames can ever go to this socket: no extension that changes the frames
+ * (permessage-deflate), and the sender and net socket `ws` has had since 8.0. Fixed once the
+ * handshake is done: checked once per socket.
  */
-export function canWriteFrame (ws: WebSocket): boolean {
+export function framesFit (ws: WebSocket): boolean {
   const w = ws as unknown as WsInternals
   const sender = w._sender
   const socket = w._socket
   return framingSupported &&
-    sender != null && sender._state === 0 && sender._firstFragment === true &&
-    Array.isArray(sender._queue) && sender._queue.length === 0 &&
+    sender != null && typeof sender._state === 'number' && typeof sender._firstFragment === 'boolean' && Array.isArray(sender._queue) &&
     w._extensions != null && Object.keys(w._extensions).length === 0 &&
-    socket != null && typeof socket.write === 'function' && socket.destroyed !== true
+    socket != null && typeof socket.write === 'function'
 }
+
+/**
+ * Whether a prebuilt frame can go straight to a socket that {@link framesFit} now: its sender
+ * idle (nothing queued behind a compression or a blob, no fragmented message open).
+ */
+export function senderIdle (ws: WebSocket): boolean {
+  const sender = (ws as unknown as { _sender: { _state: number, _firstFragment: boolean } })._sender
+  return sender._state === 0 && sender._firstFragment
+}
+
+/** Both checks at once (for tests). */
+export const canWriteFrame = (ws: WebSocket): boolean => framesFit(ws) && senderIdle(ws)
 
 /**
  * The frames of the last few payloads: the hub hands the same rendered buffer to every socket of
