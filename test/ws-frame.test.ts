@@ -69,6 +69,11 @@ t.test('one rendered event is framed once and written to every socket, in order 
   t.equal(frameStats.built - built, 1, 'framed once for three sockets')
   t.equal(frameStats.written - written, 3, 'written straight to each socket')
   t.equal(frameOf(event), frameOf(event), 'the same frame again')
+  const net = (pairs[0].server as unknown as { _socket: { writableCorked: number, writableLength: number } })._socket
+  t.equal(net.writableCorked, 1, 'what is written in one tick is held for one write at its end')
+  t.ok(pairs[0].server.bufferedAmount > 0, 'and counts as unflushed meanwhile')
+  await new Promise(resolve => process.nextTick(resolve))
+  t.equal(net.writableCorked, 0, 'uncorked once the tick ends')
   for (const p of pairs) {
     await until(p.client, p.received, 3)
     t.same(p.received, ['control-before', '{"status":"processing","progress":"é 1/2"}', 'control-after'], 'a text frame, in send order')

@@ -87,9 +87,35 @@ export function frameOf (payload: Buffer): Buffer {
   return frame
 }
 
-/** Writes a prebuilt frame to the socket's net socket; `done` runs once it is flushed. */
+interface NetSocket {
+  write: (b: Buffer, cb: (err?: Error | null) => void) => boolean
+  cork: () => void
+  uncork: () => void
+}
+
+/**
+ * Sockets written to in this tick, uncorked together once it ends. The bridge hands a whole read
+ * of the stream over in one tick: at high rates that holds several events of a job, and each
+ * socket then sends them in one system call instead of one each (as uWS corks per loop turn).
+ */
+const corked: NetSocket[] = []
+const uncorkAll = (): void => {
+  // Taken first: an uncork that ends in a write callback may cork a socket again.
+  const sockets = corked.splice(0)
+  for (const socket of sockets) socket.uncork()
+}
+
+/**
+ * Writes a prebuilt frame to the socket's net socket, corked until the end of the tick so that
+ * frames written together go out in one write; `done` runs once it is flushed.
+ */
 export function writeFrame (ws: WebSocket, frame: Buffer, done: (err?: Error | null) => void): void {
   frameStats.written++
-  const socket = (ws as unknown as { _socket: { write: (b: Buffer, cb: (err?: Error | null) => void) => boolean } })._socket
+  const socket = (ws as unknown as { _socket: NetSocket & { writableCorked: number } })._socket
+  if (socket.writableCorked === 0) {
+    if (corked.length === 0) process.nextTick(uncorkAll)
+    socket.cork()
+    corked.push(socket)
+  }
   socket.write(frame, done)
 }
