@@ -2,9 +2,13 @@ import Fastify, { type FastifyInstance, type FastifyServerOptions } from 'fastif
 import { execFileSync } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import type { Cluster } from 'ioredis'
 import { clientFile } from '../lib/client-route'
 import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { scanProtocol, tokenSocketProtocol } from './protocols'
+
+/** BullMQ's prefix on a Redis Cluster. */
+export const CLUSTER_PREFIX = '{bull}'
 
 /** The kinds of seed 000, at its exact paths. */
 export const KINDS: JobProgressOptions['kinds'] = {
@@ -15,6 +19,8 @@ export const KINDS: JobProgressOptions['kinds'] = {
 
 export interface ExampleConfig {
   redisUrl: string
+  /** A Redis Cluster (REDIS_CLUSTER_NODES) used instead of `redisUrl`, with the prefix `{bull}`. */
+  redisCluster?: Cluster
   sessionSecret?: string
   uploadDir?: string
   /** `key:owner,key2:owner2` */
@@ -55,7 +61,11 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
   const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
   const webhook = config.webhookUrl === undefined || config.webhookUrl === '' ? undefined : { url: config.webhookUrl }
   await app.register(jobProgress, {
-    connection: config.redisUrl,
+    connection: config.redisCluster ?? config.redisUrl,
+    // On a cluster every key of a queue must share a slot: a hash-tagged prefix (workers use it too).
+    ...(config.redisCluster !== undefined ? { prefix: CLUSTER_PREFIX } : {}),
+    // Prometheus metrics at /metrics.
+    metrics: true,
     kinds: webhook === undefined ? KINDS : Object.fromEntries(Object.entries(KINDS).map(([kind, k]) => [kind, { ...k, webhook }])),
     ...(webhook !== undefined ? { webhooks: { secret: config.webhookSecret, ...config.webhooks } } : {}),
     ...(config.sessionSecret !== undefined ? { session: { secret: config.sessionSecret } } : {}),

@@ -1,8 +1,9 @@
 import { spawn, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { connect } from 'node:net'
+import { Cluster, type Redis } from 'ioredis'
 import { createJobWorker, DiskStorage } from '../lib/index'
-import { buildApp, KINDS } from './app'
+import { buildApp, CLUSTER_PREFIX, KINDS } from './app'
 import { demoProcessor } from './processor'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -57,17 +58,32 @@ async function redisUrl (): Promise<string> {
   return `redis://127.0.0.1:${port}`
 }
 
+/** REDIS_CLUSTER_NODES (`host:port,host:port`): seed nodes of a Redis Cluster, used instead of REDIS_URL. */
+function redisCluster (): Cluster | undefined {
+  const seeds = env.REDIS_CLUSTER_NODES
+  if (seeds === undefined || seeds.trim() === '') return undefined
+  const nodes = seeds.split(',').map(seed => {
+    const m = /^\s*([^:\s]+):(\d+)\s*$/.exec(seed)
+    if (m === null) fail(`REDIS_CLUSTER_NODES: expected host:port seeds separated by commas, got "${seed}"`)
+    return { host: m[1], port: Number(m[2]) }
+  })
+  const cluster = new Cluster(nodes, { shardedSubscribers: true, redisOptions: { maxRetriesPerRequest: null } })
+  cluster.on('error', (err: Error) => process.stderr.write(`redis cluster: ${err.message}\n`))
+  return cluster
+}
+
 async function main (): Promise<void> {
   if (!['all', 'api', 'worker'].includes(ROLE)) fail(`ROLE must be all, api or worker (got "${ROLE}")`)
   if (STALLED_INTERVAL_MS !== undefined && !(STALLED_INTERVAL_MS >= 100)) fail(`STALLED_INTERVAL_MS must be a number of milliseconds, at least 100 (got "${env.STALLED_INTERVAL_MS}")`)
-  const url = await redisUrl()
+  const cluster = redisCluster()
+  const url = cluster === undefined ? await redisUrl() : ''
   const closers: Array<() => Promise<unknown>> = []
 
   if (ROLE !== 'worker') {
     const sessionSecret = env.SESSION_SECRET
     // WEBHOOK_URL and WEBHOOK_SECRET (whsec_...): final states of every kind are POSTed there.
     const webhooks = { ...(STALLED_INTERVAL_MS !== undefined ? { stalledIntervalMs: STALLED_INTERVAL_MS, lockDurationMs: 2 * STALLED_INTERVAL_MS } : {}), ...(env.WEBHOOK_BACKOFF_MS !== undefined ? { backoffMs: Number(env.WEBHOOK_BACKOFF_MS) } : {}) }
-    const app = await buildApp({ redisUrl: url, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, publicUrl: env.PUBLIC_URL, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks })
+    const app = await buildApp({ redisUrl: url, redisCluster: cluster, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, publicUrl: env.PUBLIC_URL, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks })
     if (sessionSecret === undefined) app.log.warn('SESSION_SECRET is not set: using a random one. Sessions break across restarts and across instances; set it in production.')
     try {
       await app.listen({ port: PORT, host: HOST })
@@ -79,7 +95,7 @@ async function main (): Promise<void> {
   if (ROLE !== 'api') {
     const storage = new DiskStorage(UPLOAD_DIR)
     for (const kind of Object.keys(KINDS)) {
-      const worker = createJobWorker({ kind, connection: url, storage, workerOptions: { concurrency: Number(env.CONCURRENCY ?? 4), ...(STALLED_INTERVAL_MS !== undefined ? { stalledInterval: STALLED_INTERVAL_MS, lockDuration: 2 * STALLED_INTERVAL_MS } : {}) } }, demoProcessor(ITEM_DELAY_MS))
+      const worker = createJobWorker({ kind, connection: cluster === undefined ? url : cluster as unknown as Redis, ...(cluster !== undefined ? { prefix: CLUSTER_PREFIX } : {}), storage, workerOptions: { concurrency: Number(env.CONCURRENCY ?? 4), ...(STALLED_INTERVAL_MS !== undefined ? { stalledInterval: STALLED_INTERVAL_MS, lockDuration: 2 * STALLED_INTERVAL_MS } : {}) } }, demoProcessor(ITEM_DELAY_MS))
       worker.on('error', (err) => process.stderr.write(`worker ${kind}: ${err.message}\n`))
       closers.push(async () => await worker.close())
     }
@@ -89,7 +105,7 @@ async function main (): Promise<void> {
   const stop = (): void => {
     if (closing) return
     closing = true
-    Promise.all(closers.map(async close => await close())).then(() => process.exit(0), () => process.exit(1))
+    Promise.all(closers.map(async close => await close())).then(() => cluster?.disconnect()).then(() => process.exit(0), () => process.exit(1))
   }
   process.on('SIGINT', stop)
   process.on('SIGTERM', stop)

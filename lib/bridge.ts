@@ -1,12 +1,12 @@
 import type { FastifyBaseLogger } from 'fastify'
-import type { Redis } from 'ioredis'
+import type { Broker } from './broker/index'
+import { slotOf } from './broker/slot'
+import type { Commands } from './snapshot'
+import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
+import { FINAL_EVENTS as FINAL, relayMessage } from './wire/relay'
 
-/** BullMQ events that change what a watcher should see; the rest (added, drained ...) are skipped. */
-const RELAYED = new Set(['progress', 'active', 'waiting', 'delayed', 'stalled', 'completed', 'failed', 'removed', 'cancelled'])
-
-/** BullMQ's final events, plus the plugin's own `cancelled`. */
-const FINAL = new Set(['completed', 'failed', 'cancelled'])
+export { relayMessage } from './wire/relay'
 
 /**
  * One stream entry the bridge relayed, as handed to `onEvent` listeners (upload cleanup,
@@ -31,9 +31,11 @@ export interface BridgeEvent {
 
 export interface BridgeOptions {
   /** Commands: PUBLISH, XACK, XAUTOCLAIM. */
-  redis: Redis
+  redis: Commands
   /** A dedicated connection for the blocking XREADGROUP. */
-  blocking: Redis
+  blocking: Commands
+  /** Where to publish; PUBLISH on `redis` in one pipeline with the XACKs when absent. */
+  broker?: Broker
   keys: Keys
   queues: string[]
   group: string
@@ -46,10 +48,12 @@ export interface BridgeOptions {
   /** Also hands each published message to this instance's own subscribers. */
   local?: (channel: string, payload: string) => void
   /**
-   * Called with every relayed event after it was published (once across the cluster in normal
-   * operation, again after a takeover). Errors thrown here are logged, never block the relay.
+   * Called with every relayed event after it was published and before it is acknowledged (once
+   * across the cluster in normal operation, again after a takeover: be idempotent on the entry
+   * id). The bridge waits for a returned promise, so keep it short; errors are logged.
    */
-  onEvent?: (event: BridgeEvent) => void
+  onEvent?: (event: BridgeEvent) => void | Promise<void>
+  telemetry?: Telemetry
   log: FastifyBaseLogger
 }
 
@@ -65,7 +69,7 @@ export class Bridge {
   readonly #o: BridgeOptions
   readonly #streams: string[]
   #running = false
-  #loop: Promise<void> | null = null
+  #loops: Array<Promise<void>> = []
   /** Settles when close() starts, so the read loop never waits on a read that cannot end. */
   #stopped: Promise<null>
   #stop!: () => void
@@ -73,6 +77,12 @@ export class Bridge {
   #lastSweep = Date.now()
   /** Events published since start (for tests and metrics). */
   published = 0
+  /** Per stream: entries trimmed before the group read them, at the last check. */
+  readonly #deficit = new Map<string, number>()
+  /** Per stream: entries not yet delivered to the group, at the last check. */
+  readonly #lag = new Map<string, number>()
+  /** Faults this bridge detected and announced (for tests and metrics). */
+  faults = 0
 
   constructor (opts: BridgeOptions) {
     this.#o = opts
@@ -81,26 +91,101 @@ export class Bridge {
   }
 
   async start (): Promise<void> {
+    const t = this.#o.telemetry ?? noTelemetry
+    t.gauge('bridgeLag', () => [...this.#lag].map(([stream, n]) => [{ queue: this.#queueOf(stream) }, n]))
     this.#running = true
     await this.#ensureGroups().catch((err: Error) => this.#o.log.warn({ err }, 'job-progress: cannot create the bridge consumer group yet; will retry'))
-    this.#loop = this.#read()
+    // One blocking read cannot span cluster slots: one loop per slot (a single one standalone,
+    // or with a hash-tagged prefix that puts every queue in one slot).
+    const groups = new Map<number, string[]>()
+    for (const stream of this.#streams) {
+      const slot = this.#o.broker?.kind === 'sharded' ? slotOf(stream) : 0
+      groups.set(slot, [...(groups.get(slot) ?? []), stream])
+    }
+    this.#loops = [...groups.values()].map(async streams => await this.#read(streams))
     this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
   }
 
-  async #ensureGroups (): Promise<void> {
+  #queueOf (stream: string): string {
+    return stream.slice(this.#o.keys.prefix.length + 1, -':events'.length)
+  }
+
+  /**
+   * Creates the group where it is missing. At start it begins at the stream's end ('$'); made
+   * again after it vanished (Redis came back empty, the queue was obliterated) it begins at the
+   * stream's start, so events written since are not skipped, and every instance is told to
+   * re-read that queue's watched jobs: what was in flight is gone.
+   */
+  async #ensureGroups (again = false): Promise<void> {
     for (const stream of this.#streams) {
       try {
-        // '$': the group starts at the stream's end; MKSTREAM: before the first job ever ran.
-        await this.#o.redis.xgroup('CREATE', stream, this.#o.group, '$', 'MKSTREAM')
+        // MKSTREAM: before the first job ever ran.
+        await this.#o.redis.xgroup('CREATE', stream, this.#o.group, again ? '0' : '$', 'MKSTREAM')
+        if (again) await this.#announce(stream, 'restart')
       } catch (err) {
         if (!String((err as Error).message).includes('BUSYGROUP')) throw err
       }
     }
   }
 
-  async #read (): Promise<void> {
+  /**
+   * Tells every instance to re-read the watched jobs of a stream's queue: a resync message on
+   * each of the queue's channels that somebody watches right now. Listing the channels costs in
+   * proportion to them, once per fault; no instance listens to anything while it watches nothing.
+   */
+  async #announce (stream: string, cause: string): Promise<void> {
+    this.faults++
+    ;(this.#o.telemetry ?? noTelemetry).count('faults', { cause })
+    const { redis, keys } = this.#o
+    const payload = JSON.stringify({ e: 'resync', t: Date.now(), c: cause })
+    const pattern = keys.channel(this.#queueOf(stream), '').slice(0, -2).replace(/[*?[\]\\]/g, '\\$&') + '{*'
+    const broker = this.#o.broker
+    const channels = broker !== undefined ? await broker.channels(pattern) : await redis.call('PUBSUB', 'CHANNELS', pattern) as string[]
+    if (channels.length === 0) return
+    let sent: Promise<unknown>
+    if (broker !== undefined) {
+      sent = broker.publish(channels.map(c => [c, payload]))
+    } else {
+      const pipe = redis.pipeline()
+      for (const channel of channels) pipe.publish(channel, payload)
+      sent = pipe.exec()
+    }
+    if (this.#o.local !== undefined) for (const channel of channels) this.#o.local(channel, payload)
+    await sent
+  }
+
+  /**
+   * BullMQ trims its event stream (about 10,000 entries): entries trimmed before the group read
+   * them are lost to every watcher. Redis 7 counts the entries ever added to the stream and the
+   * entries the group read; entries gone from the stream's head that the group never read show
+   * as `added - length - read > 0`, and stay visible after the group skipped past them. When that
+   * deficit grows, the queue's watchers re-read. Two O(1) commands per queue per check.
+   */
+  async #checkTrim (): Promise<void> {
+    const { redis, group } = this.#o
+    for (const stream of this.#streams) {
+      const pipe = redis.pipeline()
+      pipe.xinfo('STREAM', stream)
+      pipe.xinfo('GROUPS', stream)
+      const replies = await pipe.exec()
+      if (replies === null || replies[0][0] !== null || replies[1][0] !== null) continue
+      const info = pairs(replies[0][1] as unknown[])
+      const mine = (replies[1][1] as unknown[][]).map(pairs).find(g => g.name === group)
+      if (mine === undefined) continue
+      const lag = Number(mine.lag ?? NaN)
+      if (mine.lag !== null && Number.isFinite(lag)) this.#lag.set(stream, lag)
+      if (mine['entries-read'] === null || mine['entries-read'] === undefined) continue
+      const deficit = Math.max(0, Number(info['entries-added']) - Number(info.length) - Number(mine['entries-read']))
+      if (!Number.isFinite(deficit)) continue
+      const before = this.#deficit.get(stream) ?? 0
+      this.#deficit.set(stream, deficit)
+      if (deficit > before) await this.#announce(stream, 'trim')
+    }
+  }
+
+  async #read (streams: string[]): Promise<void> {
     const { blocking, group, consumer, blockMs } = this.#o
-    const args = [...this.#streams, ...this.#streams.map(() => '>')]
+    const args = [...streams, ...streams.map(() => '>')]
     let backoff = 100
     while (this.#running) {
       try {
@@ -115,7 +200,7 @@ export class Bridge {
         if (!this.#running) break
         const message = String((err as Error).message)
         // The stream or group vanished (Redis restarted empty, the queue was obliterated): make it again.
-        if (message.includes('NOGROUP')) await this.#ensureGroups().catch(() => {})
+        if (message.includes('NOGROUP')) await this.#ensureGroups(true).catch(() => {})
         else this.#o.log.debug({ err }, 'job-progress: bridge read failed; retrying')
         await new Promise(resolve => setTimeout(resolve, backoff).unref())
         backoff = Math.min(backoff * 2, 2_000)
@@ -136,6 +221,7 @@ export class Bridge {
           cursor = next
         } while (cursor !== '0-0' && this.#running)
       }
+      await this.#checkTrim()
       if (Date.now() - this.#lastSweep > this.#o.consumerIdleMs) await this.#sweepConsumers()
     } catch (err) {
       this.#o.log.debug({ err }, 'job-progress: bridge claim failed; will retry')
@@ -162,37 +248,51 @@ export class Bridge {
   }
 
   async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
-    const { redis, keys, group } = this.#o
+    const { redis, keys, group, broker } = this.#o
+    // Standalone: the PUBLISHes and the XACKs in one pipeline, publishes first. Sharded: the
+    // messages go to each channel's shard, and the XACKs follow once they were all taken.
+    const sharded = broker !== undefined && broker.kind === 'sharded'
     const pipe = redis.pipeline()
+    const acks: Array<[string, string[]]> = []
     const local: Array<[string, string]> = []
     const events: BridgeEvent[] = []
     for (const [stream, entries] of streams) {
-      const queue = stream.slice(keys.prefix.length + 1, -':events'.length)
+      const queue = this.#queueOf(stream)
       const ids: string[] = []
       for (const [id, fields] of entries) {
         ids.push(id)
         const message = relayMessage(id, fields)
         if (message !== null) {
           const channel = keys.channel(queue, message.jobId)
-          pipe.publish(channel, message.payload)
+          if (!sharded) pipe.publish(channel, message.payload)
           local.push([channel, message.payload])
           this.published++
           if (this.#o.onEvent !== undefined) events.push(bridgeEvent(queue, id, message.jobId, fields))
         }
       }
-      if (ids.length > 0) pipe.xack(stream, group, ...ids)
+      if (ids.length > 0) acks.push([stream, ids])
     }
+    ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, local.length)
     // Sent first, so the other instances are not kept waiting while this one serves its sockets.
-    const sent = pipe.exec()
+    const sent = sharded ? (broker as Broker).publish(local) : pipe.exec()
     if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
     await sent
-    for (const event of events) {
-      try {
-        this.#o.onEvent?.(event)
-      } catch (err) {
-        this.#o.log.error({ err }, 'job-progress: a bridge event listener failed')
-      }
+    // Listeners (webhooks, upload cleanup) act on an event before it is acknowledged: an instance
+    // that dies in between, or a listener that fails (Redis gone for a moment), leaves the entry
+    // pending, and it is claimed and replayed after claimIdleMs.
+    if (this.#o.onEvent !== undefined && events.length > 0) {
+      const failed = new Set<string>()
+      await Promise.all(events.map(async (event) => {
+        try {
+          await this.#o.onEvent?.(event)
+        } catch (err) {
+          failed.add(event.id)
+          this.#o.log.warn({ err, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed; the event stays pending for a retry')
+        }
+      }))
+      if (failed.size > 0) for (const entry of acks) entry[1] = entry[1].filter(id => !failed.has(id))
     }
+    await Promise.all(acks.filter(([, ids]) => ids.length > 0).map(async ([stream, ids]) => await redis.xack(stream, group, ...ids)))
   }
 
   /** Stops reading so other instances take over; acknowledged work is never lost. */
@@ -202,7 +302,7 @@ export class Bridge {
     if (this.#claimTimer !== null) clearInterval(this.#claimTimer)
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()
-    await this.#loop
+    await Promise.all(this.#loops)
     // Leave no dead consumer behind in the group, unless it still holds entries for others to claim.
     for (const stream of this.#streams) {
       try {
@@ -220,22 +320,8 @@ function bridgeEvent (queue: string, id: string, jobId: string, raw: string[]): 
   return { queue, jobId, event, id, t: Number(id.slice(0, id.indexOf('-'))), final: FINAL.has(event), fields }
 }
 
-/** Builds the small message for a job's channel from a stream entry, or null when it is not relayed. */
-export function relayMessage (id: string, fields: string[]): { jobId: string, payload: string } | null {
-  let event = ''
-  let jobId = ''
-  let data: string | null = null
-  for (let i = 0; i < fields.length; i += 2) {
-    const name = fields[i]
-    if (name === 'event') event = fields[i + 1]
-    else if (name === 'jobId') jobId = fields[i + 1]
-    else if (name === 'data') data = fields[i + 1]
-  }
-  if (jobId === '' || !RELAYED.has(event)) return null
-  const t = Number(id.slice(0, id.indexOf('-')))
-  // The progress value is already JSON in the stream: splice it in instead of parsing it.
-  const payload = event === 'progress' && data !== null
-    ? `{"e":"progress","t":${t},"d":${data}}`
-    : `{"e":"${event}","t":${t}}`
-  return { jobId, payload }
+function pairs (row: unknown[]): Record<string, unknown> {
+  const out: Record<string, unknown> = {}
+  for (let i = 0; i + 1 < row.length; i += 2) out[String(row[i])] = row[i + 1]
+  return out
 }

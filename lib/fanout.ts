@@ -3,25 +3,29 @@ import type { Redis } from 'ioredis'
 import { eta, isFinal, isNewer, parseProgress, type JobEvent } from './events'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
+import type { Broker } from './broker/index'
+import { RedisBroker } from './broker/redis'
 import { whenReady } from './redis'
-import { readSnapshots, type Snapshot, type SnapshotTarget } from './snapshot'
+import { noTelemetry, type Telemetry } from './core/telemetry'
+import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
+import { JOB_LOST, parseRelay, RESYNC, type RelayMessage } from './wire/relay'
+import { compareEntryIds, formatVersion, NO_ENTRY } from './wire/version'
+
+export type { RelayMessage } from './wire/relay'
 
 /** How long a socket may wait for the subscriber connection to come back. */
 const SUBSCRIBER_WAIT_MS = 2_500
+/** How long a recovery waits for its re-subscription before it re-reads anyway. */
+const RECOVER_WAIT_MS = 1_000
+/** How long a re-read after a fault waits for the command connection, and how often it tries. */
+const RECOVER_READY_MS = 10_000
+const RECOVER_TRIES = 5
+/** Most jobs one pipelined read or one SUBSCRIBE carries in a storm. */
+const BATCH = 500
 
 /** Receives a job's events; a protocol connection holds one per subscribed job. */
 export interface Sink {
   deliver: (event: JobEvent) => void
-}
-
-/** The message the bridge publishes on a job's channel. */
-export interface RelayMessage {
-  /** BullMQ's event name (`progress`, `active`, `completed` ...) or `cancelled`. */
-  e: string
-  /** Milliseconds, when the event happened. */
-  t: number
-  /** The progress value, on `progress`. */
-  d?: unknown
 }
 
 class Watch {
@@ -35,6 +39,8 @@ class Watch {
   emitted: JobEvent | null = null
   lastEmitAt = 0
   timer: NodeJS.Timeout | null = null
+  /** The newest stream entry this watch's state reflects: older relay messages are stale. */
+  entry = NO_ENTRY
   /** Progress that arrived between SUBSCRIBE and the first snapshot. */
   early: RelayMessage | null = null
   ready: Promise<Snapshot | null> | null = null
@@ -49,12 +55,23 @@ class Watch {
 
 export interface HubOptions {
   /** Commands (snapshots). */
-  redis: Redis
-  /** A connection used for SUBSCRIBE only. */
-  subscriber: Redis
+  redis: Commands
+  /** A connection used for SUBSCRIBE only (wrapped in a classic broker when `broker` is absent). */
+  subscriber?: Redis
+  /** The pub/sub to read from; classic on `subscriber` by default. */
+  broker?: Broker
   keys: Keys
   throttleMs: number
-  reconcileIntervalMs: number
+  /**
+   * The safety sweep's budget: at most this many watched jobs re-read per second by this
+   * instance, whatever the number watched; 0 turns it off. Faults are detected and repaired
+   * without it; the sweep only bounds how long an undetected loss could last.
+   * @defaultValue 0.2
+   */
+  sweepReadsPerSecond?: number
+  /** @deprecated ignored: convergence is paid per event and per fault, not on a timer. */
+  reconcileIntervalMs?: number
+  telemetry?: Telemetry
   log: FastifyBaseLogger
 }
 
@@ -65,23 +82,79 @@ export interface OpenedJob {
   detach: (sink: Sink) => void
 }
 
+/** Gathers calls made in one turn of the event loop into one batch, up to {@link BATCH} each. */
+class Batcher<T, R> {
+  #items: Array<{ item: T, resolve: (r: R) => void, reject: (e: unknown) => void }> = []
+  #scheduled = false
+  readonly #run: (items: T[]) => Promise<R[]>
+
+  constructor (run: (items: T[]) => Promise<R[]>) {
+    this.#run = run
+  }
+
+  async add (item: T): Promise<R> {
+    return await new Promise<R>((resolve, reject) => {
+      this.#items.push({ item, resolve, reject })
+      if (!this.#scheduled) {
+        this.#scheduled = true
+        setImmediate(() => this.#flush())
+      }
+    })
+  }
+
+  #flush (): void {
+    this.#scheduled = false
+    const all = this.#items
+    this.#items = []
+    for (let i = 0; i < all.length; i += BATCH) {
+      const chunk = all.slice(i, i + BATCH)
+      this.#run(chunk.map(c => c.item)).then(
+        results => chunk.forEach((c, j) => c.resolve(results[j])),
+        err => chunk.forEach(c => c.reject(err))
+      )
+    }
+  }
+}
+
 /**
  * The fan-out of one instance: ONE subscriber connection, a channel subscribed while at least one
- * local socket watches its job, and a slow reconcile that re-reads watched jobs so every watcher
- * reaches the final state even when a pub/sub message is lost.
+ * local socket watches its job. Convergence is paid per event and per fault: a lifecycle event
+ * re-reads its job; a subscriber reconnect re-reads every job watched here; a control message
+ * from the bridge (its stream was trimmed past it, or Redis came back empty) re-reads that
+ * queue's jobs. A sweep with a fixed budget of reads per second bounds anything else.
  */
 export class Hub {
   readonly #opts: HubOptions
+  readonly #t: Telemetry
+  readonly #broker: Broker
   readonly #watches = new Map<string, Watch>()
-  readonly #reconcile: NodeJS.Timeout
+  readonly #sweep: NodeJS.Timeout | null
+  #sweepQueue: Watch[] = []
+  #credit = 0
   #closed = false
+  readonly #subscribes = new Batcher<string, null>(async (channels) => {
+    await this.#broker.subscribe(channels)
+    this.#t.count('redisCommands', { op: 'subscribe' })
+    return channels.map(() => null)
+  })
+
+  readonly #firstReads = new Batcher<SnapshotTarget, Snapshot | null>(async (targets) => {
+    this.#t.count('snapshotReads', { reason: 'open' }, targets.length)
+    this.#t.count('redisCommands', { op: 'snapshot' }, targets.length)
+    return await readSnapshots(this.#opts.redis, this.#opts.keys, targets, false)
+  })
 
   constructor (opts: HubOptions) {
     this.#opts = opts
-    opts.subscriber.on('message', (channel: string, message: string) => this.#onMessage(channel, message))
-    // After a reconnect ioredis subscribes again, but what was published meanwhile is gone.
-    opts.subscriber.on('ready', () => { void this.reconcile() })
-    this.#reconcile = setInterval(() => { void this.reconcile() }, opts.reconcileIntervalMs).unref()
+    this.#t = opts.telemetry ?? noTelemetry
+    if (opts.broker === undefined && opts.subscriber === undefined) throw new TypeError('Hub needs a broker or a subscriber connection')
+    this.#broker = opts.broker ?? new RedisBroker(opts.redis as Redis, opts.subscriber as Redis)
+    this.#broker.onMessage((channel, message) => this.#onMessage(channel, message))
+    // After a reconnect the subscriptions are made again, but what was published meanwhile is gone.
+    this.#broker.onRecover(() => { void this.#recover() })
+    const budget = opts.sweepReadsPerSecond ?? 0.2
+    this.#sweep = budget > 0 ? setInterval(() => { void this.#sweepStep(budget) }, 1_000).unref() : null
+    this.#t.gauge('watchedJobs', () => this.#watches.size)
   }
 
   /** Jobs watched on this instance (for tests and metrics). */
@@ -91,11 +164,24 @@ export class Hub {
 
   /**
    * Subscribes to the job's channel (first watcher only), then reads its snapshot, so no event
-   * falls between the two. Null when the job does not exist. The caller checks ownership on the
-   * snapshot before it attaches anything.
+   * falls between the two. Null when the job does not exist.
+   *
+   * With `expectedOwner`, the owner is read first and alone, before any SUBSCRIBE or snapshot:
+   * a job of somebody else answers null at the same cost as a job that does not exist.
+   * Without it the caller checks ownership on the snapshot before it attaches anything.
    */
-  async open (target: SnapshotTarget): Promise<OpenedJob | null> {
+  async open (target: SnapshotTarget, expectedOwner?: string | null): Promise<OpenedJob | null> {
     if (this.#closed) throw new Error('closed')
+    if (expectedOwner !== undefined) {
+      let owner: string | null
+      try {
+        this.#t.count('redisCommands', { op: 'owner' })
+        owner = await readOwner(this.#opts.redis, this.#opts.keys, target)
+      } catch {
+        throw new QueueUnavailableError()
+      }
+      if (owner === null || owner !== expectedOwner) return null
+    }
     const channel = this.#opts.keys.channel(target.queue, target.jobId)
     let watch = this.#watches.get(channel)
     if (watch === undefined) {
@@ -144,9 +230,10 @@ export class Hub {
   async #first (watch: Watch): Promise<Snapshot | null> {
     // Ride out a reconnect in progress (ioredis retries every 2 s at most), but do not queue a
     // SUBSCRIBE behind an outage the client would wait on for ever.
-    if (!await whenReady(this.#opts.subscriber, SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
-    await this.#opts.subscriber.subscribe(watch.channel)
-    const [snapshot] = await readSnapshots(this.#opts.redis, this.#opts.keys, [watch.target], true)
+    if (!await this.#broker.ready(SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
+    // Opens in one turn of the event loop share one SUBSCRIBE and one pipelined read (storms).
+    await this.#subscribes.add(watch.channel)
+    const snapshot = await this.#firstReads.add(watch.target)
     if (snapshot === null) return null
     this.#apply(watch, snapshot)
     if (watch.early !== null) {
@@ -165,7 +252,7 @@ export class Hub {
     this.#watches.delete(watch.channel)
     if (watch.timer !== null) clearTimeout(watch.timer)
     if (!this.#closed) {
-      this.#opts.subscriber.unsubscribe(watch.channel).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))
+      this.#broker.unsubscribe([watch.channel]).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))
     }
   }
 
@@ -182,15 +269,14 @@ export class Hub {
     const watch = this.#watches.get(channel)
     // A message can arrive after its last watcher left; it is nobody's now.
     if (watch === undefined) return
-    let message: RelayMessage
-    try {
-      message = JSON.parse(raw)
-    } catch {
-      return
-    }
+    const message = parseRelay(raw)
+    if (message === null) return
     if (watch.last === null) {
-      if (message.e === 'progress') watch.early = message
-      else watch.refreshAgain = message.e
+      if (message.e === 'progress') {
+        if (watch.early === null || compareEntryIds(message.i ?? NO_ENTRY, watch.early.i ?? NO_ENTRY) >= 0) watch.early = message
+      } else {
+        watch.refreshAgain = message.e
+      }
       return
     }
     this.#onRelay(watch, message)
@@ -199,28 +285,118 @@ export class Hub {
   #onRelay (watch: Watch, message: RelayMessage): void {
     const last = watch.last
     if (last === null || isFinal(last.state)) return
+    // Ordered by version, not by arrival: what the state already reflects is dropped.
+    if (message.i !== undefined && compareEntryIds(message.i, watch.entry) <= 0) return
+    if (message.e === RESYNC) {
+      this.#t.count('faults', { cause: message.c ?? RESYNC })
+      void this.#refresh(watch, 'lost', message.c ?? RESYNC)
+      return
+    }
     if (message.e !== 'progress') {
       void this.#refresh(watch, message.e)
       return
     }
     const { processed, total, attempt } = parseProgress(message.d)
-    const ts = typeof message.t === 'number' ? message.t : Date.now()
+    const ts = message.t
+    if (message.i !== undefined) watch.entry = message.i
+    // A report that names its attempt orders itself: a retry's first reports replace the
+    // failed attempt's higher count instead of being dropped as going back.
+    const at = attempt ?? last.attempt
+    if (Number.isFinite(ts)) this.#t.observe('relayLatency', Math.max(0, Date.now() - ts) / 1000)
     this.#offer(watch, {
       kind: watch.target.kind,
       jobId: watch.target.jobId,
       state: 'active',
       processed,
       total,
-      // A report that names its attempt orders itself: a retry's first reports replace the
-      // failed attempt's higher count instead of being dropped as going back.
-      attempt: attempt ?? last.attempt,
+      attempt: at,
       etaSeconds: eta('active', processed, total, watch.startedAt, ts),
-      ts
+      ts,
+      version: formatVersion(at, watch.entry)
     })
   }
 
+  /**
+   * After the subscriptions were lost: subscribe every watched channel again ourselves (a no-op
+   * where the client library already did), so the subscriptions are in effect before the
+   * re-read, whatever order the library re-sends them in; then re-read every watched job.
+   */
+  async #recover (): Promise<void> {
+    const channels = [...this.#watches.keys()]
+    const subscribed = (async () => {
+      for (let i = 0; i < channels.length; i += BATCH) await this.#broker.subscribe(channels.slice(i, i + BATCH))
+    })()
+    subscribed.catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: re-subscribe after a reconnect failed'))
+    // A subscribe can be held up behind the library's own re-subscription: re-read at once
+    // anyway, and once more when the subscriptions are confirmed, so no publish falls between.
+    let timer: NodeJS.Timeout | undefined
+    const confirmed = await Promise.race([
+      subscribed.then(() => true, () => false),
+      new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(false), RECOVER_WAIT_MS).unref() })
+    ])
+    clearTimeout(timer)
+    await this.#resync([...this.#watches.values()], 'reconnect')
+    if (!confirmed) subscribed.then(async () => await this.#resync([...this.#watches.values()], 'reconnect'), () => {})
+  }
+
+  /**
+   * Re-reads the watches a fault could have touched, in pipelined batches: the cost is paid once
+   * per fault, in proportion to what the fault could have hidden.
+   */
+  async #resync (watches: Watch[], cause: string): Promise<void> {
+    const open = watches.filter(w => w.last !== null && !isFinal(w.last.state))
+    this.#t.count('faults', { cause })
+    if (open.length === 0 || this.#closed) return
+    for (let i = 0; i < open.length; i += BATCH) {
+      await this.#reread(open.slice(i, i + BATCH), cause)
+    }
+  }
+
+  async #reread (watches: Watch[], cause: string, tries = 1): Promise<void> {
+    // The subscriber can be back before the command connection is: wait for it, then read.
+    if (this.#opts.redis.status !== 'ready') await whenReady(this.#opts.redis as Redis, RECOVER_READY_MS)
+    if (this.#closed) return
+    try {
+      this.#t.count('snapshotReads', { reason: cause }, watches.length)
+      this.#t.count('redisCommands', { op: 'snapshot' }, watches.length)
+      const snapshots = await readSnapshots(this.#opts.redis, this.#opts.keys, watches.map(w => w.target), false)
+      watches.forEach((watch, i) => {
+        if (this.#applyOrGone(watch, snapshots[i], 'lost')) this.#t.count('gapsRepaired', { cause })
+      })
+    } catch (err) {
+      // A re-read after a fault must not be lost to a second blip: try again a few times.
+      if (cause !== 'sweep' && tries < RECOVER_TRIES && !this.#closed) {
+        await new Promise(resolve => setTimeout(resolve, 500 * tries).unref())
+        await this.#reread(watches, cause, tries + 1)
+        return
+      }
+      this.#opts.log.debug({ err, cause }, 'job-progress: re-read after a fault failed; the sweep will retry')
+    }
+  }
+
+  /** The safety sweep: a fixed budget of reads per second, round robin over unfinished watches. */
+  async #sweepStep (budget: number): Promise<void> {
+    if (this.#closed || this.#opts.redis.status !== 'ready') return
+    // A fractional budget accrues: 0.2 is one read every 5 s.
+    this.#credit = Math.min(this.#credit + budget, Math.max(1, budget))
+    const take = Math.floor(this.#credit)
+    if (take === 0) return
+    this.#credit -= take
+    const picked: Watch[] = []
+    while (picked.length < take) {
+      if (this.#sweepQueue.length === 0) {
+        this.#sweepQueue = [...this.#watches.values()]
+        if (this.#sweepQueue.length === 0) break
+      }
+      const watch = this.#sweepQueue.pop() as Watch
+      if (this.#watches.get(watch.channel) === watch && watch.last !== null && !isFinal(watch.last.state) && !watch.refreshing) picked.push(watch)
+      if (picked.length + this.#sweepQueue.length === 0) break
+    }
+    if (picked.length > 0) await this.#reread(picked, 'sweep')
+  }
+
   /** Re-reads a job after a lifecycle event the relay does not carry in full (completed, failed, stalled ...). */
-  async #refresh (watch: Watch, hint: string): Promise<void> {
+  async #refresh (watch: Watch, hint: string, cause?: string): Promise<void> {
     if (watch.refreshing) {
       watch.refreshAgain = hint
       return
@@ -230,38 +406,49 @@ export class Hub {
       let next: string | null = hint
       while (next !== null && this.#watches.get(watch.channel) === watch) {
         watch.refreshAgain = null
+        this.#t.count('snapshotReads', { reason: cause ?? 'event' })
+        this.#t.count('redisCommands', { op: 'snapshot' })
         const [snapshot] = await readSnapshots(this.#opts.redis, this.#opts.keys, [watch.target], false)
-        this.#applyOrGone(watch, snapshot, next)
+        if (this.#applyOrGone(watch, snapshot, next) && cause !== undefined) this.#t.count('gapsRepaired', { cause })
         next = watch.refreshAgain
       }
     } catch (err) {
-      this.#opts.log.debug({ err }, 'job-progress: refresh failed; the reconcile will retry')
+      this.#opts.log.debug({ err }, 'job-progress: refresh failed; the next fault re-read or the sweep retries')
     } finally {
       watch.refreshing = false
     }
   }
 
-  #applyOrGone (watch: Watch, snapshot: Snapshot | null, hint: string): void {
+  /** Applies a re-read; true when it changed what watchers see. */
+  #applyOrGone (watch: Watch, snapshot: Snapshot | null, hint: string): boolean {
+    const before = watch.last
     if (snapshot !== null) {
       this.#apply(watch, snapshot)
-      return
+      return watch.last !== before
     }
-    // The job hash is gone. Right after `completed`/`failed` that is removeOnComplete/Fail at work;
-    // otherwise somebody removed the job: its watchers must not wait for it forever.
+    // The job hash is gone. Right after `completed`/`failed` that is removeOnComplete/Fail at
+    // work; after `removed` somebody removed it; found gone on a re-read after a fault, it was
+    // lost (Redis came back empty): a failure with a code clients can tell apart.
     const last = watch.last
-    if (last === null) return
-    const state = hint === 'completed' ? 'completed' : hint === 'failed' ? 'failed' : 'cancelled'
+    if (last === null) return false
+    const state = hint === 'completed' ? 'completed' : hint === 'removed' ? 'cancelled' : 'failed'
+    const error = hint === 'failed' ? 'failed' : hint === 'removed' ? 'job was removed' : JOB_LOST
     this.#offer(watch, {
       ...last,
       state,
       processed: state === 'completed' && last.total > 0 ? last.total : last.processed,
       etaSeconds: state === 'completed' ? 0 : null,
-      ...(state === 'completed' ? { result: null } : { error: state === 'failed' ? 'failed' : 'job was removed' }),
-      ts: Date.now()
+      ...(state === 'completed' ? { result: null } : { error }),
+      ts: Date.now(),
+      version: formatVersion(last.attempt, watch.entry)
     })
+    return watch.last !== before
   }
 
   #apply (watch: Watch, snapshot: Snapshot): void {
+    // A read that left Redis before a newer relayed event arrived must not undo it.
+    if (compareEntryIds(snapshot.entryId, watch.entry) < 0 && !isFinal(snapshot.event.state)) return
+    watch.entry = snapshot.entryId
     if (snapshot.startedAt !== null) watch.startedAt = snapshot.startedAt
     this.#offer(watch, snapshot.event)
   }
@@ -289,25 +476,23 @@ export class Hub {
     if (event === null || event === watch.emitted) return
     watch.emitted = event
     watch.lastEmitAt = Date.now()
+    if (watch.sinks.size > 0) this.#t.count('eventsRelayed')
     for (const sink of watch.sinks) sink.deliver(event)
   }
 
-  /** One pipelined read of every watched job that has not ended; closes any gap the relay left. */
+  /**
+   * Re-reads every watched job that has not ended, in batches. Kept for callers that want to
+   * force convergence (tests, an operator's hook); nothing calls it on a timer.
+   */
   async reconcile (): Promise<void> {
-    const watches = [...this.#watches.values()].filter(w => w.last !== null && !isFinal(w.last.state) && !w.refreshing)
-    if (watches.length === 0 || this.#closed || this.#opts.redis.status !== 'ready') return
-    try {
-      const snapshots = await readSnapshots(this.#opts.redis, this.#opts.keys, watches.map(w => w.target), false)
-      watches.forEach((watch, i) => this.#applyOrGone(watch, snapshots[i], 'reconcile'))
-    } catch (err) {
-      this.#opts.log.debug({ err }, 'job-progress: reconcile failed; will retry')
-    }
+    if (this.#closed || this.#opts.redis.status !== 'ready') return
+    await this.#resync([...this.#watches.values()].filter(w => !w.refreshing), 'manual')
   }
 
   /** Stops timers and forgets every watch; the caller closes the connections. */
   close (): void {
     this.#closed = true
-    clearInterval(this.#reconcile)
+    if (this.#sweep !== null) clearInterval(this.#sweep)
     for (const watch of this.#watches.values()) {
       if (watch.timer !== null) clearTimeout(watch.timer)
     }

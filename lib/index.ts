@@ -4,7 +4,8 @@ import fastifyWebsocket from '@fastify/websocket'
 import { Queue } from 'bullmq'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import { Redis } from 'ioredis'
+import { Redis, type Cluster, type ClusterOptions, type RedisOptions } from 'ioredis'
+import { createBroker, isCluster } from './broker/index'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge, type BridgeEvent } from './bridge'
@@ -14,7 +15,7 @@ import { redactedRequest } from './redact'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './fanout'
-import { Keys } from './keys'
+import { clusterKeyProblem, Keys } from './keys'
 import { resolveOptions, type JobProgressOptions, type ResolvedOptions } from './options'
 import { Owners } from './owner'
 import { progressProtocol } from './protocols/progress'
@@ -25,10 +26,12 @@ import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './client-route'
 import { WebSocketTransport } from './transports/websocket'
-import { readSnapshots, type Snapshot } from './snapshot'
+import { readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { uploadHandler, uploadShutdown } from './uploads'
 import { registerHealth } from './health'
+import { noTelemetry, type Telemetry } from './core/telemetry'
+import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
 import { Webhooks } from './webhooks/index'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
@@ -61,16 +64,21 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const opts: ResolvedOptions = resolveOptions(options)
   const log = fastify.log
   const instanceId = opts.instanceId ?? randomUUID()
+  const metrics = resolveMetrics(opts.metrics)
+  const backends: Telemetry[] = []
+  if (opts.telemetry !== undefined) backends.push(opts.telemetry)
+  if (metrics !== null) backends.push(prometheusTelemetry(metrics.registry, metrics.prefix))
+  const telemetry = backends.length === 0 ? noTelemetry : teeTelemetry(backends)
 
   // Connections: the caller's command client is used as it is and left open at close; every
   // other connection is ours. One connection only SUBSCRIBEs, one only blocks on the bridge.
   const owned: Redis[] = []
-  const own = (redis: Redis): Redis => {
+  const own = <R extends Redis>(redis: R): R => {
     owned.push(redis)
     redis.on('error', (err: Error) => log.debug({ err }, 'job-progress: redis connection error'))
     return redis
   }
-  const connection = opts.connection
+  const connection = opts.connection as Redis | RedisOptions | string
   const redis = isRedis(connection)
     ? connection
     // Fail fast while Redis is down: an upload answers 503 instead of waiting on a reconnect.
@@ -79,8 +87,20 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       : new Redis({ ...connection, enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
   // BullMQ loads its Lua scripts onto the queues' connection, and ioredis copies every one of them
   // into each pipeline made on it: the plugin's own reads and publishes use a plain connection.
-  const cmd = own(redis.duplicate({ enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
-  const subscriber = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+  // A Cluster answers the same commands; it is typed as a client below and told apart at run
+  // time where it matters (pipelines per slot, sharded pub/sub). Its duplicate() takes start
+  // nodes and cluster options instead of client options.
+  const clustered = isCluster(redis)
+  if (clustered) {
+    const problem = clusterKeyProblem(opts.prefix, Object.entries(opts.kinds).map(([kind, k]) => k.queueName ?? kind))
+    if (problem !== null) throw new errors.InvalidOptionError(problem)
+  }
+  const dup = (clientOptions: RedisOptions, clusterOptions: ClusterOptions = {}): Redis => clustered
+    ? (redis as unknown as Cluster).duplicate([], clusterOptions) as unknown as Redis
+    : redis.duplicate(clientOptions)
+  const cmd = own(dup({ enableOfflineQueue: false, maxRetriesPerRequest: 2 }))
+  const subscriber = own(dup({ enableOfflineQueue: true, maxRetriesPerRequest: null }, { shardedSubscribers: true }))
+  const broker = createBroker(cmd, subscriber, opts.pubsub)
   const ready = await Promise.all([whenReady(redis, 5_000), whenReady(cmd, 5_000)])
   if (!ready.every(Boolean)) log.warn('job-progress: Redis is not reachable yet; uploads answer 503 until it is')
 
@@ -91,31 +111,43 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   for (const [kind, k] of Object.entries(opts.kinds)) {
     const queue = new Queue(k.queueName ?? kind, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
     queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))
+    // The owner gets a field of its own, so ownership checks read it alone (not the job's data).
+    queue.on('waiting', (job: { id?: string, data?: { owner?: unknown } }) => {
+      if (typeof job.id === 'string' && typeof job.data?.owner === 'string') {
+        writeOwner(redis, keys, queue.name, job.id, job.data.owner).catch((err: Error) => log.debug({ err }, 'job-progress: cannot store the owner field; data.owner is read instead'))
+      }
+    })
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, subscriber, keys, throttleMs: opts.throttleMs, reconcileIntervalMs: opts.reconcileIntervalMs, log })
+  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
-  const bridgeListeners: Array<(event: BridgeEvent) => void> = []
+  const bridgeListeners: Array<(event: BridgeEvent) => void | Promise<void>> = []
   const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, queues: [...queues.values()].map(q => q.name), log })
   bridgeListeners.push((event) => cleanup.onEvent(event))
   cleanup.start()
   const uploadStorage = cleanup.tracked()
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
-  if (webhooks !== null) bridgeListeners.push(event => { void webhooks.onEvent(event) })
+  if (webhooks !== null) bridgeListeners.push(async event => { await webhooks.onEvent(event) })
   let bridge: Bridge | null = null
   let bridgeReady = (): boolean | null => null
   if (opts.bridge.enabled) {
-    const blocking = own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null }))
+    const blocking = own(dup({ enableOfflineQueue: true, maxRetriesPerRequest: null }, { redisOptions: { ...(redis as unknown as Cluster).options?.redisOptions, maxRetriesPerRequest: null } }))
     bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: (event) => { for (const listener of bridgeListeners) listener(event) } })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: async (event) => { await Promise.all(bridgeListeners.map(async listener => { await listener(event) })) } })
     await bridge.start()
   }
 
   // Sockets close with 1001 before @fastify/websocket closes the rest: this hook is added first.
   const sessions = new Set<Session>()
+  telemetry.gauge('socketsOpen', () => {
+    const by = new Map<string, number>()
+    for (const session of sessions) by.set(session.protocol.name, (by.get(session.protocol.name) ?? 0) + 1)
+    return [...by].map(([protocol, n]) => [{ protocol }, n])
+  })
+  if (metrics !== null && metrics.path !== false) metricsRoute(fastify, metrics.path, metrics.registry)
   fastify.addHook('preClose', async () => {
     for (const session of sessions) session.close(CloseCodes.goingAway, 'server shutting down')
   })
@@ -165,7 +197,13 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const k = opts.kinds[kind]
     const basePath = k.basePath ?? `/${kind}`
     const wsPath = (jobId: string): string => `${opts.wsPrefix}/${kind}/${jobId}`
-    fastify.post(k.uploadPath ?? `${basePath}/upload`, uploadHandler({
+    const countUpload = {
+      onResponse: async (_request: FastifyRequest, reply: { statusCode: number }) => {
+        const ok = reply.statusCode < 300
+        telemetry.count('uploads', { outcome: ok ? 'accepted' : 'refused', reason: ok ? 'ok' : String(reply.statusCode) })
+      }
+    }
+    fastify.post(k.uploadPath ?? `${basePath}/upload`, countUpload, uploadHandler({
       kind,
       queue,
       queueReady: () => redis.status === 'ready',
@@ -198,7 +236,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 
   ownRoutes = false
 
-  const stopTimers = startSessionTimers(sessions, { ...opts, log })
+  const stopTimers = startSessionTimers(sessions, { ...opts, log, telemetry })
 
   fastify.decorate('jobProgress', {
     instanceId,
@@ -225,7 +263,11 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
     await Promise.all(owned.map(async r => {
       if (r.status === 'end') return
-      await r.quit().catch(() => r.disconnect())
+      // A QUIT to a node that died (a failed-over cluster master) would wait for ever.
+      let timer: NodeJS.Timeout | undefined
+      await Promise.race([r.quit().catch(() => {}), new Promise(resolve => { timer = setTimeout(resolve, 2_000) })])
+      clearTimeout(timer)
+      r.disconnect()
     }))
   })
 }

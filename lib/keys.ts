@@ -1,13 +1,22 @@
 /**
  * Every Redis key and channel name the plugin and its workers use, in one place, so the API
  * side, the bridge and the worker helper cannot disagree.
+ *
+ * Keys the plugin keeps next to a job (its cancellation mark) live in the job's queue namespace,
+ * `<prefix>:<queue>:...`, so they share the queue's cluster slot whenever BullMQ's keys do (a
+ * hash-tagged prefix or queue name): one script or pipeline can then read them together. The
+ * per-job channel is hash-tagged on the job id instead, so sharded pub/sub spreads the jobs of
+ * one queue over every shard.
  */
 export interface KeyOptions {
   /** BullMQ's key prefix. */
   prefix: string
-  /** Prefix of the plugin's own keys and channels. */
+  /** Prefix of the plugin's own channels. */
   channelPrefix: string
 }
+
+/** The job hash field that holds the owner alone, so ownership is one small read. */
+export const OWNER_FIELD = 'jpOwner'
 
 export class Keys {
   readonly prefix: string
@@ -23,28 +32,55 @@ export class Keys {
     return `${this.prefix}:${queue}:${jobId}`
   }
 
+  /** BullMQ's lock of a job: present exactly while a worker holds it active. */
+  lock (queue: string, jobId: string): string {
+    return `${this.job(queue, jobId)}:lock`
+  }
+
   /** A BullMQ list or set of a queue: `active`, `completed`, `failed`, `events` ... */
   queueKey (queue: string, name: string): string {
     return `${this.prefix}:${queue}:${name}`
   }
 
-  /** The pub/sub channel of one job; the braces keep a queue's names in one cluster slot. */
+  /** The pub/sub channel of one job, hash-tagged on the job so sharded pub/sub spreads jobs over shards. */
   channel (queue: string, jobId: string): string {
-    return `${this.channelPrefix}:{${queue}}:${jobId}`
+    return `${this.channelPrefix}:${queue}:{${jobId}}`
   }
 
-  /** Pattern that matches {@link channel} names, to read the queue and job back. */
+  /** Reads the queue and job back from a {@link channel} name. */
   static parseChannel (channel: string): { queue: string, jobId: string } | null {
-    const open = channel.indexOf(':{')
-    const close = channel.indexOf('}:', open)
-    if (open < 0 || close < 0) return null
-    return { queue: channel.slice(open + 2, close), jobId: channel.slice(close + 2) }
+    const close = channel.lastIndexOf('}')
+    const open = channel.lastIndexOf(':{', close)
+    if (open < 0 || close !== channel.length - 1) return null
+    const start = channel.indexOf(':')
+    if (start < 0 || start >= open) return null
+    return { queue: channel.slice(start + 1, open), jobId: channel.slice(open + 2, close) }
   }
 
-  /** The cancellation mark of a job: holds its owner, outlives the job when a queued job is removed. */
+  /**
+   * The cancellation mark of a job: holds its owner, outlives the job when a queued job is
+   * removed (BullMQ removes the job hash and its own suffixes, not this one). In the queue's
+   * namespace, so in its slot.
+   */
   cancel (queue: string, jobId: string): string {
-    return `${this.channelPrefix}:cancel:{${queue}}:${jobId}`
+    return `${this.job(queue, jobId)}:jp-cancel`
   }
+}
+
+/**
+ * On a Redis Cluster BullMQ runs multi-key scripts over a queue's keys, so they must share one
+ * slot: the prefix or each queue name must carry a hash tag. Null when they do, else what to write.
+ */
+export function clusterKeyProblem (prefix: string, queues: string[]): string | null {
+  const tag = (key: string): string | null => {
+    const open = key.indexOf('{')
+    const close = open < 0 ? -1 : key.indexOf('}', open + 1)
+    return close > open + 1 ? key.slice(open + 1, close) : null
+  }
+  const bad = queues.filter(queue => tag(`${prefix}:${queue}:`) === null)
+  if (bad.length === 0) return null
+  return `on a Redis Cluster every key of a BullMQ queue must be in one slot, but prefix "${prefix}" and queue ${bad.map(q => `"${q}"`).join(', ')} carry no hash tag: ` +
+    `set \`prefix: '{${prefix.replace(/[{}]/g, '')}}'\` (and the same prefix in your workers), or hash-tag each queue name (\`queueName: '{${bad[0]}}'\`)`
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i

@@ -2,12 +2,14 @@ import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import type { FastifyRequest } from 'fastify'
 import type { JobsOptions } from 'bullmq'
-import type { Redis, RedisOptions } from 'ioredis'
+import type { Cluster, Redis, RedisOptions } from 'ioredis'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
 import type { Storage } from './storage'
 import type { ProtocolDefinition } from './protocols/types'
+import type { MetricsOptions } from './metrics'
+import type { Telemetry } from './core/telemetry'
 import { keepWebhookFunctions, KindWebhookSchema, WebhooksSchema, type KindWebhookOptions, type ResolvedWebhooks, type WebhooksOptions } from './webhooks/options'
 
 /** A function-valued option: TypeBox checks it is a function, TypeScript gives its signature. */
@@ -29,7 +31,7 @@ const KindSchema = Type.Object({
 }, { additionalProperties: false })
 
 export const OptionsSchema = Type.Object({
-  connection: Type.Unsafe<Redis | RedisOptions | string>(Type.Union([Type.String(), Type.Object({}, { additionalProperties: true })], { default: 'redis://127.0.0.1:6379' })),
+  connection: Type.Unsafe<Redis | Cluster | RedisOptions | string>(Type.Union([Type.String(), Type.Object({}, { additionalProperties: true })], { default: 'redis://127.0.0.1:6379' })),
   prefix: Type.String({ minLength: 1, default: 'bull' }),
   channelPrefix: Type.String({ minLength: 1, default: 'jp' }),
   // additionalProperties: without it a name that misses the pattern is not checked at all.
@@ -72,7 +74,8 @@ export const OptionsSchema = Type.Object({
   pingIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   heartbeatIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   sendTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
-  reconcileIntervalMs: Type.Integer({ minimum: 100, default: 5_000 }),
+  reconcileIntervalMs: Type.Integer({ minimum: 100, default: 5_000, description: 'deprecated, ignored: convergence is paid per event and per fault' }),
+  sweepReadsPerSecond: Type.Number({ minimum: 0, default: 0.2, description: 'safety sweep budget: watched jobs re-read per second per instance, whatever the number watched; 0 turns it off' }),
   maxSubscriptionsPerConnection: Type.Integer({ minimum: 1, default: 100 }),
   maxConnectionsPerOwner: Type.Integer({ minimum: 1, default: 50 }),
   firstMessageTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
@@ -98,6 +101,9 @@ export const OptionsSchema = Type.Object({
   }, { default: {}, additionalProperties: false }),
   protocols: Type.Array(Type.Unsafe<ProtocolDefinition>(Type.Object({}, { additionalProperties: true })), { default: [] }),
   instanceId: Type.Optional(Type.String({ minLength: 1 })),
+  pubsub: Type.Optional(Type.Union([Type.Literal('classic'), Type.Literal('sharded')], { description: 'pub/sub style; default sharded on a Cluster connection, classic otherwise' })),
+  metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
+  telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' }))),
   webhooks: WebhooksSchema
 }, { additionalProperties: false })
 
@@ -169,7 +175,7 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
 export type ResolvedOptions = Omit<Resolved, 'webhooks'> & { webhooks: ResolvedWebhooks }
 
 const FUNCTION_OPTIONS = ['getOwner'] as const
-const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', ...FUNCTION_OPTIONS] as const
+const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', 'metrics', 'telemetry', ...FUNCTION_OPTIONS] as const
 
 function placeholder (key: string, value: unknown): unknown {
   if (key === 'connection') return typeof value === 'string' ? value : (value !== null && typeof value === 'object' ? {} : value)

@@ -1,11 +1,13 @@
 import t from 'tap'
 import { once } from 'node:events'
-import { relayMessage } from '../lib/bridge'
+import Fastify from 'fastify'
+import { Bridge, relayMessage } from '../lib/bridge'
+import { Keys } from '../lib/keys'
 import { connect, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
 
 t.test('relayMessage: progress is spliced in as JSON, lifecycle events carry only their name', async (t) => {
-  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { e: 'progress', t: 1700000000000, d: { processed: 3, total: 9 } })
-  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"e":"completed","t":5}' })
+  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { e: 'progress', t: 1700000000000, i: '1700000000000-0', d: { processed: 3, total: 9 } })
+  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"e":"completed","t":5,"i":"5-1"}' })
   t.equal(relayMessage('5-1', ['event', 'drained']), null, 'events without a job are not relayed')
   t.equal(relayMessage('5-1', ['event', 'added', 'jobId', 'j1']), null, 'events no watcher needs are not relayed')
 })
@@ -14,7 +16,7 @@ t.test('events a dead instance read but never published are claimed and relayed 
   const redis = await redisFor(t)
   const uploadDir = await tempDir(t)
   // The instance clients watch through: no bridge of its own, and a reconcile too slow to help.
-  const watcher = await startApp(t, redis, { uploadDir, bridge: { enabled: false }, reconcileIntervalMs: 600_000 })
+  const watcher = await startApp(t, redis, { uploadDir, bridge: { enabled: false }, sweepReadsPerSecond: 0 })
   // Made once so the consumer group exists, then gone.
   const first = await startApp(t, redis, { uploadDir })
   await first.app.close()
@@ -64,4 +66,48 @@ t.test('events this instance\'s bridge reads reach its own sockets directly, onc
   t.ok(stats.relayedLocally <= stats.relayed, 'only events it published, and only for jobs watched here')
   t.same(client.messages.filter(m => m.status === 'processing').map(m => m.processed), [0, 1, 2, 3, 4], 'the copy back from Redis is not delivered twice')
   t.equal(client.messages.filter(m => m.status === 'complete').length, 1)
+})
+
+t.test('an event whose listener fails is not acknowledged: it stays pending and is replayed', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  const blocking = redis.client()
+  t.teardown(() => { r.disconnect(); blocking.disconnect() })
+  const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
+  const stream = keys.queueKey('batch', 'events')
+  const seen: string[] = []
+  let failures = 1
+  const replayed = new Promise<void>(resolve => {
+    const bridge = new Bridge({
+      redis: r,
+      blocking,
+      keys,
+      queues: ['batch'],
+      group: 'jp-bridge',
+      consumer: 'me',
+      blockMs: 50,
+      claimIdleMs: 200,
+      claimIntervalMs: 100,
+      consumerIdleMs: 60_000,
+      log: Fastify().log,
+      onEvent: (event) => {
+        if (!event.final) return
+        seen.push(event.id)
+        if (failures-- > 0) throw new Error('webhook queue unavailable')
+        resolve()
+      }
+    })
+    t.teardown(async () => await bridge.close())
+    void bridge.start().then(async () => await r.xadd(stream, '*', 'event', 'completed', 'jobId', 'j1', 'returnvalue', '1'))
+  })
+  await replayed
+  t.equal(seen.length, 2, 'the listener saw the entry twice: once failing, once on the replay')
+  t.equal(seen[0], seen[1], 'the same stream entry')
+  // Acknowledged after the replay succeeded.
+  for (;;) {
+    const [count] = await r.xpending(stream, 'jp-bridge') as [number]
+    if (count === 0) break
+    await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.pass('acknowledged once a listener succeeded')
 })

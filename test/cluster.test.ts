@@ -200,7 +200,7 @@ t.test("Redis's view: a job's channel has subscribers only while watched, one pe
   t.same(await channelsNow(), [], 'no job channel while nothing is watched')
 
   const up = await upload(`${a.url}/batch/upload`, lines(100))
-  const channel = `jp:{batch}:${up.body.job_id}`
+  const channel = `jp:batch:{${up.body.job_id}}`
   const first = connect(t, `${b.ws}/ws/batch/${up.body.job_id}`, { cookie: up.cookie })
   await first.waitFor(() => true)
   t.same(await numsub(redis, channel), [1], 'watched on B: one subscriber')

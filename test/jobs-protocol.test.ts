@@ -59,7 +59,8 @@ t.test('connected, subscribed then the current state, running with progress, suc
 
   startWorker(t, redis, 'batch', uploadDir, { delayMs: 20 })
   const final = await client.waitFor(m => m.type === 'job_update' && m.status === 'succeeded')
-  t.same(final, { type: 'job_update', job_id: jobId, status: 'succeeded', result: { lines: 4 }, error: null, progress: 100, processed: 4, total: 4, eta_seconds: 0, ts: final.ts })
+  t.same(final, { type: 'job_update', job_id: jobId, status: 'succeeded', result: { lines: 4 }, error: null, progress: 100, processed: 4, total: 4, eta_seconds: 0, ts: final.ts, version: final.version })
+  t.match(final.version, /^1\.\d+-\d+$/, 'the hub fills the continuity version: attempt and stream entry id')
   const running = updates(client, jobId).filter(m => m.status === 'running')
   t.ok(running.length > 0, 'running updates came between queued and succeeded')
   t.ok(running.every(m => m.result === null && m.error === null && [0, 4].includes(m.total)), 'running updates carry no result or error; total is 0 until the worker reports it')

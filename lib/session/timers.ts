@@ -1,4 +1,5 @@
 import type { FastifyBaseLogger } from 'fastify'
+import { noTelemetry, type Telemetry } from '../core/telemetry'
 import type { Session } from './session'
 
 export interface SessionTimerOptions {
@@ -6,6 +7,8 @@ export interface SessionTimerOptions {
   heartbeatIntervalMs: number
   sendTimeoutMs: number
   log: FastifyBaseLogger
+  /** Where slow-client cut-offs are counted. @default reports nowhere */
+  telemetry?: Telemetry
 }
 
 /**
@@ -16,6 +19,7 @@ export interface SessionTimerOptions {
  * them.
  */
 export function startSessionTimers (sessions: Set<Session>, opts: SessionTimerOptions): () => void {
+  const telemetry = opts.telemetry ?? noTelemetry
   const ping = setInterval(() => {
     for (const session of sessions) session.transport.keepalive()
   }, opts.pingIntervalMs).unref()
@@ -35,6 +39,7 @@ export function startSessionTimers (sessions: Set<Session>, opts: SessionTimerOp
         opts.log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
         // No close frame: it would wait behind what the client does not read.
         session.transport.terminate()
+        telemetry.count('slowClientsClosed')
       }
     }
   }, Math.min(1_000, Math.ceil(opts.sendTimeoutMs / 4))).unref()

@@ -150,15 +150,18 @@ export class Webhooks {
   }
 
   /**
-   * The bridge's listener: never throws or rejects. The promise settles once the delivery is in
-   * its queue; a bridge that waited for it before acknowledging the stream entry would close the
-   * one gap left (an instance killed between the acknowledgement and the enqueue).
+   * The bridge's listener. The promise settles once the delivery is in its queue, and the bridge
+   * acknowledges the stream entry only then; it rejects when the delivery could not be queued, so
+   * the entry stays pending and is replayed (the delivery id makes the replay one delivery).
    */
   async onEvent (event: BridgeEvent): Promise<void> {
     const entry = this.#kinds.get(event.queue)
     if (entry === undefined) return
     const task = this.#enqueue(entry.kind, entry.hook, event)
-      .catch((err: Error) => this.#ctx.log.error({ err, job: event.jobId, event: event.event }, 'job-progress: could not schedule a webhook delivery'))
+      .catch((err: Error) => {
+        this.#ctx.log.error({ err, job: event.jobId, event: event.event }, 'job-progress: could not schedule a webhook delivery')
+        throw err
+      })
       .finally(() => this.#pending.delete(task))
     this.#pending.add(task)
     await task
@@ -315,7 +318,7 @@ export class Webhooks {
 
   /** Waits for deliveries being scheduled, then stops the worker (a delivery in flight finishes). */
   async close (): Promise<void> {
-    await Promise.all([...this.#pending])
+    await Promise.allSettled([...this.#pending])
     await this.#worker?.close().catch(() => {})
     await this.queue.close().catch(() => {})
   }

@@ -1,0 +1,56 @@
+import type { Redis } from 'ioredis'
+import { whenReady } from '../redis'
+import type { Broker } from './index'
+
+/** Classic pub/sub: PUBLISH reaches every node's subscribers, SUBSCRIBE on one connection. */
+export class RedisBroker implements Broker {
+  readonly kind = 'classic' as const
+  readonly #commands: Redis
+  readonly #subscriber: Redis
+  #wasReady: boolean
+
+  constructor (commands: Redis, subscriber: Redis) {
+    this.#commands = commands
+    this.#subscriber = subscriber
+    this.#wasReady = subscriber.status === 'ready'
+  }
+
+  async subscribe (channels: string[]): Promise<void> {
+    if (channels.length > 0) await this.#subscriber.subscribe(...channels)
+  }
+
+  async unsubscribe (channels: string[]): Promise<void> {
+    if (channels.length > 0) await this.#subscriber.unsubscribe(...channels)
+  }
+
+  onMessage (receive: (channel: string, message: string) => void): void {
+    this.#subscriber.on('message', receive)
+  }
+
+  onRecover (recover: () => void): void {
+    this.#subscriber.on('ready', () => {
+      if (!this.#wasReady) {
+        this.#wasReady = true
+        return
+      }
+      // ioredis has re-sent the SUBSCRIBEs; one more round trip on that connection confirms
+      // they took effect before the caller re-reads, so nothing falls between the two.
+      this.#subscriber.ping().then(recover, () => {})
+    })
+  }
+
+  async ready (ms: number): Promise<boolean> {
+    return await whenReady(this.#subscriber, ms)
+  }
+
+  async publish (messages: Array<[string, string]>): Promise<void> {
+    if (messages.length === 0) return
+    const pipe = this.#commands.pipeline()
+    for (const [channel, payload] of messages) pipe.publish(channel, payload)
+    await pipe.exec()
+  }
+
+  async channels (pattern: string): Promise<string[]> {
+    return await this.#commands.call('PUBSUB', 'CHANNELS', pattern) as string[]
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * The relay codec: the small message the bridge publishes on a job's channel for each event it
+ * reads from the queue's BullMQ event stream, and its parser. Every message carries the stream
+ * entry id it came from, so a receiver orders messages and snapshots by version, not by arrival.
+ *
+ * This module has no server dependencies.
+ */
+
+/** BullMQ events that change what a watcher should see; the rest (added, drained ...) are skipped. */
+export const RELAYED = new Set(['progress', 'active', 'waiting', 'delayed', 'stalled', 'completed', 'failed', 'removed', 'cancelled'])
+
+/** BullMQ's final events, plus the plugin's own `cancelled`. */
+export const FINAL_EVENTS = new Set(['completed', 'failed', 'cancelled'])
+
+/**
+ * The error a watcher gets, as a `failed` final state, when a job it watched vanished from Redis
+ * without a final event (Redis restarted empty, the queue was obliterated). Every client treats
+ * `failed` as final, so nobody waits on a job that no longer exists.
+ */
+export const JOB_LOST = 'job_lost'
+
+/** The message on a job's channel. */
+export interface RelayMessage {
+  /** BullMQ's event name (`progress`, `active`, `completed` ...) or `cancelled`. */
+  e: string
+  /** Milliseconds, when the event happened. */
+  t: number
+  /** The stream entry id of the event; absent on messages that did not come from the stream. */
+  i?: string
+  /** The progress value, on `progress`. */
+  d?: unknown
+  /** The fault, on {@link RESYNC}. */
+  c?: string
+}
+
+/**
+ * The event name of a message the bridge sends on every watched channel of a queue after a fault
+ * that can have lost events (the stream trimmed past the group, Redis back empty): re-read.
+ * Such a message carries `c`, the cause.
+ */
+export const RESYNC = 'resync'
+
+const ENTRY_ID = /^\d+-\d+$/
+
+/** Builds the message for a job's channel from a stream entry, or null when it is not relayed. */
+export function relayMessage (id: string, fields: string[]): { jobId: string, payload: string } | null {
+  let event = ''
+  let jobId = ''
+  let data: string | null = null
+  for (let i = 0; i < fields.length; i += 2) {
+    const name = fields[i]
+    if (name === 'event') event = fields[i + 1]
+    else if (name === 'jobId') jobId = fields[i + 1]
+    else if (name === 'data') data = fields[i + 1]
+  }
+  if (jobId === '' || !RELAYED.has(event)) return null
+  const t = Number(id.slice(0, id.indexOf('-')))
+  // The progress value is already JSON in the stream: splice it in instead of parsing it.
+  const payload = event === 'progress' && data !== null
+    ? `{"e":"progress","t":${t},"i":"${id}","d":${data}}`
+    : `{"e":"${event}","t":${t},"i":"${id}"}`
+  return { jobId, payload }
+}
+
+/** Reads a channel message; null for anything malformed (dropped, never thrown). */
+export function parseRelay (raw: string): RelayMessage | null {
+  let message: unknown
+  try {
+    message = JSON.parse(raw)
+  } catch {
+    return null
+  }
+  if (message === null || typeof message !== 'object') return null
+  const m = message as Record<string, unknown>
+  if (typeof m.e !== 'string') return null
+  const out: RelayMessage = { e: m.e, t: typeof m.t === 'number' ? m.t : Date.now() }
+  if (typeof m.i === 'string' && ENTRY_ID.test(m.i)) out.i = m.i
+  if ('d' in m) out.d = m.d
+  if (typeof m.c === 'string') out.c = m.c
+  return out
+}

@@ -1,0 +1,163 @@
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { promisify } from 'node:util'
+import { Cluster, Redis } from 'ioredis'
+import { slotOf } from '../../lib/broker/slot'
+import { freePort } from './redis'
+
+const run = promisify(execFile)
+
+interface Teardown { teardown: (fn: () => unknown) => void }
+
+/** Every node still running, so that a crashed test run leaves no process behind. */
+const live = new Set<ChildProcess>()
+process.once('exit', () => {
+  for (const child of live) child.kill('SIGKILL')
+})
+
+/**
+ * A private Redis Cluster made of real redis-servers: 3 masters and 3 replicas on free ports,
+ * each in a directory of its own, all removed at teardown. Fault tests kill a master and wait
+ * for its replica to take over.
+ */
+export class RedisCluster {
+  readonly ports: number[]
+  readonly dir: string
+  readonly #procs = new Map<number, ChildProcess>()
+
+  private constructor (ports: number[], dir: string) {
+    this.ports = ports
+    this.dir = dir
+  }
+
+  static async start (t: Teardown): Promise<RedisCluster> {
+    const ports: number[] = []
+    while (ports.length < 6) {
+      const port = await freePort()
+      // The cluster bus listens on port + 10000: keep both free and distinct.
+      if (port < 55000 && !ports.includes(port)) ports.push(port)
+    }
+    const cluster = new RedisCluster(ports, await mkdtemp(join(tmpdir(), 'jp-cluster-')))
+    t.teardown(async () => await cluster.stop())
+    for (const port of ports) cluster.#spawn(port)
+    await Promise.all(ports.map(async port => await cluster.#waitUp(port)))
+    await run('redis-cli', ['--cluster', 'create', ...ports.map(p => `127.0.0.1:${p}`), '--cluster-replicas', '1', '--cluster-yes'], { timeout: 30_000 })
+    await cluster.waitHealthy()
+    return cluster
+  }
+
+  #spawn (port: number): void {
+    const proc = spawn('redis-server', [
+      '--port', String(port), '--bind', '127.0.0.1', '--dir', this.dir,
+      '--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`, '--cluster-node-timeout', '1500',
+      '--save', '', '--appendonly', 'yes', '--appendfilename', `aof-${port}.aof`, '--appenddirname', `aof-${port}`,
+      '--daemonize', 'no', '--loglevel', 'warning'
+    ], { stdio: 'ignore' })
+    live.add(proc)
+    proc.once('exit', () => live.delete(proc))
+    this.#procs.set(port, proc)
+  }
+
+  async #waitUp (port: number): Promise<void> {
+    const deadline = Date.now() + 10_000
+    for (;;) {
+      const probe = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
+      probe.on('error', () => {})
+      try {
+        await probe.connect()
+        await probe.ping()
+        probe.disconnect()
+        return
+      } catch {
+        probe.disconnect()
+        if (Date.now() > deadline) throw new Error(`cluster node on ${port} did not start`)
+        await new Promise(resolve => setTimeout(resolve, 50))
+      }
+    }
+  }
+
+  /** Whether the node on a port still runs. */
+  alive (port: number): boolean {
+    const proc = this.#procs.get(port)
+    return proc !== undefined && proc.exitCode === null && proc.signalCode === null
+  }
+
+  /** Seed nodes for clients. */
+  get nodes (): Array<{ host: string, port: number }> {
+    return this.ports.map(port => ({ host: '127.0.0.1', port }))
+  }
+
+  /** A cluster client (the caller closes it); sharded subscribers on. */
+  client (): Cluster {
+    const cluster = new Cluster(this.nodes, { shardedSubscribers: true, redisOptions: { maxRetriesPerRequest: null }, slotsRefreshTimeout: 2_000 })
+    cluster.on('error', () => {})
+    return cluster
+  }
+
+  /** A plain client on one node (the caller closes it). */
+  node (port: number): Redis {
+    const redis = new Redis(port, '127.0.0.1', { maxRetriesPerRequest: 1, retryStrategy: () => null })
+    redis.on('error', () => {})
+    return redis
+  }
+
+  /** The port of the live master that owns a key's slot now. */
+  async masterOf (key: string): Promise<number> {
+    const slot = slotOf(key)
+    for (const port of this.ports) {
+      if (!this.alive(port)) continue
+      const node = this.node(port)
+      try {
+        const slots = await node.cluster('SLOTS') as Array<[number, number, [string, number]]>
+        for (const [from, to, master] of slots) if (slot >= from && slot <= to) return Number(master[1])
+      } catch {} finally {
+        node.disconnect()
+      }
+    }
+    throw new Error(`no live node knows slot ${slot}`)
+  }
+
+  /** Waits until every live node reports the cluster healthy. */
+  async waitHealthy (timeoutMs = 20_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      let ok = true
+      for (const port of this.ports) {
+        if (!this.alive(port)) continue
+        const node = this.node(port)
+        try {
+          const info = await node.cluster('INFO') as string
+          if (!info.includes('cluster_state:ok')) ok = false
+        } catch {
+          ok = false
+        } finally {
+          node.disconnect()
+        }
+      }
+      if (ok) return
+      if (Date.now() > deadline) throw new Error('the cluster did not become healthy')
+      await new Promise(resolve => setTimeout(resolve, 100))
+    }
+  }
+
+  /** SIGKILLs a node (a master: its replica takes over after the node timeout). */
+  async kill (port: number): Promise<void> {
+    const proc = this.#procs.get(port)
+    if (proc === undefined || proc.exitCode !== null) return
+    const exited = new Promise(resolve => proc.once('exit', resolve))
+    proc.kill('SIGKILL')
+    await exited
+  }
+
+  async stop (): Promise<void> {
+    await Promise.all([...this.#procs.values()].map(async proc => {
+      if (proc.exitCode !== null || proc.signalCode !== null) return
+      const exited = new Promise(resolve => proc.once('exit', resolve))
+      proc.kill('SIGKILL')
+      await exited
+    }))
+    await rm(this.dir, { recursive: true, force: true })
+  }
+}
