@@ -1,4 +1,6 @@
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
+import Ajv from 'ajv'
+import addFormats from 'ajv-formats'
+import type { FastifyInstance, FastifyReply, FastifyRequest, FastifySchemaCompiler } from 'fastify'
 import type { Queue } from 'bullmq'
 import { randomUUID } from 'node:crypto'
 import { admitJob, type AdmissionContext } from './admission'
@@ -103,6 +105,15 @@ const FileReferenceSchema = {
   additionalProperties: false
 } as const
 
+/**
+ * The app's validator removes properties a schema does not allow (Fastify's default
+ * `removeAdditional`), so a misspelt field would create a job without it. This route refuses
+ * them instead, with a 400 naming the property, and coerces nothing.
+ */
+const strictAjv = new Ajv({ removeAdditional: false, coerceTypes: false, useDefaults: true, allErrors: false, strict: false })
+addFormats(strictAjv)
+const strictValidator: FastifySchemaCompiler<unknown> = ({ schema }) => strictAjv.compile(schema as object)
+
 /** `POST <basePath>` of one kind: a job from a JSON body `{ data, file? }`, answered 202 like an upload. */
 export function registerCreateRoute (fastify: FastifyInstance, opts: ResolvedOptions, owners: Owners, admission: AdmissionContext, k: CreateKind, path: string, create: CreateRouteOptions): void {
   const body = {
@@ -117,7 +128,7 @@ export function registerCreateRoute (fastify: FastifyInstance, opts: ResolvedOpt
     body,
     response: { 202: AcceptedSchema, ...errors(400, 401, 422, 429, 503) }
   }
-  fastify.post(path, { schema }, async (request: FastifyRequest<{ Body: { data: Record<string, unknown>, file?: FileReference } }>, reply) => {
+  fastify.post(path, { schema, validatorCompiler: strictValidator }, async (request: FastifyRequest<{ Body: { data: Record<string, unknown>, file?: FileReference } }>, reply) => {
     const idempotencyKey = idempotencyKeyOf(request)
     // Owned as an upload is: a request without credentials starts a session (when sessions are the fallback).
     let identity = await owners.fromRequest(request)

@@ -77,6 +77,11 @@ t.test('POST <basePath> with JSON: validated by the kind\'s schema, 202 like an 
   t.equal((await post(`${a.url}/batch`, { data: { items: 0 } }, alice)).status, 400, 'schema refuses')
   t.equal((await post(`${a.url}/batch`, { data: { items: 'many' } }, alice)).status, 400)
   t.equal((await post(`${a.url}/batch`, { items: 1 }, alice)).status, 400, 'data is required')
+  // A misspelt field is refused, never silently dropped from the job.
+  const extra = await post(`${a.url}/batch`, { data: { items: 1, lable: 'x' } }, alice)
+  t.equal(extra.status, 400, 'a property the schema does not allow is refused')
+  t.match(extra.body.message, /additional properties/i)
+  t.equal((await post(`${a.url}/batch`, { data: { items: '3' } }, alice)).status, 400, 'no type coercion: a string is not an integer')
   const ref = await post(`${a.url}/batch`, { data: { items: 1 }, file: { key: 'batch-someone-elses' } }, alice)
   t.equal(ref.status, 400)
   t.equal(ref.body.code, 'FST_JP_INVALID_FILE_REFERENCE', 'no file references without resolveFile')

@@ -16,6 +16,9 @@ export async function freePort (): Promise<number> {
   })
 }
 
+/** redis-server exited as soon as it started: on a free port, another process took it first. */
+class PortTakenError extends Error {}
+
 /**
  * A private redis-server on a free port, with append-only persistence so a restart keeps the
  * jobs (fault tests restart it). Never touches the machine's own Redis.
@@ -31,14 +34,18 @@ export class RedisServer {
   }
 
   static async start (): Promise<RedisServer> {
-    const server = new RedisServer(await freePort(), mkdtempTracked('jp-redis-'))
-    try {
-      await server.up()
-    } catch (err) {
-      await server.stop()
-      throw err
+    // A free port can be taken by another test process between the probe and redis-server's
+    // bind (tap runs files in parallel): then redis-server exits at once, and a new port is tried.
+    for (let attempt = 1; ; attempt++) {
+      const server = new RedisServer(await freePort(), mkdtempTracked('jp-redis-'))
+      try {
+        await server.up()
+        return server
+      } catch (err) {
+        await server.stop()
+        if (attempt >= 3 || !(err instanceof PortTakenError)) throw err
+      }
     }
-    return server
   }
 
   get url (): string {
@@ -65,7 +72,9 @@ export class RedisServer {
         probe.disconnect()
         if (Date.now() > deadline || proc.exitCode !== null || proc.pid === undefined) {
           if (proc.pid === undefined) throw new Error('redis-server is not installed (npm test installs it: see scripts/ensure-tools.mjs)')
+          const exited = proc.exitCode !== null
           await this.down()
+          if (exited) throw new PortTakenError(`redis-server exited at start on port ${this.port} (port taken?)`)
           throw new Error(`redis-server did not start on port ${this.port}`)
         }
         await new Promise(resolve => setTimeout(resolve, 50))
