@@ -4,6 +4,7 @@ import type { Readable } from 'node:stream'
 import type { BridgeEvent } from './bridge'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
+import { outputsKey } from './outputs'
 import type { Storage, StoredFileInfo } from './storage'
 
 export interface UploadCleanupOptions {
@@ -22,6 +23,9 @@ export interface UploadCleanupOptions {
   sweepIntervalMs: number
   log: FastifyBaseLogger
 }
+
+/** Output files are stored under the kind `<kind>.out.<name>` (lib/outputs.ts). */
+const OUTPUT_INFIX = '.out.'
 
 /** Due retentions removed per round trip of the sweep. */
 const DUE_BATCH = 100
@@ -102,6 +106,7 @@ export class UploadCleanup {
         await storage.remove(entry.key)
         continue
       }
+      if (entry.kind !== undefined && entry.jobId !== undefined && await this.#sweepOutput(entry.kind, entry.jobId, entry.key)) continue
       const queue = entry.kind === undefined ? undefined : this.#o.queueOf(entry.kind)
       if (queue === undefined || entry.jobId === undefined) continue
       const [[, key], [, finishedOn], [, exists]] = await redis.pipeline()
@@ -116,6 +121,23 @@ export class UploadCleanup {
         await this.release(queue, entry.jobId, finishedOn === null ? now : Number(finishedOn))
       }
     }
+  }
+
+  /**
+   * An output file (stored under `<kind>.out.<name>`) outlives its job's end, to be downloaded;
+   * once the job itself is gone (`removeOnComplete`, `clean`, lost with Redis) nobody can reach
+   * it any more: it is removed with its entry. True when the entry was an output.
+   */
+  async #sweepOutput (storedKind: string, jobId: string, key: string): Promise<boolean> {
+    const at = storedKind.indexOf(OUTPUT_INFIX)
+    if (at < 0) return false
+    const queue = this.#o.queueOf(storedKind.slice(0, at))
+    if (queue === undefined) return true
+    if (await this.#o.redis.exists(this.#o.keys.job(queue, jobId)) === 1) return true
+    this.#o.log.info({ key }, 'job-progress: removing an output file whose job is gone')
+    await this.#o.storage.remove(key)
+    await this.#o.redis.del(outputsKey(this.#o.keys, queue, jobId))
+    return true
   }
 
   /** The marker that holds a job's storage key until its upload is removed. */

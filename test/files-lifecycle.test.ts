@@ -137,3 +137,26 @@ t.test('an upload refused after it was stored (empty file) leaves neither a file
   t.teardown(() => probe.disconnect())
   t.same(await probe.keys('bull:batch:jp:upload:*'), [])
 })
+
+t.test('the sweep removes output files of jobs that are gone, keeps those of jobs that still exist', async (t) => {
+  const redis = await redisFor(t)
+  const dir = await tempDir(t, 'jp-sweep-')
+  const gone = randomUUID()
+  const kept = randomUUID()
+  const goneOutput = join(dir, `batch.out.report.csv-${gone}`)
+  const keptOutput = join(dir, `batch.out.report.csv-${kept}`)
+  for (const path of [goneOutput, keptOutput]) {
+    await writeFile(path, 'x')
+    await age(path, 2 * HOUR)
+  }
+  const probe = redis.client()
+  t.teardown(() => probe.disconnect())
+  // A finished job still in Redis: its output stays downloadable.
+  await probe.hset(`bull:batch:${kept}`, 'data', '{}', 'finishedOn', String(Date.now()))
+  await probe.hset(`bull:batch:jp:outputs:${gone}`, 'report.csv', '{}')
+
+  await startApp(t, redis, { uploadDir: dir, files: { orphanAgeMs: HOUR, sweepIntervalMs: 60_000 } })
+  t.ok(await eventually(() => !existsSync(goneOutput)), 'the output of a job that is gone is removed')
+  t.ok(await eventually(async () => await probe.exists(`bull:batch:jp:outputs:${gone}`) === 0), 'with its entry')
+  t.ok(existsSync(keptOutput), 'the output of a job that still exists stays')
+})
