@@ -4,7 +4,7 @@ import { slotOf } from './broker/slot'
 import type { Commands } from './snapshot'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
-import { FINAL_EVENTS as FINAL, relayMessage } from './wire/relay'
+import { FINAL_EVENTS as FINAL, relayMessage, resyncMessage } from './wire/relay'
 
 export { relayMessage } from './wire/relay'
 
@@ -137,7 +137,7 @@ export class Bridge {
     this.faults++
     ;(this.#o.telemetry ?? noTelemetry).count('faults', { cause })
     const { redis, keys } = this.#o
-    const payload = JSON.stringify({ e: 'resync', t: Date.now(), c: cause })
+    const payload = resyncMessage(cause)
     const pattern = keys.channel(this.#queueOf(stream), '').slice(0, -2).replace(/[*?[\]\\]/g, '\\$&') + '{*'
     const broker = this.#o.broker
     const channels = broker !== undefined ? await broker.channels(pattern) : await redis.call('PUBSUB', 'CHANNELS', pattern) as string[]

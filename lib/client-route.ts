@@ -22,7 +22,12 @@ export function registerClientRoute (fastify: FastifyInstance, path: string): vo
   if (file === null) throw new InvalidOptionError('`clientRoute` serves the built client, which is missing: run `npm run build`')
   const body = readFileSync(file)
   const etag = `"${createHash('sha256').update(body).digest('base64url').slice(0, 22)}"`
-  fastify.get(path, async (request, reply) => {
+  const schema = {
+    summary: 'The browser client, as one ES module',
+    produces: ['text/javascript'],
+    response: { 200: { description: 'the module', type: 'string' }, 304: { description: 'unchanged (ETag)', type: 'null' } }
+  }
+  fastify.get(path, { schema }, async (request, reply) => {
     void reply
       .header('content-type', 'text/javascript; charset=utf-8')
       .header('cache-control', 'public, max-age=3600')

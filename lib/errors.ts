@@ -39,3 +39,14 @@ export const DeliveryNotFoundError = createError('FST_JP_DELIVERY_NOT_FOUND', 'N
 
 /** WebSocket close codes and their reasons live in the wire module, shared with the client. */
 export { CloseCodes, NOT_FOUND_REASON } from './wire/close-codes'
+
+// Creating jobs: JSON, idempotency keys, quotas
+export const InvalidFileReferenceError = createError('FST_JP_INVALID_FILE_REFERENCE', 'The file reference is refused: %s', 400)
+export const IdempotencyKeyInvalidError = createError('FST_JP_IDEMPOTENCY_KEY_INVALID', 'Idempotency-Key must be 1 to 255 printable ASCII characters', 400)
+export const IdempotencyKeyReusedError = createError('FST_JP_IDEMPOTENCY_KEY_REUSED', 'This Idempotency-Key was already used with a different request body; use a new key for a new request', 422)
+export const QuotaExceededError = createError('FST_JP_QUOTA_EXCEEDED', 'Quota exceeded: %s; retry after the time in Retry-After', 429)
+
+// Deleting jobs and their outputs
+export const OutputNotFoundError = createError('FST_JP_OUTPUT_NOT_FOUND', 'No output file of this name', 404)
+export const InvalidOutputNameError = createError('FST_JP_INVALID_OUTPUT_NAME', 'Invalid output name "%s": use letters, digits, ".", "_" or "-" (at most 100)', 500, TypeError)
+export const RangeNotSatisfiableError = createError('FST_JP_RANGE_NOT_SATISFIABLE', 'The requested range is outside the file (%s bytes)', 416)

@@ -21,14 +21,21 @@ import { Owners } from './owner'
 import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
 import { registerJobRoutes } from './routes'
+import { registerManageRoutes } from './manage-routes'
+import { noBodyValidation, uploadSchema } from './http-schemas'
 import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './client-route'
 import { WebSocketTransport } from './transports/websocket'
-import { readSnapshots, writeOwner, type Snapshot } from './snapshot'
+import { readOwner, readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
-import { uploadHandler, uploadShutdown } from './uploads'
+import { acceptedBody, uploadHandler, uploadShutdown } from './uploads'
+import { ownerOnly } from './access'
+import type { AdmissionContext } from './admission'
+import { createJob, registerCreateRoute, type CreateKind, type EnqueueInput, type EnqueueResult } from './enqueue'
+import { Idempotency } from './idempotency'
+import { Quotas } from './quotas'
 import { registerHealth } from './health'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
@@ -48,6 +55,11 @@ export interface JobProgress {
   stats: () => { sockets: number, watchedJobs: number, relayed: number, relayedLocally: number }
   /** Whether the plugin's Redis command connection is up. */
   redisReady: () => boolean
+  /**
+   * Creates a job from server code, with the same owner check, idempotency keys, quotas and
+   * answer as an upload (throws the same errors).
+   */
+  enqueue: (kind: string, input: EnqueueInput) => Promise<EnqueueResult>
 }
 
 declare module 'fastify' {
@@ -163,6 +175,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
   })
 
+  const canAccess = opts.canAccess ?? ownerOnly
+  const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log }
+  const creators = new Map<string, CreateKind>()
   const queueOf = (kind: string): string | undefined => {
     const k = opts.kinds[kind]
     return k === undefined ? undefined : k.queueName ?? kind
@@ -187,11 +202,13 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     maxPayload: opts.maxPayload,
     maxBufferedBytes: opts.maxBufferedBytes,
     firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
-    log
+    log,
+    canAccess,
+    ownerOf: async (target) => await readOwner(cmd, keys, target)
   }
 
   const inflightUploads = uploadShutdown(fastify, opts)
-  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds }
+  const routeCtx = { redis: cmd, keys, owners, storage, cancelTtlSeconds: opts.cancelTtlSeconds, canAccess }
   const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion }), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
@@ -203,17 +220,24 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
         telemetry.count('uploads', { outcome: ok ? 'accepted' : 'refused', reason: ok ? 'ok' : String(reply.statusCode) })
       }
     }
-    fastify.post(k.uploadPath ?? `${basePath}/upload`, countUpload, uploadHandler({
+    const creator: CreateKind = {
       kind,
       queue,
       queueReady: () => redis.status === 'ready',
-      accept: k.accept ?? [],
-      maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
       statusUrl: (jobId) => `${basePath}/${jobId}/status`,
       wsPath,
       beforeAdd: webhooks?.beforeAdd(kind)
+    }
+    creators.set(kind, creator)
+    fastify.post(k.uploadPath ?? `${basePath}/upload`, { ...countUpload, schema: uploadSchema(kind, k.accept ?? []), validatorCompiler: noBodyValidation }, uploadHandler({
+      ...creator,
+      accept: k.accept ?? [],
+      maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
+      admission
     }, opts, owners, uploadStorage, inflightUploads))
+    if (k.create !== undefined) registerCreateRoute(fastify, opts, owners, admission, creator, basePath, k.create)
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
+    registerManageRoutes(fastify, routeCtx, { kind, queue, basePath, uploads: uploadStorage })
   }
   registerSseRoutes(fastify, ctx, {
     kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath ?? `/${kind}` })),
@@ -250,7 +274,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       return snapshot
     },
     stats: () => ({ sockets: sessions.size, watchedJobs: hub.watchedCount, relayed: bridge?.published ?? 0, relayedLocally: hub.relayedLocally }),
-    redisReady: () => redis.status === 'ready' && cmd.status === 'ready'
+    redisReady: () => redis.status === 'ready' && cmd.status === 'ready',
+    async enqueue (kind: string, input: EnqueueInput) {
+      const creator = creators.get(kind)
+      if (creator === undefined) throw new errors.InvalidOptionError(`unknown kind "${kind}"`)
+      const { jobId, created } = await createJob(admission, creator, input)
+      const answer = acceptedBody(creator, opts, fastify.prefix, jobId)
+      return { jobId, statusUrl: answer.status_url, wsUrl: answer.ws_url, created }
+    }
   } satisfies JobProgress)
   registerHealth(fastify, opts, () => bridgeReady())
 
@@ -290,3 +321,7 @@ export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledEr
 export { Keys, isJobId } from './keys'
 export type { BridgeEvent } from './bridge'
 export type { KindWebhookOptions, WebhooksOptions } from './webhooks/options'
+export type { AccessJob, CanAccess, JobAction } from './access'
+export type { CreateRouteOptions, EnqueueInput, EnqueueResult, FileReference } from './enqueue'
+export type { QuotaOptions } from './quotas'
+export type { OutputFile } from './outputs'

@@ -87,7 +87,8 @@ export function prometheusTelemetry (registry: Registry, prefix = 'job_progress_
 
 /** Serves a registry's metrics in Prometheus' text format. */
 export function metricsRoute (fastify: FastifyInstance, path: string, registry: Registry): void {
-  fastify.get(path, async (_request, reply) => {
+  const schema = { summary: 'Prometheus metrics', produces: ['text/plain'], response: { 200: { description: 'the text exposition format', type: 'string' } } }
+  fastify.get(path, { schema }, async (_request, reply) => {
     return await reply.type(registry.contentType).send(await registry.metrics())
   })
 }

@@ -7,6 +7,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { InvalidOptionError } from './errors'
 import type { Storage } from './storage'
+import type { CanAccess } from './access'
+import type { CreateRouteOptions } from './enqueue'
+import type { QuotaOptions } from './quotas'
 import type { ProtocolDefinition } from './protocols/types'
 import type { MetricsOptions } from './metrics'
 import type { Telemetry } from './core/telemetry'
@@ -27,7 +30,8 @@ const KindSchema = Type.Object({
   accept: Type.Optional(Type.Array(Type.String({ minLength: 1 }), { description: 'accepted MIME types (`text/csv`, `text/*`) or extensions (`.csv`); empty or absent accepts any' })),
   maxFileSize: Type.Optional(Type.Integer({ minimum: 1, description: 'bytes; default `limits.fileSize`' })),
   jobOptions: Type.Optional(Type.Unsafe<JobsOptions>(Type.Object({}, { additionalProperties: true }))),
-  webhook: Type.Optional(KindWebhookSchema)
+  webhook: Type.Optional(KindWebhookSchema),
+  create: Type.Optional(Type.Unsafe<CreateRouteOptions>(Type.Object({}, { additionalProperties: true, description: 'adds `POST <basePath>`: a job from JSON' })))
 }, { additionalProperties: false })
 
 export const OptionsSchema = Type.Object({
@@ -104,7 +108,17 @@ export const OptionsSchema = Type.Object({
   pubsub: Type.Optional(Type.Union([Type.Literal('classic'), Type.Literal('sharded')], { description: 'pub/sub style; default sharded on a Cluster connection, classic otherwise' })),
   metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
   telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' }))),
-  webhooks: WebhooksSchema
+  webhooks: WebhooksSchema,
+  idempotency: Type.Object({
+    windowSeconds: Type.Integer({ minimum: 1, default: 24 * 3600 })
+  }, { default: {}, additionalProperties: false }),
+  quotas: Type.Object({
+    maxActiveJobs: Type.Integer({ minimum: 0, default: 0 }),
+    maxJobsPerWindow: Type.Integer({ minimum: 0, default: 0 }),
+    windowMs: Type.Integer({ minimum: 1_000, default: 60_000 }),
+    activeRetryAfterSeconds: Type.Integer({ minimum: 1, default: 5 })
+  }, { default: {}, additionalProperties: false }),
+  canAccess: Type.Optional(Fn<CanAccess>('whether a requester may act on a job'))
 }, { additionalProperties: false })
 
 type Resolved = Static<typeof OptionsSchema>
@@ -125,6 +139,8 @@ export interface KindOptions {
   jobOptions?: JobsOptions
   /** Webhooks for this kind's jobs (see the README's Webhooks section). @default none */
   webhook?: KindWebhookOptions
+  /** Adds `POST <basePath>`, a job from a JSON body `{ data, file? }` (see "Jobs from JSON"). @default undefined (no route) */
+  create?: CreateRouteOptions
 }
 
 /** Upload lifecycle (`files`). */
@@ -141,7 +157,11 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas'>> & {
+  /** How long an `Idempotency-Key` is remembered (per owner and kind), in seconds. @default 86400 */
+  idempotency?: { windowSeconds?: number }
+  /** Per-owner, per-kind limits on creating jobs, atomic across instances (429 with `Retry-After`). @default no limits */
+  quotas?: Partial<QuotaOptions>
   files?: FilesOptions
   kinds: Record<string, KindOptions>
   limits?: Partial<Resolved['limits']>
@@ -174,7 +194,7 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
 
 export type ResolvedOptions = Omit<Resolved, 'webhooks'> & { webhooks: ResolvedWebhooks }
 
-const FUNCTION_OPTIONS = ['getOwner'] as const
+const FUNCTION_OPTIONS = ['getOwner', 'canAccess'] as const
 const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', 'metrics', 'telemetry', ...FUNCTION_OPTIONS] as const
 
 function placeholder (key: string, value: unknown): unknown {
@@ -201,6 +221,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   }
   const webhookProblems: string[] = []
   const restoreWebhooks = keepWebhookFunctions(raw, webhookProblems)
+  const restoreCreate = keepCreateOptions(raw, webhookProblems)
   const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
   const problems = [...Value.Errors(OptionsSchema, opts)].map(e => {
     // A bad kind name only shows as an "unexpected property": say what a name may be.
@@ -240,7 +261,33 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   if (problems.length > 0) throw new InvalidOptionError(problems.join('; '))
   Object.assign(opts, kept)
   restoreWebhooks(opts)
+  restoreCreate(opts)
   return opts as unknown as ResolvedOptions
 }
 
 export type { TSchema }
+
+/**
+ * A kind's `create` holds a schema (TypeBox's carry symbols) and a function: kept aside from the
+ * clone and checked by shape.
+ */
+function keepCreateOptions (raw: Record<string, unknown>, problems: string[]): (opts: Record<string, unknown>) => void {
+  if (raw.kinds === null || typeof raw.kinds !== 'object') return () => {}
+  const kinds: Record<string, unknown> = { ...(raw.kinds as Record<string, unknown>) }
+  const kept = new Map<string, unknown>()
+  for (const [kind, k] of Object.entries(kinds)) {
+    const create = (k as { create?: unknown } | null)?.create
+    if (create === undefined) continue
+    const c = create as { schema?: unknown, resolveFile?: unknown } | null
+    if (c === null || typeof c !== 'object' || (c.schema !== undefined && (c.schema === null || typeof c.schema !== 'object')) ||
+      (c.resolveFile !== undefined && typeof c.resolveFile !== 'function')) {
+      problems.push(`\`kinds.${kind}.create\` must be an object with an optional \`schema\` (a JSON schema) and an optional \`resolveFile\` function`)
+    }
+    kept.set(kind, create)
+    kinds[kind] = { ...(k as object), create: {} }
+  }
+  raw.kinds = kinds
+  return (opts) => {
+    for (const [kind, create] of kept) (opts.kinds as Record<string, Record<string, unknown>>)[kind].create = create
+  }
+}

@@ -9,6 +9,9 @@ import { progressMessage } from './protocols/progress'
 import { readSnapshots, type Snapshot } from './snapshot'
 import type { Storage } from './storage'
 import { cancelJob, type CancelOutcome } from './cancel'
+import { CancelledSchema, errors, ProgressMessageSchema, ResultSchema } from './http-schemas'
+import { listOutputs } from './outputs'
+import { allowed, type CanAccess, type JobAction } from './access'
 
 export interface JobRoutesContext {
   redis: Redis
@@ -16,6 +19,8 @@ export interface JobRoutesContext {
   owners: Owners
   storage: Storage
   cancelTtlSeconds: number
+  /** Who may act on a job besides its owner (`canAccess` option). */
+  canAccess: CanAccess
 }
 
 interface KindRoute {
@@ -31,10 +36,10 @@ const JobParams = {
 } as const
 
 /**
- * Reads a job for a request and checks the request owns it. A missing job and somebody else's
- * answer the same 404, so job ids leak nothing.
+ * Reads a job for a request and checks the access policy lets the request take `action` on it.
+ * A missing job and one the policy refuses answer the same 404, so job ids leak nothing.
  */
-export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest): Promise<Snapshot> {
+export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest, action: JobAction): Promise<Snapshot> {
   const identity = await ctx.owners.fromRequest(request)
   if (identity === null) throw new UnauthorizedError(ctx.owners.expiredSession(request) ? EXPIRED : 'no session or API key')
   if (!isJobId(jobId)) throw new JobNotFoundError()
@@ -45,7 +50,8 @@ export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: str
     request.log.warn({ err }, 'job-progress: cannot read the job')
     throw new QueueUnavailableError()
   }
-  if (snapshot === null || snapshot.owner !== identity.owner) throw new JobNotFoundError()
+  if (snapshot === null || snapshot.owner === null) throw new JobNotFoundError()
+  if (!await allowed(ctx.canAccess, request, { kind, jobId, owner: snapshot.owner, data: snapshot.data }, action, identity.owner)) throw new JobNotFoundError()
   return snapshot
 }
 
@@ -56,22 +62,27 @@ const ENDED = { completed: 'complete', failed: 'failed', cancelled: 'cancelled',
 export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesContext, route: KindRoute): void {
   const { kind, queue, basePath } = route
   const schema = { params: JobParams }
+  const doc = (summary: string, ok: Record<number, unknown>, ...codes: number[]): Record<string, unknown> => ({ ...schema, summary, response: { ...ok, ...errors(401, 404, ...codes, 503) } })
   type Req = FastifyRequest<{ Params: { jobId: string } }>
 
-  fastify.get(`${basePath}/:jobId/status`, { schema }, async (request: Req) => {
-    const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request)
+  fastify.get(`${basePath}/:jobId/status`, { schema: doc(`Status of a ${kind} job`, { 200: ProgressMessageSchema }) }, async (request: Req) => {
+    const snapshot = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'status')
     return progressMessage(snapshot.event)
   })
 
-  fastify.get(`${basePath}/:jobId/result`, { schema }, async (request: Req) => {
-    const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request)
+  fastify.get(`${basePath}/:jobId/result`, { schema: doc(`Result of a completed ${kind} job`, { 200: ResultSchema }, 409) }, async (request: Req) => {
+    const { event } = await loadOwned(ctx, kind, queue.name, request.params.jobId, request, 'result')
     if (event.state !== 'completed') throw new JobNotCompleteError(progressMessage(event).status)
-    return { job_id: event.jobId, result: event.result ?? null }
+    // Output files a worker attached (`putOutput`), listed only when there are some.
+    const outputs = await listOutputs(ctx.redis, ctx.keys, queue.name, event.jobId).catch(() => [])
+    if (outputs.length === 0) return { job_id: event.jobId, result: event.result ?? null }
+    const base = `${request.server.prefix}${basePath}/${event.jobId}/outputs/`
+    return { job_id: event.jobId, result: event.result ?? null, outputs: outputs.map(o => ({ name: o.name, size: o.size, type: o.type, url: base + o.name })) }
   })
 
-  fastify.post(`${basePath}/:jobId/cancel`, { schema }, async (request: Req, reply) => {
+  fastify.post(`${basePath}/:jobId/cancel`, { schema: doc(`Cancel a ${kind} job`, { 202: CancelledSchema }, 409) }, async (request: Req, reply) => {
     const jobId = request.params.jobId
-    const { event, owner } = await loadOwned(ctx, kind, queue.name, jobId, request)
+    const { event, owner } = await loadOwned(ctx, kind, queue.name, jobId, request, 'cancel')
     if (isFinal(event.state)) throw new JobFinishedError(progressMessage(event).status)
     let outcome: CancelOutcome
     try {

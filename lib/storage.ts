@@ -22,6 +22,8 @@ export interface Storage {
   write: (source: Readable, info: StoredFileInfo) => Promise<{ key: string, size: number }>
   /** Opens a stored file for reading (in the worker). */
   open: (key: string) => Readable
+  /** Opens bytes `start` to `end` (inclusive) of a stored file: output downloads with `Range` need it. */
+  openRange?: (key: string, start: number, end: number) => Readable
   /** Removes a stored file; a missing file is not an error. */
   remove: (key: string) => Promise<void>
   /** A local path for the key, when the storage has one (workers that need a path, not a stream). */
@@ -91,6 +93,10 @@ export class DiskStorage implements Storage {
 
   open (key: string): Readable {
     return createReadStream(this.localPath(key))
+  }
+
+  openRange (key: string, start: number, end: number): Readable {
+    return createReadStream(this.localPath(key), { start, end })
   }
 
   async remove (key: string): Promise<void> {

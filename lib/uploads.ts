@@ -1,7 +1,7 @@
 import type { MultipartFile, MultipartValue } from '@fastify/multipart'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Queue } from 'bullmq'
-import { randomUUID } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import { extname } from 'node:path'
 import type { Readable } from 'node:stream'
 import {
@@ -9,6 +9,8 @@ import {
   QueueUnavailableError, TooManyFieldsError, TooManyFilesError, TooManyPartsError, UnauthorizedError,
   UnsupportedFileTypeError, UploadIdleError, UploadShutdownError, UploadTimeoutError
 } from './errors'
+import { admitJob, precheckQuota, type AdmissionContext } from './admission'
+import { fingerprint, idempotencyKeyOf } from './idempotency'
 import type { Owners } from './owner'
 import type { ResolvedOptions } from './options'
 import type { Storage } from './storage'
@@ -32,6 +34,17 @@ export interface UploadRoute {
   wsPath: (jobId: string) => string
   /** Checks (and may keep) the form's fields before the job is added; throws to refuse the upload. */
   beforeAdd?: (jobId: string, fields: Record<string, string>, owner: string) => Promise<void>
+  /** Idempotency keys and quotas, shared with the other ways of creating a job. */
+  admission?: AdmissionContext
+}
+
+/** The 202 answer to a created job, the same for an upload, a JSON create and a repeated request. */
+export function acceptedBody (route: Pick<UploadRoute, 'statusUrl' | 'wsPath'>, opts: ResolvedOptions, prefix: string, jobId: string): { job_id: string, status_url: string, ws_url: string } {
+  return {
+    job_id: jobId,
+    status_url: prefix + route.statusUrl(jobId),
+    ws_url: wsUrl(opts.publicUrl, prefix + route.wsPath(jobId))
+  }
 }
 
 /** A MIME type (`text/csv`, `text/*`) or an extension (`.csv`) from the kind's `accept` list. */
@@ -130,6 +143,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
   const { idleTimeoutMs, requestTimeoutMs } = opts.uploads
   return async function upload (request: FastifyRequest, reply: FastifyReply) {
     if (!request.isMultipart()) throw new NotMultipartError()
+    const idempotencyKey = idempotencyKeyOf(request)
     let identity = await owners.fromRequest(request)
     if (identity === null) {
       if (!owners.issuesSessions) throw new UnauthorizedError('no credentials')
@@ -137,6 +151,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     }
     // Refuse before reading a byte when the job could not be queued anyway.
     if (!route.queueReady()) throw new QueueUnavailableError()
+    if (route.admission !== undefined) await precheckQuota(route.admission, route.queue.name, identity.owner, reply)
 
     // Ending an upload early: the file being written gets the error (storage removes its partial
     // file), and a wait for the next part is cut short.
@@ -164,7 +179,7 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
       untrack()
     }
 
-    const jobId = randomUUID()
+    let jobId: string = randomUUID()
     const fields: Record<string, string> = {}
     let stored: { key: string, size: number } | null = null
     let file: UploadJobData['file'] | null = null
@@ -214,13 +229,26 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
       if (file === null) throw new NoFileError()
       // The client gave up while we were reading: nobody would ever learn this job's id.
       if (raw.destroyed && !raw.complete) throw new Error('client aborted the upload')
-      await route.beforeAdd?.(jobId, fields, identity.owner)
-      const data: UploadJobData = { owner: identity.owner, kind: route.kind, file, fields }
-      try {
-        await route.queue.add(route.kind, data, { jobId })
-      } catch (err) {
-        request.log.warn({ err }, 'job-progress: could not add the job')
-        throw new QueueUnavailableError()
+      const f = file
+      const id = jobId
+      const owner = identity.owner
+      const data: UploadJobData = { owner: identity.owner, kind: route.kind, file: f, fields }
+      const admitted = await admitJob(route.admission ?? plainAdmission(request), {
+        queue: route.queue,
+        kind: route.kind,
+        jobId,
+        owner: identity.owner,
+        data: data as unknown as Record<string, unknown>,
+        idempotencyKey,
+        // The file's bytes are part of what a repeated request must match: read back only then.
+        digest: async () => fingerprint({ fields, name: f.name, type: f.type, size: f.size, content: await contentDigest(storage, f.key) }),
+        beforeAdd: async () => await route.beforeAdd?.(id, fields, owner),
+        reply
+      })
+      if (!admitted.created) {
+        // A repeated request: its own copy of the file is not needed, the first job has one.
+        await storage.remove(f.key).catch(() => {})
+        jobId = admitted.jobId
       }
     } catch (caught) {
       done()
@@ -241,11 +269,22 @@ export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners
     if (inflight.isClosing) reply.header('connection', 'close')
     // Registered inside a prefixed context (`register(..., { prefix: '/api' })`), the routes
     // carry the prefix: so do the URLs that point at them.
-    const prefix = request.server.prefix
-    return reply.code(202).send({
-      job_id: jobId,
-      status_url: prefix + route.statusUrl(jobId),
-      ws_url: wsUrl(opts.publicUrl, prefix + route.wsPath(jobId))
-    })
+    return reply.code(202).send(acceptedBody(route, opts, request.server.prefix, jobId))
+  }
+}
+
+/** A digest of a stored file's bytes. */
+async function contentDigest (storage: Storage, key: string): Promise<string> {
+  const hash = createHash('sha256')
+  for await (const chunk of storage.open(key)) hash.update(chunk as Buffer)
+  return hash.digest('hex')
+}
+
+/** Without the plugin's wiring (unit use of the handler): no keys, no quotas. */
+function plainAdmission (request: FastifyRequest): AdmissionContext {
+  return {
+    log: request.log,
+    idempotency: { lookup: async () => null, claim: async (_q: string, _o: string, _k: string, _d: string, jobId: string) => jobId, release: async () => {} } as unknown as AdmissionContext['idempotency'],
+    quotas: { admit: async () => {}, release: async () => {} } as unknown as AdmissionContext['quotas']
   }
 }

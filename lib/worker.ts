@@ -2,10 +2,14 @@ import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq
 import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
 import type { Readable } from 'node:stream'
 import { Keys } from './keys'
+import { deletedKey } from './delete'
+import { outputsKey, putOutput, type OutputFile } from './outputs'
 import { DiskStorage, type Storage } from './storage'
 import type { UploadJobData } from './uploads'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+
+const NO_FILE: UploadJobData['file'] = { key: '', name: '', size: 0, type: '' }
 
 /** Thrown by `report()` once the job was cancelled; BullMQ does not retry it. */
 export class JobCancelledError extends UnrecoverableError {
@@ -18,9 +22,14 @@ export class JobCancelledError extends UnrecoverableError {
 /** What a processor written with {@link createJobWorker} receives. */
 export interface JobContext {
   job: Job<UploadJobData>
-  /** The uploaded file's name, size and type, and the form's text fields. */
+  /**
+   * The uploaded file's name, size and type, and the form's text fields. A job created from JSON
+   * without a file has `{ key: '', name: '', size: 0, type: '' }` here, and `open()` throws.
+   */
   file: UploadJobData['file']
   fields: Record<string, string>
+  /** The job's input when it was created from JSON (`POST <basePath>` or `enqueue`); `{}` for an upload. */
+  data: Record<string, unknown>
   /** Opens the uploaded file from storage. */
   open: () => Readable
   /** A local path to the file, when the storage has one. */
@@ -32,6 +41,13 @@ export interface JobContext {
   report: (processed: number, total: number) => Promise<void>
   /** Aborted once a report saw the job cancelled, or BullMQ cancelled it. */
   signal: AbortSignal
+  /**
+   * Stores an output file through the storage and lists it in the job's result; users download
+   * it from `GET <basePath>/:jobId/outputs/<name>`. Names: letters, digits, `.`, `_`, `-`. A
+   * second output of one name replaces the first. Throws {@link JobCancelledError} (and keeps
+   * nothing) when the job was cancelled or deleted meanwhile.
+   */
+  putOutput: (name: string, source: Readable, type?: string) => Promise<OutputFile>
 }
 
 export interface JobWorkerOptions {
@@ -69,24 +85,42 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
   // eslint-disable-next-line prefer-const
   let worker: Worker<UploadJobData, R>
 
+  const client = async (): Promise<Redis> => await worker.getBackend().client as unknown as Redis
+  // Cancelled, or deleted (`DELETE <basePath>/:jobId`): either way the attempt stops.
   const cancelled = async (jobId: string): Promise<boolean> => {
-    const client = await worker.getBackend().client as unknown as Redis
-    return await client.exists(keys.cancel(queue, jobId)) === 1
+    return await (await client()).exists(keys.cancel(queue, jobId), deletedKey(keys, queue, jobId)) > 0
   }
 
   async function processor (job: Job<UploadJobData>, _token?: string, bullSignal?: AbortSignal): Promise<R> {
     const jobId = job.id as string
     const abort = new AbortController()
     bullSignal?.addEventListener('abort', () => abort.abort(bullSignal.reason), { once: true })
-    const { file, fields } = job.data
+    const { fields } = job.data
+    const file = job.data.file ?? NO_FILE
     if (await cancelled(jobId)) throw new JobCancelledError()
     return await handler({
       job,
       file,
       fields: fields ?? {},
-      open: () => storage.open(file.key),
-      path: storage.localPath?.(file.key) ?? null,
+      data: (job.data as { data?: Record<string, unknown> }).data ?? {},
+      open: () => {
+        if (file.key === '') throw new Error('this job was created without a file')
+        return storage.open(file.key)
+      },
+      path: file.key === '' ? null : storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
+      async putOutput (name, source, type) {
+        const redis = await client()
+        const file = await putOutput(redis, keys, storage, queue, opts.kind, jobId, name, source, type)
+        // A delete that ran meanwhile did not see this file: it is removed here instead.
+        if (await cancelled(jobId)) {
+          await redis.hdel(outputsKey(keys, queue, jobId), name)
+          await storage.remove(file.key)
+          abort.abort(new JobCancelledError())
+          throw new JobCancelledError()
+        }
+        return file
+      },
       async report (processed, total) {
         // The attempt lets watchers tell a retry's progress from the failed attempt's.
         let gone: unknown = null

@@ -6,8 +6,8 @@ import { Keys } from '../lib/keys'
 import { connect, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
 
 t.test('relayMessage: progress is spliced in as JSON, lifecycle events carry only their name', async (t) => {
-  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { e: 'progress', t: 1700000000000, i: '1700000000000-0', d: { processed: 3, total: 9 } })
-  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"e":"completed","t":5,"i":"5-1"}' })
+  t.same(JSON.parse(relayMessage('1700000000000-0', ['event', 'progress', 'jobId', 'j1', 'data', '{"processed":3,"total":9}'])?.payload ?? ''), { v: 2, e: 'progress', t: 1700000000000, i: '1700000000000-0', d: { processed: 3, total: 9 } })
+  t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"v":2,"e":"completed","t":5,"i":"5-1"}' })
   t.equal(relayMessage('5-1', ['event', 'drained']), null, 'events without a job are not relayed')
   t.equal(relayMessage('5-1', ['event', 'added', 'jobId', 'j1']), null, 'events no watcher needs are not relayed')
 })

@@ -29,8 +29,8 @@ t.test('the register-time check names the fix', async (t) => {
 })
 
 t.test('relay codec: entry ids ride along; malformed messages are null', async (t) => {
-  t.same(parseRelay(relayMessage('5-1', ['event', 'completed', 'jobId', 'j'])?.payload ?? ''), { e: 'completed', t: 5, i: '5-1' })
-  t.same(parseRelay('{"e":"resync","t":1,"c":"trim"}'), { e: 'resync', t: 1, c: 'trim' })
+  t.same(parseRelay(relayMessage('5-1', ['event', 'completed', 'jobId', 'j'])?.payload ?? ''), { v: 2, e: 'completed', t: 5, i: '5-1' })
+  t.same(parseRelay('{"e":"resync","t":1,"c":"trim"}'), { v: 1, e: 'resync', t: 1, c: 'trim' }, 'no `v`: version 1')
   t.match(parseRelay('{"e":"progress","i":"bad"}'), { e: 'progress' }, 'a bad id is left out')
   t.notOk(parseRelay('{"e":"progress","i":"bad"}')?.i)
   t.equal(parseRelay('nope'), null)

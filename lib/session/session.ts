@@ -1,4 +1,5 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import { allowed, ownerOnly, type CanAccess } from '../access'
 import { UnauthorizedError } from '../errors'
 import { isFinal, type JobEvent } from '../events'
 import type { Hub, OpenedJob, Sink } from '../fanout'
@@ -27,6 +28,10 @@ export interface SessionContext {
   maxBufferedBytes: number
   firstMessageTimeoutMs: number
   log: FastifyBaseLogger
+  /** Who may watch a job besides its owner (`canAccess` option). */
+  canAccess: CanAccess
+  /** A job's owner, read alone; null when the job does not exist. */
+  ownerOf: (target: SnapshotTarget) => Promise<string | null>
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
@@ -262,11 +267,17 @@ export class Session {
     const queue = found === null ? undefined : this.#ctx.queueOf(found)
     if (found === null || queue === undefined) return this.#notFound(jobId)
     const target: SnapshotTarget = { kind: found, queue, jobId }
-    const opened = await this.#ctx.hub.open(target)
-    if (opened === null || opened.snapshot.owner !== this.owner) {
-      opened?.detach({ deliver () {} })
-      return this.#notFound(jobId)
+    if (this.owner === null) return this.#notFound(jobId)
+    // The owner is read alone first, so a job the requester may not watch costs no subscription.
+    // With the default policy the hub checks it; a policy of the application's is asked here.
+    let expected: string | undefined = this.owner
+    if (this.#ctx.canAccess !== ownerOnly) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: found, jobId, owner, data: null }, 'watch', this.owner)) return this.#notFound(jobId)
+      expected = owner
     }
+    const opened = await this.#ctx.hub.open(target, expected)
+    if (opened === null) return this.#notFound(jobId)
     if (this.#state !== 'ready') {
       opened.detach({ deliver () {} })
       return

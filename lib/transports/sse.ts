@@ -4,6 +4,7 @@ import { sseProtocol } from '../protocols/sse'
 import { Session, type InitialJob, type SessionContext } from '../session/session'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
 import { CloseCodes } from '../wire/close-codes'
+import { sseSchema } from '../http-schemas'
 import { SSE_DONE_ID, sseFrame } from '../wire/sse'
 
 /** What a close code becomes when nothing has been streamed yet: EventSource stops on any non-200. */
@@ -118,11 +119,11 @@ export function registerSseRoutes (fastify: FastifyInstance, ctx: SessionContext
     new Session(ctx, protocol, new SseTransport(reply, opts.retryMs), request, jobs)
   }
   for (const { kind, basePath } of opts.kinds) {
-    fastify.get(`${basePath}/:jobId/events`, (request, reply) => {
+    fastify.get(`${basePath}/:jobId/events`, { schema: sseSchema(true) }, (request, reply) => {
       serve(request, reply, perJob, [{ kind, jobId: (request.params as { jobId: string }).jobId }])
     })
   }
-  fastify.get(opts.path, (request, reply) => {
+  fastify.get(opts.path, { schema: sseSchema(false) }, (request, reply) => {
     const raw = (request.query as Record<string, unknown>)?.jobs
     const ids = [...new Set((Array.isArray(raw) ? raw.join(',') : typeof raw === 'string' ? raw : '').split(',').map(s => s.trim()).filter(s => s !== ''))]
     if (ids.length === 0) {

@@ -1,6 +1,7 @@
 import type { RawData, WebSocket } from 'ws'
 import { CloseCodes, closeReason } from '../wire/close-codes'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
+import { frameOf, framesFit, senderIdle, writeFrame } from './ws-frame'
 
 const TEXT = { binary: false } as const
 
@@ -13,9 +14,12 @@ export class WebSocketTransport implements Transport {
   readonly ws: WebSocket
   /** Answered the last ping. */
   #alive = true
+  /** Whether prebuilt frames fit this socket (no extension negotiated), known after the handshake. */
+  readonly #frames: boolean
 
   constructor (ws: WebSocket) {
     this.ws = ws
+    this.#frames = framesFit(ws)
     // ws closes on its own for frames it refuses (over maxPayload: 1009, bad UTF-8: 1007, protocol
     // errors: 1002) and sends no reason. Every close this socket sends gets one: a person reading
     // "1009" alone cannot tell what to change. An app that registered @fastify/websocket itself
@@ -49,7 +53,9 @@ export class WebSocketTransport implements Transport {
   }
 
   write (data: OutboxData, done: (err?: Error | null) => void): void {
-    this.ws.send(data, TEXT, done)
+    // A Buffer is a rendered event shared by every socket of its job: framed once for all of them.
+    if (this.#frames && typeof data !== 'string' && this.ws.readyState === 1 && senderIdle(this.ws)) writeFrame(this.ws, frameOf(data), done)
+    else this.ws.send(data, TEXT, done)
   }
 
   close (code: number, reason: string): void {

@@ -12,8 +12,35 @@ import { jobUpdate } from '../protocols/jobs'
 import { checkEndpointUrl, defaultLookup, RefusedEndpoint, resolveEndpoint, type Lookup } from './address'
 import { post } from './http'
 import { kindWebhook, type KindWebhook, type ResolvedWebhooks, type WebhookEvent } from './options'
+import { errors } from '../http-schemas'
 
 /** What a delivery job carries: everything needed to send it, even after the job it tells of is gone. */
+
+/** `GET <routePrefix>/dead`: the answer, for OpenAPI and serialization. */
+const DeadListSchema = {
+  type: 'object',
+  properties: {
+    total: { type: 'integer' },
+    deliveries: {
+      type: 'array',
+      items: {
+        type: 'object',
+        properties: {
+          id: { type: 'string' },
+          kind: { type: 'string' },
+          job_id: { type: 'string' },
+          event: { type: 'string' },
+          url: { type: 'string' },
+          attempts: { type: 'integer' },
+          error: { type: 'string' },
+          failed_at: { type: ['integer', 'null'] },
+          payload: { description: 'the body that was to be delivered' }
+        }
+      }
+    }
+  },
+  required: ['total', 'deliveries']
+} as const
 export interface DeliveryData {
   url: string
   /** The kind's fixed endpoint, set by the operator: not held to the private-address rule. */
@@ -283,7 +310,11 @@ export class Webhooks {
       if (await authorize(request) !== true) throw new WebhookForbiddenError()
     }
     fastify.get(`${prefix}/dead`, {
-      schema: { querystring: { type: 'object', properties: { offset: { type: 'integer', minimum: 0, default: 0 }, limit: { type: 'integer', minimum: 1, maximum: 500, default: 50 } } } }
+      schema: {
+        summary: 'Dead webhook deliveries',
+        querystring: { type: 'object', properties: { offset: { type: 'integer', minimum: 0, default: 0 }, limit: { type: 'integer', minimum: 1, maximum: 500, default: 50 } } },
+        response: { 200: DeadListSchema, ...errors(403) }
+      }
     }, async (request) => {
       await check(request)
       const { offset, limit } = request.query as { offset: number, limit: number }
@@ -304,7 +335,11 @@ export class Webhooks {
       }
     })
     fastify.post(`${prefix}/dead/:id/replay`, {
-      schema: { params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] } }
+      schema: {
+        summary: 'Replay a dead webhook delivery',
+        params: { type: 'object', properties: { id: { type: 'string', maxLength: 64 } }, required: ['id'] },
+        response: { 202: { type: 'object', properties: { id: { type: 'string' }, status: { type: 'string', enum: ['queued'] } }, required: ['id', 'status'] }, ...errors(403, 404) }
+      }
     }, async (request, reply) => {
       await check(request)
       const { id } = request.params as { id: string }

@@ -19,8 +19,21 @@ export const FINAL_EVENTS = new Set(['completed', 'failed', 'cancelled'])
  */
 export const JOB_LOST = 'job_lost'
 
+/**
+ * The relay format's version, sent as `v` in every message; a message without `v` is version 1
+ * (instances from before the field). The format only ever grows: a new version adds fields or
+ * event names, never changes or removes one, and a receiver reads the fields it knows from a
+ * message of any version and treats an event name it does not know as "something changed:
+ * re-read". So during a rolling upgrade instances of versions N and N+1 share one Redis both
+ * ways: the older ignores what it does not know, the newer reads the older's messages as they
+ * are. A change that cannot be made that way needs new channel names, not a new `v`.
+ */
+export const RELAY_VERSION = 2
+
 /** The message on a job's channel. */
 export interface RelayMessage {
+  /** The sender's relay format version (1 when the message carries none). */
+  v: number
   /** BullMQ's event name (`progress`, `active`, `completed` ...) or `cancelled`. */
   e: string
   /** Milliseconds, when the event happened. */
@@ -57,8 +70,8 @@ export function relayMessage (id: string, fields: string[]): { jobId: string, pa
   const t = Number(id.slice(0, id.indexOf('-')))
   // The progress value is already JSON in the stream: splice it in instead of parsing it.
   const payload = event === 'progress' && data !== null
-    ? `{"e":"progress","t":${t},"i":"${id}","d":${data}}`
-    : `{"e":"${event}","t":${t},"i":"${id}"}`
+    ? `{"v":${RELAY_VERSION},"e":"progress","t":${t},"i":"${id}","d":${data}}`
+    : `{"v":${RELAY_VERSION},"e":"${event}","t":${t},"i":"${id}"}`
   return { jobId, payload }
 }
 
@@ -73,9 +86,15 @@ export function parseRelay (raw: string): RelayMessage | null {
   if (message === null || typeof message !== 'object') return null
   const m = message as Record<string, unknown>
   if (typeof m.e !== 'string') return null
-  const out: RelayMessage = { e: m.e, t: typeof m.t === 'number' ? m.t : Date.now() }
+  const v = typeof m.v === 'number' && Number.isInteger(m.v) && m.v >= 1 ? m.v : 1
+  const out: RelayMessage = { v, e: m.e, t: typeof m.t === 'number' ? m.t : Date.now() }
   if (typeof m.i === 'string' && ENTRY_ID.test(m.i)) out.i = m.i
   if ('d' in m) out.d = m.d
   if (typeof m.c === 'string') out.c = m.c
   return out
+}
+
+/** The {@link RESYNC} message of a fault, with its cause. */
+export function resyncMessage (cause: string, now = Date.now()): string {
+  return JSON.stringify({ v: RELAY_VERSION, e: RESYNC, t: now, c: cause })
 }

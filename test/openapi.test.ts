@@ -1,0 +1,67 @@
+import t from 'tap'
+import fastifySwagger from '@fastify/swagger'
+import { Type } from '@sinclair/typebox'
+import { jobsProtocol } from '../lib/index'
+import { redisFor, startApp } from './helpers/index'
+
+// With @fastify/swagger registered first, the generated OpenAPI document lists every route of
+// the plugin with its request and response schemas.
+
+t.test('the OpenAPI document lists the routes with their schemas', async (t) => {
+  const redis = await redisFor(t)
+  const { app } = await startApp(t, redis, {
+    apiKeys: { k: 'alice' },
+    protocols: [jobsProtocol({ path: '/ws/jobs' })],
+    metrics: true,
+    clientRoute: '/client.js',
+    webhooks: { secret: 'whsec_' + Buffer.from('a-webhook-secret-of-32-bytes!!!!').toString('base64'), worker: false, authorize: () => true },
+    kinds: { batch: { accept: ['text/csv'], create: { schema: Type.Object({ rows: Type.Integer({ minimum: 1 }) }) } }, dataset: { webhook: { url: 'https://hooks.example.com/jobs' } } }
+  }, async (app) => {
+    await app.register(fastifySwagger, { openapi: { info: { title: 'test', version: '1.0.0' } } })
+  })
+  const doc = app.swagger() as any
+  const paths = doc.paths as Record<string, Record<string, any>>
+  const op = (path: string, method: string): any => {
+    const found = paths[path]?.[method]
+    t.ok(found, `${method.toUpperCase()} ${path} is documented`)
+    return found ?? {}
+  }
+  for (const kind of ['batch', 'dataset']) {
+    const upload = op(`/${kind}/upload`, 'post')
+    t.ok(upload.requestBody.content['multipart/form-data'].schema.properties.file, 'upload: the file part')
+    t.same(upload.requestBody.content['multipart/form-data'].schema.required, ['file'])
+    t.same(Object.keys(upload.responses['202'].content['application/json'].schema.properties).sort(), ['job_id', 'status_url', 'ws_url'])
+    t.ok(upload.responses['429'] && upload.responses['413'] && upload.responses['415'], 'upload: its errors')
+    t.ok(upload.parameters.some((p: any) => p.in === 'header' && p.name === 'idempotency-key'), 'upload: Idempotency-Key')
+    const status = op(`/${kind}/{jobId}/status`, 'get')
+    t.ok(status.parameters.some((p: any) => p.in === 'path' && p.name === 'jobId' && p.required === true))
+    t.same(status.responses['200'].content['application/json'].schema.required, ['job_id', 'status', 'progress', 'processed', 'total', 'eta_seconds'])
+    t.ok(status.responses['404'], 'status: not found')
+    t.ok(op(`/${kind}/{jobId}/result`, 'get').responses['200'].content['application/json'].schema.properties.outputs)
+    t.ok(op(`/${kind}/{jobId}/cancel`, 'post').responses['202'])
+    t.ok(op(`/${kind}/{jobId}`, 'delete').responses['200'])
+    t.ok(op(`/${kind}/{jobId}/outputs/{name}`, 'get').responses['206'], 'outputs: 206 for a range')
+    t.ok(op(`/${kind}/{jobId}/logs`, 'get').parameters.some((p: any) => p.in === 'query' && p.name === 'limit'))
+    t.ok(op(`/${kind}/{jobId}/events`, 'get').responses['200'])
+    // @fastify/websocket hides WebSocket routes from the document: the README documents their messages.
+    t.notOk(paths[`/ws/${kind}/{jobId}`])
+  }
+  const create = op('/batch', 'post')
+  const body = create.requestBody.content['application/json'].schema
+  t.same(body.required, ['data'])
+  t.same(body.properties.data.properties.rows, { type: 'integer', minimum: 1 }, 'the kind\'s own schema')
+  t.ok(body.properties.file.properties.key)
+  t.ok(create.responses['202'] && create.responses['422'] && create.responses['429'])
+  t.notOk(paths['/dataset']?.post, 'no JSON route for a kind without `create`')
+  t.ok(op('/events', 'get').parameters.some((p: any) => p.name === 'jobs'))
+  t.ok(op('/health', 'get').responses['200'])
+  t.ok(op('/ready', 'get').responses['503'])
+  t.ok(op('/metrics', 'get').responses['200'])
+  t.ok(op('/client.js', 'get').responses['304'])
+  t.ok(op('/webhooks/dead', 'get').responses['200'].content['application/json'].schema.properties.deliveries)
+  t.ok(op('/webhooks/dead/{id}/replay', 'post').responses['202'])
+  // Every operation of the plugin answers with a schema.
+  for (const [path, ops] of Object.entries(paths)) {
+    for (const [method, o] of Object.entries(ops)) t.ok(Object.keys(o.responses ?? {}).some(code => code !== 'default'), `${method.toUpperCase()} ${path} has response schemas`)
+  }
+})
