@@ -2,6 +2,7 @@ import t from 'tap'
 import { Queue } from 'bullmq'
 import { randomUUID } from 'node:crypto'
 import type { JobEvent } from '../lib/events'
+import { RedisBroker } from '../lib/broker/redis'
 import { Hub } from '../lib/fanout'
 import { Keys } from '../lib/keys'
 import { writeOwner } from '../lib/snapshot'
@@ -153,4 +154,24 @@ t.test('reconcile() re-reads on demand; the sweep has a fixed budget whatever is
   t.match(seen.at(-1), { state: 'failed', error: 'job_lost' })
   for (const o of opened) o?.detach(sink)
   again?.detach(sink)
+})
+
+t.test('classic broker: a reconnect is signalled even when the first connect came before anybody listened', async (t) => {
+  const redis = await redisFor(t)
+  const commands = redis.client()
+  const subscriber = redis.client()
+  t.teardown(() => { commands.disconnect(); subscriber.disconnect() })
+  const broker = new RedisBroker(commands, subscriber)
+  // The plugin registers its hub only after awaiting its command connection: by then the
+  // subscriber may well be connected already.
+  await new Promise(resolve => subscriber.status === 'ready' ? resolve(null) : subscriber.once('ready', resolve))
+  await broker.subscribe(['jp:test:{1}'])
+  const recovered = new Promise<void>(resolve => broker.onRecover(resolve))
+  const admin = redis.client()
+  t.teardown(() => admin.disconnect())
+  const list = await admin.client('LIST') as string
+  const id = list.split('\n').filter(l => /\bsub=[1-9]/.test(l)).map(l => /\bid=(\d+)/.exec(l)?.[1] as string)[0]
+  await admin.call('CLIENT', 'KILL', 'ID', id)
+  await recovered
+  t.pass('recover called after the reconnect')
 })

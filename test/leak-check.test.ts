@@ -71,3 +71,29 @@ t.test('an interrupted test (SIGINT) stops what it started on its way out', asyn
   const check = await node([join('test', 'global', 'after.ts')], env)
   t.equal(check.code, 0, 'nothing left for the check to find')
 })
+
+t.test('a run going on beside this one in the same worktree: the check leaves its live test process\'s servers alone', async (t) => {
+  const registry = await tempDir(t, 'jp-registry-')
+  const env = { JP_TEST_REGISTRY: registry }
+  // A test process of the other run, still at work: it holds a redis-server and waits.
+  const other = spawn(process.execPath, ['--import', 'tsx', '-e', `
+    const { RedisServer } = require('./test/helpers/redis')
+    RedisServer.start().then((r) => { console.log(JSON.stringify({ dir: r.dir })) })
+    process.stdin.resume()
+    process.stdin.on('end', () => process.exit(0))`], { cwd: ROOT, env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'inherit'] })
+  const exited = new Promise(resolve => other.once('exit', resolve))
+  t.teardown(async () => { other.stdin.end(); await exited })
+  const [line] = await new Promise<string[]>(resolve => other.stdout.once('data', (c: Buffer) => resolve(c.toString().split('\n'))))
+  const { dir } = JSON.parse(line) as { dir: string }
+
+  const check = await node([join('test', 'global', 'after.ts')], env)
+  t.equal(check.code, 0, 'not a leak of this run')
+  t.ok(existsSync(dir), 'the other run\'s redis-server keeps its directory')
+
+  // Once that process has ended (cleanly here), nothing is left either.
+  other.stdin.end()
+  await exited
+  const after = await node([join('test', 'global', 'after.ts')], env)
+  t.equal(after.code, 0)
+  t.notOk(existsSync(dir))
+})

@@ -8,11 +8,24 @@ export class RedisBroker implements Broker {
   readonly #commands: Redis
   readonly #subscriber: Redis
   #wasReady: boolean
+  readonly #recovers: Array<() => void> = []
 
   constructor (commands: Redis, subscriber: Redis) {
     this.#commands = commands
     this.#subscriber = subscriber
     this.#wasReady = subscriber.status === 'ready'
+    // Watched from here, not from onRecover: the hub registers only after the plugin awaited its
+    // command connection, and a first connect seen by nobody made the first reconnect pass for
+    // the first connect, so what it lost was never re-read.
+    subscriber.on('ready', () => {
+      if (!this.#wasReady) {
+        this.#wasReady = true
+        return
+      }
+      // ioredis has re-sent the SUBSCRIBEs; one more round trip on that connection confirms
+      // they took effect before the caller re-reads, so nothing falls between the two.
+      this.#subscriber.ping().then(() => { for (const recover of this.#recovers) recover() }, () => {})
+    })
   }
 
   async subscribe (channels: string[]): Promise<void> {
@@ -28,15 +41,7 @@ export class RedisBroker implements Broker {
   }
 
   onRecover (recover: () => void): void {
-    this.#subscriber.on('ready', () => {
-      if (!this.#wasReady) {
-        this.#wasReady = true
-        return
-      }
-      // ioredis has re-sent the SUBSCRIBEs; one more round trip on that connection confirms
-      // they took effect before the caller re-reads, so nothing falls between the two.
-      this.#subscriber.ping().then(recover, () => {})
-    })
+    this.#recovers.push(recover)
   }
 
   async ready (ms: number): Promise<boolean> {

@@ -45,7 +45,48 @@ export class RedisCluster {
     await Promise.all(ports.map(async port => await cluster.#waitUp(port)))
     await run('redis-cli', ['--cluster', 'create', ...ports.map(p => `127.0.0.1:${p}`), '--cluster-replicas', '1', '--cluster-yes'], { timeout: 30_000 })
     await cluster.waitHealthy()
+    await cluster.waitReplicasSynced()
     return cluster
+  }
+
+  /**
+   * Waits until every live replica finished its first sync. A replica that never synced does not
+   * fail over (it counts its data as too old), so a master killed before that stays down and the
+   * cluster answers CLUSTERDOWN for good.
+   */
+  async waitReplicasSynced (timeoutMs = 30_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      let ok = true
+      for (const port of this.ports) {
+        if (!this.alive(port)) continue
+        const node = this.node(port)
+        try {
+          const info = await node.info('replication')
+          if (info.includes('role:slave') && !info.includes('master_link_status:up')) ok = false
+        } catch {
+          ok = false
+        } finally {
+          node.disconnect()
+        }
+      }
+      if (ok) return
+      if (Date.now() > deadline) throw new Error('the replicas did not finish their first sync')
+      await new Promise(resolve => setTimeout(resolve, 100))
+    }
+  }
+
+  /** Waits until a live master other than `port` owns the key's slot (a replica took over). */
+  async waitFailover (key: string, port: number, timeoutMs = 30_000): Promise<number> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      try {
+        const owner = await this.masterOf(key)
+        if (owner !== port && this.alive(owner)) return owner
+      } catch {}
+      if (Date.now() > deadline) throw new Error(`no replica took over the slot of ${key}`)
+      await new Promise(resolve => setTimeout(resolve, 100))
+    }
   }
 
   #spawn (port: number): void {

@@ -13,8 +13,8 @@ import { onExit } from 'signal-exit'
  */
 export const REGISTRY = process.env.JP_TEST_REGISTRY ?? resolve(__dirname, '..', '..', '.test-registry')
 
-interface ProcessRecord { kind: 'process', pid: number, command: string, owner: number, started: string | null }
-interface DirRecord { kind: 'dir', path: string, owner: number }
+interface ProcessRecord { kind: 'process', pid: number, command: string, owner: number, ownerStarted?: string | null, started: string | null }
+interface DirRecord { kind: 'dir', path: string, owner: number, ownerStarted?: string | null }
 export type LeakRecord = ProcessRecord | DirRecord
 
 const children = new Map<number, ChildProcess>()
@@ -61,7 +61,7 @@ export function spawnTracked (command: string, args: string[], opts: SpawnOption
   const pid = child.pid
   if (pid === undefined) return child
   children.set(pid, child)
-  record(`process:${pid}`, { kind: 'process', pid, command: [command, ...args].join(' ').slice(0, 300), owner: process.pid, started: startTime(pid) })
+  record(`process:${pid}`, { kind: 'process', pid, command: [command, ...args].join(' ').slice(0, 300), owner: process.pid, ownerStarted: OWNER_STARTED, started: startTime(pid) })
   child.once('exit', () => {
     children.delete(pid)
     forget(`process:${pid}`)
@@ -73,7 +73,7 @@ export function spawnTracked (command: string, args: string[], opts: SpawnOption
 export function mkdtempTracked (prefix: string): string {
   const dir = mkdtempSync(join(tmpdir(), prefix))
   dirs.add(dir)
-  record(`dir:${dir}`, { kind: 'dir', path: dir, owner: process.pid })
+  record(`dir:${dir}`, { kind: 'dir', path: dir, owner: process.pid, ownerStarted: OWNER_STARTED })
   return dir
 }
 
@@ -107,6 +107,19 @@ function startTime (pid: number): string | null {
   }
 }
 
+const OWNER_STARTED = startTime(process.pid)
+
+/**
+ * Whether the test process that recorded an item still runs. Two runs in one worktree share the
+ * registry: what a live test process of another run holds is that run's, not a leak, and killing
+ * it (its Redis, mid-test) made the other run's tests fail for no fault of theirs.
+ */
+function ownerAlive (rec: LeakRecord): boolean {
+  if (rec.owner === process.pid) return false
+  const started = startTime(rec.owner)
+  return started !== null && (rec.ownerStarted === undefined || rec.ownerStarted === null || started === rec.ownerStarted)
+}
+
 /** Whether the recorded process still runs (the same pid with the same start time). */
 export function stillRunning (rec: ProcessRecord): boolean {
   const started = startTime(rec.pid)
@@ -114,12 +127,14 @@ export function stillRunning (rec: ProcessRecord): boolean {
 }
 
 /**
- * Stops and removes everything in the registry; returns a line per item found. Used by the
+ * Stops and removes everything in the registry whose test process has ended (a live one belongs
+ * to a run going on beside this one); returns a line per item found. Used by the
  * global setup (leftovers of an earlier run) and the end-of-run check.
  */
 export function sweep (): string[] {
   const found: string[] = []
   for (const rec of leftovers()) {
+    if (ownerAlive(rec)) continue
     if (rec.kind === 'process') {
       if (stillRunning(rec)) {
         killGroup(rec.pid)
