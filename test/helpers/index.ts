@@ -84,7 +84,19 @@ export function startWorker (t: Teardown, redis: RedisServer, kind: string, uplo
     return { lines: items.length }
   })
   worker.on('error', () => {})
-  t.teardown(async () => await worker.close())
+  t.teardown(async () => {
+    // ioredis never emits 'end' for a client disconnected while it waits to reconnect, and BullMQ's
+    // close waits for that 'end' on its blocking connection: after a Redis restart a close could
+    // hang. Past a deadline that client is marked ended (ioredis's own status change), which frees it.
+    let timer: NodeJS.Timeout | undefined
+    const closing = worker.close()
+    const late = await Promise.race([closing.then(() => false), new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(true), 2_000) })])
+    clearTimeout(timer)
+    if (!late) return
+    const blocking = await (worker as any).backend?.blockingConnection?.client
+    if (blocking?.status === 'reconnecting') blocking.setStatus('end')
+    await closing
+  })
   return worker
 }
 
