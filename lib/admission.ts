@@ -98,5 +98,8 @@ async function admit (ctx: AdmissionContext, r: JobRequest): Promise<{ jobId: st
     if (claimed) await ctx.idempotency.release(queue, r.owner, r.idempotencyKey as string, r.jobId).catch(() => {})
     throw err
   }
+  // The job exists: requests waiting on the key may now be answered with it. Should this write
+  // fail, they wait out their deadline and answer 409, never a job that does not exist.
+  if (claimed) await ctx.idempotency.confirm(queue, r.owner, r.idempotencyKey as string, r.jobId).catch((err: Error) => ctx.log.warn({ err }, 'job-progress: cannot confirm an idempotency key'))
   return { jobId: r.jobId, created: true }
 }

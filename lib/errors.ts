@@ -44,6 +44,7 @@ export { CloseCodes, NOT_FOUND_REASON } from './wire/close-codes'
 // Creating jobs: JSON, idempotency keys, quotas
 export const InvalidFileReferenceError = createError('FST_JP_INVALID_FILE_REFERENCE', 'The file reference is refused: %s', 400)
 export const IdempotencyKeyInvalidError = createError('FST_JP_IDEMPOTENCY_KEY_INVALID', 'Idempotency-Key must be 1 to 255 printable ASCII characters', 400)
+export const IdempotencyKeyInProgressError = createError('FST_JP_IDEMPOTENCY_KEY_IN_PROGRESS', 'A request with this Idempotency-Key is still being processed; retry in a moment', 409)
 export const IdempotencyKeyReusedError = createError('FST_JP_IDEMPOTENCY_KEY_REUSED', 'This Idempotency-Key was already used with a different request body; use a new key for a new request', 422)
 export const QuotaExceededError = createError('FST_JP_QUOTA_EXCEEDED', 'Quota exceeded: %s; retry after the time in Retry-After', 429)
 
