@@ -1,9 +1,9 @@
 import t from 'tap'
 import { build } from 'esbuild'
 import { join } from 'node:path'
-import { chromium } from 'playwright-core'
 import { buildApp } from '../example/app'
 import { redisFor, startWorker, tempDir } from './helpers/index'
+import { launchChromium } from './helpers/browser'
 
 // React in real Chromium: seed 000's own hook, unchanged but for its host, and this package's
 // useJobProgress/useUpload, side by side on one page against the example app.
@@ -88,8 +88,7 @@ t.test('seed 000 React hook and useJobProgress/useUpload on one page', async (t)
   const origin = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`
   startWorker(t, redis, 'batch', uploadDir, { delayMs: 50 })
 
-  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'] })
-  t.teardown(async () => await browser.close())
+  const browser = await launchChromium(t)
   const page = await browser.newPage()
   const errors: string[] = []
   page.on('pageerror', e => errors.push(e.message))

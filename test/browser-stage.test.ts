@@ -1,9 +1,9 @@
 import t from 'tap'
-import { chromium } from 'playwright-core'
 import { buildApp } from '../example/app'
 import { demoProcessor } from '../example/processor'
 import { createJobWorker, DiskStorage } from '../lib/index'
 import { redisFor, tempDir } from './helpers/index'
+import { launchChromium } from './helpers/browser'
 
 t.test("the example page shows the demo worker's stage and message live, next to the counts", async (t) => {
   const redis = await redisFor(t)
@@ -16,8 +16,7 @@ t.test("the example page shows the demo worker's stage and message live, next to
   worker.on('error', () => {})
   t.teardown(async () => await worker.close())
 
-  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'] })
-  t.teardown(async () => await browser.close())
+  const browser = await launchChromium(t)
   const page = await browser.newPage()
   await page.goto(origin + '/')
   await page.setInputFiles('#file', [{ name: 'long.txt', mimeType: 'text/plain', buffer: Buffer.from(Array.from({ length: 100 }, (_, i) => `r${i}`).join('\n')) }])

@@ -1,8 +1,8 @@
 import t from 'tap'
 import Fastify from 'fastify'
-import { chromium } from 'playwright-core'
 import { buildApp } from '../example/app'
 import { redisFor, startWorker, tempDir } from './helpers/index'
+import { launchChromium } from './helpers/browser'
 
 // A real browser: cookies from its own jar (no headers set by hand), SameSite, and the Origin it
 // sends on its own. Needs Debian's chromium (.ci/run installs it).
@@ -24,8 +24,7 @@ t.test('the example page in a browser: upload, live progress over the session co
   t.teardown(async () => await evil.close())
   const evilOrigin = `http://127.0.0.1:${(evil.server.address() as { port: number }).port}`
 
-  const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'] })
-  t.teardown(async () => await browser.close())
+  const browser = await launchChromium(t)
   const context = await browser.newContext()
   const page = await context.newPage()
   const sockets: string[] = []

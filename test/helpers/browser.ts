@@ -1,9 +1,10 @@
-import { chromium, type Page } from 'playwright-core'
+import { chromium, type Browser, type Page } from 'playwright-core'
 import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { NGINX_CONF, Proc, renderNginxConf, type Api } from './cluster'
 import { eventually, freePort, tempDir } from './index'
+import { adoptProcess, childPids } from './tracked'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
@@ -26,9 +27,24 @@ export async function startNginx (t: Teardown, apis: Api[]): Promise<{ url: stri
   return { url, flags: prefix }
 }
 
-export async function browserPage (t: Teardown, url: string): Promise<Page> {
+/**
+ * Debian's Chromium through playwright-core, closed at teardown. Its process is recorded like any
+ * other a test starts, so a test process killed outright leaves no browser behind (the run's
+ * leak check finds and stops it).
+ */
+export async function launchChromium (t: Teardown): Promise<Browser> {
+  const before = childPids()
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'] })
-  t.teardown(async () => await browser.close())
+  const releases = [...childPids()].filter(pid => !before.has(pid)).map(pid => adoptProcess(pid, 'chromium (playwright-core)'))
+  t.teardown(async () => {
+    await browser.close()
+    for (const release of releases) release()
+  })
+  return browser
+}
+
+export async function browserPage (t: Teardown, url: string): Promise<Page> {
+  const browser = await launchChromium(t)
   const page = await browser.newPage()
   await page.goto(`${url}/`)
   // The module the plugin serves, as a page without a bundler imports it.

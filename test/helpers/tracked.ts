@@ -44,6 +44,10 @@ onExit(() => {
     killGroup(pid)
     forget(`process:${pid}`)
   }
+  for (const pid of adopted) {
+    killGroup(pid)
+    forget(`process:${pid}`)
+  }
   for (const dir of dirs) {
     try { rmSync(dir, { recursive: true, force: true }) } catch {}
     forget(`dir:${dir}`)
@@ -67,6 +71,34 @@ export function spawnTracked (command: string, args: string[], opts: SpawnOption
     forget(`process:${pid}`)
   })
   return child
+}
+
+const adopted = new Set<number>()
+
+/** This process's direct children, by pid (from /proc). */
+export function childPids (): Set<number> {
+  const pids = new Set<number>()
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8')
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === process.pid) pids.add(Number(name))
+    } catch {}
+  }
+  return pids
+}
+
+/**
+ * Records a process something else started for a test (a browser a library launched), so the
+ * exit handler and the end-of-run check stop it like a spawnTracked one. Returns the release.
+ */
+export function adoptProcess (pid: number, command: string): () => void {
+  adopted.add(pid)
+  record(`process:${pid}`, { kind: 'process', pid, command: command.slice(0, 300), owner: process.pid, ownerStarted: OWNER_STARTED, started: startTime(pid) })
+  return () => {
+    adopted.delete(pid)
+    forget(`process:${pid}`)
+  }
 }
 
 /** A new temp directory under the OS temp dir, recorded until `removeTracked`. */
