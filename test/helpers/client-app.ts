@@ -1,5 +1,6 @@
 import Fastify from 'fastify'
 import { jobProgress, type JobProgressOptions } from '../../lib/index'
+import { TEST_OPTIONS } from './index'
 import type { RedisServer } from './redis'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
@@ -9,11 +10,7 @@ export async function buildTestApp (t: Teardown, redis: RedisServer, port: numbe
   const app = Fastify({ logger: false })
   await app.register(jobProgress, {
     connection: redis.url,
-    kinds: { batch: {}, dataset: {} },
-    session: { secret: 'a-test-secret-of-enough-length' },
-    reconcileIntervalMs: 500,
-    throttleMs: 0,
-    bridge: { claimIdleMs: 1000, claimIntervalMs: 500 },
+    ...TEST_OPTIONS,
     ...opts,
     uploadDir
   })

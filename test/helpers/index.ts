@@ -31,6 +31,14 @@ export interface TestApp {
   uploadDir: string
 }
 
+/** What every test app starts from: two kinds, a session secret, no throttle, a quick bridge takeover. */
+export const TEST_OPTIONS = {
+  kinds: { batch: {}, dataset: {} },
+  session: { secret: 'a-test-secret-of-enough-length' },
+  throttleMs: 0,
+  bridge: { claimIdleMs: 1000, claimIntervalMs: 500 }
+} satisfies Partial<JobProgressOptions>
+
 /** Builds an app with the plugin on a random port; closed at teardown. */
 export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<JobProgressOptions> = {}, setup?: (app: FastifyInstance) => void | Promise<void>): Promise<TestApp> {
   const uploadDir = opts.uploadDir ?? await tempDir(t, 'jp-uploads-')
@@ -41,11 +49,7 @@ export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<J
   await app.register(jobProgress, {
     connection: redis.url,
     publicUrl: `http://127.0.0.1:${listenPort}`,
-    kinds: { batch: {}, dataset: {} },
-    session: { secret: 'a-test-secret-of-enough-length' },
-    reconcileIntervalMs: 500,
-    throttleMs: 0,
-    bridge: { claimIdleMs: 1000, claimIntervalMs: 500 },
+    ...TEST_OPTIONS,
     ...opts,
     uploadDir
   })
