@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// Makes sure the programs the tests run for real are installed: redis-server, nginx, Chromium and
-// Python's websockets package (the seed clients). `npm test` runs this first; `npm start` runs it
+// Makes sure the programs the tests run for real are installed: redis-server, nginx, Chromium,
+// Prometheus (the metrics test scrapes with it) and Python's websockets package (the seed clients). `npm test` runs this first; `npm start` runs it
 // for redis-server only (`node scripts/ensure-tools.mjs redis-server`).
 //
 // What is missing is installed with apt when this runs as root on Debian/Ubuntu (the packages'
@@ -13,7 +13,8 @@ const TOOLS = {
   'redis-server': { pkg: 'redis-server', present: () => onPath('redis-server') },
   nginx: { pkg: 'nginx-light', present: () => existsSync('/usr/sbin/nginx') || onPath('nginx') },
   chromium: { pkg: 'chromium', present: () => existsSync('/usr/bin/chromium') },
-  'python3-websockets': { pkg: 'python3-websockets', present: () => spawnSync('/usr/bin/python3', ['-c', 'import websockets'], { stdio: 'ignore' }).status === 0 }
+  'python3-websockets': { pkg: 'python3-websockets', present: () => spawnSync('/usr/bin/python3', ['-c', 'import websockets'], { stdio: 'ignore' }).status === 0 },
+  prometheus: { pkg: 'prometheus', present: () => onPath('prometheus') }
 }
 
 function onPath (command) {

@@ -1,11 +1,11 @@
 import t from 'tap'
-import { spawn } from 'node:child_process'
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Registry } from 'prom-client'
 import Fastify from 'fastify'
 import { jobProgress } from '../lib/index'
 import { connect, eventually, freePort, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
+import { spawnTracked } from './helpers/tracked'
 
 // The opt-in metrics, scraped by a real Prometheus server started here and asked through its
 // HTTP API, as an operator's dashboards would.
@@ -41,7 +41,7 @@ t.test('Prometheus scrapes /metrics: sockets, watched jobs, relayed events, late
   const port = await freePort()
   const target = new URL(url).host
   await writeFile(join(dir, 'prometheus.yml'), `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: app\n    scrape_interval: 1s\n    static_configs:\n      - targets: ['${target}']\n`)
-  const prom = spawn('prometheus', [`--config.file=${join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`], { stdio: 'ignore' })
+  const prom = spawnTracked('prometheus', [`--config.file=${join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`], { stdio: 'ignore' })
   t.teardown(async () => {
     if (prom.exitCode !== null) return
     const exited = new Promise(resolve => prom.once('exit', resolve))
