@@ -44,6 +44,8 @@ t.test('the example page in a browser: upload, live progress over the session co
   t.equal(await page.textContent(`${card('second.txt')} .outcome`), 'Failed: record on line 3 is FAIL')
   // The long one: cancelled while it runs.
   await page.waitForSelector(`${card('third.txt')}[data-status=running]`, { timeout: 20_000 })
+  // The status attribute and the counts are drawn in turn: wait for the counts rather than read them at once.
+  await page.waitForSelector(`${card('third.txt')} .info:text-matches("^[0-9]+ of 200 records")`, { timeout: 10_000 })
   t.match(await page.textContent(`${card('third.txt')} .info`), /^\d+ of 200 records/)
   t.equal(await page.getAttribute('#connection', 'data-state'), 'live')
   t.equal(await page.textContent('#connection'), 'Live')
