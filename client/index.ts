@@ -6,8 +6,8 @@
  */
 import { compareVersions } from '../lib/wire/version'
 import type { JobUpdateMessage } from '../lib/wire/messages'
-import { AuthError, HttpError, JobFailedError, JobProgressError, NotFoundError } from './errors'
-import { authHeaders, openPolling, openSse, openWebSocket, type Conn, type ConnContext, type ConnHandlers } from './transports'
+import { HttpError, JobFailedError, JobProgressError, NotFoundError } from './errors'
+import { authError, parse, transports, type Conn } from './transports'
 import type { ConnectionEvent, JobUpdate, Transport } from './types'
 
 export * from './errors'
@@ -57,6 +57,8 @@ export interface ClientOptions {
 
 type Listener<T> = (value: T) => void
 
+const FINAL = new Set(['succeeded', 'failed', 'cancelled'])
+
 /** One watched job: an async iterable of its updates, its current state, and how it ended. */
 export class Watch implements AsyncIterable<JobUpdate> {
   readonly kind: string
@@ -65,16 +67,15 @@ export class Watch implements AsyncIterable<JobUpdate> {
   readonly done: Promise<JobUpdate>
   current: JobUpdate | null = null
   #listeners = new Set<Listener<JobUpdate>>()
-  #resolve!: (u: JobUpdate) => void
-  #reject!: (e: Error) => void
-  #ended: { error?: Error } | null = null
+  #settle!: (error?: Error, final?: JobUpdate) => void
+  #ended: { error?: Error | undefined } | null = null
   #stop: () => void
 
   constructor (kind: string, jobId: string, stop: () => void) {
     this.kind = kind
     this.jobId = jobId
     this.#stop = stop
-    this.done = new Promise((resolve, reject) => { this.#resolve = resolve; this.#reject = reject })
+    this.done = new Promise((resolve, reject) => { this.#settle = (error, final) => error !== undefined ? reject(error) : resolve(final as JobUpdate) })
     // Awaiting `done` is optional: an unawaited failure must not crash Node.
     this.done.catch(() => {})
   }
@@ -97,18 +98,16 @@ export class Watch implements AsyncIterable<JobUpdate> {
 
   /** @internal */
   _update (u: JobUpdate): boolean {
-    if (this.#ended !== null) return false
     const last = this.current
-    if (last !== null) {
+    if (this.#ended !== null || (last !== null && (
       // The version orders states across transports and instances (a retry is a newer attempt);
       // without one, progress within a status only goes forward.
-      const versioned = u.version !== undefined && last.version !== undefined
-      if (versioned ? compareVersions(u.version as string, last.version as string) < 0 : !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed) return false
-    }
+      u.version !== undefined && last.version !== undefined
+        ? compareVersions(u.version, last.version) < 0
+        : !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed))) return false
     this.current = u
     for (const fn of this.#listeners) fn(u)
-    if (u.status === 'succeeded') this._end(undefined, u)
-    else if (FINAL.has(u.status)) this._end(new JobFailedError(u))
+    if (FINAL.has(u.status)) this._end(u.status === 'succeeded' ? undefined : new JobFailedError(u), u)
     return true
   }
 
@@ -116,35 +115,29 @@ export class Watch implements AsyncIterable<JobUpdate> {
   _end (error?: Error, final?: JobUpdate): void {
     if (this.#ended !== null) return
     this.#ended = { error }
-    if (error !== undefined) this.#reject(error)
-    else this.#resolve(final as JobUpdate)
+    this.#settle(error, final)
     for (const fn of this.#listeners) fn(this.current as JobUpdate)
   }
 
   async * [Symbol.asyncIterator] (): AsyncIterator<JobUpdate> {
     const queue: JobUpdate[] = []
-    let wake: (() => void) | null = null
+    let wake: (() => void) | undefined
     const off = this.onUpdate((u) => { if (u !== null && queue.at(-1) !== u) queue.push(u); wake?.() })
     try {
       for (;;) {
-        while (queue.length > 0) {
-          const u = queue.shift() as JobUpdate
-          yield u
-        }
-        if (this.#ended !== null) {
-          if (this.#ended.error !== undefined && !(this.#ended.error instanceof JobFailedError)) throw this.#ended.error
+        while (queue.length > 0) yield queue.shift() as JobUpdate
+        const ended = this.#ended
+        if (ended !== null) {
+          if (ended.error !== undefined && !(ended.error instanceof JobFailedError)) throw ended.error
           return
         }
         await new Promise<void>(resolve => { wake = resolve })
-        wake = null
       }
     } finally {
       off()
     }
   }
 }
-
-const FINAL = new Set(['succeeded', 'failed', 'cancelled'])
 
 export interface UploadOptions {
   /** Other form fields, sent before the file. */
@@ -164,73 +157,293 @@ export interface UploadedJob {
   watch: () => Watch
 }
 
-function fullJitter (attempt: number, minMs: number, maxMs: number): number {
-  return Math.floor(Math.random() * Math.min(maxMs, minMs * 2 ** attempt))
-}
-
 /** The client. Create one per page (or process) and share it. */
 export class JobProgressClient {
-  readonly #opts: Required<Omit<ClientOptions, 'apiKey' | 'WebSocket' | 'paths' | 'backoff'>> & { apiKey?: string, WebSocket?: typeof WebSocket, backoff: { minMs: number, maxMs: number } }
-  readonly #ctx: ConnContext
-  readonly #paths: Required<NonNullable<ClientOptions['paths']>>
-  readonly #watches = new Map<string, Watch>()
+  // The state lives in the constructor's closure (its names minify); the methods call into it.
+  readonly #watch: (kind: string, jobId: string) => Watch
+  readonly #upload: (kind: string, file: Blob, opts: UploadOptions) => Promise<UploadedJob>
+  readonly #cancel: (kind: string, jobId: string) => Promise<void>
+  readonly #close: () => void
+  readonly #state: () => ConnectionEvent
   readonly #stateListeners = new Set<Listener<ConnectionEvent>>()
-  #order: Transport[]
-  #level = 0
-  #failures = 0
-  #attempt = 0
-  #conn: Conn | null = null
-  #connTransport: Transport | null = null
-  #live = false
-  #retryTimer: ReturnType<typeof setTimeout> | null = null
-  #upgradeTimer: ReturnType<typeof setTimeout> | null = null
-  #watchdog: ReturnType<typeof setInterval> | null = null
-  #lastSeen = 0
-  #fatal: Error | null = null
-  #state: ConnectionEvent = { state: 'idle', transport: null }
-  #lastEventId: string | undefined
-  #closed = false
-  #sessionStarted = false
-  #firstUpload: Promise<void> = Promise.resolve()
   /** Connections opened so far (for tests and diagnostics). */
   connections = 0
 
   constructor (options: ClientOptions = {}) {
-    const g = globalThis as unknown as { location?: { origin: string }, WebSocket?: typeof WebSocket, addEventListener?: (n: string, f: () => void) => void }
-    const baseUrl = options.baseUrl ?? g.location?.origin
+    const g = globalThis as unknown as { location?: { origin: string }, WebSocket?: typeof WebSocket, XMLHttpRequest?: typeof XMLHttpRequest, addEventListener?: (n: string, f: () => void) => void, fetch: typeof fetch }
+    const {
+      baseUrl = g.location?.origin,
+      apiKey,
+      apiKeyVia = 'subprotocol',
+      credentials = 'same-origin',
+      transports: wanted = ['websocket', 'sse', 'polling'],
+      wsPath = '/ws/jobs',
+      ssePath = '/events',
+      paths = {},
+      backoff: { minMs = 1000, maxMs = 30_000 } = {},
+      fallbackAfter = 2,
+      upgradeIntervalMs = 30_000,
+      heartbeatTimeoutMs = 75_000,
+      pollIntervalMs = 2000,
+      fetch: fetchFn = g.fetch.bind(g),
+      WebSocket: Ws = g.WebSocket
+    } = options
     if (baseUrl === undefined) throw new TypeError('fastify-job-progress/client: `baseUrl` is required outside a browser')
-    this.#opts = {
-      baseUrl,
-      apiKeyVia: options.apiKeyVia ?? 'subprotocol',
-      credentials: options.credentials ?? 'same-origin',
-      transports: options.transports ?? ['websocket', 'sse', 'polling'],
-      wsPath: options.wsPath ?? '/ws/jobs',
-      ssePath: options.ssePath ?? '/events',
-      backoff: { minMs: options.backoff?.minMs ?? 1000, maxMs: options.backoff?.maxMs ?? 30_000 },
-      fallbackAfter: options.fallbackAfter ?? 2,
-      upgradeIntervalMs: options.upgradeIntervalMs ?? 30_000,
-      heartbeatTimeoutMs: options.heartbeatTimeoutMs ?? 75_000,
-      pollIntervalMs: options.pollIntervalMs ?? 2000,
-      fetch: options.fetch ?? globalThis.fetch.bind(globalThis),
-      ...(options.apiKey !== undefined ? { apiKey: options.apiKey } : {}),
-      ...(options.WebSocket ?? g.WebSocket ? { WebSocket: options.WebSocket ?? g.WebSocket } : {})
+    const route = (name: 'status' | 'result' | 'cancel'): (kind: string, jobId: string) => string => paths[name] ?? ((kind, id) => `/${kind}/${id}/${name}`)
+    const headers: Record<string, string> = apiKey !== undefined ? { authorization: `Bearer ${apiKey}` } : {}
+    const order = wanted.filter(t => t !== 'websocket' || Ws !== undefined)
+    const watches = new Map<string, Watch>()
+    const listeners = this.#stateListeners
+    let level = 0
+    let failures = 0
+    let attempt = 0
+    let conn: Conn | null = null
+    let probe: Conn | null = null
+    let connTransport: Transport | null = null
+    let live = false
+    let retryTimer: ReturnType<typeof setTimeout> | undefined
+    let upgradeTimer: ReturnType<typeof setTimeout> | undefined
+    let watchdog: ReturnType<typeof setInterval> | undefined
+    let lastSeen = 0
+    let fatal: Error | null = null
+    let state: ConnectionEvent = { state: 'idle', transport: null }
+    let lastEventId: string | undefined
+    let closed = false
+    let sessionStarted = false
+    let firstUpload: Promise<unknown> = Promise.resolve()
+    const open = transports({ baseUrl, apiKey, apiKeyVia, credentials, fetch: fetchFn, WebSocket: Ws, wsPath, ssePath, statusPath: route('status'), resultPath: route('result'), pollIntervalMs, lastEventId: () => lastEventId })
+
+    const active = (): Watch[] => [...watches.values()].filter(w => !w.ended)
+
+    const setState = (next: ConnectionEvent): void => {
+      // Each wait before a reconnect is reported, even when the state stays `reconnecting`.
+      if (next.state === state.state && next.transport === state.transport && next.retryInMs === undefined) return
+      state = next
+      for (const fn of listeners) fn(next)
     }
-    this.#paths = {
-      upload: options.paths?.upload ?? ((kind) => `/${kind}/upload`),
-      status: options.paths?.status ?? ((kind, id) => `/${kind}/${id}/status`),
-      result: options.paths?.result ?? ((kind, id) => `/${kind}/${id}/result`),
-      cancel: options.paths?.cancel ?? ((kind, id) => `/${kind}/${id}/cancel`)
+
+    /** The connection is gone (the timers that depend on it too). */
+    const dropConn = (): void => {
+      conn = null
+      live = false
+      clearInterval(watchdog)
     }
-    this.#order = this.#opts.transports.filter(t => t !== 'websocket' || this.#opts.WebSocket !== undefined)
-    this.#ctx = { ...this.#opts, statusPath: this.#paths.status, resultPath: this.#paths.result }
+
+    const teardown = (): void => {
+      clearTimeout(retryTimer)
+      clearTimeout(upgradeTimer)
+      retryTimer = upgradeTimer = undefined
+      const old = [conn, probe]
+      dropConn()
+      probe = connTransport = null
+      for (const c of old) c?.close()
+    }
+
+    const idle = (): void => setState({ state: 'idle', transport: null })
+
+    /** A job ended or was dropped: with nothing left to watch, no connection is held. */
+    const settle = (jobId: string): void => {
+      if (watches.get(jobId)?.ended === true) watches.delete(jobId)
+      if (active().length === 0) {
+        teardown()
+        idle()
+      }
+    }
+
+    const fail = (error: Error): void => {
+      fatal = error
+      teardown()
+      for (const w of active()) w._end(error)
+      setState({ state: 'offline', transport: null, error })
+    }
+
+    const retryLater = (): void => {
+      // Full jitter: anywhere between 0 and the exponential step.
+      const delay = Math.floor(Math.random() * Math.min(maxMs, minMs * 2 ** attempt++))
+      setState({ state: 'reconnecting', transport: connTransport, retryInMs: delay })
+      retryTimer = setTimeout(() => { retryTimer = undefined; connectNow() }, delay)
+    }
+
+    const onUpdate = (m: JobUpdateMessage, kind?: string): void => {
+      const watch = watches.get(m.job_id)
+      if (watch === undefined) return
+      if (m.version !== undefined) lastEventId = `${m.job_id}@${m.version}`
+      const u: JobUpdate = { kind: kind ?? watch.kind, jobId: m.job_id, status: m.status, progress: m.progress, processed: m.processed, total: m.total, etaSeconds: m.eta_seconds, result: m.result ?? null, error: m.error ?? null }
+      for (const k of ['version', 'stage', 'message', 'data'] as const) if (m[k] !== undefined) (u as unknown as Record<string, unknown>)[k] = m[k]
+      watch._update(u)
+    }
+
+    /** Opens `transport`; as a probe, it takes over from the fallback only once it is live. */
+    const connect = (transport: Transport, probing: boolean): void => {
+      let wasLive = false
+      this.connections++
+      const c = open(transport, active(), {
+        live: () => {
+          wasLive = true
+          if (probing) {
+            // The better transport works: it takes over, and the fallback goes.
+            probing = false
+            probe = null
+            conn?.close()
+            level = 0
+          }
+          conn = c
+          connTransport = transport
+          live = true
+          failures = attempt = 0
+          lastSeen = Date.now()
+          setState({ state: transport === 'websocket' ? 'live' : 'fallback', transport })
+          startWatchdog()
+          if (level > 0) scheduleUpgrade()
+        },
+        touch: () => { lastSeen = Date.now() },
+        update: onUpdate,
+        // The server names the job in its errors: not found, or a limit such as subscriptions.
+        notFound: (jobId, message) => watches.get(jobId)?._end(/not found/i.test(message) ? new NotFoundError(jobId, message) : new JobProgressError(message)),
+        down: (error) => {
+          if (probing) {
+            probe = null
+            return scheduleUpgrade()
+          }
+          dropConn()
+          if (error !== null) return fail(error)
+          if (active().length === 0) return
+          if (!wasLive && ++failures >= fallbackAfter && level < order.length - 1) {
+            level++
+            failures = 0
+            // A new transport is tried at once: the old one's failure says nothing about it.
+            return connectNow()
+          }
+          retryLater()
+        }
+      })
+      if (probing) probe = c
+      else {
+        conn = c
+        connTransport = transport
+      }
+    }
+
+    const connectNow = (): void => {
+      const transport = order[Math.min(level, order.length - 1)]
+      if (closed || fatal !== null || active().length === 0 || transport === undefined) return
+      setState({ state: state.state === 'idle' ? 'connecting' : state.state, transport })
+      connect(transport, false)
+    }
+
+    const startWatchdog = (): void => {
+      clearInterval(watchdog)
+      watchdog = setInterval(() => {
+        // Silent for too long: the connection is dead without having said so.
+        if (Date.now() - lastSeen <= heartbeatTimeoutMs || conn === null) return
+        conn.close()
+        dropConn()
+        retryLater()
+      }, Math.min(5_000, heartbeatTimeoutMs / 2))
+      ;(watchdog as { unref?: () => void }).unref?.()
+    }
+
+    /** While on a fallback, try the best transport now and then; switch once it is live. */
+    const scheduleUpgrade = (): void => {
+      clearTimeout(upgradeTimer)
+      upgradeTimer = setTimeout(() => {
+        upgradeTimer = undefined
+        if (live && level > 0) connect(order[0], true)
+      }, upgradeIntervalMs / 2 * (1 + Math.random()))
+      ;(upgradeTimer as { unref?: () => void }).unref?.()
+    }
+
+    /** Checks an HTTP answer; its JSON body, or the error it means. */
+    const answer = (status: number, text: string, what: string, jobId?: string): any => {
+      const body = parse(text)
+      if (status === 401) throw authError(body?.message)
+      if (status === 404 && jobId !== undefined) throw new NotFoundError(jobId)
+      if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `${what} failed (${status})`, body)
+      return body
+    }
+
+    const send = async (kind: string, file: Blob, opts: UploadOptions): Promise<UploadedJob> => {
+      const form = new FormData()
+      for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
+      form.append('file', file, opts.filename ?? (file as { name?: string }).name ?? 'upload')
+      const url = new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl).toString()
+      const XHR = g.XMLHttpRequest
+      const progress = opts.onUploadProgress
+      let status: number
+      let text: string
+      if (XHR !== undefined && progress !== undefined) {
+        // Only XMLHttpRequest reports upload progress in browsers.
+        ({ status, text } = await new Promise<{ status: number, text: string }>((resolve, reject) => {
+          const xhr = new XHR()
+          xhr.open('POST', url)
+          xhr.withCredentials = credentials === 'include'
+          for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v)
+          xhr.upload.onprogress = (e) => progress(e.loaded, e.lengthComputable ? e.total : file.size)
+          xhr.onload = () => resolve({ status: xhr.status, text: xhr.responseText })
+          xhr.onerror = () => reject(new HttpError(0, 'upload failed: network error'))
+          xhr.onabort = () => reject(new DOMException('upload aborted', 'AbortError'))
+          opts.signal?.addEventListener('abort', () => xhr.abort(), { once: true })
+          xhr.send(form)
+        }))
+      } else {
+        progress?.(0, file.size)
+        const res = await fetchFn(url, { method: 'POST', body: form, headers, credentials, ...(opts.signal !== undefined ? { signal: opts.signal } : {}) })
+        status = res.status
+        text = await res.text()
+        progress?.(file.size, file.size)
+      }
+      const body = answer(status, text, 'upload')
+      const jobId = String(body.job_id)
+      return { kind, jobId, statusUrl: String(body.status_url), watch: () => this.watch(kind, jobId) }
+    }
+
+    this.#upload = async (kind, file, opts) => {
+      if (apiKey !== undefined || sessionStarted) return await send(kind, file, opts)
+      // With cookie sessions the first upload starts the session: several first uploads at once
+      // would start several, and the page would own only the last one's jobs. Until one upload
+      // went through, they go one at a time.
+      const job = firstUpload.then(async () => await send(kind, file, opts))
+      firstUpload = job.then(() => { sessionStarted = true }, () => {})
+      return await job
+    }
+
+    this.#cancel = async (kind, jobId) => {
+      const res = await fetchFn(new URL(route('cancel')(kind, jobId), baseUrl), { method: 'POST', headers, credentials })
+      answer(res.status, await res.text(), 'cancel', jobId)
+    }
+
+    this.#watch = (kind, jobId) => {
+      let watch = watches.get(jobId)
+      if (watch !== undefined) return watch
+      watch = new Watch(kind, jobId, () => {
+        watches.delete(jobId)
+        conn?.remove(jobId)
+        settle(jobId)
+      })
+      watches.set(jobId, watch)
+      const ended = (): void => settle(jobId)
+      void watch.done.then(ended, ended)
+      if (fatal !== null) watch._end(fatal)
+      else if (conn !== null) conn.add(kind, jobId)
+      else if (retryTimer === undefined) connectNow()
+      return watch
+    }
+
+    this.#close = () => {
+      closed = true
+      teardown()
+      idle()
+    }
+
+    this.#state = () => state
     // The browser knows when the network is gone and back: no point in backing off meanwhile.
-    g.addEventListener?.('offline', () => this.#setState({ state: 'offline', transport: null }))
-    g.addEventListener?.('online', () => { if (this.#conn === null && this.#active().length > 0) this.#connectNow() })
+    g.addEventListener?.('offline', () => setState({ state: 'offline', transport: null }))
+    g.addEventListener?.('online', () => { if (conn === null && active().length > 0) connectNow() })
   }
 
   /** The connection's state now. */
   get state (): ConnectionEvent {
-    return this.#state
+    return this.#state()
   }
 
   /** Calls `fn` on every connection state change; returns the unsubscribe. */
@@ -241,274 +454,22 @@ export class JobProgressClient {
 
   /** Watches a job; watching the same job twice returns the same Watch. */
   watch (kind: string, jobId: string): Watch {
-    const existing = this.#watches.get(jobId)
-    if (existing !== undefined) return existing
-    const watch = new Watch(kind, jobId, () => this.#unwatch(jobId))
-    this.#watches.set(jobId, watch)
-    void watch.done.then(() => this.#settle(jobId), () => this.#settle(jobId))
-    if (this.#fatal !== null) {
-      watch._end(this.#fatal)
-      return watch
-    }
-    if (this.#conn !== null) this.#conn.add([{ kind, jobId }])
-    else if (this.#retryTimer === null) this.#connectNow()
-    return watch
+    return this.#watch(kind, jobId)
   }
 
   /** Uploads a file to a kind's upload route; resolves once the job is queued. */
   async upload (kind: string, file: Blob, opts: UploadOptions = {}): Promise<UploadedJob> {
-    // With cookie sessions the first upload starts the session: several first uploads at once
-    // would start several, and the page would own only the last one's jobs. Until one upload
-    // went through, they go one at a time.
-    if (this.#opts.apiKey === undefined && !this.#sessionStarted) {
-      const previous = this.#firstUpload
-      let release!: () => void
-      this.#firstUpload = new Promise<void>(resolve => { release = resolve })
-      await previous
-      try {
-        const job = await this.#upload(kind, file, opts)
-        this.#sessionStarted = true
-        return job
-      } finally {
-        release()
-      }
-    }
     return await this.#upload(kind, file, opts)
-  }
-
-  async #upload (kind: string, file: Blob, opts: UploadOptions): Promise<UploadedJob> {
-    const form = new FormData()
-    for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
-    const name = opts.filename ?? (file as { name?: string }).name ?? 'upload'
-    form.append('file', file, name)
-    const url = new URL(this.#paths.upload(kind), this.#opts.baseUrl).toString()
-    const XHR = (globalThis as unknown as { XMLHttpRequest?: typeof XMLHttpRequest }).XMLHttpRequest
-    let status: number
-    let text: string
-    if (XHR !== undefined && opts.onUploadProgress !== undefined) {
-      // Only XMLHttpRequest reports upload progress in browsers.
-      ({ status, text } = await new Promise<{ status: number, text: string }>((resolve, reject) => {
-        const xhr = new XHR()
-        xhr.open('POST', url)
-        xhr.withCredentials = this.#opts.credentials === 'include'
-        for (const [k, v] of Object.entries(authHeaders(this.#ctx))) xhr.setRequestHeader(k, v)
-        xhr.upload.onprogress = (e) => opts.onUploadProgress?.(e.loaded, e.lengthComputable ? e.total : file.size)
-        xhr.onload = () => resolve({ status: xhr.status, text: xhr.responseText })
-        xhr.onerror = () => reject(new HttpError(0, 'upload failed: network error'))
-        xhr.onabort = () => reject(new DOMException('upload aborted', 'AbortError'))
-        opts.signal?.addEventListener('abort', () => xhr.abort(), { once: true })
-        xhr.send(form)
-      }))
-    } else {
-      opts.onUploadProgress?.(0, file.size)
-      const res = await this.#opts.fetch(url, { method: 'POST', body: form, headers: authHeaders(this.#ctx), credentials: this.#opts.credentials, ...(opts.signal !== undefined ? { signal: opts.signal } : {}) })
-      status = res.status
-      text = await res.text()
-      opts.onUploadProgress?.(file.size, file.size)
-    }
-    let body: any = null
-    try { body = JSON.parse(text) } catch {}
-    if (status === 401) throw new AuthError(body?.message ?? 'authentication required')
-    if (status < 200 || status >= 300) throw new HttpError(status, body?.message ?? `upload failed (${status})`, body)
-    const jobId = String(body.job_id)
-    return { kind, jobId, statusUrl: String(body.status_url), watch: () => this.watch(kind, jobId) }
   }
 
   /** Cancels a job. Rejects with HttpError 409 when it already ended, NotFoundError when not found. */
   async cancel (kind: string, jobId: string): Promise<void> {
-    const res = await this.#opts.fetch(new URL(this.#paths.cancel(kind, jobId), this.#opts.baseUrl), { method: 'POST', headers: authHeaders(this.#ctx), credentials: this.#opts.credentials })
-    let body: any = null
-    try { body = await res.json() } catch {}
-    if (res.status === 401) throw new AuthError(body?.message ?? 'authentication required')
-    if (res.status === 404) throw new NotFoundError(jobId)
-    if (res.status < 200 || res.status >= 300) throw new HttpError(res.status, body?.message ?? `cancel failed (${res.status})`, body)
+    await this.#cancel(kind, jobId)
   }
 
   /** Closes the connection and stops every timer; watches stay as they are. */
   close (): void {
-    this.#closed = true
-    this.#teardown()
-    this.#setState({ state: 'idle', transport: null })
-  }
-
-  #active (): Watch[] {
-    return [...this.#watches.values()].filter(w => !w.ended)
-  }
-
-  #unwatch (jobId: string): void {
-    this.#watches.delete(jobId)
-    this.#conn?.remove(jobId)
-    this.#settle(jobId)
-  }
-
-  /** A job ended or was dropped: with nothing left to watch, no connection is held. */
-  #settle (jobId: string): void {
-    const w = this.#watches.get(jobId)
-    if (w !== undefined && w.ended) this.#watches.delete(jobId)
-    if (this.#active().length === 0) {
-      this.#teardown()
-      this.#setState({ state: 'idle', transport: null })
-    }
-  }
-
-  #teardown (): void {
-    for (const timer of [this.#retryTimer, this.#upgradeTimer]) if (timer !== null) clearTimeout(timer)
-    if (this.#watchdog !== null) clearInterval(this.#watchdog)
-    this.#retryTimer = this.#upgradeTimer = this.#watchdog = null
-    const conn = this.#conn
-    this.#conn = null
-    this.#connTransport = null
-    this.#live = false
-    conn?.close()
-  }
-
-  #setState (next: ConnectionEvent): void {
-    // Each wait before a reconnect is reported, even when the state stays `reconnecting`.
-    if (next.state === this.#state.state && next.transport === this.#state.transport && next.retryInMs === undefined) return
-    this.#state = next
-    for (const fn of this.#stateListeners) fn(next)
-  }
-
-  #connectNow (): void {
-    if (this.#closed || this.#fatal !== null) return
-    const jobs = this.#active().map(w => ({ kind: w.kind, jobId: w.jobId }))
-    if (jobs.length === 0) return
-    const transport = this.#order[Math.min(this.#level, this.#order.length - 1)]
-    if (transport === undefined) return
-    this.#setState({ state: this.#state.state === 'idle' ? 'connecting' : this.#state.state, transport })
-    this.connections++
-    this.#connTransport = transport
-    this.#conn = this.#open(transport, jobs, this.#handlers(transport, false))
-  }
-
-  #open (transport: Transport, jobs: Array<{ kind: string, jobId: string }>, on: ConnHandlers): Conn {
-    if (transport === 'websocket') return openWebSocket(this.#ctx, jobs, on)
-    if (transport === 'sse') return openSse(this.#ctx, jobs, on, () => this.#lastEventId)
-    return openPolling(this.#ctx, jobs, on)
-  }
-
-  #handlers (transport: Transport, probe: boolean): ConnHandlers {
-    let wasLive = false
-    return {
-      live: () => {
-        wasLive = true
-        if (probe) return
-        this.#live = true
-        this.#failures = 0
-        this.#attempt = 0
-        this.#lastSeen = Date.now()
-        this.#setState({ state: transport === 'websocket' ? 'live' : 'fallback', transport })
-        this.#startWatchdog()
-        if (this.#level > 0) this.#scheduleUpgrade()
-      },
-      touch: () => { this.#lastSeen = Date.now() },
-      update: (m, kindHint) => this.#onUpdate(m, kindHint),
-      // The server names the job in its errors: not found, or a limit such as subscriptions.
-      notFound: (jobId, message) => this.#watches.get(jobId)?._end(/not found/i.test(message) ? new NotFoundError(jobId, message) : new JobProgressError(message)),
-      down: (fatal) => {
-        if (probe) return
-        this.#conn = null
-        this.#live = false
-        if (this.#watchdog !== null) clearInterval(this.#watchdog)
-        this.#watchdog = null
-        if (fatal !== null) return this.#fail(fatal)
-        if (this.#active().length === 0) return
-        if (!wasLive && ++this.#failures >= this.#opts.fallbackAfter && this.#level < this.#order.length - 1) {
-          this.#level++
-          this.#failures = 0
-          // A new transport is tried at once: the old one's failure says nothing about it.
-          return this.#connectNow()
-        }
-        this.#retryLater()
-      }
-    }
-  }
-
-  #retryLater (): void {
-    const delay = fullJitter(this.#attempt++, this.#opts.backoff.minMs, this.#opts.backoff.maxMs)
-    this.#setState({ state: 'reconnecting', transport: this.#connTransport, retryInMs: delay })
-    this.#retryTimer = setTimeout(() => { this.#retryTimer = null; this.#connectNow() }, delay)
-  }
-
-  #onUpdate (m: JobUpdateMessage, kindHint?: string): void {
-    const watch = this.#watches.get(m.job_id)
-    if (watch === undefined) return
-    if (m.version !== undefined && m.type === 'job_update') this.#lastEventId = `${m.job_id}@${m.version}`
-    watch._update({
-      kind: kindHint ?? watch.kind,
-      jobId: m.job_id,
-      status: m.status,
-      progress: m.progress,
-      processed: m.processed,
-      total: m.total,
-      etaSeconds: m.eta_seconds,
-      result: m.result ?? null,
-      error: m.error ?? null,
-      ...(m.version !== undefined ? { version: m.version } : {}),
-      ...(m.stage !== undefined ? { stage: m.stage } : {}),
-      ...(m.message !== undefined ? { message: m.message } : {}),
-      ...(m.data !== undefined ? { data: m.data } : {})
-    })
-  }
-
-  #fail (error: Error): void {
-    this.#fatal = error
-    this.#teardown()
-    for (const w of this.#active()) w._end(error)
-    this.#setState({ state: 'offline', transport: null, error })
-  }
-
-  #startWatchdog (): void {
-    if (this.#watchdog !== null) clearInterval(this.#watchdog)
-    this.#watchdog = setInterval(() => {
-      if (Date.now() - this.#lastSeen <= this.#opts.heartbeatTimeoutMs) return
-      // Silent for too long: the connection is dead without having said so.
-      const conn = this.#conn
-      conn?.close()
-      if (conn !== null) this.#handlersDown()
-    }, Math.min(5_000, this.#opts.heartbeatTimeoutMs / 2))
-    ;(this.#watchdog as { unref?: () => void }).unref?.()
-  }
-
-  #handlersDown (): void {
-    this.#conn = null
-    this.#live = false
-    if (this.#watchdog !== null) clearInterval(this.#watchdog)
-    this.#watchdog = null
-    this.#retryLater()
-  }
-
-  /** While on a fallback, try the best transport now and then; switch once it is live. */
-  #scheduleUpgrade (): void {
-    if (this.#upgradeTimer !== null) clearTimeout(this.#upgradeTimer)
-    const delay = this.#opts.upgradeIntervalMs / 2 + Math.random() * this.#opts.upgradeIntervalMs / 2
-    this.#upgradeTimer = setTimeout(() => {
-      this.#upgradeTimer = null
-      if (!this.#live || this.#level === 0) return
-      const jobs = this.#active().map(w => ({ kind: w.kind, jobId: w.jobId }))
-      const best = this.#order[0]
-      let probe: Conn | null = null
-      const handlers = this.#handlers(best, true)
-      handlers.live = () => {
-        // The better transport works: it takes over, and the fallback goes.
-        const old = this.#conn
-        this.#conn = null
-        old?.close()
-        this.#level = 0
-        this.#failures = 0
-        this.#connTransport = best
-        this.#conn = probe
-        probe = null
-        const real = this.#handlers(best, false)
-        // Re-point the probe's reports at the real handlers.
-        Object.assign(handlers, real)
-        real.live()
-      }
-      handlers.down = () => { if (probe !== null) { probe = null; this.#scheduleUpgrade() } }
-      this.connections++
-      probe = this.#open(best, jobs, handlers)
-    }, delay)
-    ;(this.#upgradeTimer as { unref?: () => void }).unref?.()
+    this.#close()
   }
 }
 
