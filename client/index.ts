@@ -4,162 +4,49 @@
  * up when the better transport works again; full-jitter backoff; every watched job resubscribed
  * after a reconnect, so no final state is lost; typed errors instead of retry loops.
  */
-import { compareVersions } from '../lib/wire/version'
-import type { JobUpdateMessage } from '../lib/wire/messages'
-import { HttpError, JobFailedError, JobProgressError, NotFoundError } from './errors'
-import { authError, parse, transports, type Conn } from './transports'
-import type { ConnectionEvent, JobUpdate, Transport } from './types'
+import { shouldRetry } from '../lib/wire/close-codes'
+import type { JobStatus, JobUpdateMessage, ProgressMessage } from '../lib/wire/messages'
+import { AuthError, ConnectionError, HttpError, JobProgressError, NotFoundError } from './errors'
+import type { ClientOptions, ConnectionEvent, Transport, UploadedJob, UploadOptions } from './types'
+import { Watch } from './watch'
 
 export * from './errors'
 export type * from './types'
+export { Watch }
 export { CloseCodes, shouldRetry, CLOSE_ADVICE } from '../lib/wire/close-codes'
 
-export interface ClientOptions {
-  /** The API's origin. @default location.origin in a browser */
-  baseUrl?: string
-  /** An API key: `Authorization: Bearer` on HTTP; on the WebSocket as `apiKeyVia` says. */
-  apiKey?: string
-  /**
-   * How the WebSocket carries `apiKey` (browsers cannot set its headers): a subprotocol, the
-   * `api_key` query parameter, or a first `{ "token" }` message (for a `first-message` protocol).
-   * @default 'subprotocol'
-   */
-  apiKeyVia?: 'subprotocol' | 'query' | 'first-message'
-  /** fetch's credentials mode: cookie sessions across origins need 'include'. @default 'same-origin' */
-  credentials?: RequestCredentials
-  /** Transports to use, best first. @default ['websocket', 'sse', 'polling'] */
-  transports?: Transport[]
-  /** The `jobs` protocol's path. @default '/ws/jobs' */
-  wsPath?: string
-  /** The multiplexed SSE stream's path. @default '/events' */
-  ssePath?: string
-  /** Routes of a kind. @default `/<kind>/upload`, `/<kind>/<id>/status`, `/result`, `/cancel` */
-  paths?: Partial<{
-    upload: (kind: string) => string
-    status: (kind: string, jobId: string) => string
-    result: (kind: string, jobId: string) => string
-    cancel: (kind: string, jobId: string) => string
-  }>
-  /** Reconnect delays: full jitter between 0 and min(maxMs, minMs × 2^attempt). @default { minMs: 1000, maxMs: 30000 } */
-  backoff?: { minMs?: number, maxMs?: number }
-  /** Failed attempts on a transport before falling back to the next. @default 2 */
-  fallbackAfter?: number
-  /** How often to try the better transport again while on a fallback. @default 30000 */
-  upgradeIntervalMs?: number
-  /** Reconnect when nothing (not even a heartbeat) arrived for this long. @default 75000 */
-  heartbeatTimeoutMs?: number
-  /** Polling interval. @default 2000 */
-  pollIntervalMs?: number
-  /** For Node or tests: the implementations to use. @default the globals */
-  fetch?: typeof fetch
-  WebSocket?: typeof WebSocket
-}
-
 type Listener<T> = (value: T) => void
+type Timer = ReturnType<typeof setTimeout> | undefined
 
-const FINAL = new Set(['succeeded', 'failed', 'cancelled'])
-
-/** One watched job: an async iterable of its updates, its current state, and how it ended. */
-export class Watch implements AsyncIterable<JobUpdate> {
-  readonly kind: string
-  readonly jobId: string
-  /** Resolves with the final `succeeded` update; rejects with JobFailedError, NotFoundError or AuthError. */
-  readonly done: Promise<JobUpdate>
-  current: JobUpdate | null = null
-  #listeners = new Set<Listener<JobUpdate>>()
-  #settle!: (error?: Error, final?: JobUpdate) => void
-  #ended: { error?: Error | undefined } | null = null
-  #stop: () => void
-
-  constructor (kind: string, jobId: string, stop: () => void) {
-    this.kind = kind
-    this.jobId = jobId
-    this.#stop = stop
-    this.done = new Promise((resolve, reject) => { this.#settle = (error, final) => error !== undefined ? reject(error) : resolve(final as JobUpdate) })
-    // Awaiting `done` is optional: an unawaited failure must not crash Node.
-    this.done.catch(() => {})
-  }
-
-  get ended (): boolean {
-    return this.#ended !== null
-  }
-
-  /** Calls `fn` with every update (and at once with the current one); returns the unsubscribe. */
-  onUpdate (fn: Listener<JobUpdate>): () => void {
-    this.#listeners.add(fn)
-    if (this.current !== null) fn(this.current)
-    return () => this.#listeners.delete(fn)
-  }
-
-  /** Stops watching (the connection unsubscribes); `done` stays pending. */
-  stop (): void {
-    this.#stop()
-  }
-
-  /** @internal */
-  _update (u: JobUpdate): boolean {
-    const last = this.current
-    if (this.#ended !== null || (last !== null && (
-      // The version orders states across transports and instances (a retry is a newer attempt);
-      // without one, progress within a status only goes forward.
-      u.version !== undefined && last.version !== undefined
-        ? compareVersions(u.version, last.version) < 0
-        : !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed))) return false
-    this.current = u
-    for (const fn of this.#listeners) fn(u)
-    if (FINAL.has(u.status)) this._end(u.status === 'succeeded' ? undefined : new JobFailedError(u), u)
-    return true
-  }
-
-  /** @internal */
-  _end (error?: Error, final?: JobUpdate): void {
-    if (this.#ended !== null) return
-    this.#ended = { error }
-    this.#settle(error, final)
-    for (const fn of this.#listeners) fn(this.current as JobUpdate)
-  }
-
-  async * [Symbol.asyncIterator] (): AsyncIterator<JobUpdate> {
-    const queue: JobUpdate[] = []
-    let wake: (() => void) | undefined
-    const off = this.onUpdate((u) => { if (u !== null && queue.at(-1) !== u) queue.push(u); wake?.() })
-    try {
-      for (;;) {
-        while (queue.length > 0) yield queue.shift() as JobUpdate
-        const ended = this.#ended
-        if (ended !== null) {
-          if (ended.error !== undefined && !(ended.error instanceof JobFailedError)) throw ended.error
-          return
-        }
-        await new Promise<void>(resolve => { wake = resolve })
-      }
-    } finally {
-      off()
-    }
-  }
+/** One connection, whatever its transport. */
+interface Conn {
+  /** Watch this job too. */
+  add: (kind: string, jobId: string) => void
+  remove: (jobId: string) => void
+  /** Ends the connection without reporting it down. */
+  close: () => void
 }
 
-export interface UploadOptions {
-  /** Other form fields, sent before the file. */
-  fields?: Record<string, string>
-  /** Upload progress (bytes sent, bytes in all). In Node, called once at the end. */
-  onUploadProgress?: (loaded: number, total: number) => void
-  signal?: AbortSignal
-  /** The file's name when `file` is a Blob without one. */
-  filename?: string
+/** JSON text to a value; null when it is not JSON. */
+const parse = (text: string): any => {
+  try { return JSON.parse(text) } catch { return null }
 }
 
-export interface UploadedJob {
-  kind: string
-  jobId: string
-  statusUrl: string
-  /** Starts watching the job (same as `client.watch(kind, jobId)`). */
-  watch: () => Watch
-}
+const authError = (reason?: string): AuthError => new AuthError(reason || 'authentication required')
 
-/** The client. Create one per page (or process) and share it. */
+/** What a close code means for the client: null to reconnect, else the error that ends the watches. */
+const closeError = (code: number, reason: string): Error | null =>
+  code === 4001 ? authError(reason) : shouldRetry(code) || code === 1000 ? null : new ConnectionError(code, reason)
+
+/** The status route's seed statuses in the `jobs` protocol's words (`failed` and `cancelled` are the same). */
+const POLL_STATUS: Record<string, JobStatus> = { processing: 'running', complete: 'succeeded' }
+
+/**
+ * The client. Create one per page (or process) and share it.
+ *
+ * Its state lives in the constructor's closure, where names minify; the methods call into it.
+ */
 export class JobProgressClient {
-  // The state lives in the constructor's closure (its names minify); the methods call into it.
   readonly #watch: (kind: string, jobId: string) => Watch
   readonly #upload: (kind: string, file: Blob, opts: UploadOptions) => Promise<UploadedJob>
   readonly #cancel: (kind: string, jobId: string) => Promise<void>
@@ -176,7 +63,7 @@ export class JobProgressClient {
       apiKey,
       apiKeyVia = 'subprotocol',
       credentials = 'same-origin',
-      transports: wanted = ['websocket', 'sse', 'polling'],
+      transports = ['websocket', 'sse', 'polling'],
       wsPath = '/ws/jobs',
       ssePath = '/events',
       paths = {},
@@ -188,10 +75,10 @@ export class JobProgressClient {
       fetch: fetchFn = g.fetch.bind(g),
       WebSocket: Ws = g.WebSocket
     } = options
-    if (baseUrl === undefined) throw new TypeError('fastify-job-progress/client: `baseUrl` is required outside a browser')
-    const route = (name: 'status' | 'result' | 'cancel'): (kind: string, jobId: string) => string => paths[name] ?? ((kind, id) => `/${kind}/${id}/${name}`)
-    const headers: Record<string, string> = apiKey !== undefined ? { authorization: `Bearer ${apiKey}` } : {}
-    const order = wanted.filter(t => t !== 'websocket' || Ws !== undefined)
+    if (!baseUrl) throw new TypeError('`baseUrl` is required outside a browser')
+    const route = (name: 'status' | 'result' | 'cancel', kind: string, id: string): URL => new URL(paths[name]?.(kind, id) ?? `/${kind}/${id}/${name}`, baseUrl)
+    const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {}
+    const order = transports.filter(t => t !== 'websocket' || Ws)
     const watches = new Map<string, Watch>()
     const listeners = this.#stateListeners
     let level = 0
@@ -200,10 +87,10 @@ export class JobProgressClient {
     let conn: Conn | null = null
     let probe: Conn | null = null
     let connTransport: Transport | null = null
-    let live = false
-    let retryTimer: ReturnType<typeof setTimeout> | undefined
-    let upgradeTimer: ReturnType<typeof setTimeout> | undefined
-    let watchdog: ReturnType<typeof setInterval> | undefined
+    let isLive = false
+    let retryTimer: Timer
+    let upgradeTimer: Timer
+    let watchdog: Timer
     let lastSeen = 0
     let fatal: Error | null = null
     let state: ConnectionEvent = { state: 'idle', transport: null }
@@ -211,21 +98,20 @@ export class JobProgressClient {
     let closed = false
     let sessionStarted = false
     let firstUpload: Promise<unknown> = Promise.resolve()
-    const open = transports({ baseUrl, apiKey, apiKeyVia, credentials, fetch: fetchFn, WebSocket: Ws, wsPath, ssePath, statusPath: route('status'), resultPath: route('result'), pollIntervalMs, lastEventId: () => lastEventId })
 
     const active = (): Watch[] => [...watches.values()].filter(w => !w.ended)
 
-    const setState = (next: ConnectionEvent): void => {
+    const setState = (name: ConnectionEvent['state'], transport: Transport | null = null, extra?: { retryInMs?: number, error?: Error }): void => {
       // Each wait before a reconnect is reported, even when the state stays `reconnecting`.
-      if (next.state === state.state && next.transport === state.transport && next.retryInMs === undefined) return
-      state = next
-      for (const fn of listeners) fn(next)
+      if (name === state.state && transport === state.transport && !extra) return
+      state = { state: name, transport, ...extra }
+      for (const fn of listeners) fn(state)
     }
 
-    /** The connection is gone (the timers that depend on it too). */
+    /** The connection is gone (the watchdog with it). */
     const dropConn = (): void => {
       conn = null
-      live = false
+      isLive = false
       clearInterval(watchdog)
     }
 
@@ -239,7 +125,7 @@ export class JobProgressClient {
       for (const c of old) c?.close()
     }
 
-    const idle = (): void => setState({ state: 'idle', transport: null })
+    const idle = (): void => setState('idle')
 
     /** A job ended or was dropped: with nothing left to watch, no connection is held. */
     const settle = (jobId: string): void => {
@@ -254,80 +140,227 @@ export class JobProgressClient {
       fatal = error
       teardown()
       for (const w of active()) w._end(error)
-      setState({ state: 'offline', transport: null, error })
+      setState('offline', null, { error })
     }
 
     const retryLater = (): void => {
       // Full jitter: anywhere between 0 and the exponential step.
       const delay = Math.floor(Math.random() * Math.min(maxMs, minMs * 2 ** attempt++))
-      setState({ state: 'reconnecting', transport: connTransport, retryInMs: delay })
+      setState('reconnecting', connTransport, { retryInMs: delay })
       retryTimer = setTimeout(() => { retryTimer = undefined; connectNow() }, delay)
     }
 
-    const onUpdate = (m: JobUpdateMessage, kind?: string): void => {
+    const touch = (): void => { lastSeen = Date.now() }
+
+    const get = async (url: URL): Promise<Response> => await fetchFn(url, { headers, credentials })
+
+    const onUpdate = (m: JobUpdateMessage): void => {
       const watch = watches.get(m.job_id)
-      if (watch === undefined) return
-      if (m.version !== undefined) lastEventId = `${m.job_id}@${m.version}`
-      const u: JobUpdate = { kind: kind ?? watch.kind, jobId: m.job_id, status: m.status, progress: m.progress, processed: m.processed, total: m.total, etaSeconds: m.eta_seconds, result: m.result ?? null, error: m.error ?? null }
-      for (const k of ['version', 'stage', 'message', 'data'] as const) if (m[k] !== undefined) (u as unknown as Record<string, unknown>)[k] = m[k]
-      watch._update(u)
+      if (!watch) return
+      if (m.version) lastEventId = `${m.job_id}@${m.version}`
+      // The message's fields under the client's names; any field a newer server adds passes through.
+      const { type, ts, job_id: jobId, eta_seconds: etaSeconds, ...fields } = m
+      watch._update({ kind: watch.kind, jobId, ...fields, etaSeconds })
     }
 
-    /** Opens `transport`; as a probe, it takes over from the fallback only once it is live. */
+    /**
+     * Opens `transport` for every active watch; as a probe (trying the best transport while on a
+     * fallback) it takes over only once it is live. The transports share the watched jobs, the
+     * end of a connection and the reading of a message; each adds only how it carries them: the
+     * `jobs` protocol over one WebSocket; one multiplexed Server-Sent Events stream read with
+     * fetch (so it can carry an API key header and runs in Node too), where adding a job means a
+     * new request; or the status route of each job every `pollIntervalMs`, which always works.
+     */
     const connect = (transport: Transport, probing: boolean): void => {
-      let wasLive = false
-      this.connections++
-      const c = open(transport, active(), {
-        live: () => {
-          wasLive = true
-          if (probing) {
-            // The better transport works: it takes over, and the fallback goes.
-            probing = false
-            probe = null
-            conn?.close()
-            level = 0
-          }
-          conn = c
-          connTransport = transport
-          live = true
-          failures = attempt = 0
-          lastSeen = Date.now()
-          setState({ state: transport === 'websocket' ? 'live' : 'fallback', transport })
-          startWatchdog()
-          if (level > 0) scheduleUpgrade()
+      const watched = new Map(active().map(w => [w.jobId, w.kind]))
+      let ended = false
+      let wentLive = false
+      let timer: Timer
+      // What the transport does when a job is added or removed, and when the connection ends.
+      let added = (_jobId: string): void => {}
+      let removed = added
+      let stop = (): void => { clearTimeout(timer) }
+      const c: Conn = {
+        add (kind, jobId) {
+          if (!watched.has(jobId)) { watched.set(jobId, kind); added(jobId) }
         },
-        touch: () => { lastSeen = Date.now() },
-        update: onUpdate,
-        // The server names the job in its errors: not found, or a limit such as subscriptions.
-        notFound: (jobId, message) => watches.get(jobId)?._end(/not found/i.test(message) ? new NotFoundError(jobId, message) : new JobProgressError(message)),
-        down: (error) => {
-          if (probing) {
-            probe = null
-            return scheduleUpgrade()
-          }
-          dropConn()
-          if (error !== null) return fail(error)
-          if (active().length === 0) return
-          if (!wasLive && ++failures >= fallbackAfter && level < order.length - 1) {
-            level++
-            failures = 0
-            // A new transport is tried at once: the old one's failure says nothing about it.
-            return connectNow()
-          }
-          retryLater()
+        remove (jobId) {
+          if (watched.delete(jobId)) removed(jobId)
+        },
+        close () {
+          ended = true
+          stop()
         }
-      })
+      }
+      const live = (): void => {
+        if (wentLive) return
+        wentLive = true
+        if (probing) {
+          // The better transport works: it takes over, and the fallback goes.
+          probing = false
+          probe = null
+          conn?.close()
+          level = 0
+        }
+        conn = c
+        connTransport = transport
+        isLive = true
+        failures = attempt = 0
+        touch()
+        setState(transport === 'websocket' ? 'live' : 'fallback', transport)
+        startWatchdog()
+        if (level > 0) scheduleUpgrade()
+      }
+      const end = (error: Error | null): void => {
+        if (ended) return
+        ended = true
+        stop()
+        if (probing) {
+          probe = null
+          return scheduleUpgrade()
+        }
+        dropConn()
+        if (error) return fail(error)
+        if (active().length === 0) return
+        if (!wentLive && ++failures >= fallbackAfter && level < order.length - 1) {
+          level++
+          failures = 0
+          // A new transport is tried at once: the old one's failure says nothing about it.
+          return connectNow()
+        }
+        retryLater()
+      }
+      /** A message of the `jobs` protocol, or an SSE event (its `event:` as the type). */
+      const dispatch = (type: string, m: any): void => {
+        if (!m) return
+        if (type === 'job_update') onUpdate(m)
+        // The server names the job in its errors: not found, or a limit such as subscriptions.
+        else if (type === 'error' && m.job_id) watches.get(m.job_id)?._end(/not found/i.test(m.message) ? new NotFoundError(m.job_id, m.message) : new JobProgressError(m.message))
+        else if (type === 'close') end(closeError(m.code, m.reason))
+      }
+      this.connections++
       if (probing) probe = c
       else {
         conn = c
         connTransport = transport
       }
+
+      if (transport === 'websocket') {
+        const url = new URL(wsPath, baseUrl)
+        url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:'
+        if (apiKey && apiKeyVia === 'query') url.searchParams.set('api_key', apiKey)
+        const ws = new (Ws as typeof WebSocket)(url, apiKey && apiKeyVia === 'subprotocol' ? [apiKey] : undefined)
+        const send = (message: object): void => { if (wentLive && ws.readyState === 1) ws.send(JSON.stringify(message)) }
+        added = (jobId) => send({ action: 'subscribe', job_id: jobId })
+        removed = (jobId) => send({ action: 'unsubscribe', job_id: jobId })
+        // A close event follows every error; an error without a listener would throw in Node's `ws`.
+        ws.onerror = () => {}
+        ws.onopen = () => {
+          if (apiKey && apiKeyVia === 'first-message') ws.send(JSON.stringify({ token: apiKey }))
+        }
+        ws.onmessage = (e: MessageEvent) => {
+          touch()
+          const m = parse(String(e.data))
+          if (m?.type !== 'connected') return dispatch(m?.type, m)
+          live()
+          for (const jobId of watched.keys()) added(jobId)
+        }
+        ws.onclose = (e: CloseEvent) => end(closeError(e.code, e.reason))
+        stop = () => {
+          ws.onclose = null
+          try { ws.close(1000, 'client done') } catch {}
+        }
+      } else if (transport === 'sse') {
+        let controller: AbortController | undefined
+        const start = async (): Promise<void> => {
+          controller?.abort()
+          const abort = controller = new AbortController()
+          const url = new URL(ssePath, baseUrl)
+          url.searchParams.set('jobs', [...watched.keys()].join(','))
+          const last = lastEventId
+          let res: Response
+          try {
+            res = await fetchFn(url, { headers: { accept: 'text/event-stream', ...headers, ...(last && { 'last-event-id': last }) }, credentials, signal: abort.signal })
+          } catch {
+            // A stream replaced by a newer request ends quietly.
+            if (abort === controller) end(null)
+            return
+          }
+          if (abort !== controller) return
+          const { status, body } = res
+          if (status !== 200 || !body || !/^text\/event-stream/.test(res.headers.get('content-type') as string)) {
+            body?.cancel().catch(() => {})
+            // 204: every job had ended already; 400 and 429: the request is refused as it is.
+            return end(status === 401 ? authError() : status === 400 || status === 429 ? new ConnectionError(status, 'request refused') : null)
+          }
+          live()
+          const reader = body.pipeThrough(new TextDecoderStream()).getReader()
+          let buffer = ''
+          try {
+            for (;;) {
+              const { done, value } = await reader.read()
+              if (done) break
+              touch()
+              const blocks = (buffer + value).split(/\r?\n\r?\n/)
+              buffer = blocks.pop() as string
+              for (const block of blocks) {
+                // The server writes one `data:` line per event (its JSON holds no raw newline).
+                // Comments (heartbeats), `id:` and `retry:` are not needed: the client keeps its own
+                // last event id (from versions) and its own backoff.
+                const [, event, data] = /^event: ?(.*)\r?\ndata: ?(.*)/m.exec(block) ?? []
+                dispatch(event as string, parse(data as string))
+              }
+            }
+          } catch {}
+          if (abort === controller) end(null)
+        }
+        // Jobs watched in one go (a page opening with 50) make one request, not 50 in a row. The
+        // stream ends by itself once the jobs it names have ended; a job no longer wanted is only
+        // ignored, so removing one costs no new request.
+        added = () => {
+          clearTimeout(timer)
+          timer = setTimeout(start)
+        }
+        added('')
+        stop = () => {
+          clearTimeout(timer)
+          controller?.abort()
+        }
+      } else {
+        const round = async (): Promise<void> => {
+          for (const [jobId, kind] of [...watched]) {
+            if (ended) return
+            let res: Response
+            try { res = await get(route('status', kind, jobId)) } catch { return end(null) }
+            if (res.status === 404) {
+              watched.delete(jobId)
+              watches.get(jobId)?._end(new NotFoundError(jobId))
+              continue
+            }
+            if (res.status !== 200) return end(res.status === 401 ? authError() : null)
+            live()
+            touch()
+            const p = await res.json() as ProgressMessage
+            let result: unknown = null
+            if (p.status === 'complete') {
+              try {
+                const r = await get(route('result', kind, jobId))
+                if (r.status === 200) result = (await r.json()).result
+              } catch {}
+            }
+            onUpdate({ ...p, status: POLL_STATUS[p.status] ?? p.status, result, error: p.error ?? null } as unknown as JobUpdateMessage)
+            if (p.status !== 'processing') watched.delete(jobId)
+          }
+          if (!ended) timer = setTimeout(round, pollIntervalMs)
+        }
+        void round()
+      }
     }
 
     const connectNow = (): void => {
       const transport = order[Math.min(level, order.length - 1)]
-      if (closed || fatal !== null || active().length === 0 || transport === undefined) return
-      setState({ state: state.state === 'idle' ? 'connecting' : state.state, transport })
+      if (closed || fatal || active().length === 0 || !transport) return
+      setState(state.state === 'idle' ? 'connecting' : state.state, transport)
       connect(transport, false)
     }
 
@@ -335,7 +368,7 @@ export class JobProgressClient {
       clearInterval(watchdog)
       watchdog = setInterval(() => {
         // Silent for too long: the connection is dead without having said so.
-        if (Date.now() - lastSeen <= heartbeatTimeoutMs || conn === null) return
+        if (Date.now() - lastSeen <= heartbeatTimeoutMs || !conn) return
         conn.close()
         dropConn()
         retryLater()
@@ -348,7 +381,7 @@ export class JobProgressClient {
       clearTimeout(upgradeTimer)
       upgradeTimer = setTimeout(() => {
         upgradeTimer = undefined
-        if (live && level > 0) connect(order[0], true)
+        if (isLive && level > 0) connect(order[0], true)
       }, upgradeIntervalMs / 2 * (1 + Math.random()))
       ;(upgradeTimer as { unref?: () => void }).unref?.()
     }
@@ -357,7 +390,7 @@ export class JobProgressClient {
     const answer = (status: number, text: string, what: string, jobId?: string): any => {
       const body = parse(text)
       if (status === 401) throw authError(body?.message)
-      if (status === 404 && jobId !== undefined) throw new NotFoundError(jobId)
+      if (status === 404 && jobId) throw new NotFoundError(jobId)
       if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `${what} failed (${status})`, body)
       return body
     }
@@ -366,39 +399,41 @@ export class JobProgressClient {
       const form = new FormData()
       for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
       form.append('file', file, opts.filename ?? (file as { name?: string }).name ?? 'upload')
-      const url = new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl).toString()
+      const url = new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl)
       const XHR = g.XMLHttpRequest
       const progress = opts.onUploadProgress
       let status: number
       let text: string
-      if (XHR !== undefined && progress !== undefined) {
+      if (XHR && progress) {
         // Only XMLHttpRequest reports upload progress in browsers.
-        ({ status, text } = await new Promise<{ status: number, text: string }>((resolve, reject) => {
-          const xhr = new XHR()
+        const xhr = new XHR()
+        await new Promise((resolve, reject) => {
           xhr.open('POST', url)
           xhr.withCredentials = credentials === 'include'
           for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v)
           xhr.upload.onprogress = (e) => progress(e.loaded, e.lengthComputable ? e.total : file.size)
-          xhr.onload = () => resolve({ status: xhr.status, text: xhr.responseText })
-          xhr.onerror = () => reject(new HttpError(0, 'upload failed: network error'))
-          xhr.onabort = () => reject(new DOMException('upload aborted', 'AbortError'))
-          opts.signal?.addEventListener('abort', () => xhr.abort(), { once: true })
+          // Loaded, failed or aborted: a status of 0 means no answer.
+          xhr.onloadend = () => xhr.status ? resolve(0) : reject(opts.signal?.aborted ? opts.signal.reason : new HttpError(0, 'upload failed: network error'))
+          // An AbortSignal fires once: the listener needs no removing.
+          opts.signal?.addEventListener('abort', () => xhr.abort())
           xhr.send(form)
-        }))
+        })
+        status = xhr.status
+        text = xhr.responseText
       } else {
         progress?.(0, file.size)
-        const res = await fetchFn(url, { method: 'POST', body: form, headers, credentials, ...(opts.signal !== undefined ? { signal: opts.signal } : {}) })
+        const res = await fetchFn(url, { method: 'POST', body: form, headers, credentials, signal: opts.signal })
         status = res.status
         text = await res.text()
         progress?.(file.size, file.size)
       }
       const body = answer(status, text, 'upload')
-      const jobId = String(body.job_id)
-      return { kind, jobId, statusUrl: String(body.status_url), watch: () => this.watch(kind, jobId) }
+      const jobId: string = body.job_id
+      return { kind, jobId, statusUrl: body.status_url, watch: () => this.watch(kind, jobId) }
     }
 
     this.#upload = async (kind, file, opts) => {
-      if (apiKey !== undefined || sessionStarted) return await send(kind, file, opts)
+      if (apiKey || sessionStarted) return await send(kind, file, opts)
       // With cookie sessions the first upload starts the session: several first uploads at once
       // would start several, and the page would own only the last one's jobs. Until one upload
       // went through, they go one at a time.
@@ -408,13 +443,13 @@ export class JobProgressClient {
     }
 
     this.#cancel = async (kind, jobId) => {
-      const res = await fetchFn(new URL(route('cancel')(kind, jobId), baseUrl), { method: 'POST', headers, credentials })
+      const res = await fetchFn(route('cancel', kind, jobId), { method: 'POST', headers, credentials })
       answer(res.status, await res.text(), 'cancel', jobId)
     }
 
     this.#watch = (kind, jobId) => {
       let watch = watches.get(jobId)
-      if (watch !== undefined) return watch
+      if (watch) return watch
       watch = new Watch(kind, jobId, () => {
         watches.delete(jobId)
         conn?.remove(jobId)
@@ -423,9 +458,9 @@ export class JobProgressClient {
       watches.set(jobId, watch)
       const ended = (): void => settle(jobId)
       void watch.done.then(ended, ended)
-      if (fatal !== null) watch._end(fatal)
-      else if (conn !== null) conn.add(kind, jobId)
-      else if (retryTimer === undefined) connectNow()
+      if (fatal) watch._end(fatal)
+      else if (conn) conn.add(kind, jobId)
+      else if (!retryTimer) connectNow()
       return watch
     }
 
@@ -437,8 +472,8 @@ export class JobProgressClient {
 
     this.#state = () => state
     // The browser knows when the network is gone and back: no point in backing off meanwhile.
-    g.addEventListener?.('offline', () => setState({ state: 'offline', transport: null }))
-    g.addEventListener?.('online', () => { if (conn === null && active().length > 0) connectNow() })
+    g.addEventListener?.('offline', () => setState('offline'))
+    g.addEventListener?.('online', () => { if (!conn && active().length > 0) connectNow() })
   }
 
   /** The connection's state now. */
