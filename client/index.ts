@@ -75,7 +75,7 @@ export class JobProgressClient {
       fetch: fetchFn = g.fetch.bind(g),
       WebSocket: Ws = g.WebSocket
     } = options
-    if (!baseUrl) throw new TypeError('`baseUrl` is required outside a browser')
+    if (!baseUrl) throw new TypeError('baseUrl required')
     const route = (name: 'status' | 'result' | 'cancel', kind: string, id: string): URL => new URL(paths[name]?.(kind, id) ?? `/${kind}/${id}/${name}`, baseUrl)
     const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {}
     const order = transports.filter(t => t !== 'websocket' || Ws)
@@ -86,7 +86,6 @@ export class JobProgressClient {
     let attempt = 0
     let conn: Conn | null = null
     let probe: Conn | null = null
-    let connTransport: Transport | null = null
     let isLive = false
     let retryTimer: Timer
     let upgradeTimer: Timer
@@ -118,21 +117,19 @@ export class JobProgressClient {
     const teardown = (): void => {
       clearTimeout(retryTimer)
       clearTimeout(upgradeTimer)
-      retryTimer = upgradeTimer = undefined
-      const old = [conn, probe]
+      retryTimer = undefined
+      conn?.close()
+      probe?.close()
       dropConn()
-      probe = connTransport = null
-      for (const c of old) c?.close()
+      probe = null
     }
-
-    const idle = (): void => setState('idle')
 
     /** A job ended or was dropped: with nothing left to watch, no connection is held. */
     const settle = (jobId: string): void => {
-      if (watches.get(jobId)?.ended === true) watches.delete(jobId)
-      if (active().length === 0) {
+      if (watches.get(jobId)?.ended) watches.delete(jobId)
+      if (!active().length) {
         teardown()
-        idle()
+        setState('idle')
       }
     }
 
@@ -145,14 +142,15 @@ export class JobProgressClient {
 
     const retryLater = (): void => {
       // Full jitter: anywhere between 0 and the exponential step.
-      const delay = Math.floor(Math.random() * Math.min(maxMs, minMs * 2 ** attempt++))
-      setState('reconnecting', connTransport, { retryInMs: delay })
+      const delay = Math.random() * Math.min(maxMs, minMs * 2 ** attempt++) | 0
+      setState('reconnecting', state.transport, { retryInMs: delay })
       retryTimer = setTimeout(() => { retryTimer = undefined; connectNow() }, delay)
     }
 
     const touch = (): void => { lastSeen = Date.now() }
 
-    const get = async (url: URL): Promise<Response> => await fetchFn(url, { headers, credentials })
+    /** A request with the client's credentials. */
+    const request = async (url: URL, init?: RequestInit): Promise<Response> => await fetchFn(url, { headers, credentials, ...init })
 
     const onUpdate = (m: JobUpdateMessage): void => {
       const watch = watches.get(m.job_id)
@@ -200,16 +198,15 @@ export class JobProgressClient {
           probing = false
           probe = null
           conn?.close()
+          conn = c
           level = 0
         }
-        conn = c
-        connTransport = transport
         isLive = true
         failures = attempt = 0
         touch()
         setState(transport === 'websocket' ? 'live' : 'fallback', transport)
         startWatchdog()
-        if (level > 0) scheduleUpgrade()
+        if (level) scheduleUpgrade()
       }
       const end = (error: Error | null): void => {
         if (ended) return
@@ -221,7 +218,7 @@ export class JobProgressClient {
         }
         dropConn()
         if (error) return fail(error)
-        if (active().length === 0) return
+        if (!active().length) return
         if (!wentLive && ++failures >= fallbackAfter && level < order.length - 1) {
           level++
           failures = 0
@@ -240,19 +237,17 @@ export class JobProgressClient {
       }
       this.connections++
       if (probing) probe = c
-      else {
-        conn = c
-        connTransport = transport
-      }
+      else conn = c
 
       if (transport === 'websocket') {
         const url = new URL(wsPath, baseUrl)
-        url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:'
+        url.protocol = url.protocol.replace('http', 'ws')
         if (apiKey && apiKeyVia === 'query') url.searchParams.set('api_key', apiKey)
         const ws = new (Ws as typeof WebSocket)(url, apiKey && apiKeyVia === 'subprotocol' ? [apiKey] : undefined)
-        const send = (message: object): void => { if (wentLive && ws.readyState === 1) ws.send(JSON.stringify(message)) }
-        added = (jobId) => send({ action: 'subscribe', job_id: jobId })
-        removed = (jobId) => send({ action: 'unsubscribe', job_id: jobId })
+        // Sending on a closing socket does nothing.
+        const send = (action: string) => (jobId: string): void => { if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId })) }
+        added = send('subscribe')
+        removed = send('unsubscribe')
         // A close event follows every error; an error without a listener would throw in Node's `ws`.
         ws.onerror = () => {}
         ws.onopen = () => {
@@ -260,7 +255,7 @@ export class JobProgressClient {
         }
         ws.onmessage = (e: MessageEvent) => {
           touch()
-          const m = parse(String(e.data))
+          const m = parse(e.data)
           if (m?.type !== 'connected') return dispatch(m?.type, m)
           live()
           for (const jobId of watched.keys()) added(jobId)
@@ -268,7 +263,7 @@ export class JobProgressClient {
         ws.onclose = (e: CloseEvent) => end(closeError(e.code, e.reason))
         stop = () => {
           ws.onclose = null
-          try { ws.close(1000, 'client done') } catch {}
+          try { ws.close(1000) } catch {}
         }
       } else if (transport === 'sse') {
         let controller: AbortController | undefined
@@ -280,7 +275,7 @@ export class JobProgressClient {
           const last = lastEventId
           let res: Response
           try {
-            res = await fetchFn(url, { headers: { accept: 'text/event-stream', ...headers, ...(last && { 'last-event-id': last }) }, credentials, signal: abort.signal })
+            res = await request(url, { headers: { accept: 'text/event-stream', ...headers, ...(last && { 'last-event-id': last }) }, signal: abort.signal })
           } catch {
             // A stream replaced by a newer request ends quietly.
             if (abort === controller) end(null)
@@ -331,7 +326,7 @@ export class JobProgressClient {
           for (const [jobId, kind] of [...watched]) {
             if (ended) return
             let res: Response
-            try { res = await get(route('status', kind, jobId)) } catch { return end(null) }
+            try { res = await request(route('status', kind, jobId)) } catch { return end(null) }
             if (res.status === 404) {
               watched.delete(jobId)
               watches.get(jobId)?._end(new NotFoundError(jobId))
@@ -344,8 +339,7 @@ export class JobProgressClient {
             let result: unknown = null
             if (p.status === 'complete') {
               try {
-                const r = await get(route('result', kind, jobId))
-                if (r.status === 200) result = (await r.json()).result
+                result = (await (await request(route('result', kind, jobId))).json()).result ?? null
               } catch {}
             }
             onUpdate({ ...p, status: POLL_STATUS[p.status] ?? p.status, result, error: p.error ?? null } as unknown as JobUpdateMessage)
@@ -358,8 +352,8 @@ export class JobProgressClient {
     }
 
     const connectNow = (): void => {
-      const transport = order[Math.min(level, order.length - 1)]
-      if (closed || fatal || active().length === 0 || !transport) return
+      const transport = order[level]
+      if (closed || fatal || !active().length || !transport) return
       setState(state.state === 'idle' ? 'connecting' : state.state, transport)
       connect(transport, false)
     }
@@ -380,18 +374,17 @@ export class JobProgressClient {
     const scheduleUpgrade = (): void => {
       clearTimeout(upgradeTimer)
       upgradeTimer = setTimeout(() => {
-        upgradeTimer = undefined
-        if (isLive && level > 0) connect(order[0], true)
+        if (isLive && level) connect(order[0], true)
       }, upgradeIntervalMs / 2 * (1 + Math.random()))
       ;(upgradeTimer as { unref?: () => void }).unref?.()
     }
 
     /** Checks an HTTP answer; its JSON body, or the error it means. */
-    const answer = (status: number, text: string, what: string, jobId?: string): any => {
+    const answer = (status: number, text: string, jobId?: string): any => {
       const body = parse(text)
       if (status === 401) throw authError(body?.message)
       if (status === 404 && jobId) throw new NotFoundError(jobId)
-      if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `${what} failed (${status})`, body)
+      if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `HTTP ${status}`, body)
       return body
     }
 
@@ -413,7 +406,7 @@ export class JobProgressClient {
           for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v)
           xhr.upload.onprogress = (e) => progress(e.loaded, e.lengthComputable ? e.total : file.size)
           // Loaded, failed or aborted: a status of 0 means no answer.
-          xhr.onloadend = () => xhr.status ? resolve(0) : reject(opts.signal?.aborted ? opts.signal.reason : new HttpError(0, 'upload failed: network error'))
+          xhr.onloadend = () => xhr.status ? resolve(0) : reject(opts.signal?.aborted ? opts.signal.reason : new HttpError(0, 'network error'))
           // An AbortSignal fires once: the listener needs no removing.
           opts.signal?.addEventListener('abort', () => xhr.abort())
           xhr.send(form)
@@ -422,29 +415,28 @@ export class JobProgressClient {
         text = xhr.responseText
       } else {
         progress?.(0, file.size)
-        const res = await fetchFn(url, { method: 'POST', body: form, headers, credentials, signal: opts.signal })
+        const res = await request(url, { method: 'POST', body: form, signal: opts.signal })
         status = res.status
         text = await res.text()
         progress?.(file.size, file.size)
       }
-      const body = answer(status, text, 'upload')
+      const body = answer(status, text)
       const jobId: string = body.job_id
       return { kind, jobId, statusUrl: body.status_url, watch: () => this.watch(kind, jobId) }
     }
 
-    this.#upload = async (kind, file, opts) => {
-      if (apiKey || sessionStarted) return await send(kind, file, opts)
+    this.#upload = (kind, file, opts) => {
       // With cookie sessions the first upload starts the session: several first uploads at once
       // would start several, and the page would own only the last one's jobs. Until one upload
       // went through, they go one at a time.
-      const job = firstUpload.then(async () => await send(kind, file, opts))
+      const job = apiKey || sessionStarted ? send(kind, file, opts) : firstUpload.then(async () => await send(kind, file, opts))
       firstUpload = job.then(() => { sessionStarted = true }, () => {})
-      return await job
+      return job
     }
 
     this.#cancel = async (kind, jobId) => {
-      const res = await fetchFn(route('cancel', kind, jobId), { method: 'POST', headers, credentials })
-      answer(res.status, await res.text(), 'cancel', jobId)
+      const res = await request(route('cancel', kind, jobId), { method: 'POST' })
+      answer(res.status, await res.text(), jobId)
     }
 
     this.#watch = (kind, jobId) => {
@@ -467,13 +459,13 @@ export class JobProgressClient {
     this.#close = () => {
       closed = true
       teardown()
-      idle()
+      setState('idle')
     }
 
     this.#state = () => state
     // The browser knows when the network is gone and back: no point in backing off meanwhile.
     g.addEventListener?.('offline', () => setState('offline'))
-    g.addEventListener?.('online', () => { if (!conn && active().length > 0) connectNow() })
+    g.addEventListener?.('online', () => { if (!conn) connectNow() })
   }
 
   /** The connection's state now. */
@@ -493,13 +485,13 @@ export class JobProgressClient {
   }
 
   /** Uploads a file to a kind's upload route; resolves once the job is queued. */
-  async upload (kind: string, file: Blob, opts: UploadOptions = {}): Promise<UploadedJob> {
-    return await this.#upload(kind, file, opts)
+  upload (kind: string, file: Blob, opts: UploadOptions = {}): Promise<UploadedJob> {
+    return this.#upload(kind, file, opts)
   }
 
   /** Cancels a job. Rejects with HttpError 409 when it already ended, NotFoundError when not found. */
-  async cancel (kind: string, jobId: string): Promise<void> {
-    await this.#cancel(kind, jobId)
+  cancel (kind: string, jobId: string): Promise<void> {
+    return this.#cancel(kind, jobId)
   }
 
   /** Closes the connection and stops every timer; watches stay as they are. */

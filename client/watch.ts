@@ -8,14 +8,15 @@ const FINAL = new Set(['succeeded', 'failed', 'cancelled'])
 
 /** One watched job: an async iterable of its updates, its current state, and how it ended. */
 export class Watch implements AsyncIterable<JobUpdate> {
-  readonly kind: string
-  readonly jobId: string
+  declare readonly kind: string
+  declare readonly jobId: string
   /** Resolves with the final `succeeded` update; rejects with JobFailedError, NotFoundError or AuthError. */
-  readonly done: Promise<JobUpdate>
+  declare readonly done: Promise<JobUpdate>
   current: JobUpdate | null = null
   #listeners = new Set<Listener<JobUpdate>>()
   #settle!: (error?: Error, final?: JobUpdate) => void
-  #ended: { error?: Error | undefined } | null = null
+  /** Once ended: the error it ended with, or null. */
+  #ended: Error | null | undefined
   #stop: () => void
 
   constructor (kind: string, jobId: string, stop: () => void) {
@@ -28,7 +29,7 @@ export class Watch implements AsyncIterable<JobUpdate> {
   }
 
   get ended (): boolean {
-    return !!this.#ended
+    return this.#ended !== undefined
   }
 
   /** Calls `fn` with every update (and at once with the current one); returns the unsubscribe. */
@@ -46,7 +47,7 @@ export class Watch implements AsyncIterable<JobUpdate> {
   /** @internal */
   _update (u: JobUpdate): boolean {
     const last = this.current
-    if (this.#ended || (last && (
+    if (this.ended || (last && (
       // The version orders states across transports and instances (a retry is a newer attempt);
       // without one, progress within a status only goes forward.
       u.version && last.version
@@ -60,8 +61,8 @@ export class Watch implements AsyncIterable<JobUpdate> {
 
   /** @internal */
   _end (error?: Error, final?: JobUpdate): void {
-    if (this.#ended) return
-    this.#ended = { error }
+    if (this.ended) return
+    this.#ended = error ?? null
     this.#settle(error, final)
     for (const fn of this.#listeners) fn(this.current as JobUpdate)
   }
@@ -72,14 +73,13 @@ export class Watch implements AsyncIterable<JobUpdate> {
     const off = this.onUpdate((u) => { if (u && queue.at(-1) !== u) queue.push(u); wake?.() })
     try {
       for (;;) {
-        while (queue.length > 0) yield queue.shift() as JobUpdate
-        const ended = this.#ended
-        if (ended) {
-          if (ended.error && !(ended.error instanceof JobFailedError)) throw ended.error
-          return
-        }
-        await new Promise<void>(resolve => { wake = resolve })
+        const u = queue.shift()
+        if (u) yield u
+        else if (this.ended) break
+        else await new Promise<void>(resolve => { wake = resolve })
       }
+      const error = this.#ended
+      if (error && !(error instanceof JobFailedError)) throw error
     } finally {
       off()
     }
