@@ -66,8 +66,8 @@ interface Batch {
   events: BridgeEvent[]
   /** Per stream: every entry read, relayed or skipped. */
   done: Array<[string, string[]]>
-  /** Listeners still running. */
-  waits: Array<Promise<unknown>> | null
+  /** Listeners that returned a promise: the event's index and the promise. */
+  waits: Array<[number, PromiseLike<unknown>]> | null
   /** Entries whose listener failed: not acknowledged. */
   failed: Set<string> | null
 }
@@ -227,33 +227,40 @@ export class Bridge {
     let backoff = 100
     while (this.#running) {
       try {
-        const pipe = blocking.pipeline()
         const published = batch
         batch = null
+        // Nothing to send with it: the read alone, without a pipeline's bookkeeping.
+        if (published === null || published.messages.length === 0) {
+          if (published !== null) await this.#settle(published)
+          const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
+          // A read in flight when Redis dropped is kept for resending; disconnecting the client
+          // while it waits to reconnect leaves that read pending for ever. close() races it.
+          read.catch(() => {})
+          const reply = await Promise.race([read, this.#stopped])
+          backoff = 100
+          if (reply === null) continue
+          if (withRead) batch = this.#prepare(reply)
+          else await this.#publish(reply)
+          continue
+        }
+        const pipe = blocking.pipeline()
         // Acknowledged once Redis took every message (the replies come before the read's);
         // otherwise pending, claimed and replayed.
-        let settled: Promise<void> | null = null
-        if (published !== null) {
-          const { messages } = published
-          settled = messages.length === 0
-            ? this.#settle(published)
-            : new Promise<boolean>(resolve => {
-              let ok = true
-              messages.forEach(([channel, payload], i) => pipe.publish(channel, payload, (err) => {
-                if (err != null) ok = false
-                if (i === messages.length - 1) resolve(ok)
-              }))
-            }).then(async ok => { if (ok) await this.#settle(published) })
-        }
+        const { messages } = published
+        const settled = new Promise<boolean>(resolve => {
+          let ok = true
+          messages.forEach(([channel, payload], i) => pipe.publish(channel, payload, (err) => {
+            if (err != null) ok = false
+            if (i === messages.length - 1) resolve(ok)
+          }))
+        }).then(async ok => { if (ok) await this.#settle(published) })
         pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
         const sent = pipe.exec()
-        // A read in flight when Redis dropped is kept for resending; disconnecting the client
-        // while it waits to reconnect leaves that read pending for ever. close() races it.
         sent.catch(() => {})
-        if (published !== null) this.#handOff(published)
+        this.#handOff(published)
         const replies = await Promise.race([sent, this.#stopped])
         if (replies === null) continue
-        if (settled !== null) await settled
+        await settled
         const [err, reply] = replies[replies.length - 1] as [Error | null, Array<[string, Entry[]]> | null]
         if (err !== null) throw err
         backoff = 100
@@ -344,23 +351,36 @@ export class Bridge {
     const { local, onEvent } = this.#o
     if (local !== undefined) for (const [channel, payload] of batch.messages) local(channel, payload)
     if (onEvent === undefined) return
-    const fail = (event: BridgeEvent, err: unknown): void => {
-      (batch.failed ??= new Set()).add(event.id)
-      this.#o.log.warn({ err, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed; the event stays pending for a retry')
-    }
-    for (const event of batch.events) {
+    for (let i = 0; i < batch.events.length; i++) {
       try {
-        const result = onEvent(event)
-        if (result !== undefined && typeof result.then === 'function') (batch.waits ??= []).push(result.then(undefined, (err: unknown) => fail(event, err)))
+        const result = onEvent(batch.events[i])
+        if (result !== undefined && typeof result.then === 'function') {
+          // Rejections are taken in #settle; until then, not unhandled.
+          result.then(undefined, () => {})
+          ;(batch.waits ??= []).push([i, result])
+        }
       } catch (err) {
-        fail(event, err)
+        this.#failed(batch, batch.events[i], err)
       }
     }
   }
 
+  #failed (batch: Batch, event: BridgeEvent, err: unknown): void {
+    (batch.failed ??= new Set()).add(event.id)
+    this.#o.log.warn({ err, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed; the event stays pending for a retry')
+  }
+
   /** After Redis took a batch's messages: acknowledges its entries once their listeners succeeded. */
   async #settle (batch: Batch): Promise<void> {
-    if (batch.waits !== null) await Promise.all(batch.waits)
+    if (batch.waits !== null) {
+      for (const [i, wait] of batch.waits) {
+        try {
+          await wait
+        } catch (err) {
+          this.#failed(batch, batch.events[i], err)
+        }
+      }
+    }
     const failed = batch.failed
     for (const [stream, ids] of batch.done) this.#ack(stream, failed === null ? ids : ids.filter(id => !failed.has(id)))
   }
@@ -420,6 +440,28 @@ export class Bridge {
         if (mine.length === 0) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, this.#o.consumer)
       } catch {}
     }
+  }
+}
+
+/**
+ * One `onEvent` for several listeners: a promise only when one of them returned one, so an event
+ * no listener waits on costs no promise.
+ */
+export function everyListener (listeners: Array<(event: BridgeEvent) => void | Promise<void>>): (event: BridgeEvent) => void | Promise<void> {
+  return (event) => {
+    let waits: Array<Promise<void>> | undefined
+    for (const listener of listeners) {
+      let result: void | Promise<void>
+      try {
+        result = listener(event)
+      } catch (err) {
+        // The others still see the event; the entry stays pending all the same.
+        result = Promise.reject(err)
+      }
+      if (result !== undefined) (waits ??= []).push(result)
+    }
+    if (waits === undefined) return
+    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => {})
   }
 }
 
