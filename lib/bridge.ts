@@ -77,6 +77,15 @@ const ACK_DELAY_MS = 100
 /** ... or as soon as this many wait. */
 const ACK_BATCH = 1_000
 
+/** A read that brings this many entries or more means the stream is busy (see #read). */
+const BUSY_BATCH = 4
+
+function size (reply: Array<[string, Entry[]]>): number {
+  let n = 0
+  for (const [, entries] of reply) n += entries.length
+  return n
+}
+
 /** PUBLISHes on a plain connection: one command alone, several in one pipeline. */
 async function publishOn (redis: Commands, messages: Array<[string, string]>): Promise<void> {
   if (messages.length === 1) {
@@ -217,11 +226,14 @@ export class Bridge {
   }
 
   async #read (streams: string[]): Promise<void> {
-    const { blocking, group, consumer, blockMs, broker } = this.#o
+    const { blocking, broker } = this.#o
     const args = [...streams, ...streams.map(() => '>')]
     // Classic pub/sub on one Redis: a PUBLISH on any connection reaches every subscriber, so a
     // batch's messages go out in one write with the next read, on the reading connection, in
     // order before it. Sharded pub/sub sends each message to its channel's shard instead.
+    // Under load (a read brought several entries) the next read waits for the publishes' reply
+    // instead: it then takes what arrived meanwhile at once, and every socket gets those events
+    // in one write, not one write each.
     const withRead = (broker === undefined || broker.kind === 'classic') && !isCluster(blocking)
     let batch: Batch | null = null
     let backoff = 100
@@ -229,43 +241,16 @@ export class Bridge {
       try {
         const published = batch
         batch = null
-        // Nothing to send with it: the read alone, without a pipeline's bookkeeping.
+        let reply: Array<[string, Entry[]]> | null
         if (published === null || published.messages.length === 0) {
           if (published !== null) await this.#settle(published)
-          const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
-          // A read in flight when Redis dropped is kept for resending; disconnecting the client
-          // while it waits to reconnect leaves that read pending for ever. close() races it.
-          read.catch(() => {})
-          const reply = await Promise.race([read, this.#stopped])
-          backoff = 100
-          if (reply === null) continue
-          if (withRead) batch = this.#prepare(reply)
-          else await this.#publish(reply)
-          continue
+          reply = await this.#readAlone(args)
+        } else {
+          reply = await this.#publishAndRead(published, args)
         }
-        const pipe = blocking.pipeline()
-        // Acknowledged once Redis took every message (the replies come before the read's);
-        // otherwise pending, claimed and replayed.
-        const { messages } = published
-        const settled = new Promise<boolean>(resolve => {
-          let ok = true
-          messages.forEach(([channel, payload], i) => pipe.publish(channel, payload, (err) => {
-            if (err != null) ok = false
-            if (i === messages.length - 1) resolve(ok)
-          }))
-        }).then(async ok => { if (ok) await this.#settle(published) })
-        pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
-        const sent = pipe.exec()
-        sent.catch(() => {})
-        this.#handOff(published)
-        const replies = await Promise.race([sent, this.#stopped])
-        if (replies === null) continue
-        await settled
-        const [err, reply] = replies[replies.length - 1] as [Error | null, Array<[string, Entry[]]> | null]
-        if (err !== null) throw err
         backoff = 100
         if (reply === null) continue
-        if (withRead) batch = this.#prepare(reply)
+        if (withRead && size(reply) < BUSY_BATCH) batch = this.#prepare(reply)
         else await this.#publish(reply)
       } catch (err) {
         if (!this.#running) break
@@ -277,6 +262,45 @@ export class Bridge {
         backoff = Math.min(backoff * 2, 2_000)
       }
     }
+  }
+
+  /** One blocking read; null when it timed out or close() began. */
+  async #readAlone (args: string[]): Promise<Array<[string, Entry[]]> | null> {
+    const { blocking, group, consumer, blockMs } = this.#o
+    const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
+    // A read in flight when Redis dropped is kept for resending; disconnecting the client
+    // while it waits to reconnect leaves that read pending for ever. close() races it.
+    read.catch(() => {})
+    return await Promise.race([read, this.#stopped])
+  }
+
+  /**
+   * Sends a batch's messages and the next blocking read in one pipeline on the reading
+   * connection, hands the batch over locally meanwhile, and acknowledges it once Redis took every
+   * message (their replies come before the read's); otherwise its entries stay pending and are
+   * claimed and replayed.
+   */
+  async #publishAndRead (batch: Batch, args: string[]): Promise<Array<[string, Entry[]]> | null> {
+    const { blocking, group, consumer, blockMs } = this.#o
+    const pipe = blocking.pipeline()
+    const { messages } = batch
+    const settled = new Promise<boolean>(resolve => {
+      let ok = true
+      messages.forEach(([channel, payload], i) => pipe.publish(channel, payload, (err) => {
+        if (err != null) ok = false
+        if (i === messages.length - 1) resolve(ok)
+      }))
+    }).then(async ok => { if (ok) await this.#settle(batch) })
+    pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
+    const sent = pipe.exec()
+    sent.catch(() => {})
+    this.#handOff(batch)
+    const replies = await Promise.race([sent, this.#stopped])
+    if (replies === null) return null
+    await settled
+    const [err, reply] = replies[replies.length - 1] as [Error | null, Array<[string, Entry[]]> | null]
+    if (err !== null) throw err
+    return reply
   }
 
   /** Takes over entries another consumer read but did not acknowledge within `claimIdleMs`. */
