@@ -45,8 +45,15 @@ t.test('relayed entries are acknowledged together, and every one of them', async
     return Object.fromEntries(['xack', 'publish'].map(c => [c, Number(new RegExp(`cmdstat_${c}:calls=(\\d+)`).exec(info)?.[1] ?? 0)]))
   }
   const before = await stats()
-  // 200 events, one at a time as a worker writes them: read in many small batches.
+  // 200 events, one at a time as a worker writes them: read in many small batches, each sent
+  // with the next read ...
   for (let i = 0; i < 200; i++) await r.xadd(stream, '*', 'event', 'progress', 'jobId', `j${i % 5}`, 'data', String(i))
+  // ... and 300 more in bursts, read several at a time (the busy path).
+  for (let k = 0; k < 3; k++) {
+    const burst = r.pipeline()
+    for (let i = 0; i < 100; i++) burst.xadd(stream, '*', 'event', 'progress', 'jobId', `j${i % 5}`, 'data', String(i))
+    await burst.exec()
+  }
   for (;;) {
     const [count] = await r.xpending(stream, 'jp-bridge') as [number]
     const info = await r.xinfo('GROUPS', stream) as Array<Array<string | number>>
@@ -55,8 +62,8 @@ t.test('relayed entries are acknowledged together, and every one of them', async
     await new Promise(resolve => setTimeout(resolve, 20))
   }
   const after = await stats()
-  t.equal(bridge.published, 200)
-  t.equal(after.publish - before.publish, 200, 'one PUBLISH per event')
+  t.equal(bridge.published, 500)
+  t.equal(after.publish - before.publish, 500, 'one PUBLISH per event')
   t.ok(after.xack - before.xack < 50, `every entry acknowledged in ${after.xack - before.xack} XACKs, not one per read`)
 })
 
