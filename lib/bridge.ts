@@ -262,6 +262,9 @@ export class Bridge {
         backoff = Math.min(backoff * 2, 2_000)
       }
     }
+    // Read just before close(): sent on the command connection, which close() keeps open until
+    // the loops ended, rather than left for another instance to claim claimIdleMs later.
+    if (batch !== null) await this.#publishBatch(batch).catch(() => {})
   }
 
   /** One blocking read; null when it timed out or close() began. */
@@ -409,10 +412,13 @@ export class Bridge {
     for (const [stream, ids] of batch.done) this.#ack(stream, failed === null ? ids : ids.filter(id => !failed.has(id)))
   }
 
-  /** Publishes a batch on its own (claimed entries; sharded pub/sub) and settles it. */
+  /** Publishes entries on their own (claimed entries; sharded pub/sub; under load) and settles them. */
   async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
+    await this.#publishBatch(this.#prepare(streams))
+  }
+
+  async #publishBatch (batch: Batch): Promise<void> {
     const { redis, broker } = this.#o
-    const batch = this.#prepare(streams)
     // Sent first, so the other instances are not kept waiting while this one serves its sockets.
     const sent = broker !== undefined ? broker.publish(batch.messages) : publishOn(redis, batch.messages)
     this.#handOff(batch)
