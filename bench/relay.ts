@@ -3,14 +3,15 @@ import { join } from 'node:path'
 import { Child, killAll, ROOT } from './lib/proc'
 import { BenchRedis } from './lib/redis'
 import { cpuSeconds, serve } from './lib/ipc'
-import { fmt, table } from './lib/stats'
+import { fmt, percentiles, table } from './lib/stats'
 
 /**
  * The relay path alone, between BullMQ's event stream and the hub: each instance's bridge reads
  * the stream, publishes to the jobs' channels and hands its own reads to its hub; every hub
  * subscribes to the watched jobs and takes the messages (one sink per job that counts what it
  * gets, no sockets). This process writes progress entries to the stream the way BullMQ does, at
- * a given rate, and reads each instance's CPU time, Redis' commands and CPU per 10,000 events.
+ * a given rate, and reads each instance's CPU time, Redis' commands and CPU per 10,000 events,
+ * and the time from an entry's write to its delivery to each hub's sink (p50, p99).
  * With BENCH_CANDIDATE=/path/to/lib/index.ts the same runs for that copy of lib/ too, the two
  * taking turns at every rate: a change to the path is measured against what it replaces.
  *
@@ -21,7 +22,7 @@ const opt = (name: string, fallback: string): string => argv.find(a => a.startsW
 const JOBS = 50
 const QUEUE = 'relay'
 
-interface Step { events: number, cpu: number[], delivered: number, commands: Record<string, number>, redisCpu: number }
+interface Step { events: number, cpu: number[], delivered: number, commands: Record<string, number>, redisCpu: number, p50: number, p99: number }
 
 async function child (): Promise<void> {
   const cfg = JSON.parse(process.env.BENCH_CONFIG as string) as { port: number, lib: string, jobs: string[] }
@@ -40,10 +41,18 @@ async function child (): Promise<void> {
   const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' } as any)
   const hub = new Hub({ redis: cmd, broker, keys, throttleMs: 0, sweepReadsPerSecond: 0, log })
   let delivered = 0
+  // Wall-clock time from the entry's write to its delivery, in ms (the writer put it in `data.s`).
+  let latencies: number[] = []
   for (const jobId of cfg.jobs) {
     const opened = await hub.open({ kind: 'bench', queue: QUEUE, jobId })
     if (opened === null) throw new Error(`job ${jobId} not found`)
-    opened.attach({ deliver: () => { delivered++ } })
+    opened.attach({
+      deliver: (event) => {
+        delivered++
+        const s = (event.data as { s?: unknown } | undefined)?.s
+        if (typeof s === 'number') latencies.push(performance.timeOrigin + performance.now() - s)
+      }
+    })
   }
   // What the plugin registers: upload cleanup, which acts on final events only.
   const bridge = new Bridge({ redis: cmd, blocking, broker, keys, queues: [QUEUE], group: 'jp-bridge', consumer: `c${process.pid}`, blockMs: 2_000, claimIdleMs: 10_000, claimIntervalMs: 5_000, consumerIdleMs: 60_000, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: () => {} })
@@ -51,6 +60,11 @@ async function child (): Promise<void> {
   serve({
     cpu: () => cpuSeconds(),
     delivered: () => delivered,
+    latencies: () => {
+      const out = Float64Array.from(latencies)
+      latencies = []
+      return out
+    },
     exit: async () => {
       await bridge.close()
       hub.close()
@@ -95,7 +109,7 @@ async function main (): Promise<void> {
           for (const o of others) await Promise.all(o.procs.map(async p => await p.call('exit').catch(() => {})))
           const step = await run(r, redis, setup.procs, rate, seconds, jobs, () => seq++)
           ;(results.get(setup.name)?.get(rate) as Step[]).push(step)
-          process.stderr.write(`${setup.name} rate ${rate}/s round ${round}: ${fmt(sum(step.cpu) / step.events * 10_000, 3)} s/10k events, ${step.delivered}/${step.events * instances} delivered\n`)
+          process.stderr.write(`${setup.name} rate ${rate}/s round ${round}: ${fmt(sum(step.cpu) / step.events * 10_000, 3)} s/10k events, p50 ${fmt(step.p50, 2)} ms, p99 ${fmt(step.p99, 2)} ms, ${step.delivered}/${step.events * instances} delivered\n`)
           for (const o of others) {
             o.procs = o.procs.map((_, i) => new Child('bench/relay.ts', ['--child'], { label: `relay-${o.name}-${i}`, env: { BENCH_CONFIG: JSON.stringify({ port: redis.port, lib: libs.find(l => l[0] === o.name)?.[1], jobs }) } }))
             await Promise.all(o.procs.map(async p => await p.ready))
@@ -111,11 +125,12 @@ async function main (): Promise<void> {
         const cmds: Record<string, number> = {}
         for (const s of steps) for (const [c, n] of Object.entries(s.commands)) cmds[c] = (cmds[c] ?? 0) + n
         rows.push([name, rate, events, per(sum(steps.flatMap(s => s.cpu))), fmt(median(steps.map(s => sum(s.cpu) / s.events * 10_000)), 3), per(sum(steps.map(s => s.redisCpu))), fmt(sum(Object.values(cmds)) / events, 2),
-          Object.entries(cmds).sort((a, b) => b[1] - a[1]).filter(([, n]) => n / events >= 0.01).map(([c, n]) => `${c}:${fmt(n / events, 2)}`).join(' '), `${sum(steps.map(s => s.delivered))}/${events * instances}`])
+          Object.entries(cmds).sort((a, b) => b[1] - a[1]).filter(([, n]) => n / events >= 0.01).map(([c, n]) => `${c}:${fmt(n / events, 2)}`).join(' '), `${sum(steps.map(s => s.delivered))}/${events * instances}`,
+          fmt(median(steps.map(s => s.p50)), 2), steps.map(s => fmt(s.p99, 1)).join('/'), fmt(median(steps.map(s => s.p99)), 2)])
       }
     }
     process.stdout.write(table(`Relay path: ${instances} instance(s), ${JOBS} jobs watched on each, ${rounds} rounds × ${seconds} s per rate, copies taking turns`,
-      ['lib', 'events/s', 'events', 'CPU s/10k (all instances)', 'median of rounds', 'redis CPU s/10k', 'redis cmds/event', 'commands per event', 'delivered'], rows) + '\n')
+      ['lib', 'events/s', 'events', 'CPU s/10k (all instances)', 'median of rounds', 'redis CPU s/10k', 'redis cmds/event', 'commands per event', 'delivered', 'p50 ms (median)', 'p99 ms rounds', 'p99 median'], rows) + '\n')
     for (const s of setups) await Promise.all(s.procs.map(async p => await p.stop()))
   } finally {
     r.disconnect()
@@ -132,6 +147,7 @@ const median = (xs: number[]): number => {
 /** Writes `rate` progress entries per second for `seconds`, in 10 ms ticks, and measures. */
 async function run (r: Redis, redis: BenchRedis, procs: Child[], rate: number, seconds: number, jobs: string[], next: () => number): Promise<Step> {
   const stream = `bull:${QUEUE}:events`
+  await Promise.all(procs.map(async p => await p.call('latencies')))
   const before = { cpu: await Promise.all(procs.map(async p => await p.call<number>('cpu'))), delivered: sum(await Promise.all(procs.map(async p => await p.call<number>('delivered')))), redis: await redis.snapshot() }
   const ticks = seconds * 100
   let events = 0
@@ -142,7 +158,7 @@ async function run (r: Redis, redis: BenchRedis, procs: Child[], rate: number, s
       const pipe = r.pipeline()
       for (let i = 0; i < due; i++) {
         const n = next()
-        pipe.xadd(stream, 'MAXLEN', '~', 10_000, '*', 'event', 'progress', 'jobId', jobs[n % jobs.length], 'data', `{"processed":${n},"total":1000000}`)
+        pipe.xadd(stream, 'MAXLEN', '~', 10_000, '*', 'event', 'progress', 'jobId', jobs[n % jobs.length], 'data', `{"processed":${n},"total":1000000,"data":{"s":${performance.timeOrigin + performance.now()}}}`)
       }
       await pipe.exec()
       events += due
@@ -165,7 +181,8 @@ async function run (r: Redis, redis: BenchRedis, procs: Child[], rate: number, s
     const d = n - (before.redis.commands[c] ?? 0)
     if (d > 0 && c !== 'xadd' && c !== 'info' && c !== 'xinfo') commands[c] = d
   }
-  return { events, cpu: after.cpu.map((c, i) => c - before.cpu[i]), delivered: after.delivered - before.delivered, commands, redisCpu: after.redis.cpu - before.redis.cpu }
+  const lat = percentiles(await Promise.all(procs.map(async p => await p.call<Float64Array>('latencies'))))
+  return { events, cpu: after.cpu.map((c, i) => c - before.cpu[i]), delivered: after.delivered - before.delivered, commands, redisCpu: after.redis.cpu - before.redis.cpu, p50: lat.p50, p99: lat.p99 }
 }
 
 if (argv.includes('--child')) {
