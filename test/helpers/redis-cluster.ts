@@ -32,18 +32,23 @@ export class RedisCluster {
     this.dir = dir
   }
 
-  static async start (t: Teardown): Promise<RedisCluster> {
+  /**
+   * `replicas: 0` makes 3 masters alone and `persist: false` turns the append-only file off (the
+   * bench: an fsync per write would measure the disk).
+   */
+  static async start (t: Teardown, opts: { replicas?: 0 | 1, persist?: boolean } = {}): Promise<RedisCluster> {
+    const replicas = opts.replicas ?? 1
     const ports: number[] = []
-    while (ports.length < 6) {
+    while (ports.length < 3 * (1 + replicas)) {
       const port = await freePort()
       // The cluster bus listens on port + 10000: keep both free and distinct.
       if (port < 55000 && !ports.includes(port)) ports.push(port)
     }
     const cluster = new RedisCluster(ports, await mkdtemp(join(tmpdir(), 'jp-cluster-')))
     t.teardown(async () => await cluster.stop())
-    for (const port of ports) cluster.#spawn(port)
+    for (const port of ports) cluster.#spawn(port, opts.persist ?? true)
     await Promise.all(ports.map(async port => await cluster.#waitUp(port)))
-    await run('redis-cli', ['--cluster', 'create', ...ports.map(p => `127.0.0.1:${p}`), '--cluster-replicas', '1', '--cluster-yes'], { timeout: 30_000 })
+    await run('redis-cli', ['--cluster', 'create', ...ports.map(p => `127.0.0.1:${p}`), '--cluster-replicas', String(replicas), '--cluster-yes'], { timeout: 30_000 })
     await cluster.waitHealthy()
     await cluster.waitReplicasSynced()
     return cluster
@@ -89,11 +94,11 @@ export class RedisCluster {
     }
   }
 
-  #spawn (port: number): void {
+  #spawn (port: number, persist: boolean): void {
     const proc = spawn('redis-server', [
       '--port', String(port), '--bind', '127.0.0.1', '--dir', this.dir,
       '--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`, '--cluster-node-timeout', '1500',
-      '--save', '', '--appendonly', 'yes', '--appendfilename', `aof-${port}.aof`, '--appenddirname', `aof-${port}`,
+      '--save', '', '--appendonly', persist ? 'yes' : 'no', '--appendfilename', `aof-${port}.aof`, '--appenddirname', `aof-${port}`,
       '--daemonize', 'no', '--loglevel', 'warning'
     ], { stdio: 'ignore' })
     live.add(proc)
