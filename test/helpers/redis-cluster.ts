@@ -89,9 +89,23 @@ export class RedisCluster {
         const owner = await this.masterOf(key)
         if (owner !== port && this.alive(owner)) return owner
       } catch {}
-      if (Date.now() > deadline) throw new Error(`no replica took over the slot of ${key}`)
+      if (Date.now() > deadline) throw new Error(`no replica took over the slot of ${key}; the cluster as a live node sees it:\n${await this.#nodesView()}`)
       await new Promise(resolve => setTimeout(resolve, 100))
     }
+  }
+
+  /** CLUSTER NODES as the first live node answers it, for error messages. */
+  async #nodesView (): Promise<string> {
+    for (const port of this.ports) {
+      if (!this.alive(port)) continue
+      const node = this.node(port)
+      try {
+        return await node.cluster('NODES') as string
+      } catch {} finally {
+        node.disconnect()
+      }
+    }
+    return '(no live node answers)'
   }
 
   #spawn (port: number, persist: boolean): void {
