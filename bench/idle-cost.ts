@@ -20,7 +20,7 @@ import { createServer } from 'node:http'
 import { Server } from 'socket.io'
 import { io as sioClient, type Socket } from 'socket.io-client'
 import { jobProgress, jobsProtocol } from '../lib/index'
-import { BenchRedis, redisDelta } from './lib/redis'
+import { BenchRedis, redisDelta, type RedisDelta } from './lib/redis'
 
 const arg = (name: string, fallback: string): string => {
   const i = process.argv.indexOf(`--${name}`)
@@ -31,6 +31,8 @@ const WATCHED = arg('watched', '200,2000,20000').split(',').map(Number)
 const SECONDS = Number(arg('seconds', '10'))
 const PER_JOB = Number(arg('per-job', '5000'))
 const PER_SOCKET = 100
+/** With `--commands`: the Redis commands each storm cost, per subscription, by command (stderr). */
+const COMMANDS = process.argv.includes('--commands')
 
 async function main (): Promise<void> {
   const redis = await BenchRedis.start()
@@ -71,6 +73,7 @@ async function main (): Promise<void> {
 
   for (const watched of WATCHED) {
     const sockets: WebSocket[] = []
+    const before = await redis.snapshot()
     const started = Date.now()
     let pending = watched
     let done!: () => void
@@ -91,6 +94,7 @@ async function main (): Promise<void> {
     }
     await all
     const storm = Date.now() - started
+    if (COMMANDS) stormCost(`plugin, ${watched} subscriptions`, redisDelta(before, await redis.snapshot()), watched)
     const busy = await rate() - baseline
     process.stdout.write(`| ${watched} | ${sockets.length} | ${(storm / 1000).toFixed(2)} s | ${busy.toFixed(2)} | ${(busy / watched).toFixed(5)} |\n`)
     for (const ws of sockets) ws.terminate()
@@ -100,6 +104,7 @@ async function main (): Promise<void> {
   if (PER_JOB > 0) {
     // One socket per job, all opened in the same tick: what a page of job cards does after a deploy.
     const sockets: WebSocket[] = []
+    const before = await redis.snapshot()
     const started = Date.now()
     let pending = Math.min(PER_JOB, ids.length)
     let done!: () => void
@@ -112,6 +117,7 @@ async function main (): Promise<void> {
     }
     await all
     perJob.plugin = Date.now() - started
+    if (COMMANDS) stormCost(`plugin, ${Math.min(PER_JOB, ids.length)} per-job sockets`, redisDelta(before, await redis.snapshot()), Math.min(PER_JOB, ids.length))
     for (const ws of sockets) ws.terminate()
     await sleep(1000)
   }
@@ -136,6 +142,7 @@ async function main (): Promise<void> {
   process.stdout.write('\nSocket.IO + Redis adapter, same jobs:\n\n| watched jobs | sockets | storm: all rooms joined | commands/s above baseline | per watched job |\n| --- | --- | --- | --- | --- |\n')
   for (const watched of WATCHED) {
     const clients: Socket[] = []
+    const before = await redis.snapshot()
     const started = Date.now()
     const acks: Array<Promise<unknown>> = []
     for (let s = 0; s * PER_SOCKET < watched; s++) {
@@ -146,6 +153,7 @@ async function main (): Promise<void> {
     }
     await Promise.all(acks)
     const storm = Date.now() - started
+    if (COMMANDS) stormCost(`Socket.IO, ${watched} subscriptions`, redisDelta(before, await redis.snapshot()), watched)
     const busy = await rate() - baseline
     process.stdout.write(`| ${watched} | ${clients.length} | ${(storm / 1000).toFixed(2)} s | ${busy.toFixed(2)} | ${(busy / watched).toFixed(5)} |\n`)
     for (const c of clients) c.disconnect()
@@ -174,6 +182,11 @@ async function main (): Promise<void> {
   await worker.close()
   await queue.close()
   await redis.stop()
+}
+
+function stormCost (label: string, d: RedisDelta, subscriptions: number): void {
+  const per = Object.entries(d.byCommand).sort((a, b) => b[1] - a[1]).map(([name, n]) => `${name} ${(n / subscriptions).toFixed(3)}`).join(', ')
+  process.stderr.write(`${label}: Redis ${d.commands} commands (${(d.commands / subscriptions).toFixed(3)} per subscription: ${per}), Redis CPU ${d.cpu.toFixed(2)} s\n`)
 }
 
 main().catch((err: Error) => {

@@ -8,7 +8,7 @@ import type { Broker } from './broker/index'
 import { RedisBroker } from './broker/redis'
 import { whenReady } from './redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
-import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
+import { readOwners, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
 import { JOB_LOST, parseRelay, relayEntryId, RESYNC, type RelayMessage } from './wire/relay'
 import { compareEntryIds, formatVersion, NO_ENTRY } from './wire/version'
 
@@ -141,6 +141,12 @@ export class Hub {
     return channels.map(() => null)
   })
 
+  /** Owner reads of one turn of the event loop: one pipeline, so a storm pays one write per batch. */
+  readonly #ownerReads = new Batcher<SnapshotTarget, string | null | Error>(async (targets) => {
+    this.#t.count('redisCommands', { op: 'owner' }, targets.length)
+    return await readOwners(this.#opts.redis, this.#opts.keys, targets)
+  })
+
   readonly #firstReads = new Batcher<SnapshotTarget, Snapshot | null>(async (targets) => {
     this.#t.count('snapshotReads', { reason: 'open' }, targets.length)
     this.#t.count('redisCommands', { op: 'snapshot' }, targets.length)
@@ -176,13 +182,13 @@ export class Hub {
   async open (target: SnapshotTarget, expectedOwner?: string | null): Promise<OpenedJob | null> {
     if (this.#closed) throw new Error('closed')
     if (expectedOwner !== undefined) {
-      let owner: string | null
+      let owner: string | null | Error
       try {
-        this.#t.count('redisCommands', { op: 'owner' })
-        owner = await readOwner(this.#opts.redis, this.#opts.keys, target)
+        owner = await this.#ownerReads.add(target)
       } catch {
         throw new QueueUnavailableError()
       }
+      if (owner instanceof Error) throw new QueueUnavailableError()
       if (owner === null || owner !== expectedOwner) return null
     }
     const channel = this.#opts.keys.channel(target.queue, target.jobId)
