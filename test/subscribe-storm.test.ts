@@ -5,15 +5,17 @@ import { connect, redisFor, startApp, upload } from './helpers/index'
 
 // A socket that subscribes many jobs at once does not open them one after the other: its opens
 // run side by side, so their snapshot reads share pipelined batches (a few round trips for the
-// lot, not a few per job). An unsubscribe still orders what follows it.
+// lot, not a few per job), and so do the owner reads before them. An unsubscribe still orders what follows it.
 
 const PATH = '/ws/jobs'
 
 t.test('100 subscribes sent at once: read in a few pipelined batches, every job answered once', async (t) => {
   const batches: number[] = []
+  const ownerBatches: number[] = []
   const telemetry: Telemetry = {
     count (name: MetricName, labels: Labels = {}, n = 1) {
       if (name === 'snapshotReads' && labels.reason === 'open') batches.push(n)
+      if (name === 'redisCommands' && labels.op === 'owner') ownerBatches.push(n)
     },
     observe () {},
     gauge () {}
@@ -30,6 +32,9 @@ t.test('100 subscribes sent at once: read in a few pipelined batches, every job 
   await client.waitFor(() => new Set(client.messages.filter(m => m.type === 'job_update').map(m => m.job_id)).size === 100, 20_000)
   t.equal(batches.reduce((a, b) => a + b, 0), 100, 'one snapshot read per job')
   t.ok(batches.length <= 10, `100 opens read in ${batches.length} pipelined batches (one after the other: 100)`)
+  // The owner is read before anything else, and those reads share pipelines too.
+  t.equal(ownerBatches.reduce((a, b) => a + b, 0), 100, 'one owner read per job')
+  t.ok(ownerBatches.length <= 10, `100 owner reads in ${ownerBatches.length} pipelined batches (one after the other: 100)`)
 
   // An unsubscribe then a subscribe of the same job: answered in that order.
   client.send({ action: 'unsubscribe', job_id: ids[0] })
