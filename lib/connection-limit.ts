@@ -49,6 +49,11 @@ if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return n
 `
 
+interface Scripts {
+  jpConnAcquire: (...args: string[]) => Promise<unknown>
+  jpConnRelease: (...args: string[]) => Promise<unknown>
+}
+
 /**
  * The per-owner connection limit across every instance. Each instance keeps, per owner, its own
  * count in one Redis hash (`<prefix>:conns:{<owner>}`, field = instance id), and says it is alive
@@ -69,6 +74,17 @@ export class ConnectionLimit {
   constructor (opts: ConnectionLimitOptions) {
     this.#o = opts
     this.#instances = `${opts.prefix}:instances`
+    // By hash (EVALSHA), not by text: a storm of connections would otherwise send and hash both
+    // scripts once per socket.
+    const r = opts.redis as Redis & Partial<Scripts>
+    if (typeof r.jpConnAcquire !== 'function') {
+      opts.redis.defineCommand('jpConnAcquire', { numberOfKeys: 1, lua: ACQUIRE })
+      opts.redis.defineCommand('jpConnRelease', { numberOfKeys: 1, lua: RELEASE })
+    }
+  }
+
+  get #scripts (): Scripts {
+    return this.#o.redis as unknown as Scripts
   }
 
   #key (owner: string): string {
@@ -115,7 +131,7 @@ export class ConnectionLimit {
   }
 
   async #acquire (owner: string): Promise<boolean> {
-    const call = async (forget: boolean): Promise<unknown> => await this.#o.redis.eval(ACQUIRE, 1, this.#key(owner), this.#o.instanceId, this.#o.max, forget ? '1' : '0', ...this.#alive)
+    const call = async (forget: boolean): Promise<unknown> => await this.#scripts.jpConnAcquire(this.#key(owner), this.#o.instanceId, String(this.#o.max), forget ? '1' : '0', ...this.#alive)
     let reply = await call(false)
     if (Array.isArray(reply)) {
       // Counts of an instance this one has not heard of yet: a new instance, or a dead one.
@@ -130,7 +146,7 @@ export class ConnectionLimit {
     const local = (this.#local.get(owner) ?? 1) - 1
     if (local > 0) this.#local.set(owner, local)
     else this.#local.delete(owner)
-    this.#o.redis.eval(RELEASE, 1, this.#key(owner), this.#o.instanceId).catch((err: Error) => {
+    this.#scripts.jpConnRelease(this.#key(owner), this.#o.instanceId).catch((err: Error) => {
       this.#o.log.debug({ err }, 'job-progress: cannot give back a connection slot; it lapses with this instance')
     })
   }
