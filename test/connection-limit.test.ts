@@ -1,6 +1,8 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
+import pino from 'pino'
 import { jobsProtocol } from '../lib/index'
+import { ConnectionLimit } from '../lib/connection-limit'
 import { connect, eventually, lines, redisFor, startApp, upload, type Client } from './helpers/index'
 import { sse } from './helpers/sse'
 
@@ -78,4 +80,26 @@ t.test('Redis unreachable: the limit counts this instance only, and nobody is lo
   t.same(await second.closed, { code: 1008, reason: 'too many connections (1 per owner)' }, 'the local count still limits')
   // Back up before the app closes, so its close does not wait on reconnects.
   await redis.up()
+})
+
+t.test('a storm of connections runs the limit scripts by hash: the script text is sent once, not per connection', async (t) => {
+  const redis = await redisFor(t)
+  const conn = new Redis(redis.url)
+  const stats = new Redis(redis.url)
+  const limit = new ConnectionLimit({ redis: conn, prefix: 'jp', instanceId: 'one', max: 1000, heartbeatMs: 60_000, log: pino({ level: 'silent' }) })
+  t.teardown(async () => { await limit.close(); await conn.quit(); await stats.quit() })
+  await limit.start()
+  const calls = async (): Promise<Record<string, number>> => {
+    const out: Record<string, number> = {}
+    for (const m of String(await stats.info('commandstats')).matchAll(/cmdstat_(eval|evalsha):calls=(\d+)/g)) out[m[1]] = Number(m[2])
+    return out
+  }
+  const before = await calls()
+  const taken = await Promise.all(Array.from({ length: 50 }, async () => await limit.acquire('storm')))
+  t.ok(taken.every(Boolean), '50 slots taken')
+  for (let i = 0; i < 50; i++) limit.release('storm')
+  await eventually(async () => (await conn.hget('jp:conns:{storm}', 'one')) === null)
+  const after = await calls()
+  t.ok((after.eval ?? 0) - (before.eval ?? 0) <= 2, `EVAL with the script text: ${(after.eval ?? 0) - (before.eval ?? 0)} (at most once per script)`)
+  t.ok((after.evalsha ?? 0) - (before.evalsha ?? 0) >= 98, 'the rest by hash')
 })
