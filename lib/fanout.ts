@@ -4,11 +4,12 @@ import { eta, isFinal, isNewer, parseProgress, type JobEvent } from './events'
 import { progressDetails, type Clipped } from './progress-details'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
+import { readOwners } from './snapshot'
 import type { Broker } from './broker/index'
 import { RedisBroker } from './broker/redis'
 import { whenReady } from './redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
-import { readOwners, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
+import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
 import { JOB_LOST, parseRelay, relayEntryId, RESYNC, type RelayMessage } from './wire/relay'
 import { compareEntryIds, formatVersion, NO_ENTRY } from './wire/version'
 
@@ -144,6 +145,7 @@ export class Hub {
   /** Owner reads of one turn of the event loop: one pipeline, so a storm pays one write per batch. */
   readonly #ownerReads = new Batcher<SnapshotTarget, string | null | Error>(async (targets) => {
     this.#t.count('redisCommands', { op: 'owner' }, targets.length)
+    if (targets.length === 1) return [await readOwner(this.#opts.redis, this.#opts.keys, targets[0])]
     return await readOwners(this.#opts.redis, this.#opts.keys, targets)
   })
 
