@@ -11,6 +11,23 @@ import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protoco
 import type { SnapshotTarget } from '../snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport } from './transport'
+import { LogFeed, type LiveLogs, type LogsRequest } from '../live-logs'
+import type { LogsRead } from '../job-logs'
+import type { MyJobMessage } from '../wire/messages'
+
+/** Live logs, as every session of one plugin instance reaches them. */
+export interface LogsContext {
+  feeds: LiveLogs
+  channel: (target: SnapshotTarget) => string
+  read: (target: SnapshotTarget, from: number, limit: number) => Promise<LogsRead>
+  maxBacklogBytes: number
+  maxCatchUpLines: number
+}
+
+/** The caller's jobs feed: `watch` calls `receive` with each message until the returned stop. */
+export interface MineContext {
+  watch: (owner: string, receive: (message: MyJobMessage, raw: string) => void) => Promise<() => void>
+}
 
 /** What every session of one plugin instance shares. */
 export interface SessionContext {
@@ -34,19 +51,24 @@ export interface SessionContext {
   canAccess: CanAccess
   /** A job's owner, read alone; null when the job does not exist. */
   ownerOf: (target: SnapshotTarget) => Promise<string | null>
+  logs?: LogsContext
+  mine?: MineContext
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
-export interface InitialJob { kind?: string, jobId: string }
+export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest }
 
 interface Subscription {
   opened: OpenedJob
+  target: SnapshotTarget
   sink: Sink
   final: boolean
   /** The last event delivered, so a repeated subscribe answers with the current state too. */
   last: JobEvent | null
   /** The last message sent for it. */
   sent?: string
+  /** Its log lines, when asked for. */
+  logs?: { feed: LogFeed, stop: () => void }
 }
 
 const serialize = (message: ServerMessage): string | undefined =>
@@ -88,10 +110,14 @@ export class Session {
   #authTimer: NodeJS.Timeout | null = null
   /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
   #pending = 0
+  /** Stops the caller's jobs feed, while subscribed. */
+  #mine: (() => void) | null = null
+  #wantsMine: boolean
 
   /** Call synchronously from the route handler: messages that arrive before auth ends are kept. */
-  constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = []) {
+  constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = [], mine = false) {
     this.#ctx = ctx
+    this.#wantsMine = mine
     this.protocol = protocol
     this.transport = transport
     this.#request = request
@@ -158,7 +184,8 @@ export class Session {
     if (identity.job === null && this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
     this.#identity = identity
     await this.#ready(identity.owner)
-    for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true)
+    if (this.#wantsMine) await this.#subscribeMine()
+    for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true, job.logs)
   }
 
   async #authenticateWith (text: string): Promise<void> {
@@ -221,7 +248,14 @@ export class Session {
     switch (action.type) {
       case 'subscribe':
         this.#pending++
-        this.#enqueue(() => this.#subscribe(action.jobId, undefined, true))
+        this.#enqueue(() => this.#subscribe(action.jobId, undefined, true, action.logs))
+        break
+      case 'subscribe_mine':
+        this.#enqueue(() => this.#subscribeMine())
+        break
+      case 'unsubscribe_mine':
+        this.#mine?.()
+        this.#mine = null
         break
       case 'unsubscribe':
         this.#enqueue(() => this.#unsubscribe(action.jobId))
@@ -247,16 +281,16 @@ export class Session {
     this.#error(`Job not found or access denied: ${id}`, id)
   }
 
-  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean): Promise<void> {
+  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest): Promise<void> {
     try {
-      await this.#open(jobId, kind)
+      await this.#open(jobId, kind, logs)
     } finally {
       if (counted) this.#pending--
       this.#closeIfDone()
     }
   }
 
-  async #open (jobId: unknown, kind?: string): Promise<void> {
+  async #open (jobId: unknown, kind?: string, logs?: LogsRequest): Promise<void> {
     if (this.#state !== 'ready') return
     if (!isJobId(jobId)) return this.#notFound(jobId)
     const existing = this.#subs.get(jobId)
@@ -264,6 +298,8 @@ export class Session {
       this.sendControl(this.protocol.subscribed?.(jobId))
       const data = existing.last === null ? undefined : serialize(this.protocol.render(existing.last))
       if (data !== undefined && existing.last !== null) this.outbox.send(data, jobId, isFinal(existing.last.state))
+      // Asked again with logs: they start over from the offset now asked for.
+      if (logs !== undefined) await this.#startLogs(existing, existing.target, logs)
       return
     }
     if (this.#subs.size >= this.#ctx.maxSubscriptionsPerConnection) {
@@ -292,9 +328,67 @@ export class Session {
       return
     }
     this.sendControl(this.protocol.subscribed?.(jobId))
-    const sub: Subscription = { opened, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
+    const sub: Subscription = { opened, target, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
     this.#subs.set(jobId, sub)
     opened.attach(sub.sink)
+    if (logs !== undefined) await this.#startLogs(sub, target, logs)
+  }
+
+  /**
+   * Starts a subscription's log lines: registered for live lines first, then caught up from the
+   * job's log list, so no line falls between. A policy of the application's is asked for `logs`.
+   */
+  async #startLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
+    const logs = this.#ctx.logs
+    const render = this.protocol.logs
+    if (logs === undefined || render === undefined) return this.#error('This connection serves no logs', target.jobId)
+    if (this.#identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && this.owner !== null) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
+        return this.#error(`Logs not available: ${target.jobId}`, target.jobId)
+      }
+    }
+    if (this.#subs.get(target.jobId) !== sub) return
+    sub.logs?.stop()
+    const feed = new LogFeed({
+      jobId: target.jobId,
+      request,
+      read: async (from, limit) => await logs.read(target, from, limit),
+      send: (message) => {
+        const data = serialize(render(message))
+        if (data !== undefined) this.outbox.send(data)
+      },
+      backlog: () => this.outbox.queuedBytes + this.transport.bufferedAmount,
+      maxBacklogBytes: Math.min(logs.maxBacklogBytes, this.#ctx.maxBufferedBytes / 2),
+      maxCatchUpLines: logs.maxCatchUpLines,
+      onError: (err) => this.#ctx.log.warn({ err, jobId: target.jobId }, 'job-progress: cannot read a job\'s log for a watcher')
+    })
+    sub.logs = { feed, stop: logs.feeds.add(logs.channel(target), feed) }
+    if (sub.final) {
+      this.#pending++
+      feed.finish().finally(() => {
+        this.#pending--
+        this.#closeIfDone()
+      })
+    } else {
+      feed.start()
+    }
+  }
+
+  async #subscribeMine (): Promise<void> {
+    if (this.#state !== 'ready' || this.owner === null || this.#mine !== null) return
+    const mine = this.#ctx.mine
+    const render = this.protocol.mine
+    // A watch token grants its one job, not the owner's list.
+    if (mine === undefined || render === undefined || this.#identity?.via === 'token') return this.#error('This connection serves no jobs feed')
+    const stop = await mine.watch(this.owner, (message) => {
+      const data = serialize(render(message))
+      // Keyed per job: a slow client gets each job's latest state, finals are never replaced.
+      if (data !== undefined) this.outbox.send(data, `\u0001${message.job_id}`, message.status !== 'queued' && message.status !== 'running')
+    })
+    if (this.#state !== 'ready' || this.#mine !== null) return stop()
+    this.#mine = stop
+    this.sendControl(this.protocol.subscribed?.('mine'))
   }
 
   #deliver (sub: Subscription, event: JobEvent): void {
@@ -310,6 +404,15 @@ export class Session {
     }
     if (!final) return
     sub.final = true
+    if (sub.logs !== undefined) {
+      // The job's last lines can be relayed after its final state: read what is left first.
+      this.#pending++
+      sub.logs.feed.finish().finally(() => {
+        this.#pending--
+        this.#closeIfDone()
+      })
+      return
+    }
     this.#closeIfDone()
   }
 
@@ -329,6 +432,7 @@ export class Session {
     const sub = this.#subs.get(jobId)
     if (sub !== undefined) {
       this.#subs.delete(jobId)
+      sub.logs?.stop()
       sub.opened.detach(sub.sink)
     }
     this.sendControl(this.protocol.unsubscribed?.(jobId))
@@ -340,8 +444,13 @@ export class Session {
     const wasReady = this.#state === 'ready'
     this.#state = 'closed'
     if (this.#authTimer !== null) clearTimeout(this.#authTimer)
-    for (const sub of this.#subs.values()) sub.opened.detach(sub.sink)
+    for (const sub of this.#subs.values()) {
+      sub.logs?.stop()
+      sub.opened.detach(sub.sink)
+    }
     this.#subs.clear()
+    this.#mine?.()
+    this.#mine = null
     this.#ctx.sessions.delete(this)
     if (wasReady && this.owner !== null) this.#ctx.connectionLimit.release(this.owner)
   }
