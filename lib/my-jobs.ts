@@ -8,6 +8,8 @@ import type { Keys } from './keys'
 import { decodeCursor, encodeCursor, type OwnerIndex } from './owner-index'
 import { EXPIRED, type Owners } from './owner'
 import { sseProtocol } from './protocols/sse'
+import type { ProtocolDefinition } from './protocols/types'
+import { sseFrame } from './wire/sse'
 import { readOwner, type Commands } from './snapshot'
 import { Session, type SessionContext } from './session/session'
 import { SseTransport } from './transports/sse'
@@ -82,6 +84,8 @@ export class MyJobs {
     const status = STATUS[event.event]
     const kind = this.#o.kindOf(event.queue)
     if (status === undefined || kind === undefined) return
+    // BullMQ's `waiting` without `prev` is the job being added: the creation path announced it.
+    if (event.event === 'waiting' && event.fields.prev === undefined) return
     const id = `${event.queue}\0${event.jobId}`
     let owner = this.#owners.get(id) ?? null
     if (owner === null) {
@@ -195,7 +199,9 @@ export function registerMyJobsRoutes (fastify: FastifyInstance, r: MyJobsRoutes)
     return { jobs: page.jobs, next: page.next === null ? null : encodeCursor(page.next) }
   })
 
-  const protocol = sseProtocol(false)
+  // The stream starts with `event: subscribed` once the feed is in effect: from then on no
+  // change is missed (and the response's headers go out only with a first event).
+  const protocol: ProtocolDefinition = { ...sseProtocol(false), name: 'sse-mine', subscribed: (id) => id === 'mine' ? sseFrame('subscribed', { feed: 'mine' }) : undefined }
   const eventsSchema: Record<string, unknown> = { summary: 'The caller\'s jobs as they are created and change state (Server-Sent Events `my_job`)', produces: ['text/event-stream'] }
   fastify.get(`${r.path}/events`, { schema: eventsSchema }, (request: FastifyRequest, reply: FastifyReply) => {
     reply.hijack()
