@@ -150,6 +150,34 @@ export class MyJobs {
 }
 
 const STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled']
+
+const ListSchema = {
+  type: 'object',
+  properties: {
+    jobs: {
+      type: 'array',
+      items: {
+        type: 'object',
+        properties: {
+          job_id: { type: 'string' },
+          kind: { type: 'string' },
+          status: { type: 'string', enum: STATES },
+          progress: { type: 'number' },
+          processed: { type: 'integer' },
+          total: { type: 'integer' },
+          eta_seconds: { type: ['number', 'null'] },
+          error: { type: ['string', 'null'] },
+          created_at: { type: 'integer', description: 'milliseconds since the epoch' },
+          stage: { type: 'string' },
+          message: { type: 'string' }
+        },
+        required: ['job_id', 'kind', 'status', 'progress', 'processed', 'total', 'eta_seconds', 'error', 'created_at']
+      }
+    },
+    next: { type: ['string', 'null'], description: 'the cursor of the next page; null on the last' }
+  },
+  required: ['jobs', 'next']
+} as const
 const MAX_LIMIT = 100
 
 export interface MyJobsRoutes {
@@ -178,7 +206,7 @@ export function registerMyJobsRoutes (fastify: FastifyInstance, r: MyJobsRoutes)
         },
         additionalProperties: false
       },
-      response: { ...errors(400, 401, 503) }
+      response: { 200: ListSchema, ...errors(400, 401, 503) }
     }
   }, async (request: FastifyRequest<{ Querystring: { kind?: string, state?: string, limit: number, cursor?: string } }>) => {
     const identity = await r.owners.fromRequest(request)
@@ -202,7 +230,11 @@ export function registerMyJobsRoutes (fastify: FastifyInstance, r: MyJobsRoutes)
   // The stream starts with `event: subscribed` once the feed is in effect: from then on no
   // change is missed (and the response's headers go out only with a first event).
   const protocol: ProtocolDefinition = { ...sseProtocol(false), name: 'sse-mine', subscribed: (id) => id === 'mine' ? sseFrame('subscribed', { feed: 'mine' }) : undefined }
-  const eventsSchema: Record<string, unknown> = { summary: 'The caller\'s jobs as they are created and change state (Server-Sent Events `my_job`)', produces: ['text/event-stream'] }
+  const eventsSchema: Record<string, unknown> = {
+    summary: 'The caller\'s jobs as they are created and change state (Server-Sent Events `my_job`)',
+    produces: ['text/event-stream'],
+    response: { 200: { description: 'a text/event-stream: `subscribed` once, then `my_job` events (see the README)', type: 'string' }, ...errors(401, 429) }
+  }
   fastify.get(`${r.path}/events`, { schema: eventsSchema }, (request: FastifyRequest, reply: FastifyReply) => {
     reply.hijack()
     // eslint-disable-next-line no-new
