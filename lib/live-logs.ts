@@ -1,7 +1,8 @@
 import type { Broker } from './broker/index'
 import { cutLine, type LogsRead } from './job-logs'
-import type { LogMessage } from './wire/messages'
+import type { LogLineMessage, LogMessage } from './wire/messages'
 import { parseLogRelay } from './wire/relay'
+import { Keys } from './keys'
 
 /** What a watcher asks for: lines from an absolute offset, or (null) from the oldest line kept. */
 export interface LogsRequest { from: number | null }
@@ -31,6 +32,11 @@ export interface LogFeedOptions {
   /** Most lines one catch-up sends; older ones are named in a marker. */
   maxCatchUpLines: number
   onError: (err: unknown) => void
+}
+
+/** A log line as watchers get it; lines over the limit (written with a plain `job.log()`) are cut. */
+export function logLine (jobId: string, offset: number, line: string): LogLineMessage {
+  return { type: 'log', job_id: jobId, offset, line: cutLine(line) ?? line, ts: Math.floor(Date.now() / 1000) }
 }
 
 /** How often a watcher that fell behind is checked for having caught up. */
@@ -71,8 +77,11 @@ export class LogFeed {
     void this.#catchUp()
   }
 
-  /** A line relayed on the job's channel. */
-  live (offset: number, line: string): void {
+  /**
+   * A line relayed on the job's channel; `message` is the same object for every watcher of the
+   * line, so a protocol renders it once.
+   */
+  live (offset: number, line: string, message?: LogLineMessage): void {
     if (this.#closed) return
     if (this.#catching !== null || this.#next < 0) {
       if (offset > this.#seen) this.#seen = offset
@@ -83,7 +92,7 @@ export class LogFeed {
       void this.#catchUp()
       return
     }
-    this.#line(offset, line)
+    this.#line(offset, line, message)
   }
 
   /** Once the job has ended: sends what is left in the list (a line can arrive after the final state). */
@@ -98,12 +107,12 @@ export class LogFeed {
     this.#timer = null
   }
 
-  #line (offset: number, line: string): void {
+  #line (offset: number, line: string, message?: LogLineMessage): void {
     if (this.#skippedFrom !== null || this.#o.backlog() > this.#o.maxBacklogBytes) {
       this.#skippedFrom ??= offset
       this.#timer ??= setInterval(() => this.#drained(), DRAIN_CHECK_MS).unref()
     } else {
-      this.#o.send({ type: 'log', job_id: this.#o.jobId, offset, line: cutLine(line) ?? line, ts: Math.floor(Date.now() / 1000) })
+      this.#o.send(message ?? logLine(this.#o.jobId, offset, line))
     }
     this.#next = offset + 1
   }
@@ -195,8 +204,10 @@ export class LiveLogs {
   #onMessage (channel: string, raw: string): void {
     const feeds = this.#feeds.get(channel)
     if (feeds === undefined) return
-    const message = parseLogRelay(raw)
-    if (message === null) return
-    for (const feed of feeds) feed.live(message.o, message.l)
+    const relayed = parseLogRelay(raw)
+    if (relayed === null) return
+    const parsed = Keys.parseChannel(channel)
+    const message = logLine(parsed?.jobId ?? '', relayed.o, relayed.l)
+    for (const feed of feeds) feed.live(relayed.o, relayed.l, message)
   }
 }

@@ -13,7 +13,7 @@ import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport } from './transport'
 import { LogFeed, type LiveLogs, type LogsRequest } from '../live-logs'
 import type { LogsRead } from '../job-logs'
-import type { MyJobMessage } from '../wire/messages'
+import type { LogMessage, MyJobMessage } from '../wire/messages'
 
 /** Live logs, as every session of one plugin instance reaches them. */
 export interface LogsContext {
@@ -88,6 +88,17 @@ function renderOnce (protocol: ProtocolDefinition, event: JobEvent): Rendered {
   const next = { event, text, bytes: text === undefined ? undefined : Buffer.from(text) }
   rendered.set(protocol, next)
   return next
+}
+
+/** A live log line goes to every watcher of its job as one object: rendered and encoded once per protocol. */
+const renderedLog = new WeakMap<ProtocolDefinition, { message: LogMessage, bytes: Buffer | undefined }>()
+function logBytes (protocol: ProtocolDefinition, render: (m: LogMessage) => ServerMessage, message: LogMessage): Buffer | undefined {
+  const last = renderedLog.get(protocol)
+  if (last !== undefined && last.message === message) return last.bytes
+  const text = serialize(render(message))
+  const bytes = text === undefined ? undefined : Buffer.from(text)
+  renderedLog.set(protocol, { message, bytes })
+  return bytes
 }
 
 /**
@@ -355,8 +366,8 @@ export class Session {
       request,
       read: async (from, limit) => await logs.read(target, from, limit),
       send: (message) => {
-        const data = serialize(render(message))
-        if (data !== undefined) this.outbox.send(data)
+        const bytes = logBytes(this.protocol, render, message)
+        if (bytes !== undefined) this.outbox.send(bytes)
       },
       backlog: () => this.outbox.queuedBytes + this.transport.bufferedAmount,
       maxBacklogBytes: Math.min(logs.maxBacklogBytes, this.#ctx.maxBufferedBytes / 2),
