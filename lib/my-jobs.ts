@@ -203,8 +203,7 @@ export function registerMyJobsRoutes (fastify: FastifyInstance, r: MyJobsRoutes)
           state: { type: 'string', description: `only jobs in these states (comma-separated: ${STATES.join(', ')})` },
           limit: { type: 'integer', minimum: 1, maximum: MAX_LIMIT, default: 20 },
           cursor: { type: 'string', maxLength: 200, description: 'the `next` of the previous page' }
-        },
-        additionalProperties: false
+        }
       },
       response: { 200: ListSchema, ...errors(400, 401, 503) }
     }

@@ -1,8 +1,11 @@
 import t from 'tap'
-import { createJobWorker, DiskStorage, jobsProtocol, type JobProgressOptions } from '../lib/index'
+import Fastify from 'fastify'
+import type { Redis } from 'ioredis'
+import { createJobWorker, DiskStorage, jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { LogFeed } from '../lib/live-logs'
 import type { LogMessage } from '../lib/wire/messages'
-import { connect, lines, redisFor, startApp, upload, type Client, type TestApp } from './helpers/index'
+import { connect, gate, lines, redisFor, startApp, tempDir, upload, type Client, type TestApp } from './helpers/index'
+import { RedisCluster } from './helpers/redis-cluster'
 import { sse } from './helpers/sse'
 import type { RedisServer } from './helpers/redis'
 
@@ -223,4 +226,57 @@ t.test('a line over the limit is stored and relayed cut, and the worker is warne
   const page = await (await fetch(`${a.url}/batch/${jobId}/logs?api_key=key-alice`)).json()
   t.equal(page.logs[0], line.line, 'stored as relayed')
   worker.finish()
+})
+
+t.test('on a Redis Cluster: lines relayed with SPUBLISH, the owner index in the queue\'s slot, the owner feed on sharded pub/sub', async (t) => {
+  const cluster = await RedisCluster.start(t)
+  const uploadDir = await tempDir(t, 'jp-uploads-')
+  const apps = await Promise.all([0, 1].map(async () => {
+    const connection = cluster.client()
+    const app = Fastify({ logger: false })
+    await app.register(jobProgress, { connection, prefix: '{jpc}', kinds: { batch: {} }, apiKeys: KEYS, protocols: [jobsProtocol({ path: PATH })], throttleMs: 0, sweepReadsPerSecond: 0, uploadDir })
+    await app.listen({ port: 0, host: '127.0.0.1' })
+    t.teardown(async () => {
+      await app.close()
+      connection.disconnect()
+    })
+    const { port } = app.server.address() as { port: number }
+    return { app, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}` }
+  }))
+  const [a, b] = apps
+  const mine = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
+  await mine.waitFor(m => m.type === 'connected')
+  mine.send({ action: 'subscribe_mine' })
+  await mine.waitFor(m => m.type === 'subscribed' && m.job_id === 'mine')
+  const up = await upload(`${a.url}/batch/upload`, lines(1), { headers: { authorization: 'Bearer key-alice' } })
+  const jobId: string = up.body.job_id
+  await mine.waitFor(m => m.type === 'my_job' && m.job_id === jobId && m.created === true)
+
+  const release = gate()
+  const logged = gate<number[]>()
+  const connection = cluster.client()
+  const worker = createJobWorker({ kind: 'batch', prefix: '{jpc}', connection: connection as unknown as Redis, storage: new DiskStorage(uploadDir) }, async (ctx) => {
+    await ctx.report(0, 1)
+    logged.open([await ctx.log('first'), await ctx.log('second')])
+    await release.promise
+    await ctx.log('third')
+    return {}
+  })
+  worker.on('error', () => {})
+  t.teardown(async () => {
+    await worker.close(true)
+    connection.disconnect()
+  })
+  t.same(await logged.promise, [0, 1])
+  const watcher = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
+  await watcher.waitFor(m => m.type === 'connected')
+  watcher.send({ action: 'subscribe', job_id: jobId, logs: true })
+  await watcher.waitFor(m => m.type === 'log' && m.offset === 1)
+  release.open()
+  await watcher.waitFor(m => m.type === 'log' && m.offset === 2 && m.line === 'third')
+  await mine.waitFor(m => m.type === 'my_job' && m.job_id === jobId && m.status === 'succeeded')
+  t.same(logsOf(watcher.messages, jobId).map(m => m.line), ['first', 'second', 'third'], 'caught up, then live through the shard')
+  const res = await fetch(`${b.url}/jobs?api_key=key-alice`)
+  const body = await res.json()
+  t.same(body.jobs?.map((j: any) => [j.job_id, j.status]), [[jobId, 'succeeded']], 'listed from the index in the queue\'s slot')
 })

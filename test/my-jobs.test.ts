@@ -72,6 +72,7 @@ t.test('GET /jobs: the caller\'s jobs, newest first, kind and state filters, cur
   t.equal((await list(a, '?cursor=bm9wZQ')).status, 400, 'a cursor we did not make: 400')
   t.equal((await list(a, '?limit=1000')).status, 400, 'limit over the maximum: 400')
   t.equal((await list(a, '', {})).status, 401, 'no credentials: 401')
+  t.equal((await list(a, '?api_key=key-alice', {})).body.jobs.length, 5, 'an API key in the query, as on every route')
   t.same((await list(a, '', { authorization: 'Bearer key-bob' })).body.jobs.map((j: any) => j.job_id), [theirs], 'API keys: each owner sees their own')
 })
 
