@@ -77,6 +77,11 @@ export class LogFeed {
     void this.#catchUp()
   }
 
+  /** Reads the list again from the next offset (after the subscriber reconnected). */
+  resync (): void {
+    if (!this.#closed && this.#next >= 0) void this.#catchUp()
+  }
+
   /**
    * A line relayed on the job's channel; `message` is the same object for every watcher of the
    * line, so a protocol renders it once.
@@ -183,6 +188,10 @@ export class LiveLogs {
 
   constructor (broker: Broker) {
     broker.onMessage((channel, raw) => this.#onMessage(channel, raw))
+    // Lines published while the subscriber was away are gone from pub/sub, not from the list.
+    broker.onRecover(() => {
+      for (const feeds of this.#feeds.values()) for (const feed of feeds) feed.resync()
+    })
   }
 
   add (channel: string, feed: LogFeed): () => void {
