@@ -280,3 +280,24 @@ t.test('on a Redis Cluster: lines relayed with SPUBLISH, the owner index in the 
   const body = await res.json()
   t.same(body.jobs?.map((j: any) => [j.job_id, j.status]), [[jobId, 'succeeded']], 'listed from the index in the queue\'s slot')
 })
+
+t.test('lines published while the subscriber reconnects are read from the list once it is back', async (t) => {
+  const { redis, a, b } = await twoApps(t)
+  const jobId = await uploadAs(a, 'key-alice')
+  const worker = scriptedWorker(t, redis, a)
+  await worker.write(1)
+  const client = await jobsClient(t, b, 'key-alice')
+  client.send({ action: 'subscribe', job_id: jobId, logs: true })
+  await client.waitFor(m => m.type === 'log' && m.offset === 0)
+  const admin = redis.client()
+  t.teardown(() => admin.disconnect())
+  const list = await admin.client('LIST') as string
+  const subs = list.split('\n').filter(l => /\bsub=[1-9]/.test(l)).map(l => /\bid=(\d+)/.exec(l)?.[1] as string)
+  // Both instances' subscribers: whichever holds the channel, its lines are published while it is away.
+  for (const id of subs) await admin.call('CLIENT', 'KILL', 'ID', id)
+  // ioredis reconnects after 50 ms; these lines are written before, and nothing follows them.
+  t.same(await worker.write(3), [1, 2, 3])
+  await client.waitFor(m => m.type === 'log' && m.offset === 3, 10_000)
+  t.same(logsOf(client.messages, jobId).map(m => m.offset), [0, 1, 2, 3], 'every line once')
+  worker.finish()
+})
