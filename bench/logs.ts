@@ -141,7 +141,9 @@ async function rates (redis: BenchRedis, uploadDir: string): Promise<{ logs: Ste
         () => received.every(r => r.length >= Math.round(rate * SECONDS)))
       out[kind].push(s)
       process.stdout.write(`  ${kind} ${rate}/s: p50 ${s.p50.toFixed(1)} ms, p99 ${s.p99.toFixed(1)} ms, delivered ${s.delivered}/${s.expected}${truncated > 0 ? `, ${truncated} logs_truncated` : ''}\n`)
-      if (s.p99 > 100 || s.delivered < s.expected) break
+      // Progress is a state: a newer report may replace one not yet sent (conflation), so only
+      // its latency counts; a log line must arrive, every one.
+      if (s.p99 > 100 || (kind === 'logs' && s.delivered < s.expected)) break
     }
   }
   for (const ws of sockets) ws.terminate()
@@ -196,11 +198,13 @@ async function main (): Promise<void> {
   try {
     process.stdout.write(`live logs bench (redis ${BenchRedis.version()}, ${WATCHERS} watchers, ${SECONDS} s per step${quick ? ', quick' : ''})\n`)
     const r = await rates(redis, uploadDir)
-    const best = (steps: Step[]): number => Math.max(0, ...steps.filter(s => s.p99 <= 100 && s.delivered >= s.expected).map(s => s.rate))
-    const bestLogs = best(r.logs)
-    const bestProgress = best(r.progress)
-    process.stdout.write(table('Highest rate with p99 ≤ 100 ms and everything delivered (one job, per second, to each watcher)', ['message', 'rate/s', 'ratio to progress'],
-      [['log lines', bestLogs, bestProgress === 0 ? '-' : (bestLogs / bestProgress).toFixed(2)], ['progress reports', bestProgress, '1.00']]))
+    const best = (steps: Step[], all: boolean): Step | undefined => steps.filter(s => s.p99 <= 100 && (!all || s.delivered >= s.expected)).at(-1)
+    const bestLogs = best(r.logs, true)
+    const bestProgress = best(r.progress, false)
+    const row = (name: string, s: Step | undefined): Array<string | number> => [name, s?.rate ?? 0, s === undefined ? '-' : s.p99.toFixed(1), s === undefined ? '-' : `${(100 * s.delivered / s.expected).toFixed(1)}%`,
+      s === undefined || bestProgress === undefined ? '-' : (s.rate / bestProgress.rate).toFixed(2)]
+    process.stdout.write(table(`Highest rate one job sends to ${WATCHERS} watchers with p99 ≤ 100 ms (log lines: every one delivered)`, ['message', 'rate/s', 'p99 ms', 'delivered', 'ratio to progress'],
+      [row('log lines', bestLogs), row('progress reports', bestProgress)]) + '\n')
     const rows: Array<Array<string | number>> = []
     for (const instances of [1, 4]) {
       for (const feed of [false, true]) {
