@@ -1,5 +1,5 @@
 import type { Redis } from 'ioredis'
-import { createHash } from 'node:crypto'
+import { deleteJobLua, eventLua, JobScript, jobScriptKeys, takeOutLua } from './job-script'
 import type { Keys } from './keys'
 import { outputsKey } from './outputs'
 
@@ -13,33 +13,18 @@ import { outputsKey } from './outputs'
  *
  * Returns false when there was nothing to delete; else the storage keys to remove.
  */
-const SCRIPT = `
-local rcall = redis.call
-local jobId = ARGV[1]
-local jobKey = KEYS[1]
+const SCRIPT = new JobScript(`
 if rcall("EXISTS", jobKey) == 0 and rcall("EXISTS", KEYS[13]) == 0 then return false end
-local prev = "waiting"
-if rcall("LREM", KEYS[4], 0, jobId) > 0 then prev = "active"
-elseif rcall("ZREM", KEYS[8], jobId) > 0 then prev = "completed"
-elseif rcall("ZREM", KEYS[9], jobId) > 0 then prev = "failed"
-elseif rcall("ZREM", KEYS[6], jobId) > 0 then prev = "delayed"
-elseif rcall("ZREM", KEYS[5], jobId) > 0 then prev = "prioritized"
-elseif rcall("ZREM", KEYS[7], jobId) > 0 then prev = "waiting-children"
-elseif rcall("LREM", KEYS[3], 0, jobId) > 0 then prev = "paused"
-else rcall("LREM", KEYS[2], 0, jobId) end
-rcall("SREM", KEYS[10], jobId)
-rcall("DEL", jobKey, jobKey .. ":lock", jobKey .. ":logs", jobKey .. ":dependencies",
-  jobKey .. ":processed", jobKey .. ":failed", jobKey .. ":unsuccessful", KEYS[13])
+${takeOutLua(true)}
+${deleteJobLua('KEYS[13]')}
 local files = rcall("HVALS", KEYS[14])
 local upload = rcall("GET", KEYS[15])
 if upload then table.insert(files, cjson.encode({ key = upload })) end
 rcall("DEL", KEYS[14], KEYS[15])
 rcall("SET", KEYS[16], "1", "EX", ARGV[2])
-local maxEvents = rcall("HGET", KEYS[12], "opts.maxLenEvents") or 10000
-rcall("XADD", KEYS[11], "MAXLEN", "~", maxEvents, "*", "event", "removed", "jobId", jobId, "prev", prev)
+${eventLua('removed')}
 return files
-`
-const SHA = createHash('sha1').update(SCRIPT).digest('hex')
+`)
 
 /** The mark a deleted job leaves for `markTtlSeconds`, so its worker stops at its next report. */
 export function deletedKey (keys: Keys, queue: string, jobId: string): string {
@@ -53,20 +38,8 @@ function uploadMarker (keys: Keys, queue: string, jobId: string): string {
 
 /** Runs the delete script; resolves with the storage keys of the job's files, or null when it was gone. */
 export async function deleteJob (redis: Redis, keys: Keys, queue: string, jobId: string, markTtlSeconds: number): Promise<string[] | null> {
-  const q = (name: string): string => keys.queueKey(queue, name)
-  const keyList = [
-    keys.job(queue, jobId), q('wait'), q('paused'), q('active'), q('prioritized'), q('delayed'),
-    q('waiting-children'), q('completed'), q('failed'), q('stalled'), q('events'), q('meta'),
-    keys.cancel(queue, jobId), outputsKey(keys, queue, jobId), uploadMarker(keys, queue, jobId), deletedKey(keys, queue, jobId)
-  ]
-  const args = [jobId, String(markTtlSeconds)]
-  let reply: string[] | null
-  try {
-    reply = await redis.evalsha(SHA, keyList.length, ...keyList, ...args) as string[] | null
-  } catch (err) {
-    if (!String((err as Error).message).includes('NOSCRIPT')) throw err
-    reply = await redis.eval(SCRIPT, keyList.length, ...keyList, ...args) as string[] | null
-  }
+  const keyList = [...jobScriptKeys(keys, queue, jobId), outputsKey(keys, queue, jobId), uploadMarker(keys, queue, jobId), deletedKey(keys, queue, jobId)]
+  const reply = await SCRIPT.run(redis, keyList, [jobId, String(markTtlSeconds)]) as string[] | null
   if (reply === null) return null
   return reply.map(v => (JSON.parse(v) as { key: string }).key)
 }
