@@ -1,6 +1,9 @@
 /**
  * Client bundle size: each client's main entry bundled for the browser by the same esbuild call
  * (ESM, minified, tree-shaken to what importing its main export keeps), then gzipped at level 9.
+ * The first row (the client class and everything it uses) is the one compared; the second is the
+ * whole module as `clientRoute` serves it (every export, the close-code table included), for
+ * reference.
  *
  *   npx tsx bench/client-size.ts    # prints the table, writes bench/results/client-size.json
  */
@@ -12,6 +15,7 @@ import { gzipSync } from 'node:zlib'
 const root = join(__dirname, '..')
 const clients: Array<[string, string]> = [
   ['fastify-job-progress/client', `import { JobProgressClient } from ${JSON.stringify(join(root, 'client', 'index.ts'))}; globalThis.x = JobProgressClient`],
+  ['fastify-job-progress/client (all exports)', `export * from ${JSON.stringify(join(root, 'client', 'index.ts'))}`],
   ['socket.io-client', "import { io } from 'socket.io-client'; globalThis.x = io"],
   ['centrifuge', "import { Centrifuge } from 'centrifuge'; globalThis.x = Centrifuge"],
   ['pusher-js', "import Pusher from 'pusher-js'; globalThis.x = Pusher"]

@@ -2,11 +2,8 @@ import type { JobUpdate } from './types'
 
 /** Every error the client raises; `instanceof` tells them apart. */
 export class JobProgressError extends Error {
-  constructor (message: string) {
-    super(message)
-    // Set by hand: a minifier renames classes, and `name` is what people read.
-    this.name = 'JobProgressError'
-  }
+  // Set by hand: a minifier renames classes, and `name` is what people read.
+  override name = 'JobProgressError'
 }
 
 /** Credentials missing or refused (HTTP 401, close 4001): retrying cannot help. */
@@ -17,7 +14,7 @@ export class AuthError extends JobProgressError {
 /** The job does not exist or belongs to someone else (HTTP 404, close 4003): the two look alike. */
 export class NotFoundError extends JobProgressError {
   override name = 'NotFoundError'
-  readonly jobId: string
+  declare readonly jobId: string
   constructor (jobId: string, message = `Job not found or access denied: ${jobId}`) {
     super(message)
     this.jobId = jobId
@@ -27,7 +24,7 @@ export class NotFoundError extends JobProgressError {
 /** The job ended as `failed` or `cancelled`; `update` is its final state. */
 export class JobFailedError extends JobProgressError {
   override name = 'JobFailedError'
-  readonly update: JobUpdate
+  declare readonly update: JobUpdate
   constructor (update: JobUpdate) {
     super(update.error ?? update.status)
     this.update = update
@@ -41,8 +38,8 @@ export class JobFailedError extends JobProgressError {
 /** An HTTP request answered with an error status (upload refused, cancel of a finished job ...). */
 export class HttpError extends JobProgressError {
   override name = 'HttpError'
-  readonly status: number
-  readonly body: unknown
+  declare readonly status: number
+  declare readonly body: unknown
   constructor (status: number, message: string, body?: unknown) {
     super(message)
     this.status = status
@@ -53,7 +50,7 @@ export class HttpError extends JobProgressError {
 /** The server closed the connection for good (a close code a client must not retry). */
 export class ConnectionError extends JobProgressError {
   override name = 'ConnectionError'
-  readonly code: number
+  declare readonly code: number
   constructor (code: number, reason: string) {
     super(`${reason} (${code})`)
     this.code = code

@@ -1,4 +1,5 @@
 import type { JobStatus } from '../lib/wire/messages'
+import type { Watch } from './watch'
 
 export type { JobStatus }
 
@@ -39,4 +40,63 @@ export interface ConnectionEvent {
   /** Delay before the next attempt, when `reconnecting`. */
   retryInMs?: number
   error?: Error
+}
+
+export interface ClientOptions {
+  /** The API's origin. @default location.origin in a browser */
+  baseUrl?: string
+  /** An API key: `Authorization: Bearer` on HTTP; on the WebSocket as `apiKeyVia` says. */
+  apiKey?: string
+  /**
+   * How the WebSocket carries `apiKey` (browsers cannot set its headers): a subprotocol, the
+   * `api_key` query parameter, or a first `{ "token" }` message (for a `first-message` protocol).
+   * @default 'subprotocol'
+   */
+  apiKeyVia?: 'subprotocol' | 'query' | 'first-message'
+  /** fetch's credentials mode: cookie sessions across origins need 'include'. @default 'same-origin' */
+  credentials?: RequestCredentials
+  /** Transports to use, best first. @default ['websocket', 'sse', 'polling'] */
+  transports?: Transport[]
+  /** The `jobs` protocol's path. @default '/ws/jobs' */
+  wsPath?: string
+  /** The multiplexed SSE stream's path. @default '/events' */
+  ssePath?: string
+  /** Routes of a kind. @default `/<kind>/upload`, `/<kind>/<id>/status`, `/result`, `/cancel` */
+  paths?: Partial<{
+    upload: (kind: string) => string
+    status: (kind: string, jobId: string) => string
+    result: (kind: string, jobId: string) => string
+    cancel: (kind: string, jobId: string) => string
+  }>
+  /** Reconnect delays: full jitter between 0 and min(maxMs, minMs × 2^attempt). @default { minMs: 1000, maxMs: 30000 } */
+  backoff?: { minMs?: number, maxMs?: number }
+  /** Failed attempts on a transport before falling back to the next. @default 2 */
+  fallbackAfter?: number
+  /** How often to try the better transport again while on a fallback. @default 30000 */
+  upgradeIntervalMs?: number
+  /** Reconnect when nothing (not even a heartbeat) arrived for this long. @default 75000 */
+  heartbeatTimeoutMs?: number
+  /** Polling interval. @default 2000 */
+  pollIntervalMs?: number
+  /** For Node or tests: the implementations to use. @default the globals */
+  fetch?: typeof fetch
+  WebSocket?: typeof WebSocket
+}
+
+export interface UploadOptions {
+  /** Other form fields, sent before the file. */
+  fields?: Record<string, string>
+  /** Upload progress (bytes sent, bytes in all). In Node, called once at the end. */
+  onUploadProgress?: (loaded: number, total: number) => void
+  signal?: AbortSignal
+  /** The file's name when `file` is a Blob without one. */
+  filename?: string
+}
+
+export interface UploadedJob {
+  kind: string
+  jobId: string
+  statusUrl: string
+  /** Starts watching the job (same as `client.watch(kind, jobId)`). */
+  watch: () => Watch
 }

@@ -1,0 +1,87 @@
+import { compareVersions } from '../lib/wire/version'
+import { JobFailedError } from './errors'
+import type { JobUpdate } from './types'
+
+type Listener<T> = (value: T) => void
+
+const FINAL = new Set(['succeeded', 'failed', 'cancelled'])
+
+/** One watched job: an async iterable of its updates, its current state, and how it ended. */
+export class Watch implements AsyncIterable<JobUpdate> {
+  declare readonly kind: string
+  declare readonly jobId: string
+  /** Resolves with the final `succeeded` update; rejects with JobFailedError, NotFoundError or AuthError. */
+  declare readonly done: Promise<JobUpdate>
+  current: JobUpdate | null = null
+  #listeners = new Set<Listener<JobUpdate>>()
+  #settle!: (error?: Error, final?: JobUpdate) => void
+  /** Once ended: the error it ended with, or null. */
+  #ended: Error | null | undefined
+  #stop: () => void
+
+  constructor (kind: string, jobId: string, stop: () => void) {
+    this.kind = kind
+    this.jobId = jobId
+    this.#stop = stop
+    this.done = new Promise((resolve, reject) => { this.#settle = (error, final) => error ? reject(error) : resolve(final as JobUpdate) })
+    // Awaiting `done` is optional: an unawaited failure must not crash Node.
+    this.done.catch(() => {})
+  }
+
+  get ended (): boolean {
+    return this.#ended !== undefined
+  }
+
+  /** Calls `fn` with every update (and at once with the current one); returns the unsubscribe. */
+  onUpdate (fn: Listener<JobUpdate>): () => void {
+    this.#listeners.add(fn)
+    if (this.current) fn(this.current)
+    return () => this.#listeners.delete(fn)
+  }
+
+  /** Stops watching (the connection unsubscribes); `done` stays pending. */
+  stop (): void {
+    this.#stop()
+  }
+
+  /** @internal */
+  _update (u: JobUpdate): boolean {
+    const last = this.current
+    if (this.ended || (last && (
+      // The version orders states across transports and instances (a retry is a newer attempt);
+      // without one, progress within a status only goes forward.
+      u.version && last.version
+        ? compareVersions(u.version, last.version) < 0
+        : !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed))) return false
+    this.current = u
+    for (const fn of this.#listeners) fn(u)
+    if (FINAL.has(u.status)) this._end(u.status === 'succeeded' ? undefined : new JobFailedError(u), u)
+    return true
+  }
+
+  /** @internal */
+  _end (error?: Error, final?: JobUpdate): void {
+    if (this.ended) return
+    this.#ended = error ?? null
+    this.#settle(error, final)
+    for (const fn of this.#listeners) fn(this.current as JobUpdate)
+  }
+
+  async * [Symbol.asyncIterator] (): AsyncIterator<JobUpdate> {
+    const queue: JobUpdate[] = []
+    let wake: (() => void) | undefined
+    const off = this.onUpdate((u) => { if (u && queue.at(-1) !== u) queue.push(u); wake?.() })
+    try {
+      for (;;) {
+        const u = queue.shift()
+        if (u) yield u
+        else if (this.ended) break
+        else await new Promise<void>(resolve => { wake = resolve })
+      }
+      const error = this.#ended
+      if (error && !(error instanceof JobFailedError)) throw error
+    } finally {
+      off()
+    }
+  }
+}
