@@ -301,3 +301,25 @@ t.test('lines published while the subscriber reconnects are read from the list o
   t.same(logsOf(client.messages, jobId).map(m => m.offset), [0, 1, 2, 3], 'every line once')
   worker.finish()
 })
+
+t.test('a watcher that has the final state has every line: the last lines come before it, live or after the end', async (t) => {
+  const { redis, a, b } = await twoApps(t)
+  const jobId = await uploadAs(a, 'key-alice')
+  const worker = scriptedWorker(t, redis, a)
+  const live = await jobsClient(t, b, 'key-alice')
+  live.send({ action: 'subscribe', job_id: jobId, logs: true })
+  await live.waitFor(m => m.type === 'job_update' && m.status === 'running')
+  // Lines written right before the job completes: their relay races the completion's.
+  await worker.write(5)
+  worker.finish()
+  await live.waitFor(m => m.type === 'job_update' && m.status === 'succeeded')
+  const order = (messages: any[]): string[] => messages.filter(m => m.type === 'log' || (m.type === 'job_update' && m.status === 'succeeded')).map(m => m.type === 'log' ? `log ${m.offset as number}` : 'final')
+  t.same(order(live.messages), ['log 0', 'log 1', 'log 2', 'log 3', 'log 4', 'final'], 'live: every line, then the final state')
+  const late = await jobsClient(t, a, 'key-alice')
+  late.send({ action: 'subscribe', job_id: jobId, logs: { from: 2 } })
+  await late.waitFor(m => m.type === 'job_update')
+  t.same(order(late.messages), ['log 2', 'log 3', 'log 4', 'final'], 'after the end: the lines asked for, then the final state')
+  const stream = await sse(t, `${b.url}/events?jobs=${jobId}&logs=1&api_key=key-alice`)
+  await stream.ended
+  t.same(stream.events.filter(e => e.event !== 'close').map(e => e.event === 'log' ? `log ${e.data.offset as number}` : e.data.status), ['log 0', 'log 1', 'log 2', 'log 3', 'log 4', 'succeeded'], 'SSE: the same order, then the stream ends')
+})

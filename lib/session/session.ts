@@ -310,7 +310,7 @@ export class Session {
       const data = existing.last === null ? undefined : serialize(this.protocol.render(existing.last))
       if (data !== undefined && existing.last !== null) this.outbox.send(data, jobId, isFinal(existing.last.state))
       // Asked again with logs: they start over from the offset now asked for.
-      if (logs !== undefined) await this.#startLogs(existing, existing.target, logs)
+      if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
       return
     }
     if (this.#subs.size >= this.#ctx.maxSubscriptionsPerConnection) {
@@ -338,28 +338,58 @@ export class Session {
       opened.detach({ deliver () {} })
       return
     }
+    const withLogs = logs !== undefined && await this.#logsAllowed(target)
+    if (this.#state !== 'ready') {
+      opened.detach({ deliver () {} })
+      return
+    }
     this.sendControl(this.protocol.subscribed?.(jobId))
     const sub: Subscription = { opened, target, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
     this.#subs.set(jobId, sub)
+    // The feed is in place before the current state is delivered: a job that has ended sends
+    // its lines first, then its final state.
+    if (withLogs) this.#feed(sub, target, logs)
     opened.attach(sub.sink)
-    if (logs !== undefined) await this.#startLogs(sub, target, logs)
+    if (!sub.final) sub.logs?.feed.start()
+  }
+
+  /** Whether this connection may have a job's lines; says why not when it may not. */
+  async #logsAllowed (target: SnapshotTarget): Promise<boolean> {
+    if (this.#ctx.logs === undefined || this.protocol.logs === undefined) {
+      this.#error('This connection serves no logs', target.jobId)
+      return false
+    }
+    if (this.#identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && this.owner !== null) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
+        this.#error(`Logs not available: ${target.jobId}`, target.jobId)
+        return false
+      }
+    }
+    return true
   }
 
   /**
    * Starts a subscription's log lines: registered for live lines first, then caught up from the
    * job's log list, so no line falls between. A policy of the application's is asked for `logs`.
    */
-  async #startLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
-    const logs = this.#ctx.logs
-    const render = this.protocol.logs
-    if (logs === undefined || render === undefined) return this.#error('This connection serves no logs', target.jobId)
-    if (this.#identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && this.owner !== null) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
-        return this.#error(`Logs not available: ${target.jobId}`, target.jobId)
-      }
-    }
-    if (this.#subs.get(target.jobId) !== sub) return
+  /** A subscription asked for lines again: they start over from the offset now asked for. */
+  async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
+    if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
+    const feed = this.#feed(sub, target, request)
+    if (!sub.final) return feed.start()
+    // Its final state was sent already; what is left of its log follows it.
+    this.#pending++
+    feed.finish().finally(() => {
+      this.#pending--
+      this.#closeIfDone()
+    })
+  }
+
+  /** Registers a subscription's log feed for live lines; the caller starts it. */
+  #feed (sub: Subscription, target: SnapshotTarget, request: LogsRequest): LogFeed {
+    const logs = this.#ctx.logs as LogsContext
+    const render = this.protocol.logs as NonNullable<ProtocolDefinition['logs']>
     sub.logs?.stop()
     const feed = new LogFeed({
       jobId: target.jobId,
@@ -375,15 +405,7 @@ export class Session {
       onError: (err) => this.#ctx.log.warn({ err, jobId: target.jobId }, 'job-progress: cannot read a job\'s log for a watcher')
     })
     sub.logs = { feed, stop: logs.feeds.add(logs.channel(target), feed) }
-    if (sub.final) {
-      this.#pending++
-      feed.finish().finally(() => {
-        this.#pending--
-        this.#closeIfDone()
-      })
-    } else {
-      feed.start()
-    }
+    return feed
   }
 
   async #subscribeMine (): Promise<void> {
@@ -405,26 +427,33 @@ export class Session {
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return
     sub.last = event
-    const { text, bytes } = renderOnce(this.protocol, event)
     const final = isFinal(event.state)
+    if (final && sub.logs !== undefined) {
+      // A job's last lines can be relayed after its final state: what is left of its log is
+      // read and sent first, so a watcher that has the final state has every line.
+      sub.final = true
+      this.#pending++
+      sub.logs.feed.finish().finally(() => {
+        this.#pending--
+        this.#send(sub, event, true)
+        this.#closeIfDone()
+      })
+      return
+    }
+    this.#send(sub, event, final)
+    if (!final) return
+    sub.final = true
+    this.#closeIfDone()
+  }
+
+  #send (sub: Subscription, event: JobEvent, final: boolean): void {
+    const { text, bytes } = renderOnce(this.protocol, event)
     // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
     // format): the client learns nothing from the second.
     if (text !== undefined && bytes !== undefined && (final || text !== sub.sent)) {
       sub.sent = text
       this.outbox.send(bytes, event.jobId, final)
     }
-    if (!final) return
-    sub.final = true
-    if (sub.logs !== undefined) {
-      // The job's last lines can be relayed after its final state: read what is left first.
-      this.#pending++
-      sub.logs.feed.finish().finally(() => {
-        this.#pending--
-        this.#closeIfDone()
-      })
-      return
-    }
-    this.#closeIfDone()
   }
 
   /**
