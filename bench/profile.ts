@@ -8,6 +8,7 @@ import { join, relative } from 'node:path'
  * of lib/, and for the heaviest lib/ frames the inclusive time.
  *
  *   npx tsx bench/profile.ts bench/results/fanout-plugin-2-0-R10.cpuprofile [more files] [--top=30]
+ *   ... --stalls=10   stretches of ≥ 10 ms in which the event loop never idled, and what ran
  */
 interface Node { id: number, callFrame: { functionName: string, url: string, lineNumber: number, columnNumber: number }, hitCount?: number, children?: number[] }
 interface Profile { nodes: Node[], samples: number[], timeDeltas: number[], startTime: number, endTime: number }
@@ -22,6 +23,11 @@ const stacks = new Map<string, number>()
 const underOf = args.find(a => a.startsWith('--under='))?.slice(8)
 const under = new Map<string, number>()
 const root = process.cwd()
+// --stalls=10: stretches of at least 10 ms without an idle sample (the event loop never waited),
+// the longest ones with what ran in them, and self time summed over all of them.
+const stallMs = args.find(a => a.startsWith('--stalls='))?.slice(9)
+const stallSelf = new Map<string, number>()
+const stallList: Array<{ file: string, at: number, ms: number, top: string }> = []
 
 // tsx compiles each TypeScript file to one minified line and keeps the source map in its cache
 // (a JSON file per compiled version, newest last): map profile positions back to the .ts lines.
@@ -101,6 +107,34 @@ for (const file of files) {
   const byId = new Map(p.nodes.map(n => [n.id, n]))
   const parent = new Map<number, number>()
   for (const n of p.nodes) for (const c of n.children ?? []) parent.set(c, n.id)
+  if (stallMs !== undefined) {
+    let start = -1
+    let at = 0
+    let run = new Map<string, number>()
+    const end = (i: number, t: number): void => {
+      const ms = t - at
+      if (start >= 0 && ms >= Number(stallMs)) {
+        for (const [k, v] of run) stallSelf.set(k, (stallSelf.get(k) ?? 0) + v)
+        stallList.push({ file: file.replace(/^.*\//, ''), at: Math.round(at), ms, top: [...run].sort((a, b) => b[1] - a[1]).slice(0, 3).map(([k, v]) => `${k} ${v.toFixed(1)}`).join('; ') })
+      }
+      start = -1
+      run = new Map()
+    }
+    let t = 0
+    for (let i = 0; i < p.samples.length; i++) {
+      const dt = (p.timeDeltas[i + 1] ?? 0) / 1000
+      const node = byId.get(p.samples[i]) as Node
+      if (node.callFrame.functionName === '(idle)') {
+        end(i, t)
+      } else {
+        if (start < 0) { start = i; at = t }
+        const key = where(node.callFrame)
+        run.set(key, (run.get(key) ?? 0) + dt)
+      }
+      t += dt
+    }
+    end(p.samples.length, t)
+  }
   // Time per sample: the delta to the next sample.
   for (let i = 0; i < p.samples.length; i++) {
     const dt = (p.timeDeltas[i + 1] ?? 0) / 1000
@@ -149,3 +183,8 @@ show('Inclusive time by file or package (any frame on the stack)', byFile, top)
 show('Inclusive time of lib/ functions', inclusiveLib, top)
 if (stackOf !== undefined) show(`Call paths into ${stackOf}`, stacks, 10)
 if (underOf !== undefined) show(`Self time below ${underOf}`, under, top)
+if (stallMs !== undefined) {
+  process.stdout.write(`\n${stallList.length} stretch(es) of ≥ ${stallMs} ms without an idle sample, ${stallList.reduce((a, x) => a + x.ms, 0).toFixed(0)} ms in all; the longest:\n`)
+  for (const x of [...stallList].sort((a, b) => b.ms - a.ms).slice(0, 10)) process.stdout.write(`${x.ms.toFixed(1).padStart(7)} ms at ${x.at} ms in ${x.file}: ${x.top}\n`)
+  show('Self time inside those stretches', stallSelf, top)
+}

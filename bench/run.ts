@@ -19,7 +19,7 @@ import { fmt, percentiles, round, table } from './lib/stats'
  *   npm run bench -- --quick    smaller run (about 1 minute)
  *   npm run bench -- --profile  also writes a CPU profile of every server over each measured
  *                               step to bench/results/*.cpuprofile (read with bench/profile.ts)
- *   npm run bench -- --only=fanout,redis,idle,upload   run some workloads only
+ *   npm run bench -- --only=fanout,tail,redis,idle,upload   run some workloads only
  *   npm run bench -- --instances=1   instance count of the comparison (default 2)
  */
 const argv = process.argv.slice(2)
@@ -57,7 +57,13 @@ const CFG = QUICK
       idleSockets: 2_000,
       idleJobs: 100,
       uploadBytes: 200 * 1024 * 1024,
-      uploadRounds: 1
+      uploadRounds: 1,
+      tailJobs: 50,
+      tailPerJob: 10,
+      tailRate: 10,
+      tailMs: 1_500,
+      tailRounds: 5,
+      tailInstances: [1, 2]
     }
   : {
       jobs: 20,
@@ -78,7 +84,13 @@ const CFG = QUICK
       idleSockets: 10_000,
       idleJobs: 100,
       uploadBytes: 200 * 1024 * 1024,
-      uploadRounds: 2
+      uploadRounds: 2,
+      tailJobs: 50,
+      tailPerJob: 10,
+      tailRate: 10,
+      tailMs: 3_000,
+      tailRounds: 7,
+      tailInstances: [1, 2]
     }
 /**
  * Unmeasured load at the step's rate before each measured step: a server idle during its peers'
@@ -90,7 +102,7 @@ const FANOUT_CLIENT_PROCS = 2
 const P99_LIMIT_MS = 100
 /** A round in which other processes kept more than this share of the machine busy is "disturbed". */
 const OTHER_CPU_LIMIT_PCT = 15
-const DEADLINE_MS = QUICK ? 150_000 : 420_000
+const DEADLINE_MS = QUICK ? 360_000 : 720_000
 
 const tmp = mkdtempSync(join(tmpdir(), 'jp-bench-'))
 const resultsDir = join(ROOT, 'bench', 'results')
@@ -393,6 +405,38 @@ const strip = <T extends { latencies?: unknown }>(r: T): Omit<T, 'latencies'> =>
 
 const results: Record<string, any> = {}
 
+/**
+ * Every system of `specs` up at once, taking turns at one rate over several rounds (who goes
+ * first rotates); one pooled result per system, with its rounds' p99 and their median.
+ */
+async function takeTurns (name: string, specs: SetupSpec[], rate: number, ms: number, rounds: number, after?: (setups: Setup[]) => Promise<void>): Promise<any[]> {
+  const out: any[] = []
+  await withSetups(specs, async (setups) => {
+    const steps = new Map<System, StepResult[]>(setups.map(s => [s.spec.system as System, []]))
+    for (let round = 0; round < rounds; round++) {
+      // Rotate who goes first, so that no system always runs right after the same neighbour.
+      for (let k = 0; k < setups.length; k++) {
+        const setup = setups[(k + round) % setups.length]
+        const r = await step(setup, rate, ms, `-round${round}`)
+        ;(steps.get(setup.spec.system as System) as StepResult[]).push(r)
+      }
+    }
+    // Latency is compared over the rounds in which the machine was not busy with other work
+    // (for every system of the round alike); all rounds when there is no such round.
+    const disturbed = Array.from({ length: rounds }, (_, round) => [...steps.values()].some(list => list[round].otherCpuPct > OTHER_CPU_LIMIT_PCT))
+    const clean = disturbed.every(d => d) ? disturbed.map(() => true) : disturbed.map(d => !d)
+    for (const [system, list] of steps) {
+      const r = pool(list)
+      const p99Clean = median(list.filter((_, i) => clean[i]).map(st => st.p99))
+      const n = specs[0].instances
+      out.push({ system, instances: n, ...strip(r), roundsDisturbed: disturbed, p99Clean, cleanRounds: clean.filter(Boolean).length, allRoundsDisturbed: disturbed.every(d => d) })
+      log(`${name} ${NAMES[system]} ×${n}: ${fmt(r.deliveredPerSec, 0)} msgs/s, p50 ${fmt(r.p50, 2)} ms, p99 ${fmt(r.p99, 2)} ms (rounds ${r.p99Rounds.map((x, i) => fmt(x, 1) + (disturbed[i] ? '*' : '')).join('/')}, median ${fmt(r.p99Median, 1)}), max ${fmt(r.max, 1)} ms, ${r.received}/${r.expected} delivered, server CPU ${fmt(r.cpuPer10k.servers, 3)} s/10k, ${fmt(r.serverPerMsg.writeCalls, 2)} writes/msg, other CPU ${fmt(r.otherCpuPct, 0)}%`)
+    }
+    if (after !== undefined) await after(setups)
+  })
+  return out
+}
+
 /** Fan-out at each instance count: every system up at once, taking turns over several rounds. */
 async function fanout (): Promise<void> {
   results.fanout = []
@@ -400,28 +444,20 @@ async function fanout (): Promise<void> {
   for (const group of CFG.fanout) {
     const n = group.instances
     const specs = group.systems.map(system => ({ system, instances: n, topology: 'spread' as const, jobs: CFG.jobs, perJob: CFG.perJob, label: `fanout-${system}-${n}` }))
-    await withSetups(specs, async (setups) => {
-      const steps = new Map<System, StepResult[]>(setups.map(s => [s.spec.system as System, []]))
-      for (let round = 0; round < CFG.rounds; round++) {
-        // Rotate who goes first, so that no system always runs right after the same neighbour.
-        for (let k = 0; k < setups.length; k++) {
-          const setup = setups[(k + round) % setups.length]
-          const r = await step(setup, CFG.rate, CFG.fanoutMs, `-round${round}`)
-          ;(steps.get(setup.spec.system as System) as StepResult[]).push(r)
-        }
-      }
-      // Latency is compared over the rounds in which the machine was not busy with other work
-      // (for every system of the round alike); all rounds when there is no such round.
-      const disturbed = Array.from({ length: CFG.rounds }, (_, round) => [...steps.values()].some(list => list[round].otherCpuPct > OTHER_CPU_LIMIT_PCT))
-      const clean = disturbed.every(d => d) ? disturbed.map(() => true) : disturbed.map(d => !d)
-      for (const [system, list] of steps) {
-        const r = pool(list)
-        const p99Clean = median(list.filter((_, i) => clean[i]).map(st => st.p99))
-        results.fanout.push({ system, instances: n, ...strip(r), roundsDisturbed: disturbed, p99Clean, cleanRounds: clean.filter(Boolean).length, allRoundsDisturbed: disturbed.every(d => d) })
-        log(`fan-out ${NAMES[system]} ×${n}: ${fmt(r.deliveredPerSec, 0)} msgs/s, p50 ${fmt(r.p50, 2)} ms, p99 ${fmt(r.p99, 2)} ms (rounds ${r.p99Rounds.map((x, i) => fmt(x, 1) + (disturbed[i] ? '*' : '')).join('/')}), max ${fmt(r.max, 1)} ms, ${r.received}/${r.expected} delivered, server CPU ${fmt(r.cpuPer10k.servers, 3)} s/10k, ${fmt(r.serverPerMsg.writeCalls, 2)} writes/msg, other CPU ${fmt(r.otherCpuPct, 0)}%`)
-      }
-      if (n === CFG.satInstances) await saturation(setups.filter(s => CFG.satSystems.includes(s.spec.system as System)))
-    })
+    results.fanout.push(...await takeTurns('fan-out', specs, CFG.rate, CFG.fanoutMs, CFG.rounds,
+      n === CFG.satInstances ? async (setups) => await saturation(setups.filter(s => CFG.satSystems.includes(s.spec.system as System))) : undefined))
+  }
+}
+
+/**
+ * Tail latency at a moderate load: 50 jobs × 10 sockets × 10 updates/s (5,000 msgs/s), at 1 and
+ * 2 instances, every system taking turns; the figure is the median of the rounds' p99.
+ */
+async function tail (): Promise<void> {
+  results.tail = []
+  for (const n of CFG.tailInstances) {
+    const specs = SYSTEMS.map(system => ({ system, instances: n, topology: 'spread' as const, jobs: CFG.tailJobs, perJob: CFG.tailPerJob, label: `tail-${system}-${n}` }))
+    results.tail.push(...await takeTurns('tail', specs, CFG.tailRate, CFG.tailMs, CFG.tailRounds))
   }
 }
 
@@ -646,6 +682,12 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
     const ratio = ours.cpuPer10k.servers / sio.cpuPer10k.servers
     out.push({ name: `server CPU s per 10k delivered (fan-out, ${N} instances)`, ours: ours.cpuPer10k.servers, peer: sio.cpuPer10k.servers, ratio, limit: '≤ 0.5 × socket.io', pass: ratio <= 0.5 })
   }
+  for (const r of (results.tail ?? []).filter((x: any) => x.system === who)) {
+    const peer = results.tail.find((x: any) => x.system === 'sio' && x.instances === r.instances)
+    if (peer === undefined) continue
+    const rate = CFG.tailJobs * CFG.tailPerJob * CFG.tailRate
+    out.push({ name: `p99 at ${rate} msgs/s, ${r.instances as number} instance(s), median of ${r.rounds as number} rounds (ms)`, ours: r.p99Median, peer: peer.p99Median, ratio: r.p99Median / peer.p99Median, limit: '≤ 1 × socket.io', pass: r.p99Median <= peer.p99Median, note: `median over undisturbed rounds ${fmt(r.p99Clean, 2)} vs ${fmt(peer.p99Clean, 2)} ms${r.allRoundsDisturbed === true ? ', every round disturbed by other load' : ''}` })
+  }
   if (results.idle?.[who] !== undefined && results.idle?.sio !== undefined) {
     const ratio = results.idle[who].rssPerSocketKB / results.idle.sio.rssPerSocketKB
     out.push({ name: `RSS per idle socket (KB, ${CFG.idleSockets} sockets)`, ours: results.idle[who].rssPerSocketKB, peer: results.idle.sio.rssPerSocketKB, ratio, limit: '≤ 1 × socket.io', pass: ratio <= 1 })
@@ -678,6 +720,11 @@ function report (): string {
     parts.push(table(`Fan-out: ${CFG.jobs} jobs × ${CFG.perJob} sockets, ${CFG.rate} updates/s per job; systems take turns, ${CFG.rounds} rounds × ${CFG.fanoutMs / 1000} s; a round is disturbed when other processes used > ${OTHER_CPU_LIMIT_PCT}% of the machine; "p99 clean" = median over undisturbed rounds`,
       ['system', 'inst', 'msgs/s', 'p50 ms', 'p99 ms', 'p99 rounds (* disturbed)', 'p99 clean', 'max ms', 'delivered', 'per socket min-max/sent', 'short sockets', 'dup/ooo', 'srv CPU s/10k', 'drv CPU s/10k', 'redis CPU s/10k', 'srv writes/msg', 'redis cmd/ev', 'redis B/ev', 'other CPU %'],
       results.fanout.map((r: any) => [NAMES[r.system as System], r.instances, fmt(r.deliveredPerSec, 0), fmt(r.p50, 2), fmt(r.p99, 2), r.p99Rounds.map((x: number, i: number) => fmt(x, 1) + (r.roundsDisturbed[i] === true ? '*' : '')).join('/'), fmt(r.p99Clean, 2), fmt(r.max, 1), `${r.received}/${r.expected}`, `${r.perSocket.minReceived as number}-${r.perSocket.maxReceived as number}/${r.perSocket.maxExpected as number}`, r.socketsShort, `${r.duplicates}/${r.outOfOrder}`, fmt(r.cpuPer10k.servers, 3), fmt(r.cpuPer10k.driver, 3), fmt(r.cpuPer10k.redis, 3), fmt(r.serverPerMsg.writeCalls, 2), fmt(r.redis.commandsPerEvent, 2), fmt(r.redis.bytesOutPerEvent, 0), fmt(r.otherCpuPct, 0)])))
+  }
+  if (results.tail !== undefined) {
+    parts.push(table(`Tail latency: ${CFG.tailJobs} jobs × ${CFG.tailPerJob} sockets, ${CFG.tailRate} updates/s per job (${CFG.tailJobs * CFG.tailPerJob * CFG.tailRate} msgs/s); systems take turns, ${CFG.tailRounds} rounds × ${CFG.tailMs / 1000} s; "p99 median" = median of the rounds' p99`,
+      ['system', 'inst', 'msgs/s', 'p50 ms', 'p99 rounds (* disturbed)', 'p99 median', 'p99 clean', 'max ms', 'delivered', 'srv CPU s/10k', 'redis CPU s/10k', 'other CPU %'],
+      results.tail.map((r: any) => [NAMES[r.system as System], r.instances, fmt(r.deliveredPerSec, 0), fmt(r.p50, 2), r.p99Rounds.map((x: number, i: number) => fmt(x, 1) + (r.roundsDisturbed[i] === true ? '*' : '')).join('/'), fmt(r.p99Median, 2), fmt(r.p99Clean, 2), fmt(r.max, 1), `${r.received}/${r.expected}`, fmt(r.cpuPer10k.servers, 3), fmt(r.cpuPer10k.redis, 3), fmt(r.otherCpuPct, 0)])))
   }
   if (results.saturation !== undefined && Object.keys(results.saturation).length > 0) {
     const rows: Array<Array<string | number>> = []
@@ -755,6 +802,7 @@ async function main (): Promise<void> {
 
   const want = (name: string): boolean => ONLY === undefined || ONLY.includes(name)
   if (want('fanout')) await fanout()
+  if (want('tail')) await tail()
   if (want('redis')) await redisWork()
   if (want('idle')) await idle()
   if (want('upload')) await upload()

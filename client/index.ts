@@ -143,7 +143,7 @@ export class JobProgressClient {
     const retryLater = (): void => {
       // Full jitter: anywhere between 0 and the exponential step.
       const delay = Math.random() * Math.min(maxMs, minMs * 2 ** attempt++) | 0
-      setState('reconnecting', state.transport, { retryInMs: delay })
+      setState('reconnecting', order[level], { retryInMs: delay })
       retryTimer = setTimeout(() => { retryTimer = undefined; connectNow() }, delay)
     }
 
@@ -158,7 +158,7 @@ export class JobProgressClient {
       if (m.version) lastEventId = `${m.job_id}@${m.version}`
       // The message's fields under the client's names; any field a newer server adds passes through.
       const { type, ts, job_id: jobId, eta_seconds: etaSeconds, ...fields } = m
-      watch._update({ kind: watch.kind, jobId, ...fields, etaSeconds })
+      watch._update({ kind: watch.kind, jobId, ...fields, result: fields.result ?? null, error: fields.error ?? null, etaSeconds })
     }
 
     /**
@@ -198,8 +198,18 @@ export class JobProgressClient {
           probing = false
           probe = null
           conn?.close()
+          clearTimeout(retryTimer)
+          retryTimer = undefined
           conn = c
           level = 0
+          // Jobs watched since the probe opened were given to the old connection only.
+          for (const w of active()) {
+            if (!watched.has(w.jobId)) {
+              watched.set(w.jobId, w.kind)
+              // The WebSocket subscribes every watched job once live (below); SSE needs a new request.
+              if (transport !== 'websocket') added(w.jobId)
+            }
+          }
         }
         isLive = true
         failures = attempt = 0
@@ -243,7 +253,13 @@ export class JobProgressClient {
         const url = new URL(wsPath, baseUrl)
         url.protocol = url.protocol.replace('http', 'ws')
         if (apiKey && apiKeyVia === 'query') url.searchParams.set('api_key', apiKey)
-        const ws = new (Ws as typeof WebSocket)(url, apiKey && apiKeyVia === 'subprotocol' ? [apiKey] : undefined)
+        let ws: WebSocket
+        try {
+          ws = new (Ws as typeof WebSocket)(url, apiKey && apiKeyVia === 'subprotocol' ? [apiKey] : undefined)
+        } catch {
+          // A key a browser refuses as a subprotocol (`=` or `/` in it): counts as a failure, so the next transport is tried.
+          return end(null)
+        }
         // Sending on a closing socket does nothing.
         const send = (action: string) => (jobId: string): void => { if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId })) }
         added = send('subscribe')
@@ -302,7 +318,8 @@ export class JobProgressClient {
                 // The server writes one `data:` line per event (its JSON holds no raw newline).
                 // Comments (heartbeats), `id:` and `retry:` are not needed: the client keeps its own
                 // last event id (from versions) and its own backoff.
-                const [, event, data] = /^event: ?(.*)\r?\ndata: ?(.*)/m.exec(block) ?? []
+                // Not `.`: it stops at U+2028 and U+2029, which JSON leaves unescaped.
+                const [, event, data] = /^event: ?([^\r\n]*)\r?\ndata: ?([^\r\n]*)/m.exec(block) ?? []
                 dispatch(event as string, parse(data as string))
               }
             }
@@ -327,21 +344,24 @@ export class JobProgressClient {
             if (ended) return
             let res: Response
             try { res = await request(route('status', kind, jobId)) } catch { return end(null) }
+            if (ended) return
             if (res.status === 404) {
               watched.delete(jobId)
               watches.get(jobId)?._end(new NotFoundError(jobId))
               continue
             }
             if (res.status !== 200) return end(res.status === 401 ? authError() : null)
-            live()
-            touch()
-            const p = await res.json() as ProgressMessage
+            let p: ProgressMessage
+            try { p = await res.json() } catch { return end(null) }
             let result: unknown = null
             if (p.status === 'complete') {
               try {
                 result = (await (await request(route('result', kind, jobId))).json()).result ?? null
               } catch {}
             }
+            if (ended) return
+            live()
+            touch()
             onUpdate({ ...p, status: POLL_STATUS[p.status] ?? p.status, result, error: p.error ?? null } as unknown as JobUpdateMessage)
             if (p.status !== 'processing') watched.delete(jobId)
           }
@@ -354,6 +374,10 @@ export class JobProgressClient {
     const connectNow = (): void => {
       const transport = order[level]
       if (closed || fatal || !active().length || !transport) return
+      // One connection at a time: a pending retry or a live one (the browser said it is back online) gives way.
+      clearTimeout(retryTimer)
+      retryTimer = undefined
+      conn?.close()
       setState(state.state === 'idle' ? 'connecting' : state.state, transport)
       connect(transport, false)
     }
@@ -389,6 +413,7 @@ export class JobProgressClient {
     }
 
     const send = async (kind: string, file: Blob, opts: UploadOptions): Promise<UploadedJob> => {
+      opts.signal?.throwIfAborted()
       const form = new FormData()
       for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
       form.append('file', file, opts.filename ?? (file as { name?: string }).name ?? 'upload')

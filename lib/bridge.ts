@@ -1,5 +1,5 @@
 import type { FastifyBaseLogger } from 'fastify'
-import type { Broker } from './broker/index'
+import { isCluster, type Broker } from './broker/index'
 import { slotOf } from './broker/slot'
 import type { Commands } from './snapshot'
 import { noTelemetry, type Telemetry } from './core/telemetry'
@@ -34,7 +34,7 @@ export interface BridgeOptions {
   redis: Commands
   /** A dedicated connection for the blocking XREADGROUP. */
   blocking: Commands
-  /** Where to publish; PUBLISH on `redis` in one pipeline with the XACKs when absent. */
+  /** Where to publish; PUBLISH on `redis` when absent. */
   broker?: Broker
   keys: Keys
   queues: string[]
@@ -48,9 +48,10 @@ export interface BridgeOptions {
   /** Also hands each published message to this instance's own subscribers. */
   local?: (channel: string, payload: string) => void
   /**
-   * Called with every relayed event after it was published and before it is acknowledged (once
-   * across the cluster in normal operation, again after a takeover: be idempotent on the entry
-   * id). The bridge waits for a returned promise, so keep it short; errors are logged.
+   * Called with every relayed event once its message was sent, and before its entry is
+   * acknowledged (once across the cluster in normal operation, again after a takeover: be
+   * idempotent on the entry id). The bridge waits for a returned promise, so keep it short, and
+   * return nothing when there is nothing to wait for; errors are logged.
    */
   onEvent?: (event: BridgeEvent) => void | Promise<void>
   telemetry?: Telemetry
@@ -58,6 +59,43 @@ export interface BridgeOptions {
 }
 
 type Entry = [id: string, fields: string[]]
+
+interface Batch {
+  /** Channel and payload of each relayed entry. */
+  messages: Array<[string, string]>
+  events: BridgeEvent[]
+  /** Per stream: every entry read, relayed or skipped. */
+  done: Array<[string, string[]]>
+  /** Listeners that returned a promise: the event's index and the promise. */
+  waits: Array<[number, PromiseLike<unknown>]> | null
+  /** Entries whose listener failed: not acknowledged. */
+  failed: Set<string> | null
+}
+
+/** Relayed entries are acknowledged together, at most this long after they were relayed ... */
+const ACK_DELAY_MS = 100
+/** ... or as soon as this many wait. */
+const ACK_BATCH = 1_000
+
+/** A read that brings this many entries or more means the stream is busy (see #read). */
+const BUSY_BATCH = 4
+
+function size (reply: Array<[string, Entry[]]>): number {
+  let n = 0
+  for (const [, entries] of reply) n += entries.length
+  return n
+}
+
+/** PUBLISHes on a plain connection: one command alone, several in one pipeline. */
+async function publishOn (redis: Commands, messages: Array<[string, string]>): Promise<void> {
+  if (messages.length === 1) {
+    await redis.publish(messages[0][0], messages[0][1])
+  } else if (messages.length > 1) {
+    const pipe = redis.pipeline()
+    for (const [channel, payload] of messages) pipe.publish(channel, payload)
+    await pipe.exec()
+  }
+}
 
 /**
  * Reads each queue's BullMQ event stream ONCE across the cluster, through a consumer group all
@@ -74,6 +112,10 @@ export class Bridge {
   #stopped: Promise<null>
   #stop!: () => void
   #claimTimer: NodeJS.Timeout | null = null
+  /** Per stream: relayed entries not acknowledged yet (see #ack). */
+  readonly #acks = new Map<string, string[]>()
+  #ackCount = 0
+  #ackTimer: NodeJS.Timeout | null = null
   #lastSweep = Date.now()
   /** Events published since start (for tests and metrics). */
   published = 0
@@ -184,18 +226,32 @@ export class Bridge {
   }
 
   async #read (streams: string[]): Promise<void> {
-    const { blocking, group, consumer, blockMs } = this.#o
+    const { blocking, broker } = this.#o
     const args = [...streams, ...streams.map(() => '>')]
+    // Classic pub/sub on one Redis: a PUBLISH on any connection reaches every subscriber, so a
+    // batch's messages go out in one write with the next read, on the reading connection, in
+    // order before it. Sharded pub/sub sends each message to its channel's shard instead.
+    // Under load (a read brought several entries) the next read waits for the publishes' reply
+    // instead: it then takes what arrived meanwhile at once, and every socket gets those events
+    // in one write, not one write each.
+    const withRead = (broker === undefined || broker.kind === 'classic') && !isCluster(blocking)
+    let batch: Batch | null = null
     let backoff = 100
     while (this.#running) {
       try {
-        const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
-        // A read in flight when Redis dropped is kept for resending; disconnecting the client
-        // while it waits to reconnect leaves that read pending for ever. close() races it.
-        read.catch(() => {})
-        const reply = await Promise.race([read, this.#stopped])
+        const published = batch
+        batch = null
+        let reply: Array<[string, Entry[]]> | null
+        if (published === null || published.messages.length === 0) {
+          if (published !== null) await this.#settle(published)
+          reply = await this.#readAlone(args)
+        } else {
+          reply = await this.#publishAndRead(published, args)
+        }
         backoff = 100
-        if (reply !== null) await this.#publish(reply)
+        if (reply === null) continue
+        if (withRead && size(reply) < BUSY_BATCH) batch = this.#prepare(reply)
+        else await this.#publish(reply)
       } catch (err) {
         if (!this.#running) break
         const message = String((err as Error).message)
@@ -206,6 +262,48 @@ export class Bridge {
         backoff = Math.min(backoff * 2, 2_000)
       }
     }
+    // Read just before close(): sent on the command connection, which close() keeps open until
+    // the loops ended, rather than left for another instance to claim claimIdleMs later.
+    if (batch !== null) await this.#publishBatch(batch).catch(() => {})
+  }
+
+  /** One blocking read; null when it timed out or close() began. */
+  async #readAlone (args: string[]): Promise<Array<[string, Entry[]]> | null> {
+    const { blocking, group, consumer, blockMs } = this.#o
+    const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
+    // A read in flight when Redis dropped is kept for resending; disconnecting the client
+    // while it waits to reconnect leaves that read pending for ever. close() races it.
+    read.catch(() => {})
+    return await Promise.race([read, this.#stopped])
+  }
+
+  /**
+   * Sends a batch's messages and the next blocking read in one pipeline on the reading
+   * connection, hands the batch over locally meanwhile, and acknowledges it once Redis took every
+   * message (their replies come before the read's); otherwise its entries stay pending and are
+   * claimed and replayed.
+   */
+  async #publishAndRead (batch: Batch, args: string[]): Promise<Array<[string, Entry[]]> | null> {
+    const { blocking, group, consumer, blockMs } = this.#o
+    const pipe = blocking.pipeline()
+    const { messages } = batch
+    const settled = new Promise<boolean>(resolve => {
+      let ok = true
+      messages.forEach(([channel, payload], i) => pipe.publish(channel, payload, (err) => {
+        if (err != null) ok = false
+        if (i === messages.length - 1) resolve(ok)
+      }))
+    }).then(async ok => { if (ok) await this.#settle(batch) })
+    pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
+    const sent = pipe.exec()
+    sent.catch(() => {})
+    this.#handOff(batch)
+    const replies = await Promise.race([sent, this.#stopped])
+    if (replies === null) return null
+    await settled
+    const [err, reply] = replies[replies.length - 1] as [Error | null, Array<[string, Entry[]]> | null]
+    if (err !== null) throw err
+    return reply
   }
 
   /** Takes over entries another consumer read but did not acknowledge within `claimIdleMs`. */
@@ -247,15 +345,10 @@ export class Bridge {
     }
   }
 
-  async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
-    const { redis, keys, group, broker } = this.#o
-    // Standalone: the PUBLISHes and the XACKs in one pipeline, publishes first. Sharded: the
-    // messages go to each channel's shard, and the XACKs follow once they were all taken.
-    const sharded = broker !== undefined && broker.kind === 'sharded'
-    const pipe = redis.pipeline()
-    const acks: Array<[string, string[]]> = []
-    const local: Array<[string, string]> = []
-    const events: BridgeEvent[] = []
+  /** The messages of a read (or claim) batch, and the entries it covers. */
+  #prepare (streams: Array<[string, Entry[]]>): Batch {
+    const { keys, onEvent } = this.#o
+    const batch: Batch = { messages: [], events: [], done: [], waits: null, failed: null }
     for (const [stream, entries] of streams) {
       const queue = this.#queueOf(stream)
       const ids: string[] = []
@@ -263,36 +356,102 @@ export class Bridge {
         ids.push(id)
         const message = relayMessage(id, fields)
         if (message !== null) {
-          const channel = keys.channel(queue, message.jobId)
-          if (!sharded) pipe.publish(channel, message.payload)
-          local.push([channel, message.payload])
-          this.published++
-          if (this.#o.onEvent !== undefined) events.push(bridgeEvent(queue, id, message.jobId, fields))
+          batch.messages.push([keys.channel(queue, message.jobId), message.payload])
+          if (onEvent !== undefined) batch.events.push(bridgeEvent(queue, id, message.jobId, fields))
         }
       }
-      if (ids.length > 0) acks.push([stream, ids])
+      if (ids.length > 0) batch.done.push([stream, ids])
     }
-    ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, local.length)
-    // Sent first, so the other instances are not kept waiting while this one serves its sockets.
-    const sent = sharded ? (broker as Broker).publish(local) : pipe.exec()
-    if (this.#o.local !== undefined) for (const [channel, payload] of local) this.#o.local(channel, payload)
-    await sent
-    // Listeners (webhooks, upload cleanup) act on an event before it is acknowledged: an instance
-    // that dies in between, or a listener that fails (Redis gone for a moment), leaves the entry
-    // pending, and it is claimed and replayed after claimIdleMs.
-    if (this.#o.onEvent !== undefined && events.length > 0) {
-      const failed = new Set<string>()
-      await Promise.all(events.map(async (event) => {
-        try {
-          await this.#o.onEvent?.(event)
-        } catch (err) {
-          failed.add(event.id)
-          this.#o.log.warn({ err, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed; the event stays pending for a retry')
+    this.published += batch.messages.length
+    ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, batch.messages.length)
+    return batch
+  }
+
+  /**
+   * Once a batch's messages were sent: hands them to this instance's own subscribers, and its
+   * events to the listeners (webhooks, upload cleanup). Listeners act before the entries are
+   * acknowledged: an instance that dies in between, or a listener that fails (Redis gone for a
+   * moment), leaves the entry pending, and it is claimed and replayed after claimIdleMs. Only
+   * what a listener returns as a promise is waited for.
+   */
+  #handOff (batch: Batch): void {
+    const { local, onEvent } = this.#o
+    if (local !== undefined) for (const [channel, payload] of batch.messages) local(channel, payload)
+    if (onEvent === undefined) return
+    for (let i = 0; i < batch.events.length; i++) {
+      try {
+        const result = onEvent(batch.events[i])
+        if (result !== undefined && typeof result.then === 'function') {
+          // Rejections are taken in #settle; until then, not unhandled.
+          result.then(undefined, () => {})
+          ;(batch.waits ??= []).push([i, result])
         }
-      }))
-      if (failed.size > 0) for (const entry of acks) entry[1] = entry[1].filter(id => !failed.has(id))
+      } catch (err) {
+        this.#failed(batch, batch.events[i], err)
+      }
     }
-    await Promise.all(acks.filter(([, ids]) => ids.length > 0).map(async ([stream, ids]) => await redis.xack(stream, group, ...ids)))
+  }
+
+  #failed (batch: Batch, event: BridgeEvent, err: unknown): void {
+    (batch.failed ??= new Set()).add(event.id)
+    this.#o.log.warn({ err, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed; the event stays pending for a retry')
+  }
+
+  /** After Redis took a batch's messages: acknowledges its entries once their listeners succeeded. */
+  async #settle (batch: Batch): Promise<void> {
+    if (batch.waits !== null) {
+      for (const [i, wait] of batch.waits) {
+        try {
+          await wait
+        } catch (err) {
+          this.#failed(batch, batch.events[i], err)
+        }
+      }
+    }
+    const failed = batch.failed
+    for (const [stream, ids] of batch.done) this.#ack(stream, failed === null ? ids : ids.filter(id => !failed.has(id)))
+  }
+
+  /** Publishes entries on their own (claimed entries; sharded pub/sub; under load) and settles them. */
+  async #publish (streams: Array<[string, Entry[]]>): Promise<void> {
+    await this.#publishBatch(this.#prepare(streams))
+  }
+
+  async #publishBatch (batch: Batch): Promise<void> {
+    const { redis, broker } = this.#o
+    // Sent first, so the other instances are not kept waiting while this one serves its sockets.
+    const sent = broker !== undefined ? broker.publish(batch.messages) : publishOn(redis, batch.messages)
+    this.#handOff(batch)
+    await sent
+    await this.#settle(batch)
+  }
+
+  /**
+   * Acknowledges entries a little later, many in one XACK per stream: a read batch under load is
+   * a few entries, and an XACK each would cost Redis a command per batch. An instance that dies
+   * in between leaves those entries pending: they are claimed and replayed (at least once).
+   */
+  #ack (stream: string, ids: string[]): void {
+    if (ids.length === 0) return
+    const list = this.#acks.get(stream)
+    if (list === undefined) this.#acks.set(stream, ids)
+    else for (const id of ids) list.push(id)
+    this.#ackCount += ids.length
+    if (this.#ackCount >= ACK_BATCH) void this.#flushAcks()
+    else this.#ackTimer ??= setTimeout(() => { void this.#flushAcks() }, Math.min(ACK_DELAY_MS, this.#o.claimIdleMs / 4)).unref()
+  }
+
+  async #flushAcks (): Promise<void> {
+    if (this.#ackTimer !== null) clearTimeout(this.#ackTimer)
+    this.#ackTimer = null
+    const acks = [...this.#acks]
+    this.#acks.clear()
+    this.#ackCount = 0
+    const { redis, group } = this.#o
+    await Promise.all(acks.map(async ([stream, ids]) => {
+      // Not acknowledged: pending until claimed and replayed, which listeners and hubs tolerate.
+      await redis.xack(stream, group, ...ids).catch((err: Error) => this.#o.log.debug({ err }, 'job-progress: bridge acknowledgement failed; the entries will be replayed'))
+    }))
   }
 
   /** Stops reading so other instances take over; acknowledged work is never lost. */
@@ -303,6 +462,7 @@ export class Bridge {
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()
     await Promise.all(this.#loops)
+    await this.#flushAcks()
     // Leave no dead consumer behind in the group, unless it still holds entries for others to claim.
     for (const stream of this.#streams) {
       try {
@@ -310,6 +470,28 @@ export class Bridge {
         if (mine.length === 0) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, this.#o.consumer)
       } catch {}
     }
+  }
+}
+
+/**
+ * One `onEvent` for several listeners: a promise only when one of them returned one, so an event
+ * no listener waits on costs no promise.
+ */
+export function everyListener (listeners: Array<(event: BridgeEvent) => void | Promise<void>>): (event: BridgeEvent) => void | Promise<void> {
+  return (event) => {
+    let waits: Array<Promise<void>> | undefined
+    for (const listener of listeners) {
+      let result: void | Promise<void>
+      try {
+        result = listener(event)
+      } catch (err) {
+        // The others still see the event; the entry stays pending all the same.
+        result = Promise.reject(err)
+      }
+      if (result !== undefined) (waits ??= []).push(result)
+    }
+    if (waits === undefined) return
+    return waits.length === 1 ? waits[0] : Promise.all(waits).then(() => {})
   }
 }
 

@@ -9,7 +9,7 @@ import { RedisBroker } from './broker/redis'
 import { whenReady } from './redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
-import { JOB_LOST, LOG_PREFIX, parseRelay, RESYNC, type RelayMessage } from './wire/relay'
+import { JOB_LOST, LOG_PREFIX, parseRelay, relayEntryId, RESYNC, type RelayMessage } from './wire/relay'
 import { compareEntryIds, formatVersion, NO_ENTRY } from './wire/version'
 
 export type { RelayMessage } from './wire/relay'
@@ -261,8 +261,10 @@ export class Hub {
 
   /** Takes a relay message for a channel: from the subscriber, or straight from this instance's bridge. */
   relay (channel: string, raw: string): void {
-    if (this.#watches.has(channel)) this.relayedLocally++
-    this.#onMessage(channel, raw)
+    const watch = this.#watches.get(channel)
+    if (watch === undefined) return
+    this.relayedLocally++
+    this.#receive(watch, raw)
   }
 
   /** Messages for jobs watched here that this instance's bridge handed over without the trip through Redis. */
@@ -273,7 +275,18 @@ export class Hub {
     if (raw.startsWith(LOG_PREFIX)) return
     const watch = this.#watches.get(channel)
     // A message can arrive after its last watcher left; it is nobody's now.
-    if (watch === undefined) return
+    if (watch !== undefined) this.#receive(watch, raw)
+  }
+
+  #receive (watch: Watch, raw: string): void {
+    // What the state already reflects (the copy of what this instance's bridge handed over, a
+    // message overtaken by a snapshot) is dropped before it is parsed: one parse per event.
+    const last = watch.last
+    if (last !== null) {
+      if (isFinal(last.state)) return
+      const id = relayEntryId(raw)
+      if (id !== null && compareEntryIds(id, watch.entry) <= 0) return
+    }
     const message = parseRelay(raw)
     if (message === null) return
     if (watch.last === null) {

@@ -8,7 +8,7 @@ import { Redis, type Cluster, type ClusterOptions, type RedisOptions } from 'ior
 import { createBroker, isCluster } from './broker/index'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
-import { Bridge, type BridgeEvent } from './bridge'
+import { Bridge, everyListener, type BridgeEvent } from './bridge'
 import { ConnectionLimit } from './connection-limit'
 import { whenReady } from './redis'
 import { UploadCleanup } from './cleanup'
@@ -158,7 +158,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge reads reach its own sockets at once, without waiting for the
     // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: async (event) => { await Promise.all(bridgeListeners.map(async listener => { await listener(event) })) } })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: everyListener(bridgeListeners) })
     await bridge.start()
   }
 

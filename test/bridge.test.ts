@@ -2,6 +2,7 @@ import t from 'tap'
 import { once } from 'node:events'
 import Fastify from 'fastify'
 import { Bridge, relayMessage } from '../lib/bridge'
+import { relayEntryId, resyncMessage } from '../lib/wire/relay'
 import { Keys } from '../lib/keys'
 import { connect, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
 
@@ -10,6 +11,60 @@ t.test('relayMessage: progress is spliced in as JSON, lifecycle events carry onl
   t.same(relayMessage('5-1', ['event', 'completed', 'jobId', 'j1', 'returnvalue', '{"big":"x"}']), { jobId: 'j1', payload: '{"v":2,"e":"completed","t":5,"i":"5-1"}' })
   t.equal(relayMessage('5-1', ['event', 'drained']), null, 'events without a job are not relayed')
   t.equal(relayMessage('5-1', ['event', 'added', 'jobId', 'j1']), null, 'events no watcher needs are not relayed')
+})
+
+t.test('relayEntryId reads the entry id of this version\'s own messages without parsing, and nothing else', async (t) => {
+  const own = (id: string, fields: string[]): string => relayMessage(id, fields)?.payload ?? ''
+  const rows: Array<[string, string | null, string]> = [
+    [own('1700000000000-0', ['event', 'progress', 'jobId', 'j', 'data', '{"processed":3,"i":"9-9"}']), '1700000000000-0', 'progress'],
+    [own('5-12', ['event', 'completed', 'jobId', 'j']), '5-12', 'lifecycle'],
+    [own('5-1', ['event', 'progress', 'jobId', 'j', 'data', '7']), '5-1', 'progress as a number'],
+    [resyncMessage('trim', 5), null, 'resync: no id'],
+    ['{"e":"progress","t":5,"i":"5-1","d":1}', null, 'version 1: parsed instead'],
+    ['{"v":3,"e":"progress","t":5,"i":"5-1"}', null, 'a later version: parsed instead'],
+    ['{"v":2,"e":"progress","t":5,"d":{"i":"9-9"},"i":"5-1"}', null, 'fields in another order: parsed instead'],
+    ['{"v":2,"e":"progress","t":5,"i":"bad"}', null, 'not an entry id'],
+    ['{"v":2,"e":"progress","t":5,"i":"5-1', null, 'cut short'],
+    ['{"v":2,"e":"progress"', null, 'cut shorter']
+  ]
+  for (const [raw, id, name] of rows) t.equal(relayEntryId(raw), id, name)
+})
+
+t.test('relayed entries are acknowledged together, and every one of them', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  const blocking = redis.client()
+  t.teardown(() => { r.disconnect(); blocking.disconnect() })
+  const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
+  const stream = keys.queueKey('batch', 'events')
+  const bridge = new Bridge({ redis: r, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 50, claimIdleMs: 10_000, claimIntervalMs: 10_000, consumerIdleMs: 60_000, log: Fastify().log })
+  t.teardown(async () => await bridge.close())
+  await bridge.start()
+  const stats = async (): Promise<Record<string, number>> => {
+    const info = await r.info('commandstats')
+    return Object.fromEntries(['xack', 'publish'].map(c => [c, Number(new RegExp(`cmdstat_${c}:calls=(\\d+)`).exec(info)?.[1] ?? 0)]))
+  }
+  const before = await stats()
+  // 200 events, one at a time as a worker writes them: read in many small batches, each sent
+  // with the next read ...
+  for (let i = 0; i < 200; i++) await r.xadd(stream, '*', 'event', 'progress', 'jobId', `j${i % 5}`, 'data', String(i))
+  // ... and 300 more in bursts, read several at a time (the busy path).
+  for (let k = 0; k < 3; k++) {
+    const burst = r.pipeline()
+    for (let i = 0; i < 100; i++) burst.xadd(stream, '*', 'event', 'progress', 'jobId', `j${i % 5}`, 'data', String(i))
+    await burst.exec()
+  }
+  for (;;) {
+    const [count] = await r.xpending(stream, 'jp-bridge') as [number]
+    const info = await r.xinfo('GROUPS', stream) as Array<Array<string | number>>
+    const lag = info[0][info[0].indexOf('lag') + 1]
+    if (count === 0 && lag === 0) break
+    await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  const after = await stats()
+  t.equal(bridge.published, 500)
+  t.equal(after.publish - before.publish, 500, 'one PUBLISH per event')
+  t.ok(after.xack - before.xack < 50, `every entry acknowledged in ${after.xack - before.xack} XACKs, not one per read`)
 })
 
 t.test('events a dead instance read but never published are claimed and relayed by another', async (t) => {

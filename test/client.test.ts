@@ -1,4 +1,5 @@
 import t from 'tap'
+import { Worker } from 'bullmq'
 import WebSocket from 'ws'
 import { AuthError, JobFailedError, JobProgressClient, NotFoundError, type ClientOptions, type ConnectionEvent, type JobUpdate } from '../client/index'
 import { jobsProtocol } from '../lib/index'
@@ -83,6 +84,18 @@ for (const transport of (process.env.CLIENT_ONLY !== undefined ? [process.env.CL
     t.match((err2 as JobFailedError).update, { status: 'failed', error: 'record on line 2 is FAIL' })
   })
 }
+
+t.test('SSE: a final state whose JSON holds U+2028 or U+2029 (left raw by JSON) ends the watch with its result', async (t) => {
+  const s = await setup(t)
+  const c = client(t, s as unknown as TestApp, { transports: ['sse'] })
+  const up = await c.upload('batch', new Blob([lines(1)]))
+  const text = 'page one\u2028page two\u2029end'
+  const worker = new Worker('batch', async () => ({ text }), { connection: { url: s.redis.url }, prefix: 'bull' })
+  worker.on('error', () => {})
+  t.teardown(async () => await worker.close())
+  t.match(await up.watch().done, { status: 'succeeded', result: { text } })
+  t.equal(c.connections, 1, 'one stream, no reconnect loop')
+})
 
 t.test('no WebSocket route: falls back to SSE after two failed attempts', async (t) => {
   const s = await setup(t)

@@ -50,6 +50,11 @@ export class RedisBroker implements Broker {
 
   async publish (messages: Array<[string, string]>): Promise<void> {
     if (messages.length === 0) return
+    // Under a moderate load a read batch is one event: a pipeline would only add its bookkeeping.
+    if (messages.length === 1) {
+      await this.#commands.publish(messages[0][0], messages[0][1])
+      return
+    }
     const pipe = this.#commands.pipeline()
     for (const [channel, payload] of messages) pipe.publish(channel, payload)
     await pipe.exec()

@@ -59,6 +59,11 @@ export class ShardedBroker implements Broker {
   }
 
   async publish (messages: Array<[string, string]>): Promise<void> {
+    if (messages.length === 0) return
+    if (messages.length === 1) {
+      await this.#commands.spublish(messages[0][0], messages[0][1])
+      return
+    }
     await Promise.all([...bySlot(messages, m => m[0]).values()].map(async group => {
       const pipe = this.#commands.pipeline()
       for (const [channel, payload] of group) pipe.spublish(channel, payload)

@@ -75,6 +75,29 @@ export function relayMessage (id: string, fields: string[]): { jobId: string, pa
   return { jobId, payload }
 }
 
+/** How every message {@link relayMessage} builds begins; what follows `e` is `,"t":<ms>,"i":"<id>"`. */
+const OWN_HEAD = `{"v":${RELAY_VERSION},"e":"`
+
+/**
+ * The stream entry id of a message in this version's own layout, read without parsing it (a
+ * receiver drops what its state already reflects, e.g. the copy of a message its own bridge
+ * handed over, before paying for JSON.parse); null when the message is laid out otherwise (an
+ * other version, a resync): parse it.
+ */
+export function relayEntryId (raw: string): string | null {
+  if (!raw.startsWith(OWN_HEAD)) return null
+  // Nothing before `i` can hold a quote: the event is a bare name and `t` a number.
+  const at = raw.indexOf('","t":', OWN_HEAD.length)
+  if (at < 0) return null
+  let start = at + 6
+  while (start < raw.length && raw.charCodeAt(start) >= 48 && raw.charCodeAt(start) <= 57) start++
+  if (!raw.startsWith(',"i":"', start)) return null
+  const end = raw.indexOf('"', start + 6)
+  if (end < 0) return null
+  const id = raw.slice(start + 6, end)
+  return ENTRY_ID.test(id) ? id : null
+}
+
 /** Reads a channel message; null for anything malformed (dropped, never thrown). */
 export function parseRelay (raw: string): RelayMessage | null {
   let message: unknown

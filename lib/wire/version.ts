@@ -38,9 +38,11 @@ export function parseVersion (version: unknown): ParsedVersion | null {
 
 /** Orders two stream entry ids (`<ms>-<seq>`): negative, zero or positive. */
 export function compareEntryIds (a: string, b: string): number {
-  const [am, as] = a.split('-')
-  const [bm, bs] = b.split('-')
-  return Number(am) - Number(bm) || Number(as ?? 0) - Number(bs ?? 0)
+  // Once per relayed message: no arrays, no regular expression.
+  const ad = a.indexOf('-')
+  const bd = b.indexOf('-')
+  return Number(ad < 0 ? a : a.slice(0, ad)) - Number(bd < 0 ? b : b.slice(0, bd)) ||
+    (ad < 0 ? 0 : Number(a.slice(ad + 1))) - (bd < 0 ? 0 : Number(b.slice(bd + 1)))
 }
 
 /**
