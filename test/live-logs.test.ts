@@ -1,10 +1,12 @@
 import t from 'tap'
 import Fastify from 'fastify'
+import WebSocket from 'ws'
+import { JobProgressClient } from '../client/index'
 import type { Redis } from 'ioredis'
 import { createJobWorker, DiskStorage, jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { LogFeed } from '../lib/live-logs'
 import type { LogMessage } from '../lib/wire/messages'
-import { connect, gate, lines, redisFor, startApp, tempDir, upload, type Client, type TestApp } from './helpers/index'
+import { connect, eventually, gate, lines, redisFor, startApp, tempDir, upload, type Client, type TestApp } from './helpers/index'
 import { RedisCluster } from './helpers/redis-cluster'
 import { sse } from './helpers/sse'
 import type { RedisServer } from './helpers/redis'
@@ -322,4 +324,24 @@ t.test('a watcher that has the final state has every line: the last lines come b
   const stream = await sse(t, `${b.url}/events?jobs=${jobId}&logs=1&api_key=key-alice`)
   await stream.ended
   t.same(stream.events.filter(e => e.event !== 'close').map(e => e.event === 'log' ? `log ${e.data.offset as number}` : e.data.status), ['log 0', 'log 1', 'log 2', 'log 3', 'log 4', 'succeeded'], 'SSE: the same order, then the stream ends')
+})
+
+t.test('the client: watch.onLog gets every line once, in order, then the final state, over WebSocket and SSE', async (t) => {
+  const { redis, a } = await twoApps(t)
+  const jobId = await uploadAs(a, 'key-alice')
+  const worker = scriptedWorker(t, redis, a)
+  await worker.write(3)
+  const got: Record<string, number[]> = { websocket: [], sse: [] }
+  const dones: Array<Promise<unknown>> = []
+  for (const transport of ['websocket', 'sse'] as const) {
+    const client = new JobProgressClient({ baseUrl: a.url, apiKey: 'key-alice', wsPath: PATH, transports: [transport], WebSocket: WebSocket as unknown as typeof globalThis.WebSocket })
+    t.teardown(() => client.close())
+    const watch = client.watch('batch', jobId)
+    watch.onLog((m) => { if (m.type === 'log') got[transport].push(m.offset) })
+    dones.push(watch.done.then(() => [...got[transport]]))
+  }
+  await eventually(() => got.websocket.length === 3 && got.sse.length === 3)
+  await worker.write(2)
+  worker.finish()
+  t.same(await Promise.all(dones), [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]], 'every line once and in order before done resolves, on both transports')
 })
