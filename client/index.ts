@@ -20,8 +20,8 @@ type Timer = ReturnType<typeof setTimeout> | undefined
 
 /** One connection, whatever its transport. */
 interface Conn {
-  /** Watch this job too. */
-  add: (kind: string, jobId: string) => void
+  /** Watch this job too (`again`: it asks for more now, its log lines). */
+  add: (kind: string, jobId: string, again?: boolean) => void
   remove: (jobId: string) => void
   /** Ends the connection without reporting it down. */
   close: () => void
@@ -179,8 +179,8 @@ export class JobProgressClient {
       let removed = added
       let stop = (): void => { clearTimeout(timer) }
       const c: Conn = {
-        add (kind, jobId) {
-          if (!watched.has(jobId)) { watched.set(jobId, kind); added(jobId) }
+        add (kind, jobId, again) {
+          if (again || !watched.has(jobId)) { watched.set(jobId, kind); added(jobId) }
         },
         remove (jobId) {
           if (watched.delete(jobId)) removed(jobId)
@@ -244,6 +244,8 @@ export class JobProgressClient {
         // The server names the job in its errors: not found, or a limit such as subscriptions.
         else if (type === 'error' && m.job_id) watches.get(m.job_id)?._end(/not found/i.test(m.message) ? new NotFoundError(m.job_id, m.message) : new JobProgressError(m.message))
         else if (type === 'close') end(closeError(m.code, m.reason))
+        // `log` and `logs_truncated`.
+        else if (/^log/.test(type)) watches.get(m.job_id)?._log(m)
       }
       this.connections++
       if (probing) probe = c
@@ -261,7 +263,11 @@ export class JobProgressClient {
           return end(null)
         }
         // Sending on a closing socket does nothing.
-        const send = (action: string) => (jobId: string): void => { if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId })) }
+        // A watch that wants log lines resumes after the last one it has.
+        const send = (action: string) => (jobId: string): void => {
+          const w = watches.get(jobId)
+          if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId, logs: w?.logs ? { from: w.next } : undefined }))
+        }
         added = send('subscribe')
         removed = send('unsubscribe')
         // A close event follows every error; an error without a listener would throw in Node's `ws`.
@@ -288,6 +294,8 @@ export class JobProgressClient {
           const abort = controller = new AbortController()
           const url = new URL(ssePath, baseUrl)
           url.searchParams.set('jobs', [...watched.keys()].join(','))
+          // Lines from the oldest kept: the watches drop those they have.
+          if (active().some(w => w.logs)) url.searchParams.set('logs', '1')
           const last = lastEventId
           let res: Response
           try {
@@ -471,7 +479,7 @@ export class JobProgressClient {
         watches.delete(jobId)
         conn?.remove(jobId)
         settle(jobId)
-      })
+      }, () => conn?.add(kind, jobId, true))
       watches.set(jobId, watch)
       const ended = (): void => settle(jobId)
       void watch.done.then(ended, ended)

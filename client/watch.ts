@@ -1,6 +1,7 @@
 import { compareVersions } from '../lib/wire/version'
 import { JobFailedError } from './errors'
 import type { JobUpdate } from './types'
+import type { LogMessage } from '../lib/wire/messages'
 
 type Listener<T> = (value: T) => void
 
@@ -18,11 +19,17 @@ export class Watch implements AsyncIterable<JobUpdate> {
   /** Once ended: the error it ended with, or null. */
   #ended: Error | null | undefined
   #stop: () => void
+  /** @internal whether log lines were asked for, and the offset of the next one */
+  logs = false
+  next = 0
+  #logFns = new Set<Listener<LogMessage>>()
+  #askLogs: () => void
 
-  constructor (kind: string, jobId: string, stop: () => void) {
+  constructor (kind: string, jobId: string, stop: () => void, askLogs: () => void) {
     this.kind = kind
     this.jobId = jobId
     this.#stop = stop
+    this.#askLogs = askLogs
     this.done = new Promise((resolve, reject) => { this.#settle = (error, final) => error ? reject(error) : resolve(final as JobUpdate) })
     // Awaiting `done` is optional: an unawaited failure must not crash Node.
     this.done.catch(() => {})
@@ -37,6 +44,30 @@ export class Watch implements AsyncIterable<JobUpdate> {
     this.#listeners.add(fn)
     if (this.current) fn(this.current)
     return () => this.#listeners.delete(fn)
+  }
+
+  /**
+   * Calls `fn` with each of the job's log lines (`{ type: 'log', offset, line }`), each offset
+   * once and in order, across reconnects; `{ type: 'logs_truncated', from, next }` names lines
+   * that were not sent (fetch them from the logs route). The first call asks the server for them.
+   */
+  onLog (fn: Listener<LogMessage>): () => void {
+    this.#logFns.add(fn)
+    if (!this.logs) {
+      this.logs = true
+      this.#askLogs()
+    }
+    return () => this.#logFns.delete(fn)
+  }
+
+  /** @internal */
+  _log (m: LogMessage): void {
+    const next = this.next
+    if (m.type === 'log' ? m.offset < next : m.next <= next) return
+    // A gap starts at the first line this watch does not have.
+    if (m.type !== 'log' && m.from < next) m.from = next
+    this.next = m.type === 'log' ? m.offset + 1 : m.next
+    for (const fn of this.#logFns) fn(m)
   }
 
   /** Stops watching (the connection unsubscribes); `done` stays pending. */

@@ -14,21 +14,21 @@ export function demoProcessor (itemDelayMs: number) {
       if (line.trim() !== '') total++
     }
     await ctx.report(0, total, { stage: 'counting', message: `${total} records in ${ctx.file.name}` })
-    await ctx.job.log(`counted ${total} records in ${ctx.file.name}`)
+    await ctx.log(`counted ${total} records in ${ctx.file.name}`)
     let processed = 0
     let lineNo = 0
     for await (const line of createInterface({ input: ctx.open(), crlfDelay: Infinity })) {
       lineNo++
       if (line.trim() === '') continue
       if (line.trim() === 'FAIL') {
-        await ctx.job.log(`line ${lineNo}: FAIL, stopping`)
+        await ctx.log(`line ${lineNo}: FAIL, stopping`)
         throw new Error(`record on line ${lineNo} is FAIL`)
       }
       await sleep(itemDelayMs, undefined, { signal: ctx.signal })
       processed++
       await ctx.report(processed, total, { stage: 'processing', message: `record ${processed} of ${total}: ${line.trim().slice(0, 40)}` })
-      // A log line every tenth record: the page shows them, the logs route serves them.
-      if (processed % 10 === 0 || processed === total) await ctx.job.log(`processed ${processed} of ${total}`)
+      // A log line every tenth record, relayed live: the page shows them, the logs route serves them.
+      if (processed % 10 === 0 || processed === total) await ctx.log(`processed ${processed} of ${total}`)
     }
     return { records: processed, file: ctx.file.name }
   }

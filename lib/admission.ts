@@ -9,6 +9,8 @@ export interface AdmissionContext {
   idempotency: Idempotency
   quotas: Quotas
   log: FastifyBaseLogger
+  /** Told of every job once it was added (the owner index and the owner's feed); errors are logged. */
+  onCreated?: (queue: string, kind: string, jobId: string, owner: string) => Promise<void>
 }
 
 export interface JobRequest {
@@ -101,5 +103,6 @@ async function admit (ctx: AdmissionContext, r: JobRequest): Promise<{ jobId: st
   // The job exists: requests waiting on the key may now be answered with it. Should this write
   // fail, they wait out their deadline and answer 409, never a job that does not exist.
   if (claimed) await ctx.idempotency.confirm(queue, r.owner, r.idempotencyKey as string, r.jobId).catch((err: Error) => ctx.log.warn({ err }, 'job-progress: cannot confirm an idempotency key'))
+  await ctx.onCreated?.(queue, r.kind, r.jobId, r.owner).catch((err: Error) => ctx.log.warn({ err }, 'job-progress: cannot add the job to its owner\'s list'))
   return { jobId: r.jobId, created: true }
 }

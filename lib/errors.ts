@@ -16,6 +16,7 @@ export const JobNotFoundError = createError('FST_JP_JOB_NOT_FOUND', 'Job not fou
 export const JobNotCompleteError = createError('FST_JP_JOB_NOT_COMPLETE', 'Job has no result: its status is %s', 409)
 export const JobFinishedError = createError('FST_JP_JOB_FINISHED', 'Job cannot be cancelled: its status is already %s', 409)
 export const JobIdTooLongError = createError('FST_JP_JOB_ID_TOO_LONG', 'Job id too long: job ids are UUIDs, and no id longer than %s characters is accepted', 400)
+export const InvalidListQueryError = createError('FST_JP_INVALID_LIST_QUERY', 'Invalid jobs list query: %s', 400)
 export const QueueUnavailableError = createError('FST_JP_QUEUE_UNAVAILABLE', 'The job queue is unavailable (Redis unreachable); try again later', 503)
 
 // Uploads

@@ -10,7 +10,7 @@ import { RedisBroker } from './broker/redis'
 import { whenReady } from './redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
-import { JOB_LOST, parseRelay, relayEntryId, RESYNC, type RelayMessage } from './wire/relay'
+import { JOB_LOST, LOG_PREFIX, parseRelay, relayEntryId, RESYNC, type RelayMessage } from './wire/relay'
 import { compareEntryIds, formatVersion, NO_ENTRY } from './wire/version'
 
 export type { RelayMessage } from './wire/relay'
@@ -279,6 +279,8 @@ export class Hub {
   relayedLocally = 0
 
   #onMessage (channel: string, raw: string): void {
+    // Log lines are the live logs' (lib/live-logs.ts), not a change of state.
+    if (raw.startsWith(LOG_PREFIX)) return
     const watch = this.#watches.get(channel)
     // A message can arrive after its last watcher left; it is nobody's now.
     if (watch !== undefined) this.#receive(watch, raw)

@@ -121,7 +121,9 @@ export function sseSchema (perJob: boolean): Record<string, unknown> {
       type: 'object',
       properties: {
         ...(perJob ? {} : { jobs: { ...stringOrList, description: 'job ids, comma-separated (or the parameter repeated)' } }),
-        lastEventId: { ...stringOrList, description: 'resume after this event (instead of the Last-Event-ID header)' }
+        lastEventId: { ...stringOrList, description: 'resume after this event (instead of the Last-Event-ID header)' },
+        logs: { type: 'string', enum: ['1', 'true'], description: 'also stream the job\'s log lines (`log` events), from the oldest line kept' },
+        logs_from: { type: 'integer', minimum: 0, description: 'also stream the job\'s log lines from this absolute offset' }
       }
     },
     response: {

@@ -42,6 +42,10 @@ import { registerLongIdRoutes } from './long-ids'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './metrics'
 import { Webhooks } from './webhooks/index'
+import { LiveLogs } from './live-logs'
+import { readLogs } from './job-logs'
+import { MyJobs, registerMyJobsRoutes } from './my-jobs'
+import { OwnerIndex } from './owner-index'
 
 /** What the plugin adds to the Fastify instance as `fastify.jobProgress`. */
 export interface JobProgress {
@@ -143,6 +147,10 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const uploadStorage = cleanup.tracked()
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
   if (webhooks !== null) bridgeListeners.push(async event => { await webhooks.onEvent(event) })
+  const kindOfQueue = new Map([...queues].map(([kind, queue]) => [queue.name, kind]))
+  const ownerIndex = new OwnerIndex(cmd, keys, opts.myJobs)
+  const myJobs = new MyJobs({ redis: cmd, broker, keys, index: ownerIndex, kindOf: (queue) => kindOfQueue.get(queue), feed: opts.myJobs.feed, log })
+  bridgeListeners.push(async event => { await myJobs.onEvent(event) })
   let bridge: Bridge | null = null
   let bridgeReady = (): boolean | null => null
   if (opts.bridge.enabled) {
@@ -180,7 +188,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const connectionLimit = new ConnectionLimit({ redis: cmd, prefix: opts.channelPrefix, instanceId, max: opts.maxConnectionsPerOwner, heartbeatMs: opts.instanceHeartbeatMs, log })
   await connectionLimit.start()
   const canAccess = opts.canAccess ?? ownerOnly
-  const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log }
+  const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log, onCreated: async (queue, kind, jobId, owner) => { await myJobs.created(queue, kind, jobId, owner) } }
   const creators = new Map<string, CreateKind>()
   const queueOf = (kind: string): string | undefined => {
     const k = opts.kinds[kind]
@@ -208,7 +216,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
     log,
     canAccess,
-    ownerOf: async (target) => await readOwner(cmd, keys, target)
+    ownerOf: async (target) => await readOwner(cmd, keys, target),
+    logs: {
+      feeds: new LiveLogs(broker),
+      channel: (target) => keys.channel(target.queue, target.jobId),
+      read: async (target, from, limit) => await readLogs(cmd, keys, target.queue, target.jobId, from, limit),
+      ...opts.liveLogs
+    },
+    mine: { watch: async (owner, receive) => await myJobs.watch(owner, receive) }
   }
 
   const inflightUploads = uploadShutdown(fastify, opts)
@@ -250,6 +265,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     retryMs: opts.sseRetryMs,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
   })
+  registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, retryMs: opts.sseRetryMs })
   if (opts.clientRoute !== false) registerClientRoute(fastify, opts.clientRoute)
   webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
@@ -322,6 +338,8 @@ export type { Snapshot } from './snapshot'
 export type { UploadJobData } from './uploads'
 export { progressProtocol, progressMessage, type ProgressMessage } from './protocols/progress'
 export { jobsProtocol, jobUpdate, type JobsProtocolOptions } from './protocols/jobs'
+export type { LogLineMessage, LogsTruncatedMessage, LogMessage, MyJobMessage } from './wire/messages'
+export type { ListedJob } from './owner-index'
 export { defineProtocol, type ProtocolDefinition, type ClientAction, type ServerMessage } from './protocols/types'
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker'
 export { Keys, isJobId } from './keys'

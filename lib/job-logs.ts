@@ -1,5 +1,6 @@
 import type { Redis } from 'ioredis'
 import type { Keys } from './keys'
+import { logMessageParts } from './wire/relay'
 
 /** The job hash field counting every line ever written through {@link appendLog}. */
 export const LOGS_WRITTEN_FIELD = 'jpLogs'
@@ -14,7 +15,9 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 local keep = tonumber(ARGV[2])
 if keep > 0 then redis.call('LTRIM', KEYS[2], -keep, -1) end
-return redis.call('HINCRBY', KEYS[1], '${LOGS_WRITTEN_FIELD}', 1) - 1
+local offset = redis.call('HINCRBY', KEYS[1], '${LOGS_WRITTEN_FIELD}', 1) - 1
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4] .. offset .. ARGV[5]) end
+return offset
 `
 
 /**
@@ -34,9 +37,28 @@ if from < written then lines = redis.call('LRANGE', KEYS[2], from - first, from 
 return { first, written, from, lines }
 `
 
-export async function appendLog (redis: Redis, keys: Keys, queue: string, jobId: string, line: string, keepLogs = 0): Promise<number> {
+/** Longest log line, in characters; a longer line is cut and ends with {@link CUT_MARK}. */
+export const MAX_LOG_LINE = 8192
+export const CUT_MARK = ' [cut]'
+
+/** A line cut to {@link MAX_LOG_LINE} (the mark included); null when it fits. */
+export function cutLine (line: string): string | null {
+  return line.length <= MAX_LOG_LINE ? null : line.slice(0, MAX_LOG_LINE - CUT_MARK.length) + CUT_MARK
+}
+
+/**
+ * Appends a line and, with `live`, relays it with its offset on the job's channel: standalone in
+ * the same script (one round trip, published only once the line is stored, so a watcher that
+ * reads the list after it got the message finds the line); sharded pub/sub (a channel in another
+ * slot) with an SPUBLISH right after.
+ */
+export async function appendLog (redis: Redis, keys: Keys, queue: string, jobId: string, line: string, keepLogs = 0, live: 'classic' | 'sharded' | null = null): Promise<number> {
   const job = keys.job(queue, jobId)
-  return Number(await redis.eval(APPEND, 2, job, `${job}:logs`, line, keepLogs))
+  const channel = keys.channel(queue, jobId)
+  const [head, tail] = logMessageParts(line)
+  const offset = Number(await redis.eval(APPEND, 2, job, `${job}:logs`, line, keepLogs, live === 'classic' ? channel : '', head, tail))
+  if (live === 'sharded' && offset >= 0) await redis.spublish(channel, `${head}${offset}${tail}`)
+  return offset
 }
 
 /** A page of a job's log: absolute offsets; `truncated` when the lines asked for were trimmed. */

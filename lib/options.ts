@@ -115,6 +115,16 @@ export const OptionsSchema = Type.Object({
   metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
   telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' }))),
   webhooks: WebhooksSchema,
+  liveLogs: Type.Object({
+    maxCatchUpLines: Type.Integer({ minimum: 1, default: 1000, description: 'most log lines one catch-up sends a watcher; older ones are named in a logs_truncated marker' }),
+    maxBacklogBytes: Type.Integer({ minimum: 1024, default: 256 * 1024, description: 'a log watcher with more unread than this (at most half of maxBufferedBytes) skips lines and gets a logs_truncated marker once it has caught up' })
+  }, { default: {}, additionalProperties: false }),
+  myJobs: Type.Object({
+    path: Type.String({ pattern: '^/', default: '/jobs', description: 'the caller\'s jobs: GET <path>, and GET <path>/events (SSE feed)' }),
+    maxPerOwner: Type.Integer({ minimum: 1, default: 1000, description: 'jobs kept in each owner\'s index per kind; older ones leave the list' }),
+    ttlSeconds: Type.Integer({ minimum: 60, default: 30 * 24 * 3600, description: 'an owner\'s index expires after this long without a new job' }),
+    feed: Type.Boolean({ default: true, description: 'publish every state change of a job to its owner\'s channel (one PUBLISH per lifecycle event, not per progress report)' })
+  }, { default: {}, additionalProperties: false }),
   idempotency: Type.Object({
     windowSeconds: Type.Integer({ minimum: 1, default: 24 * 3600 })
   }, { default: {}, additionalProperties: false }),
@@ -163,7 +173,22 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs'>> & {
+  /**
+   * Live log lines (`logs` on subscribe, `?logs=1` on SSE). `maxCatchUpLines` (default 1000):
+   * most lines one catch-up sends, older ones are named in a `logs_truncated` marker.
+   * `maxBacklogBytes` (default 256 KiB, at most half of `maxBufferedBytes`): a watcher with more
+   * unread skips lines until it has caught up, then gets a `logs_truncated` marker.
+   */
+  liveLogs?: { maxCatchUpLines?: number, maxBacklogBytes?: number }
+  /**
+   * The caller's jobs: `GET <path>` (default `/jobs`) lists them, `GET <path>/events` and the
+   * `jobs` protocol's `subscribe_mine` stream their changes. `maxPerOwner` (default 1000): jobs
+   * kept per owner and kind. `ttlSeconds` (default 30 days): an owner's index expires after this
+   * long without a new job. `feed` (default true): publish each lifecycle event of a job to its
+   * owner's channel (once per cluster; off: the list still works, the feed gets only creations).
+   */
+  myJobs?: { path?: string, maxPerOwner?: number, ttlSeconds?: number, feed?: boolean }
   /** How long an `Idempotency-Key` is remembered (per owner and kind), in seconds. @default 86400 */
   idempotency?: { windowSeconds?: number }
   /** Per-owner, per-kind limits on creating jobs, atomic across instances (429 with `Retry-After`). @default no limits */

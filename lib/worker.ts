@@ -1,7 +1,8 @@
 import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq'
 import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
 import type { Readable } from 'node:stream'
-import { appendLog } from './job-logs'
+import { appendLog, cutLine } from './job-logs'
+import { isCluster } from './broker/index'
 import { Keys } from './keys'
 import { progressDetails, type Clipped, type ProgressDetails } from './progress-details'
 import { deletedKey } from './delete'
@@ -44,8 +45,10 @@ export interface JobContext {
    */
   report: (processed: number, total: number, details?: ProgressDetails) => Promise<void>
   /**
-   * Appends a line to the job's log (BullMQ's `job.log()` list, trimmed to `keepLogs`) and
-   * returns its offset: offsets are absolute, counted in the job, so trimming never shifts them.
+   * Appends a line to the job's log (BullMQ's `job.log()` list, trimmed to `keepLogs`), relays it
+   * live to the watchers that asked for logs, and returns its offset: offsets are absolute,
+   * counted in the job, so trimming never shifts them. A line over 8,192 characters is cut
+   * (ending with ` [cut]`) and a warning says so.
    */
   log: (line: string) => Promise<number>
   /** Aborted once a report saw the job cancelled, or BullMQ cancelled it. */
@@ -76,6 +79,11 @@ export interface JobWorkerOptions {
   workerOptions?: Omit<WorkerOptions, 'connection' | 'prefix'>
   /** Where the helper's warnings go (a report over the size limits). @default process.emitWarning */
   warn?: (message: string) => void
+  /**
+   * How `log()` relays lines live: the plugin's `pubsub`. @default sharded on a Cluster
+   * connection, classic otherwise
+   */
+  pubsub?: 'classic' | 'sharded'
 }
 
 /**
@@ -122,7 +130,10 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
       path: file.key === '' ? null : storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
       async log (line) {
-        return await appendLog(await client(), keys, queue, jobId, line, job.opts.keepLogs ?? 0)
+        const redis = await client()
+        const cut = cutLine(String(line))
+        if (cut !== null) warn(`job-progress: job ${jobId}: a log line of ${String(line).length} characters is over the limit (8,192): stored and relayed cut, ending with " [cut]"`)
+        return await appendLog(redis, keys, queue, jobId, cut ?? String(line), job.opts.keepLogs ?? 0, opts.pubsub ?? (isCluster(redis) ? 'sharded' : 'classic'))
       },
       async putOutput (name, source, type) {
         const redis = await client()

@@ -114,7 +114,7 @@ t.test('bad client messages get an error and the connection stays open', async (
     ['[1,2]', /^Messages must be JSON objects/],
     [JSON.stringify({ action: 'subscribe' }), /^Missing job_id for subscribe$/],
     [JSON.stringify({ action: 'unsubscribe', job_id: '' }), /^Missing job_id for unsubscribe$/],
-    [JSON.stringify({ action: 'explode' }), /^Unknown action: explode \(expected subscribe, unsubscribe or ping\)$/],
+    [JSON.stringify({ action: 'explode' }), /^Unknown action: explode \(expected subscribe, unsubscribe, subscribe_mine, unsubscribe_mine or ping\)$/],
     [JSON.stringify({ job_id: 'x' }), /^Unknown action: null/],
     [JSON.stringify({ action: 'subscribe', job_id: '550e8400-e29b-41d4-a716-446655440000' }), /^Job not found or access denied: 550e8400-e29b-41d4-a716-446655440000$/],
     [JSON.stringify({ action: 'subscribe', job_id: '../../etc/passwd' }), /^Job not found or access denied: \.\.\/\.\.\/etc\/passwd$/],

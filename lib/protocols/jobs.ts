@@ -1,6 +1,7 @@
 import { percent, type JobEvent } from '../events'
 import { detailFields } from '../progress-details'
 import type { JobUpdateMessage } from '../wire/messages'
+import { parseLogsRequest } from '../live-logs'
 import type { ClientAction, ProtocolDefinition } from './types'
 
 export type { JobUpdateMessage }
@@ -33,7 +34,7 @@ export function jobUpdate (event: JobEvent): JobUpdateMessage {
   }
 }
 
-const USAGE = 'send {"action": "subscribe" | "unsubscribe", "job_id": "<uuid>"} or {"action": "ping"}'
+const USAGE = 'send {"action": "subscribe" | "unsubscribe", "job_id": "<uuid>"} (subscribe takes "logs": true | {"from": <offset>}), {"action": "subscribe_mine" | "unsubscribe_mine"} or {"action": "ping"}'
 
 function parseJobsAction (text: string): ClientAction {
   let message: unknown
@@ -43,9 +44,17 @@ function parseJobsAction (text: string): ClientAction {
     return { type: 'invalid', message: `Invalid JSON: ${USAGE}` }
   }
   if (message === null || typeof message !== 'object' || Array.isArray(message)) return { type: 'invalid', message: `Messages must be JSON objects: ${USAGE}` }
-  const { action, job_id: jobId } = message as Record<string, unknown>
+  const { action, job_id: jobId, logs } = message as Record<string, unknown>
   switch (action) {
-    case 'subscribe':
+    case 'subscribe': {
+      if (typeof jobId !== 'string' || jobId === '') return { type: 'invalid', message: `Missing job_id for ${action}` }
+      const asked = parseLogsRequest(logs)
+      if (asked === null) return { type: 'invalid', message: 'logs must be true or {"from": <offset, an integer from 0>}' }
+      return asked === undefined ? { type: action, jobId } : { type: action, jobId, logs: asked }
+    }
+    case 'subscribe_mine':
+    case 'unsubscribe_mine':
+      return { type: action }
     case 'unsubscribe':
       if (typeof jobId !== 'string' || jobId === '') return { type: 'invalid', message: `Missing job_id for ${action}` }
       return { type: action, jobId }
@@ -53,7 +62,7 @@ function parseJobsAction (text: string): ClientAction {
       return { type: 'ping' }
     default: {
       const name = typeof action === 'string' ? action.slice(0, 64) : JSON.stringify(action ?? null).slice(0, 64)
-      return { type: 'invalid', message: `Unknown action: ${name} (expected subscribe, unsubscribe or ping)` }
+      return { type: 'invalid', message: `Unknown action: ${name} (expected subscribe, unsubscribe, subscribe_mine, unsubscribe_mine or ping)` }
     }
   }
 }
@@ -82,6 +91,8 @@ export function jobsProtocol (opts: JobsProtocolOptions = {}): ProtocolDefinitio
     unsubscribed: (jobId) => ({ type: 'unsubscribed', job_id: jobId, ts: ts() }),
     error: (message, jobId) => ({ type: 'error', message, ...(jobId !== undefined ? { job_id: jobId } : {}), ts: ts() }),
     heartbeat: () => ({ type: 'heartbeat', ts: ts() }),
+    logs: (message) => message,
+    mine: (message) => message,
     pong: () => ({ type: 'pong', ts: ts() })
   }
 }

@@ -7,6 +7,17 @@ import type { ProtocolDefinition } from './types'
  * A job's version for the event id: the continuity version when the event has one; otherwise one
  * made from what every instance reads alike for the same state, so the id still tells states apart.
  */
+/** The version part of a log line's event id: `<jobId>@log.<offset>`. */
+export const LOG_ID = 'log.'
+
+/** The offset to resume a job's logs after, from a Last-Event-ID that names one of its lines. */
+export function logResume (lastEventId: string | undefined, jobId: string): number | null {
+  const prefix = `${jobId}@${LOG_ID}`
+  if (lastEventId === undefined || !lastEventId.startsWith(prefix)) return null
+  const n = Number(lastEventId.slice(prefix.length))
+  return Number.isSafeInteger(n) && n >= 0 ? n + 1 : null
+}
+
 function versionOf (event: JobEvent): string {
   return event.version ?? `${event.attempt}.${event.state}.${Math.floor(event.processed)}`
 }
@@ -29,6 +40,10 @@ export function sseProtocol (perJob: boolean): ProtocolDefinition {
     closeOnFinal: true,
     render,
     error: (message, jobId) => sseFrame('error', { message, ...(jobId !== undefined ? { job_id: jobId } : {}) }),
-    heartbeat: () => ': heartbeat\n\n'
+    heartbeat: () => ': heartbeat\n\n',
+    // A line's id names its offset: a browser that reconnects by itself sends it back as
+    // Last-Event-ID, and the stream resumes after that line.
+    logs: (message) => sseFrame(message.type, message, message.type === 'log' ? sseEventId(message.job_id, `${LOG_ID}${message.offset}`) : undefined),
+    mine: (message) => sseFrame('my_job', message)
   }
 }

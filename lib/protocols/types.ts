@@ -1,8 +1,12 @@
 import type { JobEvent } from '../events'
+import type { LogsRequest } from '../live-logs'
+import type { LogMessage, MyJobMessage } from '../wire/messages'
 
 /** What a client message asks for, once a protocol has parsed it. */
 export type ClientAction =
-  | { type: 'subscribe', jobId: unknown }
+  | { type: 'subscribe', jobId: unknown, logs?: LogsRequest }
+  | { type: 'subscribe_mine' }
+  | { type: 'unsubscribe_mine' }
   | { type: 'unsubscribe', jobId: unknown }
   | { type: 'ping' }
   | { type: 'ignore' }
@@ -59,6 +63,13 @@ export interface ProtocolDefinition {
   error?: (message: string, jobId?: string) => ServerMessage
   /** Sent every `heartbeatIntervalMs` to each authenticated socket. */
   heartbeat?: () => ServerMessage
+  /**
+   * Renders a log line or a `logs_truncated` marker for a subscription that asked for logs.
+   * Without it a protocol's subscriptions get no log lines.
+   */
+  logs?: (message: LogMessage) => ServerMessage
+  /** Renders a message of the caller's jobs feed (`subscribe_mine`). Without it the feed is refused. */
+  mine?: (message: MyJobMessage) => ServerMessage
   /** The answer to a `{ type: 'ping' }` action. */
   pong?: () => ServerMessage
 }

@@ -11,6 +11,23 @@ import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protoco
 import type { SnapshotTarget } from '../snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport } from './transport'
+import { LogFeed, type LiveLogs, type LogsRequest } from '../live-logs'
+import type { LogsRead } from '../job-logs'
+import type { LogMessage, MyJobMessage } from '../wire/messages'
+
+/** Live logs, as every session of one plugin instance reaches them. */
+export interface LogsContext {
+  feeds: LiveLogs
+  channel: (target: SnapshotTarget) => string
+  read: (target: SnapshotTarget, from: number, limit: number) => Promise<LogsRead>
+  maxBacklogBytes: number
+  maxCatchUpLines: number
+}
+
+/** The caller's jobs feed: `watch` calls `receive` with each message until the returned stop. */
+export interface MineContext {
+  watch: (owner: string, receive: (message: MyJobMessage, raw: string) => void) => Promise<() => void>
+}
 
 /** What every session of one plugin instance shares. */
 export interface SessionContext {
@@ -34,19 +51,24 @@ export interface SessionContext {
   canAccess: CanAccess
   /** A job's owner, read alone; null when the job does not exist. */
   ownerOf: (target: SnapshotTarget) => Promise<string | null>
+  logs?: LogsContext
+  mine?: MineContext
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
-export interface InitialJob { kind?: string, jobId: string }
+export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest }
 
 interface Subscription {
   opened: OpenedJob
+  target: SnapshotTarget
   sink: Sink
   final: boolean
   /** The last event delivered, so a repeated subscribe answers with the current state too. */
   last: JobEvent | null
   /** The last message sent for it. */
   sent?: string
+  /** Its log lines, when asked for. */
+  logs?: { feed: LogFeed, stop: () => void }
 }
 
 const serialize = (message: ServerMessage): string | undefined =>
@@ -66,6 +88,17 @@ function renderOnce (protocol: ProtocolDefinition, event: JobEvent): Rendered {
   const next = { event, text, bytes: text === undefined ? undefined : Buffer.from(text) }
   rendered.set(protocol, next)
   return next
+}
+
+/** A live log line goes to every watcher of its job as one object: rendered and encoded once per protocol. */
+const renderedLog = new WeakMap<ProtocolDefinition, { message: LogMessage, bytes: Buffer | undefined }>()
+function logBytes (protocol: ProtocolDefinition, render: (m: LogMessage) => ServerMessage, message: LogMessage): Buffer | undefined {
+  const last = renderedLog.get(protocol)
+  if (last !== undefined && last.message === message) return last.bytes
+  const text = serialize(render(message))
+  const bytes = text === undefined ? undefined : Buffer.from(text)
+  renderedLog.set(protocol, { message, bytes })
+  return bytes
 }
 
 /**
@@ -88,6 +121,9 @@ export class Session {
   #authTimer: NodeJS.Timeout | null = null
   /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
   #pending = 0
+  /** Stops the caller's jobs feed, while subscribed. */
+  #mine: (() => void) | null = null
+  #wantsMine: boolean
   /** Per job, its subscribes in the order asked: jobs do not wait on each other. */
   readonly #jobChains = new Map<string, Promise<void>>()
   /** The last unsubscribe: steps asked after it wait for it. */
@@ -96,8 +132,9 @@ export class Session {
   #opening = 0
 
   /** Call synchronously from the route handler: messages that arrive before auth ends are kept. */
-  constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = []) {
+  constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = [], mine = false) {
     this.#ctx = ctx
+    this.#wantsMine = mine
     this.protocol = protocol
     this.transport = transport
     this.#request = request
@@ -189,7 +226,8 @@ export class Session {
     if (identity.job === null && this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
     this.#identity = identity
     await this.#ready(identity.owner)
-    for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true)
+    if (this.#wantsMine) await this.#subscribeMine()
+    for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true, job.logs)
   }
 
   async #authenticateWith (text: string): Promise<void> {
@@ -252,7 +290,14 @@ export class Session {
     switch (action.type) {
       case 'subscribe':
         this.#pending++
-        this.#enqueueFor(action.jobId, () => this.#subscribe(action.jobId, undefined, true))
+        this.#enqueueFor(action.jobId, () => this.#subscribe(action.jobId, undefined, true, action.logs))
+        break
+      case 'subscribe_mine':
+        this.#enqueue(() => this.#subscribeMine())
+        break
+      case 'unsubscribe_mine':
+        this.#mine?.()
+        this.#mine = null
         break
       case 'unsubscribe':
         this.#enqueueFor(action.jobId, () => this.#unsubscribe(action.jobId), true)
@@ -278,16 +323,16 @@ export class Session {
     this.#error(`Job not found or access denied: ${id}`, id)
   }
 
-  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean): Promise<void> {
+  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest): Promise<void> {
     try {
-      await this.#open(jobId, kind)
+      await this.#open(jobId, kind, logs)
     } finally {
       if (counted) this.#pending--
       this.#closeIfDone()
     }
   }
 
-  async #open (jobId: unknown, kind?: string): Promise<void> {
+  async #open (jobId: unknown, kind?: string, logs?: LogsRequest): Promise<void> {
     if (this.#state !== 'ready') return
     if (!isJobId(jobId)) return this.#notFound(jobId)
     const existing = this.#subs.get(jobId)
@@ -295,6 +340,8 @@ export class Session {
       this.sendControl(this.protocol.subscribed?.(jobId))
       const data = existing.last === null ? undefined : serialize(this.protocol.render(existing.last))
       if (data !== undefined && existing.last !== null) this.outbox.send(data, jobId, isFinal(existing.last.state))
+      // Asked again with logs: they start over from the offset now asked for.
+      if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
       return
     }
     if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
@@ -302,13 +349,13 @@ export class Session {
     }
     this.#opening++
     try {
-      await this.#openNew(jobId, kind)
+      await this.#openNew(jobId, kind, logs)
     } finally {
       this.#opening--
     }
   }
 
-  async #openNew (jobId: string, kind?: string): Promise<void> {
+  async #openNew (jobId: string, kind?: string, logs?: LogsRequest): Promise<void> {
     const found = kind ?? await this.#ctx.findKind(jobId)
     const queue = found === null ? undefined : this.#ctx.queueOf(found)
     if (found === null || queue === undefined) return this.#notFound(jobId)
@@ -331,26 +378,122 @@ export class Session {
       opened.detach({ deliver () {} })
       return
     }
+    const withLogs = logs !== undefined && await this.#logsAllowed(target)
+    if (this.#state !== 'ready') {
+      opened.detach({ deliver () {} })
+      return
+    }
     this.sendControl(this.protocol.subscribed?.(jobId))
-    const sub: Subscription = { opened, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
+    const sub: Subscription = { opened, target, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
     this.#subs.set(jobId, sub)
+    // The feed is in place before the current state is delivered: a job that has ended sends
+    // its lines first, then its final state.
+    if (withLogs) this.#feed(sub, target, logs)
     opened.attach(sub.sink)
+    if (!sub.final) sub.logs?.feed.start()
+  }
+
+  /** Whether this connection may have a job's lines; says why not when it may not. */
+  async #logsAllowed (target: SnapshotTarget): Promise<boolean> {
+    if (this.#ctx.logs === undefined || this.protocol.logs === undefined) {
+      this.#error('This connection serves no logs', target.jobId)
+      return false
+    }
+    if (this.#identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && this.owner !== null) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
+        this.#error(`Logs not available: ${target.jobId}`, target.jobId)
+        return false
+      }
+    }
+    return true
+  }
+
+  /**
+   * Starts a subscription's log lines: registered for live lines first, then caught up from the
+   * job's log list, so no line falls between. A policy of the application's is asked for `logs`.
+   */
+  /** A subscription asked for lines again: they start over from the offset now asked for. */
+  async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
+    if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
+    const feed = this.#feed(sub, target, request)
+    if (!sub.final) return feed.start()
+    // Its final state was sent already; what is left of its log follows it.
+    this.#pending++
+    feed.finish().finally(() => {
+      this.#pending--
+      this.#closeIfDone()
+    })
+  }
+
+  /** Registers a subscription's log feed for live lines; the caller starts it. */
+  #feed (sub: Subscription, target: SnapshotTarget, request: LogsRequest): LogFeed {
+    const logs = this.#ctx.logs as LogsContext
+    const render = this.protocol.logs as NonNullable<ProtocolDefinition['logs']>
+    sub.logs?.stop()
+    const feed = new LogFeed({
+      jobId: target.jobId,
+      request,
+      read: async (from, limit) => await logs.read(target, from, limit),
+      send: (message) => {
+        const bytes = logBytes(this.protocol, render, message)
+        if (bytes !== undefined) this.outbox.send(bytes)
+      },
+      backlog: () => this.outbox.queuedBytes + this.transport.bufferedAmount,
+      maxBacklogBytes: Math.min(logs.maxBacklogBytes, this.#ctx.maxBufferedBytes / 2),
+      maxCatchUpLines: logs.maxCatchUpLines,
+      onError: (err) => this.#ctx.log.warn({ err, jobId: target.jobId }, 'job-progress: cannot read a job\'s log for a watcher')
+    })
+    sub.logs = { feed, stop: logs.feeds.add(logs.channel(target), feed) }
+    return feed
+  }
+
+  async #subscribeMine (): Promise<void> {
+    if (this.#state !== 'ready' || this.owner === null || this.#mine !== null) return
+    const mine = this.#ctx.mine
+    const render = this.protocol.mine
+    // A watch token grants its one job, not the owner's list.
+    if (mine === undefined || render === undefined || this.#identity?.via === 'token') return this.#error('This connection serves no jobs feed')
+    const stop = await mine.watch(this.owner, (message) => {
+      const data = serialize(render(message))
+      // Keyed per job: a slow client gets each job's latest state, finals are never replaced.
+      if (data !== undefined) this.outbox.send(data, `\u0001${message.job_id}`, message.status !== 'queued' && message.status !== 'running')
+    })
+    if (this.#state !== 'ready' || this.#mine !== null) return stop()
+    this.#mine = stop
+    this.sendControl(this.protocol.subscribed?.('mine'))
   }
 
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return
     sub.last = event
-    const { text, bytes } = renderOnce(this.protocol, event)
     const final = isFinal(event.state)
+    if (final && sub.logs !== undefined) {
+      // A job's last lines can be relayed after its final state: what is left of its log is
+      // read and sent first, so a watcher that has the final state has every line.
+      sub.final = true
+      this.#pending++
+      sub.logs.feed.finish().finally(() => {
+        this.#pending--
+        this.#send(sub, event, true)
+        this.#closeIfDone()
+      })
+      return
+    }
+    this.#send(sub, event, final)
+    if (!final) return
+    sub.final = true
+    this.#closeIfDone()
+  }
+
+  #send (sub: Subscription, event: JobEvent, final: boolean): void {
+    const { text, bytes } = renderOnce(this.protocol, event)
     // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
     // format): the client learns nothing from the second.
     if (text !== undefined && bytes !== undefined && (final || text !== sub.sent)) {
       sub.sent = text
       this.outbox.send(bytes, event.jobId, final)
     }
-    if (!final) return
-    sub.final = true
-    this.#closeIfDone()
   }
 
   /**
@@ -369,6 +512,7 @@ export class Session {
     const sub = this.#subs.get(jobId)
     if (sub !== undefined) {
       this.#subs.delete(jobId)
+      sub.logs?.stop()
       sub.opened.detach(sub.sink)
     }
     this.sendControl(this.protocol.unsubscribed?.(jobId))
@@ -380,8 +524,13 @@ export class Session {
     const wasReady = this.#state === 'ready'
     this.#state = 'closed'
     if (this.#authTimer !== null) clearTimeout(this.#authTimer)
-    for (const sub of this.#subs.values()) sub.opened.detach(sub.sink)
+    for (const sub of this.#subs.values()) {
+      sub.logs?.stop()
+      sub.opened.detach(sub.sink)
+    }
     this.#subs.clear()
+    this.#mine?.()
+    this.#mine = null
     this.#ctx.sessions.delete(this)
     if (wasReady && this.owner !== null) this.#ctx.connectionLimit.release(this.owner)
   }

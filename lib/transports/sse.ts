@@ -1,6 +1,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { ServerResponse } from 'node:http'
-import { sseProtocol } from '../protocols/sse'
+import { logResume, sseProtocol } from '../protocols/sse'
+import type { LogsRequest } from '../live-logs'
 import { Session, type InitialJob, type SessionContext } from '../session/session'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
 import { CloseCodes } from '../wire/close-codes'
@@ -96,6 +97,14 @@ export interface SseRouteOptions {
   maxSubscriptionsPerConnection: number
 }
 
+/** `?logs=1` (from the oldest line kept) or `?logs_from=<offset>`; undefined when neither. */
+function logsAsked (request: FastifyRequest): LogsRequest | undefined {
+  const query = request.query as Record<string, unknown> | undefined
+  if (typeof query?.logs_from === 'number') return { from: query.logs_from }
+  if (query?.logs === '1' || query?.logs === 'true') return { from: null }
+  return undefined
+}
+
 function lastEventId (request: FastifyRequest): string | undefined {
   const header = request.headers['last-event-id']
   if (typeof header === 'string') return header
@@ -110,10 +119,13 @@ export function registerSseRoutes (fastify: FastifyInstance, ctx: SessionContext
   const multiplexed = sseProtocol(false)
   const serve = (request: FastifyRequest, reply: FastifyReply, protocol: typeof perJob, jobs: InitialJob[]): void => {
     // The client already has every job's final state: stop its reconnecting.
-    if (lastEventId(request) === SSE_DONE_ID) {
+    const last = lastEventId(request)
+    if (last === SSE_DONE_ID) {
       void reply.code(204).send()
       return
     }
+    const logs = logsAsked(request)
+    if (logs !== undefined) for (const job of jobs) job.logs = { from: logResume(last, job.jobId) ?? logs.from }
     reply.hijack()
     // eslint-disable-next-line no-new
     new Session(ctx, protocol, new SseTransport(reply, opts.retryMs), request, jobs)

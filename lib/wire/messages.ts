@@ -58,19 +58,48 @@ export type JobsControlMessage =
   | { type: 'heartbeat', ts: number }
   | { type: 'pong', ts: number }
 
-export type JobsServerMessage = JobUpdateMessage | JobsControlMessage
+/**
+ * A line of the job's log (asked for with `logs` on subscribe). `offset` is absolute: the line's
+ * number in the job's log since its start, unchanged by `keepLogs` trimming.
+ */
+export interface LogLineMessage { type: 'log', job_id: string, offset: number, line: string, ts: number }
+
+/**
+ * Lines `from` up to `next` (excluded) were not sent (the client fell behind, the catch-up was
+ * over its cap, or they were trimmed): fetch them from `GET <basePath>/:jobId/logs?from=<from>`.
+ * Lines from `next` on follow.
+ */
+export interface LogsTruncatedMessage { type: 'logs_truncated', job_id: string, from: number, next: number, ts: number }
+
+export type LogMessage = LogLineMessage | LogsTruncatedMessage
+
+/** My jobs' feed: a job of the caller's was created (`created`) or changed state. */
+export interface MyJobMessage {
+  type: 'my_job'
+  job_id: string
+  kind: string
+  status: JobStatus | 'removed'
+  created?: boolean
+  ts: number
+}
+
+export type JobsServerMessage = JobUpdateMessage | JobsControlMessage | LogMessage | MyJobMessage
 
 /** What a client sends on the `jobs` protocol. */
 export type JobsClientMessage =
-  | { action: 'subscribe' | 'unsubscribe', job_id: string }
+  | { action: 'subscribe', job_id: string, logs?: true | { from: number } }
+  | { action: 'unsubscribe', job_id: string }
+  | { action: 'subscribe_mine' | 'unsubscribe_mine' }
   | { action: 'ping' }
 
 /**
  * Server-Sent Events: `event:` names. `job_update` carries a {@link JobUpdateMessage} and has an
  * `id:` (see {@link sseEventId}); `error` a `{ message, job_id? }`; `close` a `{ code, reason }`
- * just before the server ends the stream (codes of lib/wire/close-codes.ts).
+ * just before the server ends the stream (codes of lib/wire/close-codes.ts). With `logs=1` or
+ * `logs_from=<offset>`: `log` ({@link LogLineMessage}, id `<jobId>@log.<offset>`) and
+ * `logs_truncated`. On `GET /jobs/events`: `my_job` ({@link MyJobMessage}).
  */
-export type SseEventName = 'job_update' | 'error' | 'close'
+export type SseEventName = 'job_update' | 'error' | 'close' | 'log' | 'logs_truncated' | 'my_job'
 
 export function isFinalStatus (status: string): boolean {
   return status === 'succeeded' || status === 'failed' || status === 'cancelled' || status === 'complete'

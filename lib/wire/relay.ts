@@ -121,3 +121,29 @@ export function parseRelay (raw: string): RelayMessage | null {
 export function resyncMessage (cause: string, now = Date.now()): string {
   return JSON.stringify({ v: RELAY_VERSION, e: RESYNC, t: now, c: cause })
 }
+
+/**
+ * A log line the worker helper wrote (relay format 3): not from the event stream, so it has no
+ * `i`; `o` is the line's absolute offset in the job's log, `l` the line. Every log message starts
+ * with {@link LOG_PREFIX} exactly, so a receiver tells it from a state message without parsing.
+ */
+export const LOG_EVENT = 'log'
+export const LOG_PREFIX = '{"v":3,"e":"log",'
+
+/** The log message, split where its offset goes (the worker's script splices the offset in). */
+export function logMessageParts (line: string, now = Date.now()): [head: string, tail: string] {
+  return [`${LOG_PREFIX}"t":${now},"o":`, `,"l":${JSON.stringify(line)}}`]
+}
+
+/** Reads a log message; null for anything else or malformed. */
+export function parseLogRelay (raw: string): { t: number, o: number, l: string } | null {
+  if (!raw.startsWith(LOG_PREFIX)) return null
+  let m: Record<string, unknown>
+  try {
+    m = JSON.parse(raw)
+  } catch {
+    return null
+  }
+  if (typeof m.o !== 'number' || !Number.isInteger(m.o) || m.o < 0 || typeof m.l !== 'string') return null
+  return { t: typeof m.t === 'number' ? m.t : Date.now(), o: m.o, l: m.l }
+}
