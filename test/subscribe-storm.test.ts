@@ -2,6 +2,10 @@ import t from 'tap'
 import { jobsProtocol } from '../lib/index'
 import type { Labels, MetricName, Telemetry } from '../lib/core/telemetry'
 import { connect, redisFor, startApp, upload } from './helpers/index'
+import { RedisCluster } from './helpers/redis-cluster'
+import { Keys } from '../lib/keys'
+import { readOwners, type SnapshotTarget } from '../lib/snapshot'
+import { slotOf } from '../lib/broker/slot'
 
 // A socket that subscribes many jobs at once does not open them one after the other: its opens
 // run side by side, so their snapshot reads share pipelined batches (a few round trips for the
@@ -43,4 +47,22 @@ t.test('100 subscribes sent at once: read in a few pipelined batches, every job 
   await client.waitFor(m => client.messages.indexOf(m) >= seen && m.type === 'subscribed' && m.job_id === ids[0])
   const order = client.messages.slice(seen).filter(m => m.job_id === ids[0]).map(m => m.type)
   t.same(order.slice(0, 2), ['unsubscribed', 'subscribed'])
+})
+
+t.test('on a Redis Cluster, one batch of owner reads over queues in different slots: one pipeline per slot, every owner in its place', async (t) => {
+  const cluster = await RedisCluster.start(t, { replicas: 0, persist: false })
+  const client = cluster.client()
+  t.teardown(async () => { await client.quit() })
+  const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
+  const targets: SnapshotTarget[] = []
+  for (const queue of ['{a}', '{b}', '{c}', '{d}']) {
+    for (let i = 0; i < 3; i++) {
+      const target = { kind: 'batch', queue, jobId: `${queue}-${i}` }
+      targets.push(target)
+      if (i < 2) await client.hset(keys.job(queue, target.jobId), 'timestamp', '1', 'jpOwner', `owner-${queue}-${i}`)
+    }
+  }
+  t.ok(new Set(targets.map(x => slotOf(keys.job(x.queue, x.jobId)))).size > 1, 'the jobs span slots')
+  const owners = await readOwners(client, keys, targets)
+  t.same(owners, targets.map(x => x.jobId.endsWith('-2') ? null : `owner-${x.queue}-${x.jobId.slice(-1)}`))
 })
