@@ -56,7 +56,7 @@ async function main (): Promise<void> {
     kinds: { batch: {} },
     getOwner: () => 'bench',
     maxConnectionsPerOwner: 100_000,
-    protocols: [jobsProtocol({ path: '/jobs' })]
+    protocols: [jobsProtocol({ path: '/ws/jobs' })]
   })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const { port } = app.server.address() as { port: number }
@@ -80,7 +80,7 @@ async function main (): Promise<void> {
     const all = new Promise<void>(resolve => { done = resolve })
     for (let s = 0; s * PER_SOCKET < watched; s++) {
       const mine = ids.slice(s * PER_SOCKET, Math.min(watched, (s + 1) * PER_SOCKET))
-      const ws = new WebSocket(`ws://127.0.0.1:${port}/jobs`)
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/ws/jobs`)
       sockets.push(ws)
       const first = new Set(mine)
       // Subscribes go out once the server said `connected`, as a client does: messages sent
