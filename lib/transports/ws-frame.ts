@@ -112,16 +112,15 @@ const flushHeld = (): void => {
  */
 export class FrameWriter {
   readonly #ws: WebSocket
+  /** `ws`'s net socket: set once before the connection event, never replaced. */
+  readonly #socket: NetSocket
   #frame: Buffer | null = null
   #done: Done | null = null
   #corked = false
 
   constructor (ws: WebSocket) {
     this.#ws = ws
-  }
-
-  get #socket (): NetSocket {
-    return (this.#ws as unknown as { _socket: NetSocket })._socket
+    this.#socket = (ws as unknown as { _socket: NetSocket })._socket
   }
 
   /** Bytes held here, not yet handed to the socket. */
