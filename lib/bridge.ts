@@ -1,5 +1,5 @@
 import type { FastifyBaseLogger } from 'fastify'
-import { isCluster, type Broker } from './broker/index'
+import { execAll, isCluster, type Broker } from './broker/index'
 import { slotOf } from './broker/slot'
 import type { Commands } from './snapshot'
 import { noTelemetry, type Telemetry } from './core/telemetry'
@@ -77,6 +77,9 @@ const ACK_DELAY_MS = 100
 /** ... or as soon as this many wait. */
 const ACK_BATCH = 1_000
 
+/** How long close() waits for listeners still running before it acknowledges what finished. */
+const SETTLE_ON_CLOSE_MS = 5000
+
 /** A read that brings this many entries or more means the stream is busy (see #read). */
 const BUSY_BATCH = 4
 
@@ -93,7 +96,7 @@ async function publishOn (redis: Commands, messages: Array<[string, string]>): P
   } else if (messages.length > 1) {
     const pipe = redis.pipeline()
     for (const [channel, payload] of messages) pipe.publish(channel, payload)
-    await pipe.exec()
+    await execAll(pipe)
   }
 }
 
@@ -114,6 +117,8 @@ export class Bridge {
   #claimTimer: NodeJS.Timeout | null = null
   /** Per stream: relayed entries not acknowledged yet (see #ack). */
   readonly #acks = new Map<string, string[]>()
+  /** Batches published with a read whose listeners have not all finished: close() waits for them. */
+  readonly #settling = new Set<Promise<void>>()
   #ackCount = 0
   #ackTimer: NodeJS.Timeout | null = null
   #lastSweep = Date.now()
@@ -294,6 +299,9 @@ export class Bridge {
         if (i === messages.length - 1) resolve(ok)
       }))
     }).then(async ok => { if (ok) await this.#settle(batch) })
+    this.#settling.add(settled)
+    const forget = (): void => { this.#settling.delete(settled) }
+    settled.then(forget, forget)
     pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
     const sent = pipe.exec()
     sent.catch(() => {})
@@ -376,7 +384,18 @@ export class Bridge {
    */
   #handOff (batch: Batch): void {
     const { local, onEvent } = this.#o
-    if (local !== undefined) for (const [channel, payload] of batch.messages) local(channel, payload)
+    if (local !== undefined) {
+      for (const [channel, payload] of batch.messages) {
+        // This instance's sockets failing to take a message (a protocol's render that throws) must
+        // not keep the listeners from the event, nor the entry from being acknowledged: a replay
+        // would only throw again.
+        try {
+          local(channel, payload)
+        } catch (err) {
+          this.#o.log.error({ err, channel }, 'job-progress: delivering a relayed message to this instance\'s sockets failed')
+        }
+      }
+    }
     if (onEvent === undefined) return
     for (let i = 0; i < batch.events.length; i++) {
       try {
@@ -462,6 +481,16 @@ export class Bridge {
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()
     await Promise.all(this.#loops)
+    // A batch whose listeners are still running (a webhook being queued) is acknowledged with the
+    // rest when they finish in time; else it stays pending and another instance replays it.
+    if (this.#settling.size > 0) {
+      let timer: NodeJS.Timeout | undefined
+      await Promise.race([
+        Promise.allSettled([...this.#settling]),
+        new Promise(resolve => { timer = setTimeout(resolve, SETTLE_ON_CLOSE_MS) })
+      ])
+      clearTimeout(timer)
+    }
     await this.#flushAcks()
     // Leave no dead consumer behind in the group, unless it still holds entries for others to claim.
     for (const stream of this.#streams) {

@@ -144,8 +144,22 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
         const clipped: Clipped = []
         const extra = details === undefined ? {} : progressDetails(details, clipped)
         if (clipped.length > 0) warn(`job-progress: job ${jobId}: progress ${clipped.join(', ')} over the size limit (stage 64 and message 1,024 characters, data 4 KiB as JSON): cut or dropped; the counts went through`)
-        // A cancelled job no longer exists in the queue, so the update itself fails then.
-        await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1), ...extra }).catch((err: unknown) => { gone = err })
+        // A cancelled job no longer exists in the queue, so the update itself fails then. Any
+        // other failure is Redis away (a restart, the queue's master failing over): the report
+        // waits for it, up to the lock's duration, instead of failing a job that still runs.
+        const deadline = Date.now() + (opts.workerOptions?.lockDuration ?? 30_000)
+        for (let delay = 100; ; delay = Math.min(2 * delay, 2_000)) {
+          try {
+            await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1), ...extra })
+            break
+          } catch (err) {
+            if (/^Missing key for job/.test((err as Error)?.message) || Date.now() + delay > deadline || abort.signal.aborted) {
+              gone = err
+              break
+            }
+            await new Promise(resolve => setTimeout(resolve, delay))
+          }
+        }
         if (await cancelled(jobId)) {
           abort.abort(new JobCancelledError())
           throw new JobCancelledError()

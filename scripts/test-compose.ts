@@ -6,6 +6,11 @@
 //   and reaches the final state); Redis restarted mid-job (append-only file: the job and its
 //   watchers converge); `down -v` leaves no container, network or volume behind.
 //
+// `npm run test:compose -- --cluster` runs the same stack on docker-compose.cluster.yml on top
+// (a Redis Cluster of 3 masters and 3 replicas instead of one Redis): the same steps, and instead
+// of the Redis restart, the master that owns the queue's slot is stopped mid-job (its replica
+// takes over) and started again.
+//
 // Where no image registry is reachable, scripts/standin-images.sh first builds local stand-ins
 // for the base images. Needs docker (the daemon is started when it is not running and this runs
 // as root), and docker compose v2 or docker-compose 1.29.
@@ -18,6 +23,8 @@ import WebSocket from 'ws'
 
 const ROOT = resolve(__dirname, '..')
 const PROJECT = `jpcompose${process.pid}`
+const CLUSTER = process.argv.includes('--cluster')
+const FILES = CLUSTER ? ['-f', 'docker-compose.yml', '-f', 'docker-compose.cluster.yml'] : []
 const timings: Array<[string, number]> = []
 let failures = 0
 
@@ -85,7 +92,7 @@ function composeCommand (): string[] {
 
 const env: NodeJS.ProcessEnv = { ...process.env, SESSION_SECRET: randomBytes(24).toString('hex'), ITEM_DELAY_MS: '100', LOG_LEVEL: 'warn', COMPOSE_PROJECT_NAME: PROJECT }
 let compose: string[] = []
-const dc = (...args: string[]): string => run(compose[0], [...compose.slice(1), '-p', PROJECT, ...args], { env })
+const dc = (...args: string[]): string => run(compose[0], [...compose.slice(1), ...FILES, '-p', PROJECT, ...args], { env })
 
 function containers (service: string): string[] {
   return dc('ps', '-q', service).split('\n').map(s => s.trim()).filter(Boolean)
@@ -110,6 +117,22 @@ async function until (what: string, check: () => boolean | Promise<boolean>, tim
 
 let base = ''
 let wsBase = ''
+
+/** The service (redis-1 ... redis-6) of the master that owns the slot of the queue `batch`. */
+function queueMaster (): string {
+  const any = containers('redis-1')[0]
+  const slot = run('docker', ['exec', any, 'redis-cli', 'cluster', 'keyslot', '{bull}:batch:events']).trim()
+  const nodes = run('docker', ['exec', any, 'redis-cli', 'cluster', 'nodes']).split('\n')
+  for (const line of nodes) {
+    const f = line.split(' ')
+    if (!f[2]?.includes('master') || f[2].includes('fail')) continue
+    for (const range of f.slice(8)) {
+      const [from, to] = range.split('-').map(Number)
+      if (Number(slot) >= from && Number(slot) <= (to ?? from)) return /(redis-\d)/.exec(f[1])?.[1] ?? ''
+    }
+  }
+  throw new Error(`no master owns slot ${slot}`)
+}
 
 async function uploadJob (records: number): Promise<{ jobId: string, statusUrl: string, wsUrl: string, cookie: string }> {
   const form = new FormData()
@@ -160,7 +183,7 @@ async function main (): Promise<void> {
   wsBase = `ws://127.0.0.1:${port}`
 
   await step('build the app image', async () => { dc('build', '-q') })
-  await step('up: redis, 2 api, 1 worker, nginx; all ready', async () => {
+  await step(`up: ${CLUSTER ? 'a Redis Cluster (3 masters, 3 replicas)' : 'redis'}, 2 api, 1 worker, nginx; all ready`, async () => {
     // --scale: docker-compose 1.29 ignores deploy.replicas.
     dc('up', '-d', '--scale', 'api=2', '--scale', 'worker=1')
     await until('2 ready API instances', () => containers('api').length === 2 && containers('api').every(id => health(id) === 'healthy'))
@@ -205,17 +228,34 @@ async function main (): Promise<void> {
     dc('up', '-d', '--no-recreate', '--scale', 'api=3', '--scale', 'worker=1')
   })
 
-  await step('restart Redis mid-job: the job and its watchers converge', async () => {
-    const job = await uploadJob(100)
-    const w = watch(wsBase + job.wsUrl, job.cookie)
-    await until('progress before the restart', () => w.messages.some(m => m?.status === 'processing' && m.processed > 5), 30_000)
-    dc('restart', 'redis')
-    const polled = await pollToEnd(job.statusUrl, job.cookie)
-    await until('the watcher to see the final state', () => final(w) !== undefined, 60_000)
-    check(polled.status === 'complete', `the job completes after the restart (${polled.status})`)
-    check(final(w)?.status === 'complete', `the watcher's last state is complete (${final(w)?.status})`)
-    w.socket.terminate()
-  })
+  if (!CLUSTER) {
+    await step('restart Redis mid-job: the job and its watchers converge', async () => {
+      const job = await uploadJob(100)
+      const w = watch(wsBase + job.wsUrl, job.cookie)
+      await until('progress before the restart', () => w.messages.some(m => m?.status === 'processing' && m.processed > 5), 30_000)
+      dc('restart', 'redis')
+      const polled = await pollToEnd(job.statusUrl, job.cookie)
+      await until('the watcher to see the final state', () => final(w) !== undefined, 60_000)
+      check(polled.status === 'complete', `the job completes after the restart (${polled.status})`)
+      check(final(w)?.status === 'complete', `the watcher's last state is complete (${final(w)?.status})`)
+      w.socket.terminate()
+    })
+  } else {
+    await step('stop the master of the queue\'s slot mid-job: its replica takes over, the job and its watchers converge', async () => {
+      const job = await uploadJob(100)
+      const w = watch(wsBase + job.wsUrl, job.cookie)
+      await until('progress before the stop', () => w.messages.some(m => m?.status === 'processing' && m.processed > 5), 30_000)
+      const master = queueMaster()
+      log(`the queue's slot is on ${master}`)
+      dc('stop', '-t', '0', master)
+      const polled = await pollToEnd(job.statusUrl, job.cookie)
+      await until('the watcher to see the final state', () => final(w) !== undefined, 60_000)
+      check(polled.status === 'complete', `the job completes after the failover (${polled.status})`)
+      check(final(w)?.status === 'complete', `the watcher's last state is complete (${final(w)?.status})`)
+      w.socket.terminate()
+      dc('start', master)
+    })
+  }
 
   await step('down -v leaves nothing', async () => { await down() })
   const filter = `label=com.docker.compose.project=${PROJECT}`

@@ -1,6 +1,7 @@
 import t from 'tap'
 import { once } from 'node:events'
 import Fastify from 'fastify'
+import { Redis } from 'ioredis'
 import { Bridge, relayMessage } from '../lib/bridge'
 import { relayEntryId, resyncMessage } from '../lib/wire/relay'
 import { Keys } from '../lib/keys'
@@ -65,6 +66,39 @@ t.test('relayed entries are acknowledged together, and every one of them', async
   t.equal(bridge.published, 500)
   t.equal(after.publish - before.publish, 500, 'one PUBLISH per event')
   t.ok(after.xack - before.xack < 50, `every entry acknowledged in ${after.xack - before.xack} XACKs, not one per read`)
+})
+
+t.test('a burst whose PUBLISHes Redis refused is not acknowledged: its entries stay pending for a replay', async (t) => {
+  const redis = await redisFor(t)
+  const admin = redis.client()
+  // The command connection's user may do everything but PUBLISH: the busy path's pipeline then
+  // resolves with an error per command, which must not count as sent.
+  await admin.call('ACL', 'SETUSER', 'relay', 'on', '>relay-pw', '~*', '&*', '+@all', '-publish')
+  const r = new Redis({ port: redis.port, username: 'relay', password: 'relay-pw', maxRetriesPerRequest: null })
+  const blocking = redis.client()
+  t.teardown(() => { admin.disconnect(); r.disconnect(); blocking.disconnect() })
+  const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
+  const stream = keys.queueKey('batch', 'events')
+  const bridge = new Bridge({ redis: r, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 50, claimIdleMs: 60_000, claimIntervalMs: 60_000, consumerIdleMs: 60_000, log: Fastify({ logger: { level: 'silent' } }).log })
+  t.teardown(async () => await bridge.close())
+  await bridge.start()
+  // In one transaction, so the blocked read wakes once and takes all six (the busy path).
+  const burst = admin.multi()
+  for (let i = 0; i < 6; i++) burst.xadd(stream, '*', 'event', i < 5 ? 'progress' : 'completed', 'jobId', 'j1', 'data', String(i))
+  await burst.exec()
+  while (bridge.published < 6) await new Promise(resolve => setTimeout(resolve, 10))
+  // PUBLISH allowed again; one entry alone goes out with the next read and is acknowledged,
+  // with whatever acknowledgements were queued before it.
+  await admin.call('ACL', 'SETUSER', 'relay', '+publish')
+  const sentinel = await admin.xadd(stream, '*', 'event', 'progress', 'jobId', 'j2', 'data', '1') as string
+  for (;;) {
+    const pending = await admin.xpending(stream, 'jp-bridge', '-', '+', 100) as Array<[string]>
+    if (bridge.published >= 7 && !pending.some(([id]) => id === sentinel)) {
+      t.equal(pending.length, 6, 'the six refused entries are still pending')
+      break
+    }
+    await new Promise(resolve => setTimeout(resolve, 20))
+  }
 })
 
 t.test('events a dead instance read but never published are claimed and relayed by another', async (t) => {

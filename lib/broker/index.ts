@@ -27,6 +27,17 @@ export interface Broker {
   channels: (pattern: string) => Promise<string[]>
 }
 
+/**
+ * Runs a pipeline and fails when any of its commands failed: ioredis resolves `exec()` with an
+ * error per command, and a PUBLISH refused (a connection dropped, its offline queue off) must not
+ * count as sent, or its stream entry would be acknowledged and the event lost.
+ */
+export async function execAll (pipe: { exec: () => Promise<Array<[Error | null, unknown]> | null> }): Promise<void> {
+  const replies = await pipe.exec()
+  if (replies === null) throw new Error('pipeline was not run (connection closed)')
+  for (const [err] of replies) if (err !== null) throw err
+}
+
 /** Whether a connection is an ioredis Cluster. */
 export function isCluster (redis: Redis | Cluster): redis is Cluster {
   return (redis as Cluster).isCluster === true

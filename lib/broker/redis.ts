@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import { whenReady } from '../redis'
-import type { Broker } from './index'
+import { execAll, type Broker } from './index'
 
 /** Classic pub/sub: PUBLISH reaches every node's subscribers, SUBSCRIBE on one connection. */
 export class RedisBroker implements Broker {
@@ -57,7 +57,7 @@ export class RedisBroker implements Broker {
     }
     const pipe = this.#commands.pipeline()
     for (const [channel, payload] of messages) pipe.publish(channel, payload)
-    await pipe.exec()
+    await execAll(pipe)
   }
 
   async channels (pattern: string): Promise<string[]> {

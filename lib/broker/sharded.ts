@@ -1,5 +1,5 @@
 import type { Cluster } from 'ioredis'
-import type { Broker } from './index'
+import { execAll, type Broker } from './index'
 import { slotOf } from './slot'
 
 /** Groups channels by cluster slot: one SSUBSCRIBE (or SPUBLISH pipeline) cannot span slots. */
@@ -67,7 +67,7 @@ export class ShardedBroker implements Broker {
     await Promise.all([...bySlot(messages, m => m[0]).values()].map(async group => {
       const pipe = this.#commands.pipeline()
       for (const [channel, payload] of group) pipe.spublish(channel, payload)
-      await pipe.exec()
+      await execAll(pipe)
     }))
   }
 

@@ -88,6 +88,12 @@ export class Session {
   #authTimer: NodeJS.Timeout | null = null
   /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
   #pending = 0
+  /** Per job, its subscribes in the order asked: jobs do not wait on each other. */
+  readonly #jobChains = new Map<string, Promise<void>>()
+  /** The last unsubscribe: steps asked after it wait for it. */
+  #barrier: Promise<void> | null = null
+  /** Opens in flight, counted against the subscription limit. */
+  #opening = 0
 
   /** Call synchronously from the route handler: messages that arrive before auth ends are kept. */
   constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = []) {
@@ -140,6 +146,31 @@ export class Session {
       this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
       this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
     })
+  }
+
+  /**
+   * Subscribes run beside each other (a socket that subscribes 100 jobs waits about one open, not
+   * 100 in a row, each a few round trips), after the same job's earlier steps. An unsubscribe
+   * waits for everything asked before it and holds back everything asked after it, so the room
+   * it frees under the subscription limit is there for the next subscribe.
+   */
+  #enqueueFor (jobId: unknown, step: () => Promise<void>, barrier = false): void {
+    const key = typeof jobId === 'string' ? jobId : ''
+    const base = this.#barrier ?? this.#chain
+    const after = barrier
+      ? Promise.all([base, ...this.#jobChains.values()])
+      : (this.#jobChains.get(key) ?? base)
+    const tail = after.then(step).catch((err: Error) => {
+      this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
+      this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
+    })
+    if (barrier) {
+      this.#barrier = tail
+      this.#jobChains.clear()
+      return
+    }
+    this.#jobChains.set(key, tail)
+    void tail.then(() => { if (this.#jobChains.get(key) === tail) this.#jobChains.delete(key) })
   }
 
   async #authenticate (jobs: InitialJob[]): Promise<void> {
@@ -221,10 +252,10 @@ export class Session {
     switch (action.type) {
       case 'subscribe':
         this.#pending++
-        this.#enqueue(() => this.#subscribe(action.jobId, undefined, true))
+        this.#enqueueFor(action.jobId, () => this.#subscribe(action.jobId, undefined, true))
         break
       case 'unsubscribe':
-        this.#enqueue(() => this.#unsubscribe(action.jobId))
+        this.#enqueueFor(action.jobId, () => this.#unsubscribe(action.jobId), true)
         break
       case 'ping':
         this.sendControl(this.protocol.pong?.())
@@ -266,9 +297,18 @@ export class Session {
       if (data !== undefined && existing.last !== null) this.outbox.send(data, jobId, isFinal(existing.last.state))
       return
     }
-    if (this.#subs.size >= this.#ctx.maxSubscriptionsPerConnection) {
+    if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
       return this.#error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`, jobId)
     }
+    this.#opening++
+    try {
+      await this.#openNew(jobId, kind)
+    } finally {
+      this.#opening--
+    }
+  }
+
+  async #openNew (jobId: string, kind?: string): Promise<void> {
     const found = kind ?? await this.#ctx.findKind(jobId)
     const queue = found === null ? undefined : this.#ctx.queueOf(found)
     if (found === null || queue === undefined) return this.#notFound(jobId)

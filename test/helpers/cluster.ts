@@ -3,6 +3,7 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { freePort, RedisServer } from './redis'
+import type { RedisCluster } from './redis-cluster'
 import { tempDir } from './index'
 import { spawnTracked } from './tracked'
 
@@ -114,15 +115,22 @@ export interface ClusterOptions {
   env?: Record<string, string>
   /** Extra environment for workers only. */
   workerEnv?: Record<string, string>
+  /**
+   * Runs every process on this Redis Cluster (REDIS_CLUSTER_NODES) instead of a private
+   * redis-server. The caller owns it, so one cluster can serve every test of a file.
+   */
+  redisCluster?: RedisCluster
 }
 
 /**
- * Real processes, as deployed: a private redis-server, API instances and workers of the example
- * (`ROLE=api` / `ROLE=worker`, one shared SESSION_SECRET and upload directory) and nginx running
- * deploy/nginx.conf in front of the API instances. Everything is stopped at teardown.
+ * Real processes, as deployed: a private redis-server (or a Redis Cluster the caller passes), API
+ * instances and workers of the example (`ROLE=api` / `ROLE=worker`, one shared SESSION_SECRET and
+ * upload directory) and nginx running deploy/nginx.conf in front of the API instances. Everything
+ * it started is stopped at teardown.
  */
 export class Cluster {
-  readonly redis: RedisServer
+  readonly #redis: RedisServer | null
+  readonly redisCluster: RedisCluster | null
   readonly uploadDir: string
   readonly apis: Api[] = []
   readonly workers: Proc[] = []
@@ -133,16 +141,23 @@ export class Cluster {
   #workerCount = 0
   #nginxPort: number | undefined
 
-  private constructor (t: Teardown, redis: RedisServer, uploadDir: string, opts: ClusterOptions) {
+  private constructor (t: Teardown, redis: RedisServer | null, uploadDir: string, opts: ClusterOptions) {
     this.#t = t
-    this.redis = redis
+    this.#redis = redis
+    this.redisCluster = opts.redisCluster ?? null
     this.uploadDir = uploadDir
     this.#env = opts.env ?? {}
     this.#workerEnv = opts.workerEnv ?? {}
   }
 
+  /** The private redis-server (not there when the processes run on a Redis Cluster). */
+  get redis (): RedisServer {
+    if (this.#redis === null) throw new Error('this cluster of processes runs on a Redis Cluster, not on a redis-server of its own')
+    return this.#redis
+  }
+
   static async start (t: Teardown, opts: ClusterOptions = {}): Promise<Cluster> {
-    const redis = await RedisServer.start()
+    const redis = opts.redisCluster === undefined ? await RedisServer.start() : null
     const uploadDir = await tempDir(t, 'jp-cluster-uploads-')
     // nginx's port is chosen first: it is the public URL the API instances build `ws_url` from.
     const nginxPort = opts.nginx === true ? await freePort() : undefined
@@ -153,7 +168,7 @@ export class Cluster {
     t.teardown(async () => {
       await cluster.nginx?.proc.stop('SIGTERM')
       await Promise.all([...cluster.apis.map(a => a.proc), ...cluster.workers].map(async p => await p.stop('SIGKILL')))
-      await redis.stop()
+      await redis?.stop()
     })
     // Start everything at once: each process takes about a second to load.
     await Promise.all([
@@ -168,7 +183,9 @@ export class Cluster {
     return {
       PATH: process.env.PATH,
       HOME: process.env.HOME,
-      REDIS_URL: this.redis.url,
+      ...(this.redisCluster === null
+        ? { REDIS_URL: this.redis.url }
+        : { REDIS_CLUSTER_NODES: this.redisCluster.nodes.map(n => `${n.host}:${n.port}`).join(',') }),
       SESSION_SECRET,
       UPLOAD_DIR: this.uploadDir,
       ITEM_DELAY_MS: '30',

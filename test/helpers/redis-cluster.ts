@@ -32,18 +32,23 @@ export class RedisCluster {
     this.dir = dir
   }
 
-  static async start (t: Teardown): Promise<RedisCluster> {
+  /**
+   * `replicas: 0` makes 3 masters alone and `persist: false` turns the append-only file off (the
+   * bench: an fsync per write would measure the disk).
+   */
+  static async start (t: Teardown, opts: { replicas?: 0 | 1, persist?: boolean } = {}): Promise<RedisCluster> {
+    const replicas = opts.replicas ?? 1
     const ports: number[] = []
-    while (ports.length < 6) {
+    while (ports.length < 3 * (1 + replicas)) {
       const port = await freePort()
       // The cluster bus listens on port + 10000: keep both free and distinct.
       if (port < 55000 && !ports.includes(port)) ports.push(port)
     }
     const cluster = new RedisCluster(ports, await mkdtemp(join(tmpdir(), 'jp-cluster-')))
     t.teardown(async () => await cluster.stop())
-    for (const port of ports) cluster.#spawn(port)
+    for (const port of ports) cluster.#spawn(port, opts.persist ?? true)
     await Promise.all(ports.map(async port => await cluster.#waitUp(port)))
-    await run('redis-cli', ['--cluster', 'create', ...ports.map(p => `127.0.0.1:${p}`), '--cluster-replicas', '1', '--cluster-yes'], { timeout: 30_000 })
+    await run('redis-cli', ['--cluster', 'create', ...ports.map(p => `127.0.0.1:${p}`), '--cluster-replicas', String(replicas), '--cluster-yes'], { timeout: 30_000 })
     await cluster.waitHealthy()
     await cluster.waitReplicasSynced()
     return cluster
@@ -84,16 +89,30 @@ export class RedisCluster {
         const owner = await this.masterOf(key)
         if (owner !== port && this.alive(owner)) return owner
       } catch {}
-      if (Date.now() > deadline) throw new Error(`no replica took over the slot of ${key}`)
+      if (Date.now() > deadline) throw new Error(`no replica took over the slot of ${key}; the cluster as a live node sees it:\n${await this.#nodesView()}`)
       await new Promise(resolve => setTimeout(resolve, 100))
     }
   }
 
-  #spawn (port: number): void {
+  /** CLUSTER NODES as the first live node answers it, for error messages. */
+  async #nodesView (): Promise<string> {
+    for (const port of this.ports) {
+      if (!this.alive(port)) continue
+      const node = this.node(port)
+      try {
+        return await node.cluster('NODES') as string
+      } catch {} finally {
+        node.disconnect()
+      }
+    }
+    return '(no live node answers)'
+  }
+
+  #spawn (port: number, persist: boolean): void {
     const proc = spawn('redis-server', [
       '--port', String(port), '--bind', '127.0.0.1', '--dir', this.dir,
       '--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`, '--cluster-node-timeout', '1500',
-      '--save', '', '--appendonly', 'yes', '--appendfilename', `aof-${port}.aof`, '--appenddirname', `aof-${port}`,
+      '--save', '', '--appendonly', persist ? 'yes' : 'no', '--appendfilename', `aof-${port}.aof`, '--appenddirname', `aof-${port}`,
       '--daemonize', 'no', '--loglevel', 'warning'
     ], { stdio: 'ignore' })
     live.add(proc)
@@ -146,8 +165,95 @@ export class RedisCluster {
 
   /** The port of the live master that owns a key's slot now. */
   async masterOf (key: string): Promise<number> {
-    const slot = slotOf(key)
+    return await this.masterOfSlot(slotOf(key))
+  }
+
+  /** The id of the node on a port (CLUSTER MYID). */
+  async idOf (port: number): Promise<string> {
+    const node = this.node(port)
+    try {
+      return await node.cluster('MYID') as string
+    } finally {
+      node.disconnect()
+    }
+  }
+
+  /** The ports of the live masters. */
+  async masters (): Promise<number[]> {
+    const out = new Set<number>()
     for (const port of this.ports) {
+      if (!this.alive(port)) continue
+      const node = this.node(port)
+      try {
+        const slots = await node.cluster('SLOTS') as Array<[number, number, [string, number]]>
+        for (const [, , master] of slots) out.add(Number(master[1]))
+        break
+      } catch {} finally {
+        node.disconnect()
+      }
+    }
+    return [...out].filter(port => this.alive(port))
+  }
+
+  /**
+   * Moves one slot to another master the way a resharding does: the target imports it, the source
+   * migrates it, its keys are MIGRATEd in batches, then the slot is given to the target (the
+   * target first, then the source, which drops its shard channel subscribers with a
+   * `sunsubscribe`). `tellOthers` false leaves the other masters to learn it by gossip, as a
+   * resharding tool that only tells the two nodes does.
+   */
+  async migrateSlot (slot: number, to: number, opts: { tellOthers?: boolean, beforeHandOver?: () => Promise<void> } = {}): Promise<void> {
+    const from = await this.masterOfSlot(slot)
+    if (from === to) throw new Error(`slot ${slot} is already on ${to}`)
+    const [fromId, toId] = await Promise.all([this.idOf(from), this.idOf(to)])
+    const source = this.node(from)
+    const target = this.node(to)
+    try {
+      await target.cluster('SETSLOT', slot, 'IMPORTING', fromId)
+      await source.cluster('SETSLOT', slot, 'MIGRATING', toId)
+      for (;;) {
+        const keys = await source.cluster('GETKEYSINSLOT', slot, 100) as string[]
+        if (keys.length === 0) break
+        await source.call('MIGRATE', '127.0.0.1', to, '', 0, 10_000, 'KEYS', ...keys)
+      }
+      await opts.beforeHandOver?.()
+      await target.cluster('SETSLOT', slot, 'NODE', toId)
+      await source.cluster('SETSLOT', slot, 'NODE', toId)
+      if (opts.tellOthers !== false) {
+        for (const port of await this.masters()) {
+          if (port === from || port === to) continue
+          const other = this.node(port)
+          try {
+            await other.cluster('SETSLOT', slot, 'NODE', toId)
+          } finally {
+            other.disconnect()
+          }
+        }
+      }
+    } finally {
+      source.disconnect()
+      target.disconnect()
+    }
+  }
+
+  /** Waits until every live node, replicas included, names `to` as the owner of the slot. */
+  async waitSlotOwner (slot: number, to: number, timeoutMs = 20_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      let ok = true
+      for (const port of this.ports) {
+        if (!this.alive(port)) continue
+        if (await this.masterOfSlot(slot, port) !== to) ok = false
+      }
+      if (ok) return
+      if (Date.now() > deadline) throw new Error(`not every node sees slot ${slot} on ${to}`)
+      await new Promise(resolve => setTimeout(resolve, 100))
+    }
+  }
+
+  /** The port of the master that owns a slot, as one node (or the first live one) sees it. */
+  async masterOfSlot (slot: number, askPort?: number): Promise<number> {
+    for (const port of askPort === undefined ? this.ports : [askPort]) {
       if (!this.alive(port)) continue
       const node = this.node(port)
       try {
