@@ -13,7 +13,7 @@ import { sseFrame } from './wire/sse'
 import { readOwner, type Commands } from './snapshot'
 import { Session, type SessionContext } from './session/session'
 import { SseTransport } from './transports/sse'
-import type { MyJobMessage } from './wire/messages'
+import type { MyJobMessage, MyJobsResyncMessage } from './wire/messages'
 
 /** What each relayed BullMQ event means for the owner's list; progress reports are not state changes. */
 const STATUS: Record<string, MyJobMessage['status']> = {
@@ -42,7 +42,7 @@ export interface MyJobsOptions {
   log: FastifyBaseLogger
 }
 
-type Receive = (message: MyJobMessage, raw: string) => void
+type Receive = (message: MyJobMessage | MyJobsResyncMessage, raw: string) => void
 
 /**
  * The caller's jobs across the cluster. Writing: a job's creation adds it to its owner's index and
@@ -62,6 +62,15 @@ export class MyJobs {
   constructor (opts: MyJobsOptions) {
     this.#o = opts
     opts.broker.onMessage((channel, raw) => this.#onMessage(channel, raw))
+    opts.broker.onRecover(() => this.#resync())
+  }
+
+  /** Subscriptions lost and made again: what was published meanwhile is gone, so every follower re-reads its list. */
+  #resync (): void {
+    if (this.#listeners.size === 0) return
+    const message: MyJobsResyncMessage = { type: 'my_jobs_resync', ts: Math.floor(Date.now() / 1000) }
+    const raw = JSON.stringify(message)
+    for (const set of this.#listeners.values()) for (const receive of set) receive(message, raw)
   }
 
   /** The owner's channel: hashed, so any owner string makes a short name, spread over shards. */

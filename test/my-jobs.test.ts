@@ -140,6 +140,26 @@ t.test('subscribe_mine and GET /jobs/events: a job created on one instance and i
   await refused.body?.cancel()
 })
 
+t.test('the feed\'s subscription lost and made again: every follower is told to read its list again (my_jobs_resync)', async (t) => {
+  const { redis, b } = await twoApps(t)
+  const alice = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
+  await alice.waitFor(m => m.type === 'connected')
+  alice.send({ action: 'subscribe_mine' })
+  await alice.waitFor(m => m.type === 'subscribed' && m.job_id === 'mine')
+  const stream = await sse(t, `${b.url}/jobs/events?api_key=key-alice`)
+  await stream.waitFor(e => e.event === 'subscribed')
+  const admin = redis.client()
+  t.teardown(() => admin.disconnect())
+  const clients = await admin.client('LIST') as string
+  // The subscribers: changes published while they are away are lost to them.
+  for (const line of clients.split('\n').filter(l => /\bsub=[1-9]/.test(l))) await admin.call('CLIENT', 'KILL', 'ID', /\bid=(\d+)/.exec(line)?.[1] as string)
+  t.match(await alice.waitFor(m => m.type === 'my_jobs_resync', 10_000), { ts: Number })
+  t.match((await stream.waitFor(e => e.event === 'my_jobs_resync', 10_000)).data, { type: 'my_jobs_resync', ts: Number })
+  const later = await uploadAs(b, 'key-alice')
+  await alice.waitFor(m => m.type === 'my_job' && m.job_id === later)
+  t.pass('the feed goes on after the resync')
+})
+
 t.test('getOwner: the list and the feed follow the application\'s owner like every other route', async (t) => {
   const redis = await redisFor(t)
   const opts = { getOwner: (request: any) => request.headers['x-user'] ?? null }

@@ -69,15 +69,53 @@ t.test('one rendered event is framed once and written to every socket, in order 
   t.equal(frameStats.built - built, 1, 'framed once for three sockets')
   t.equal(frameStats.written - written, 3, 'written straight to each socket')
   t.equal(frameOf(event), frameOf(event), 'the same frame again')
-  const net = (pairs[0].server as unknown as { _socket: { writableCorked: number, writableLength: number } })._socket
-  t.equal(net.writableCorked, 1, 'what is written in one tick is held for one write at its end')
-  t.ok(pairs[0].server.bufferedAmount > 0, 'and counts as unflushed meanwhile')
-  await new Promise(resolve => process.nextTick(resolve))
-  t.equal(net.writableCorked, 0, 'uncorked once the tick ends')
   for (const p of pairs) {
     await until(p.client, p.received, 3)
     t.same(p.received, ['control-before', '{"status":"processing","progress":"é 1/2"}', 'control-after'], 'a text frame, in send order')
   }
+})
+
+t.test('frames of one tick: one is held and written alone at its end, several go out in one write', async (t) => {
+  const [p, q] = await connect(t, 2)
+  const one = new WebSocketTransport(p.server)
+  const two = new WebSocketTransport(q.server)
+  const netOf = (ws: WebSocket) => (ws as unknown as { _socket: { writableCorked: number, writableLength: number } })._socket
+  const flushed: string[] = []
+  one.write(Buffer.from('a1'), (err) => flushed.push(`a1:${String(err ?? 'ok')}`))
+  two.write(Buffer.from('b1'), () => {})
+  two.write(Buffer.from('b2'), () => {})
+  t.equal(netOf(p.server).writableLength, 0, 'a single frame is held, not yet handed to the socket')
+  t.equal(netOf(p.server).writableCorked, 0, 'and the socket is not corked for it')
+  t.ok(one.bufferedAmount > 0, 'it counts as unflushed meanwhile')
+  t.equal(netOf(q.server).writableCorked, 1, 'a second frame in the tick corks the socket: one write for both')
+  t.ok(two.bufferedAmount > 0)
+  await new Promise(resolve => process.nextTick(resolve))
+  t.equal(netOf(q.server).writableCorked, 0, 'uncorked once the tick ends')
+  await until(p.client, p.received, 1)
+  await until(q.client, q.received, 2)
+  t.same(p.received, ['a1'])
+  t.same(q.received, ['b1', 'b2'], 'in order')
+  t.same(flushed, ['a1:ok'], 'the held frame reports its flush')
+})
+
+t.test('a frame held for the end of the tick goes before a close sent in the same tick', async (t) => {
+  const [p] = await connect(t, 1)
+  const tr = new WebSocketTransport(p.server)
+  tr.write(Buffer.from('last'), () => {})
+  tr.close(4000, 'bye')
+  const [code] = await once(p.client, 'close') as [number]
+  t.equal(code, 4000)
+  t.same(p.received, ['last'], 'the frame arrived before the close')
+})
+
+t.test('a held frame of a socket terminated in the same tick fails its write, and nothing is sent', async (t) => {
+  const [p] = await connect(t, 1)
+  const tr = new WebSocketTransport(p.server)
+  const result = new Promise<Error | null | undefined>(resolve => tr.write(Buffer.from('never'), resolve))
+  tr.terminate()
+  t.ok(await result instanceof Error, 'done runs with an error')
+  await once(p.client, 'close')
+  t.same(p.received, [])
 })
 
 t.test('permessage-deflate negotiated: ws.send compresses as before', async (t) => {
@@ -96,9 +134,10 @@ t.test('a direct write counts in bufferedAmount: a stalled client gets the lates
   const [p] = await connect(t, 1)
   const socket = (p.client as unknown as { _socket: { pause: () => void, resume: () => void } })._socket
   socket.pause()
-  const outbox = new Outbox(new WebSocketTransport(p.server))
+  const transport = new WebSocketTransport(p.server)
+  const outbox = new Outbox(transport)
   outbox.send(Buffer.from('big:' + 'x'.repeat(16 * 1024 * 1024)), 'job')
-  t.ok(p.server.bufferedAmount > 16 * 1024, 'the unflushed frame is counted')
+  t.ok(transport.bufferedAmount > 16 * 1024, 'the unflushed frame is counted')
   outbox.send(Buffer.from('progress-1'), 'job')
   outbox.send(Buffer.from('progress-2'), 'job')
   outbox.send(Buffer.from('control'))

@@ -44,6 +44,6 @@ export function sseProtocol (perJob: boolean): ProtocolDefinition {
     // A line's id names its offset: a browser that reconnects by itself sends it back as
     // Last-Event-ID, and the stream resumes after that line.
     logs: (message) => sseFrame(message.type, message, message.type === 'log' ? sseEventId(message.job_id, `${LOG_ID}${message.offset}`) : undefined),
-    mine: (message) => sseFrame('my_job', message)
+    mine: (message) => sseFrame(message.type === 'my_job' ? 'my_job' : 'my_jobs_resync', message)
   }
 }

@@ -1,6 +1,6 @@
 import type { JobEvent } from '../events'
 import type { LogsRequest } from '../live-logs'
-import type { LogMessage, MyJobMessage } from '../wire/messages'
+import type { LogMessage, MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 
 /** What a client message asks for, once a protocol has parsed it. */
 export type ClientAction =
@@ -69,7 +69,7 @@ export interface ProtocolDefinition {
    */
   logs?: (message: LogMessage) => ServerMessage
   /** Renders a message of the caller's jobs feed (`subscribe_mine`). Without it the feed is refused. */
-  mine?: (message: MyJobMessage) => ServerMessage
+  mine?: (message: MyJobMessage | MyJobsResyncMessage) => ServerMessage
   /** The answer to a `{ type: 'ping' }` action. */
   pong?: () => ServerMessage
 }

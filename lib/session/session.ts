@@ -13,7 +13,7 @@ import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport } from './transport'
 import { LogFeed, type LiveLogs, type LogsRequest } from '../live-logs'
 import type { LogsRead } from '../job-logs'
-import type { LogMessage, MyJobMessage } from '../wire/messages'
+import type { LogMessage, MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 
 /** Live logs, as every session of one plugin instance reaches them. */
 export interface LogsContext {
@@ -26,7 +26,7 @@ export interface LogsContext {
 
 /** The caller's jobs feed: `watch` calls `receive` with each message until the returned stop. */
 export interface MineContext {
-  watch: (owner: string, receive: (message: MyJobMessage, raw: string) => void) => Promise<() => void>
+  watch: (owner: string, receive: (message: MyJobMessage | MyJobsResyncMessage, raw: string) => void) => Promise<() => void>
 }
 
 /** What every session of one plugin instance shares. */
@@ -456,8 +456,10 @@ export class Session {
     if (mine === undefined || render === undefined || this.#identity?.via === 'token') return this.#error('This connection serves no jobs feed')
     const stop = await mine.watch(this.owner, (message) => {
       const data = serialize(render(message))
-      // Keyed per job: a slow client gets each job's latest state, finals are never replaced.
-      if (data !== undefined) this.outbox.send(data, `\u0001${message.job_id}`, message.status !== 'queued' && message.status !== 'running')
+      if (data === undefined) return
+      // Keyed per job: a slow client gets each job's latest state; finals and resyncs are never replaced.
+      if (message.type === 'my_jobs_resync') this.outbox.send(data, '\u0001', true)
+      else this.outbox.send(data, `\u0001${message.job_id}`, message.status !== 'queued' && message.status !== 'running')
     })
     if (this.#state !== 'ready' || this.#mine !== null) return stop()
     this.#mine = stop

@@ -1,7 +1,7 @@
 import type { RawData, WebSocket } from 'ws'
 import { CloseCodes, closeReason } from '../wire/close-codes'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
-import { frameOf, framesFit, senderIdle, writeFrame } from './ws-frame'
+import { FrameWriter, frameOf, framesFit, senderIdle } from './ws-frame'
 
 const TEXT = { binary: false } as const
 
@@ -14,12 +14,12 @@ export class WebSocketTransport implements Transport {
   readonly ws: WebSocket
   /** Answered the last ping. */
   #alive = true
-  /** Whether prebuilt frames fit this socket (no extension negotiated), known after the handshake. */
-  readonly #frames: boolean
+  /** Writes prebuilt frames; null when they do not fit this socket (an extension negotiated), known after the handshake. */
+  readonly #frames: FrameWriter | null
 
   constructor (ws: WebSocket) {
     this.ws = ws
-    this.#frames = framesFit(ws)
+    this.#frames = framesFit(ws) ? new FrameWriter(ws) : null
     // ws closes on its own for frames it refuses (over maxPayload: 1009, bad UTF-8: 1007, protocol
     // errors: 1002) and sends no reason. Every close this socket sends gets one: a person reading
     // "1009" alone cannot tell what to change. An app that registered @fastify/websocket itself
@@ -27,6 +27,8 @@ export class WebSocketTransport implements Transport {
     // tell their clients 1001.
     const close = ws.close.bind(ws)
     ws.close = (code?: number, reason?: string | Buffer) => {
+      // What is held for the end of the tick goes before the close frame.
+      this.#frames?.flush()
       if (code === undefined) close(CloseCodes.goingAway, closeReason(CloseCodes.goingAway))
       else close(code, code === 1005 ? undefined : closeReason(code, reason?.toString()))
     }
@@ -37,7 +39,7 @@ export class WebSocketTransport implements Transport {
   }
 
   get bufferedAmount (): number {
-    return this.ws.bufferedAmount
+    return this.#frames === null ? this.ws.bufferedAmount : this.ws.bufferedAmount + this.#frames.heldBytes
   }
 
   bind (events: TransportEvents): void {
@@ -54,8 +56,14 @@ export class WebSocketTransport implements Transport {
 
   write (data: OutboxData, done: (err?: Error | null) => void): void {
     // A Buffer is a rendered event shared by every socket of its job: framed once for all of them.
-    if (this.#frames && typeof data !== 'string' && this.ws.readyState === 1 && senderIdle(this.ws)) writeFrame(this.ws, frameOf(data), done)
-    else this.ws.send(data, TEXT, done)
+    const frames = this.#frames
+    if (frames !== null && typeof data !== 'string' && this.ws.readyState === 1 && senderIdle(this.ws)) {
+      frames.write(frameOf(data), done)
+      return
+    }
+    // ws writes at once: what is held for the end of the tick goes first.
+    frames?.flush()
+    this.ws.send(data, TEXT, done)
   }
 
   close (code: number, reason: string): void {
@@ -72,6 +80,7 @@ export class WebSocketTransport implements Transport {
       return
     }
     this.#alive = false
+    this.#frames?.flush()
     this.ws.ping()
   }
 }

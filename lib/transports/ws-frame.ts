@@ -93,29 +93,84 @@ interface NetSocket {
   uncork: () => void
 }
 
-/**
- * Sockets written to in this tick, uncorked together once it ends. The bridge hands a whole read
- * of the stream over in one tick: at high rates that holds several events of a job, and each
- * socket then sends them in one system call instead of one each (as uWS corks per loop turn).
- */
-const corked: NetSocket[] = []
-const uncorkAll = (): void => {
-  // Taken first: an uncork that ends in a write callback may cork a socket again.
-  const sockets = corked.splice(0)
-  for (const socket of sockets) socket.uncork()
+type Done = (err?: Error | null) => void
+
+/** Sockets holding a frame (or corked) in this tick, written once it ends. */
+const held: FrameWriter[] = []
+const flushHeld = (): void => {
+  // Taken first: a write callback may hold a frame again.
+  const writers = held.splice(0)
+  for (const writer of writers) writer.flush()
 }
 
 /**
- * Writes a prebuilt frame to the socket's net socket, corked until the end of the tick so that
- * frames written together go out in one write; `done` runs once it is flushed.
+ * Writes prebuilt frames to one socket, at the end of the tick. The bridge hands a whole read of
+ * the stream over in one tick: at high rates that holds several events of a job, and the socket
+ * then sends them in one system call instead of one each (as uWS corks per loop turn). The usual
+ * case is one frame per socket and tick: that one is held as it is and written alone, with no
+ * cork, no buffered write request and no uncork, so a socket costs one plain write per message.
  */
-export function writeFrame (ws: WebSocket, frame: Buffer, done: (err?: Error | null) => void): void {
-  frameStats.written++
-  const socket = (ws as unknown as { _socket: NetSocket & { writableCorked: number } })._socket
-  if (socket.writableCorked === 0) {
-    if (corked.length === 0) process.nextTick(uncorkAll)
-    socket.cork()
-    corked.push(socket)
+export class FrameWriter {
+  readonly #ws: WebSocket
+  /** `ws`'s net socket: set once before the connection event, never replaced. */
+  readonly #socket: NetSocket
+  #frame: Buffer | null = null
+  #done: Done | null = null
+  #corked = false
+
+  constructor (ws: WebSocket) {
+    this.#ws = ws
+    this.#socket = (ws as unknown as { _socket: NetSocket })._socket
   }
-  socket.write(frame, done)
+
+  /** Bytes held here, not yet handed to the socket. */
+  get heldBytes (): number {
+    return this.#frame === null ? 0 : this.#frame.length
+  }
+
+  /** Writes `frame` once the tick ends; `done` runs once it is flushed (or failed). */
+  write (frame: Buffer, done: Done): void {
+    frameStats.written++
+    if (this.#corked) {
+      this.#socket.write(frame, done)
+      return
+    }
+    if (this.#frame === null) {
+      if (held.length === 0) process.nextTick(flushHeld)
+      this.#frame = frame
+      this.#done = done
+      held.push(this)
+      return
+    }
+    // A second frame in this tick: the socket is corked and both go out in one write at its end.
+    const socket = this.#socket
+    socket.cork()
+    this.#corked = true
+    const first = this.#frame
+    const firstDone = this.#done as Done
+    this.#frame = null
+    this.#done = null
+    socket.write(first, firstDone)
+    socket.write(frame, done)
+  }
+
+  /**
+   * Writes what is held now. Runs at the end of the tick, and before anything `ws` itself sends
+   * on this socket (a text message, a ping, the close frame), so frames keep their order.
+   */
+  flush (): void {
+    const frame = this.#frame
+    if (frame !== null) {
+      const done = this.#done as Done
+      this.#frame = null
+      this.#done = null
+      // Closed meanwhile (a close frame may already be out): nothing more goes after it.
+      if (this.#ws.readyState !== 1) process.nextTick(done, new Error('WebSocket is not open'))
+      else this.#socket.write(frame, done)
+    }
+    if (this.#corked) {
+      this.#corked = false
+      this.#socket.uncork()
+    }
+  }
 }

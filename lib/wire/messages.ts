@@ -83,7 +83,17 @@ export interface MyJobMessage {
   ts: number
 }
 
-export type JobsServerMessage = JobUpdateMessage | JobsControlMessage | LogMessage | MyJobMessage
+/**
+ * On the caller's jobs feed after this instance's subscription to it was lost and made again (a
+ * reconnect, a failover, a slot that moved): changes published meanwhile may be missing, so the
+ * list is to be read again (`GET /jobs`).
+ */
+export interface MyJobsResyncMessage {
+  type: 'my_jobs_resync'
+  ts: number
+}
+
+export type JobsServerMessage = JobUpdateMessage | JobsControlMessage | LogMessage | MyJobMessage | MyJobsResyncMessage
 
 /** What a client sends on the `jobs` protocol. */
 export type JobsClientMessage =
@@ -97,9 +107,10 @@ export type JobsClientMessage =
  * `id:` (see {@link sseEventId}); `error` a `{ message, job_id? }`; `close` a `{ code, reason }`
  * just before the server ends the stream (codes of lib/wire/close-codes.ts). With `logs=1` or
  * `logs_from=<offset>`: `log` ({@link LogLineMessage}, id `<jobId>@log.<offset>`) and
- * `logs_truncated`. On `GET /jobs/events`: `my_job` ({@link MyJobMessage}).
+ * `logs_truncated`. On `GET /jobs/events`: `my_job` ({@link MyJobMessage}) and `my_jobs_resync`
+ * ({@link MyJobsResyncMessage}).
  */
-export type SseEventName = 'job_update' | 'error' | 'close' | 'log' | 'logs_truncated' | 'my_job'
+export type SseEventName = 'job_update' | 'error' | 'close' | 'log' | 'logs_truncated' | 'my_job' | 'my_jobs_resync'
 
 export function isFinalStatus (status: string): boolean {
   return status === 'succeeded' || status === 'failed' || status === 'cancelled' || status === 'complete'

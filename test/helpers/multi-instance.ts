@@ -123,8 +123,9 @@ export function multiInstanceCases (t: Test, start: (t: Test, opts?: ClusterOpti
     await c.startWorker()
 
     // The stall is detected (lock expired), the job goes back to the queue as a new attempt and the
-    // new worker starts it over: the bar restarts rather than freezing at `before`.
-    const restarted = await watcher.waitFor(m => watcher.messages.indexOf(m) >= seen && m.processed < before)
+    // new worker starts it over: the bar restarts rather than freezing at `before`. On a Redis
+    // Cluster on a loaded machine this was seen to take over 15 s, hence the longer wait.
+    const restarted = await watcher.waitFor(m => watcher.messages.indexOf(m) >= seen && m.processed < before, 45_000)
     t.equal(restarted.status, 'processing')
     t.same(await watcher.waitFor(isFinal), { job_id: up.body.job_id, status: 'complete', progress: 100, processed: 50, total: 50, eta_seconds: 0 })
     t.equal((await watcher.closed).code, 1000)
