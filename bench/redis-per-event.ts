@@ -99,7 +99,7 @@ async function cluster (): Promise<Topology> {
   const other = masters.find(p => p !== queueMaster && p !== channelMaster) as number
   const made: Cluster[] = []
   const probe = rc.node(queueMaster)
-  const ranges = await probe.cluster('SLOTS') as Array<[number, number, [string, number]]>
+  const ranges = await probe.cluster('SLOTS') as unknown as Array<[number, number, [string, number]]>
   probe.disconnect()
   const onChannelMaster = (slot: number): boolean => ranges.some(([from, to, master]) => slot >= from && slot <= to && Number(master[1]) === channelMaster)
   const nodes = [

@@ -100,6 +100,8 @@ const WARM_MS = QUICK ? 300 : 500
 const CLIENT_PROCS = 4
 const FANOUT_CLIENT_PROCS = 2
 const P99_LIMIT_MS = 100
+/** Share of a saturation step's messages a system may fail to deliver and still pass it. */
+const MAX_LOSS_PCT = 0.1
 /** A round in which other processes kept more than this share of the machine busy is "disturbed". */
 const OTHER_CPU_LIMIT_PCT = 15
 const DEADLINE_MS = QUICK ? 360_000 : 720_000
@@ -496,7 +498,7 @@ async function saturation (setups: Setup[]): Promise<void> {
       const rate = b.next as number
       const st = await measure(setup, rate)
       ;(steps.get(system) as StepResult[]).push(st)
-      if (st.p99 > P99_LIMIT_MS || st.lossPct > 50) b.fail = rate
+      if (!within(st)) b.fail = rate
       else b.pass = rate
       if (b.fail === null) {
         const i = CFG.satRates.indexOf(rate)
@@ -510,7 +512,7 @@ async function saturation (setups: Setup[]): Promise<void> {
     }
   }
   for (const [system, list] of steps) {
-    const ok = list.filter(st => st.p99 <= P99_LIMIT_MS)
+    const ok = list.filter(within)
     const best = ok.reduce<StepResult | null>((b, st) => b === null || st.deliveredPerSec > b.deliveredPerSec ? st : b, null)
     results.saturation[system] = {
       instances: CFG.satInstances,
@@ -518,11 +520,20 @@ async function saturation (setups: Setup[]): Promise<void> {
       bestDeliveredPerSec: best?.deliveredPerSec ?? 0,
       bestRate: best?.rate ?? null,
       // Whether the limit was reached: otherwise the best figure is a lower bound.
-      limitReached: list.some(st => st.p99 > P99_LIMIT_MS),
+      limitReached: list.some(st => !within(st)),
       // Steps that decided the figure (the best one, the first over the limit) disturbed by other load.
-      disturbed: [best, list.find(st => st.p99 > P99_LIMIT_MS)].some(st => st != null && st.otherCpuPct > OTHER_CPU_LIMIT_PCT)
+      disturbed: [best, list.find(st => !within(st))].some(st => st != null && st.otherCpuPct > OTHER_CPU_LIMIT_PCT)
     }
   }
+}
+
+/**
+ * A saturation step passes with p99 within the limit and (nearly) every message delivered: a
+ * system that conflates (skips a job's intermediate steps for a socket that is behind) is not
+ * credited with the messages it skipped.
+ */
+function within (st: StepResult): boolean {
+  return st.p99 <= P99_LIMIT_MS && st.lossPct <= MAX_LOSS_PCT
 }
 
 async function redisWork (): Promise<void> {
@@ -664,7 +675,6 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
   const N = CFG.satInstances
   const ours = fan(who, N)
   const floor = fan('floor', N)
-  const sio = fan('sio', N)
   if (ours !== undefined && floor !== undefined) {
     const note = `median p99 of ${ours.cleanRounds as number} round(s)${ours.allRoundsDisturbed === true ? ', every round disturbed by other load' : ' without outside load'}; pooled over all rounds ${fmt(ours.p99, 2)} vs ${fmt(floor.p99, 2)} ms`
     out.push({ name: `fan-out p99 latency at ${N} instances (ms)`, ours: ours.p99Clean, peer: floor.p99Clean, ratio: ours.p99Clean / floor.p99Clean, limit: '≤ 1.5 × floor', pass: ours.p99Clean <= 1.5 * floor.p99Clean, note })
@@ -676,11 +686,18 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
       ...(sat[who].limitReached === true ? [] : ['plugin did not reach its limit in the rates tried: a lower bound']),
       ...(sat[who].disturbed === true || sat.sio.disturbed === true ? [`deciding steps disturbed by other load (> ${OTHER_CPU_LIMIT_PCT}% of the machine): run again on a quiet machine`] : [])
     ]
-    out.push({ name: `saturation msgs/s with p99 ≤ ${P99_LIMIT_MS} ms at ${N} instances`, ours: sat[who].bestDeliveredPerSec, peer: sat.sio.bestDeliveredPerSec, ratio, limit: '≥ 2 × socket.io', pass: ratio >= 2, note: notes.length > 0 ? notes.join('; ') : undefined })
+    out.push({ name: `saturation msgs/s with p99 ≤ ${P99_LIMIT_MS} ms, ≥ ${100 - MAX_LOSS_PCT}% delivered, at ${N} instances`, ours: sat[who].bestDeliveredPerSec, peer: sat.sio.bestDeliveredPerSec, ratio, limit: '≥ 1.5 × socket.io', pass: ratio >= 1.5, note: notes.length > 0 ? notes.join('; ') : undefined })
+    if (sat.floor !== undefined) {
+      const vsFloor = sat[who].bestDeliveredPerSec / sat.floor.bestDeliveredPerSec
+      out.push({ name: `saturation msgs/s at ${N} instances, next to the floor`, ours: sat[who].bestDeliveredPerSec, peer: sat.floor.bestDeliveredPerSec, ratio: vsFloor, limit: '≥ 0.9 × floor', pass: vsFloor >= 0.9 })
+    }
   }
-  if (ours !== undefined && sio !== undefined) {
-    const ratio = ours.cpuPer10k.servers / sio.cpuPer10k.servers
-    out.push({ name: `server CPU s per 10k delivered (fan-out, ${N} instances)`, ours: ours.cpuPer10k.servers, peer: sio.cpuPer10k.servers, ratio, limit: '≤ 0.5 × socket.io', pass: ratio <= 0.5 })
+  for (const n of new Set([1, N])) {
+    const mine = fan(who, n)
+    const base = fan('floor', n)
+    if (mine === undefined || base === undefined) continue
+    const ratio = mine.cpuPer10k.servers / base.cpuPer10k.servers
+    out.push({ name: `server CPU s per 10k delivered (fan-out, ${n as number} instance(s))`, ours: mine.cpuPer10k.servers, peer: base.cpuPer10k.servers, ratio, limit: '≤ 1.1 × floor', pass: ratio <= 1.1 })
   }
   for (const r of (results.tail ?? []).filter((x: any) => x.system === who)) {
     const peer = results.tail.find((x: any) => x.system === 'sio' && x.instances === r.instances)
@@ -690,7 +707,7 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
   }
   if (results.idle?.[who] !== undefined && results.idle?.sio !== undefined) {
     const ratio = results.idle[who].rssPerSocketKB / results.idle.sio.rssPerSocketKB
-    out.push({ name: `RSS per idle socket (KB, ${CFG.idleSockets} sockets)`, ours: results.idle[who].rssPerSocketKB, peer: results.idle.sio.rssPerSocketKB, ratio, limit: '≤ 1 × socket.io', pass: ratio <= 1 })
+    out.push({ name: `RSS per idle socket (KB, ${CFG.idleSockets} sockets)`, ours: results.idle[who].rssPerSocketKB, peer: results.idle.sio.rssPerSocketKB, ratio, limit: '≤ 0.9 × socket.io', pass: ratio <= 0.9 })
   }
   if (who === 'candidate') return out.map(t => ({ ...t, name: `candidate: ${t.name}` }))
   const rw = (system: string, n: number): any => results.redisWork?.find((r: any) => r.system === system && r.instances === n)
@@ -729,7 +746,7 @@ function report (): string {
   if (results.saturation !== undefined && Object.keys(results.saturation).length > 0) {
     const rows: Array<Array<string | number>> = []
     for (const [system, s] of Object.entries<any>(results.saturation)) {
-      for (const st of s.steps) rows.push([NAMES[system as System], st.rate, fmt(st.targetMsgsPerSec, 0), fmt(st.deliveredPerSec, 0), fmt(st.p50, 2), fmt(st.p99, 1), fmt(st.lossPct, 1), fmt(st.cpuPer10k.servers, 3), fmt(st.otherCpuPct, 0), st.p99 <= P99_LIMIT_MS ? '' : '> limit'])
+      for (const st of s.steps) rows.push([NAMES[system as System], st.rate, fmt(st.targetMsgsPerSec, 0), fmt(st.deliveredPerSec, 0), fmt(st.p50, 2), fmt(st.p99, 1), fmt(st.lossPct, 1), fmt(st.cpuPer10k.servers, 3), fmt(st.otherCpuPct, 0), within(st) ? '' : '> limit'])
       rows.push([`  → ${NAMES[system as System]} best`, s.bestRate ?? '-', '', fmt(s.bestDeliveredPerSec, 0), '', '', '', '', '', [s.limitReached === true ? '' : '(limit not reached)', s.disturbed === true ? '(disturbed)' : ''].join(' ').trim()])
     }
     parts.push(table(`Saturation at ${CFG.satInstances} instances: R doubles until p99 > ${P99_LIMIT_MS} ms, then two bisections (${CFG.satMs / 1000} s per step, systems take turns)`,

@@ -185,7 +185,7 @@ export class RedisCluster {
       if (!this.alive(port)) continue
       const node = this.node(port)
       try {
-        const slots = await node.cluster('SLOTS') as Array<[number, number, [string, number]]>
+        const slots = await node.cluster('SLOTS') as unknown as Array<[number, number, [string, number]]>
         for (const [, , master] of slots) out.add(Number(master[1]))
         break
       } catch {} finally {
@@ -257,7 +257,7 @@ export class RedisCluster {
       if (!this.alive(port)) continue
       const node = this.node(port)
       try {
-        const slots = await node.cluster('SLOTS') as Array<[number, number, [string, number]]>
+        const slots = await node.cluster('SLOTS') as unknown as Array<[number, number, [string, number]]>
         for (const [from, to, master] of slots) if (slot >= from && slot <= to) return Number(master[1])
       } catch {} finally {
         node.disconnect()
