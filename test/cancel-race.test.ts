@@ -21,12 +21,18 @@ t.test(`${RACES} cancel-vs-complete races: zero inconsistent outcomes`, async (t
   const a = await startApp(t, redis, opts)
   const b = await startApp(t, redis, { ...opts, uploadDir: a.uploadDir })
 
-  const holds = new Map<string, ReturnType<typeof gate>>()
-  const reported = new Map<string, ReturnType<typeof gate>>()
+  // Made by whichever side asks first: the worker may start a job before its upload's answer
+  // reached the test.
+  const gates = new Map<string, { hold: ReturnType<typeof gate>, reported: ReturnType<typeof gate> }>()
+  const gatesOf = (jobId: string): { hold: ReturnType<typeof gate>, reported: ReturnType<typeof gate> } => {
+    let g = gates.get(jobId)
+    if (g === undefined) gates.set(jobId, g = { hold: gate(), reported: gate() })
+    return g
+  }
   const worker = createJobWorker({ kind: 'batch', connection: redis.url, storage: new DiskStorage(a.uploadDir), workerOptions: { concurrency: BATCH } }, async (ctx) => {
     await ctx.report(1, 2)
-    reported.get(ctx.job.id as string)?.open()
-    await holds.get(ctx.job.id as string)?.promise
+    gatesOf(ctx.job.id as string).reported.open()
+    await gatesOf(ctx.job.id as string).hold.promise
     return { done: true }
   })
   worker.on('error', () => {})
@@ -41,14 +47,12 @@ t.test(`${RACES} cancel-vs-complete races: zero inconsistent outcomes`, async (t
   const race = async (n: number): Promise<void> => {
     const up = await upload(`${a.url}/batch/upload`, `item-${n}\n`, { headers: { authorization: 'Bearer key-alice' } })
     const jobId = up.body.job_id as string
-    holds.set(jobId, gate())
-    reported.set(jobId, gate())
     const watchers: Client[] = [
       connect(t, `${a.ws}/ws/batch/${jobId}?api_key=key-alice`),
       connect(t, `${b.ws}/ws/batch/${jobId}?api_key=key-alice`)
     ]
     dashboard.send({ action: 'subscribe', job_id: jobId })
-    await reported.get(jobId)?.promise
+    await gatesOf(jobId).reported.promise
     await Promise.all(watchers.map(async w => await w.waitFor(m => m.processed === 1)))
 
     // The job's end and the cancel within 15 ms of each other, either one first (the cancel's own
@@ -61,13 +65,13 @@ t.test(`${RACES} cancel-vs-complete races: zero inconsistent outcomes`, async (t
     }
     let status: number
     if (jitter >= 0) {
-      holds.get(jobId)?.open()
+      gatesOf(jobId).hold.open()
       if (jitter > 0) await sleep(jitter)
       status = await cancel()
     } else {
       const pending = cancel()
       await sleep(-jitter)
-      holds.get(jobId)?.open()
+      gatesOf(jobId).hold.open()
       status = await pending
     }
     if (status === 202 || status === 409) answers[status]++
