@@ -77,6 +77,11 @@ export class LogFeed {
     void this.#catchUp()
   }
 
+  /** Resolves once no catch-up read is in flight. */
+  async idle (): Promise<void> {
+    await this.#catching
+  }
+
   /** Reads the list again from the next offset (after the subscriber reconnected). */
   resync (): void {
     if (!this.#closed && this.#next >= 0) void this.#catchUp()

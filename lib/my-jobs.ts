@@ -56,6 +56,8 @@ export class MyJobs {
   readonly #o: MyJobsOptions
   readonly #owners = new Map<string, string>()
   readonly #listeners = new Map<string, Set<Receive>>()
+  /** Per channel, its SUBSCRIBE: every follower waits for it, not only the first. */
+  readonly #subscribed = new Map<string, Promise<void>>()
   /** Messages published (for tests and the bench). */
   published = 0
 
@@ -116,13 +118,17 @@ export class MyJobs {
       this.#listeners.set(channel, set)
     }
     set.add(receive)
-    if (first) {
-      try {
-        await this.#o.broker.subscribe([channel])
-      } catch (err) {
-        this.#leave(channel, receive)
-        throw err
+    if (first) this.#subscribed.set(channel, this.#o.broker.subscribe([channel]))
+    const subscribed = this.#subscribed.get(channel) as Promise<void>
+    try {
+      await subscribed
+    } catch (err) {
+      // Every follower waiting on it is refused, and the next one subscribes again.
+      if (this.#subscribed.get(channel) === subscribed) {
+        this.#subscribed.delete(channel)
+        this.#listeners.delete(channel)
       }
+      throw err
     }
     return () => this.#leave(channel, receive)
   }
@@ -131,6 +137,7 @@ export class MyJobs {
     const set = this.#listeners.get(channel)
     if (set === undefined || !set.delete(receive) || set.size > 0) return
     this.#listeners.delete(channel)
+    this.#subscribed.delete(channel)
     this.#o.broker.unsubscribe([channel]).catch((err: Error) => this.#o.log.debug({ err }, 'job-progress: unsubscribe failed'))
   }
 

@@ -140,6 +140,26 @@ t.test('subscribe_mine and GET /jobs/events: a job created on one instance and i
   await refused.body?.cancel()
 })
 
+t.test('unsubscribe_mine right behind subscribe_mine wins: the feed is not left on', async (t) => {
+  const { a, b } = await twoApps(t)
+  const watcher = await sse(t, `${a.url}/jobs/events?api_key=key-alice`)
+  await watcher.waitFor(e => e.event === 'subscribed')
+  const alice = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
+  await alice.waitFor(m => m.type === 'connected')
+  alice.send({ action: 'subscribe_mine' })
+  alice.send({ action: 'unsubscribe_mine' })
+  alice.send({ action: 'ping' })
+  await alice.waitFor(m => m.type === 'pong')
+  const jobId = await uploadAs(a, 'key-alice')
+  await watcher.waitFor(e => e.event === 'my_job' && e.data.job_id === jobId)
+  // The same instance's copy of that message would have reached alice by now.
+  const later = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
+  await later.waitFor(m => m.type === 'connected')
+  later.send({ action: 'ping' })
+  await later.waitFor(m => m.type === 'pong')
+  t.notOk(alice.messages.some(m => m.type === 'my_job'), 'no feed after the unsubscribe')
+})
+
 t.test('the feed\'s subscription lost and made again: every follower is told to read its list again (my_jobs_resync)', async (t) => {
   const { redis, b } = await twoApps(t)
   const alice = connect(t, `${b.ws}${PATH}?api_key=key-alice`)

@@ -296,8 +296,11 @@ export class Session {
         this.#enqueue(() => this.#subscribeMine())
         break
       case 'unsubscribe_mine':
-        this.#mine?.()
-        this.#mine = null
+        // Behind a subscribe_mine still in progress, so it cannot be undone by it.
+        this.#enqueue(() => {
+          this.#mine?.()
+          this.#mine = null
+        })
         break
       case 'unsubscribe':
         this.#enqueueFor(action.jobId, () => this.#unsubscribe(action.jobId), true)
@@ -390,7 +393,12 @@ export class Session {
     // its lines first, then its final state.
     if (withLogs) this.#feed(sub, target, logs)
     opened.attach(sub.sink)
-    if (!sub.final) sub.logs?.feed.start()
+    if (!sub.final && sub.logs !== undefined) {
+      sub.logs.feed.start()
+      // The job's next action waits for the catch-up: a client that subscribes and unsubscribes
+      // in a loop gets one log read at a time, not one per message.
+      await sub.logs.feed.idle()
+    }
   }
 
   /** Whether this connection may have a job's lines; says why not when it may not. */
@@ -416,8 +424,14 @@ export class Session {
   /** A subscription asked for lines again: they start over from the offset now asked for. */
   async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
     if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
+    // The replaced feed's read in flight ends first: asking again and again costs one read at a time.
+    await sub.logs?.feed.idle()
+    if (this.#subs.get(target.jobId) !== sub) return
     const feed = this.#feed(sub, target, request)
-    if (!sub.final) return feed.start()
+    if (!sub.final) {
+      feed.start()
+      return await feed.idle()
+    }
     // Its final state was sent already; what is left of its log follows it.
     this.#pending++
     feed.finish().finally(() => {
@@ -459,7 +473,8 @@ export class Session {
       if (data === undefined) return
       // Keyed per job: a slow client gets each job's latest state; finals and resyncs are never replaced.
       if (message.type === 'my_jobs_resync') this.outbox.send(data, '\u0001', true)
-      else this.outbox.send(data, `\u0001${message.job_id}`, message.status !== 'queued' && message.status !== 'running')
+      // A creation is never replaced either: its `created` flag would be lost.
+      else this.outbox.send(data, `\u0001${message.job_id}`, message.created === true || (message.status !== 'queued' && message.status !== 'running'))
     })
     if (this.#state !== 'ready' || this.#mine !== null) return stop()
     this.#mine = stop
