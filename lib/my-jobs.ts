@@ -14,6 +14,7 @@ import { readOwner, type Commands } from './snapshot'
 import { Session, type SessionContext } from './session/session'
 import { SseTransport } from './transports/sse'
 import type { MyJobMessage, MyJobsResyncMessage } from './wire/messages'
+import { compareEntryIds } from './wire/version'
 
 /** What each relayed BullMQ event means for the owner's list; progress reports are not state changes. */
 const STATUS: Record<string, MyJobMessage['status']> = {
@@ -55,6 +56,8 @@ type Receive = (message: MyJobMessage | MyJobsResyncMessage, raw: string) => voi
 export class MyJobs {
   readonly #o: MyJobsOptions
   readonly #owners = new Map<string, string>()
+  /** Per owner's channel and job, the newest change passed on (bounded like the owner cache). */
+  readonly #latest = new Map<string, string>()
   readonly #listeners = new Map<string, Set<Receive>>()
   /** Per channel, its SUBSCRIBE: every follower waits for it, not only the first. */
   readonly #subscribed = new Map<string, Promise<void>>()
@@ -105,7 +108,7 @@ export class MyJobs {
       this.#remember(id, owner)
     }
     if (event.final || status === 'removed') this.#owners.delete(id)
-    await this.#publish(owner, { type: 'my_job', job_id: event.jobId, kind, status, ts: Math.floor(event.t / 1000) })
+    await this.#publish(owner, { type: 'my_job', job_id: event.jobId, kind, status, version: event.id, ts: Math.floor(event.t / 1000) })
   }
 
   /** Follows an owner's jobs; resolves once subscribed, with the function that stops. */
@@ -161,6 +164,15 @@ export class MyJobs {
       return
     }
     if (message?.type !== 'my_job' || typeof message.job_id !== 'string') return
+    if (typeof message.version === 'string') {
+      // An older change published after a newer one (another instance's bridge was slower): dropped.
+      const key = `${channel}\0${message.job_id}`
+      const latest = this.#latest.get(key)
+      if (latest !== undefined && compareEntryIds(message.version, latest) <= 0) return
+      this.#latest.delete(key)
+      this.#latest.set(key, message.version)
+      if (this.#latest.size > OWNER_CACHE) this.#latest.delete(this.#latest.keys().next().value as string)
+    }
     for (const receive of set) receive(message, raw)
   }
 }

@@ -1,4 +1,5 @@
 import t from 'tap'
+import { createHash, randomUUID } from 'node:crypto'
 import { jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { connect, eventually, lines, redisFor, startApp, startWorker, upload, type TestApp } from './helpers/index'
 import { sse } from './helpers/sse'
@@ -138,6 +139,25 @@ t.test('subscribe_mine and GET /jobs/events: a job created on one instance and i
   const refused = await fetch(`${b.url}/jobs/events`)
   t.equal(refused.status, 401, 'no credentials: 401 before the stream starts')
   await refused.body?.cancel()
+})
+
+t.test('a change published after a newer one of the same job (two bridges, one slower) is not passed on', async (t) => {
+  const { redis, b } = await twoApps(t)
+  const alice = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
+  await alice.waitFor(m => m.type === 'connected')
+  alice.send({ action: 'subscribe_mine' })
+  await alice.waitFor(m => m.type === 'subscribed' && m.job_id === 'mine')
+  const admin = redis.client()
+  t.teardown(() => admin.disconnect())
+  const channel = `jp:owner:of:{${createHash('sha256').update('alice').digest('base64url').slice(0, 22)}}`
+  const jobId = randomUUID()
+  const change = (status: string, version: string): string => JSON.stringify({ type: 'my_job', job_id: jobId, kind: 'batch', status, version, ts: 1 })
+  // As two instances' bridges would publish them: the job's end first, its start late.
+  await admin.publish(channel, change('succeeded', '1700000000002-0'))
+  await admin.publish(channel, change('running', '1700000000001-0'))
+  await admin.publish(channel, change('removed', '1700000000003-0'))
+  await alice.waitFor(m => m.type === 'my_job' && m.status === 'removed')
+  t.same(alice.messages.filter(m => m.type === 'my_job').map(m => m.status), ['succeeded', 'removed'], 'the late, older change is dropped')
 })
 
 t.test('unsubscribe_mine right behind subscribe_mine wins: the feed is not left on', async (t) => {

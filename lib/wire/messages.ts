@@ -80,6 +80,11 @@ export interface MyJobMessage {
   kind: string
   status: JobStatus | 'removed'
   created?: boolean
+  /**
+   * The BullMQ event stream entry id of the change (absent on `created`): two instances' bridges
+   * may publish one job's changes out of order, and an instance passes on only what is newer.
+   */
+  version?: string
   ts: number
 }
 
