@@ -22,7 +22,9 @@ t.test('every instance down for 20 s: attempts spaced by the backoff, then recov
   const x = await until(page, 'down', x => x.results.length === 1, 60_000)
   t.match(x.results[0], { status: 'succeeded', processed: 600 }, 'final state after recovery')
   const waits = x.states.filter(s => s.state === 'reconnecting' && s.at >= downAt - 1000 && s.at <= downAt + 20_000)
-  t.ok(waits.length >= 3 && waits.length <= 10, `${waits.length} attempts in 20 s (not a loop, not given up)`)
+  // Full jitter draws each wait anywhere below its cap, so the count varies (about 8 on average,
+  // 11 seen); a loop would make hundreds. The spacing is checked attempt by attempt below.
+  t.ok(waits.length >= 3 && waits.length <= 16, `${waits.length} attempts in 20 s (not a loop, not given up)`)
   waits.forEach((s, i) => t.ok(s.retryInMs <= Math.min(8000, 1000 * 2 ** i), `wait ${i}: ${s.retryInMs} ms ≤ ${Math.min(8000, 1000 * 2 ** i)} ms`))
   for (let i = 1; i < waits.length; i++) {
     t.ok(waits[i].at - waits[i - 1].at >= waits[i - 1].retryInMs - 50, `attempt ${i} came after the wait announced before it`)
