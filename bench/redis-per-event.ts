@@ -22,7 +22,7 @@ import { Redis, type Cluster } from 'ioredis'
 import { jobProgress } from '../lib/index'
 import { slotOf } from '../lib/broker/slot'
 import { RedisCluster } from '../test/helpers/redis-cluster'
-import { BenchRedis, redisDelta, type RedisCounters } from './lib/redis'
+import { BenchRedis, readCounters, redisDelta } from './lib/redis'
 
 const arg = (name: string, fallback: string): string => {
   const i = process.argv.indexOf(`--${name}`)
@@ -36,27 +36,6 @@ const PREFIX = '{bench}'
 const QUEUE = 'batch'
 
 const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
-
-/** INFO stats/commandstats of one node, read as bench/lib/redis.ts reads its own server. */
-async function counters (node: Redis): Promise<RedisCounters> {
-  const text = await node.info('stats', 'commandstats', 'cpu') as string
-  const commands: Record<string, number> = {}
-  let netOut = 0
-  let netIn = 0
-  let cpu = 0
-  for (const line of text.split('\r\n')) {
-    const cmd = /^cmdstat_([^:]+):calls=(\d+)/.exec(line)
-    if (cmd !== null) {
-      if (cmd[1] !== 'info') commands[cmd[1]] = Number(cmd[2])
-      continue
-    }
-    const [key, value] = line.split(':')
-    if (key === 'total_net_output_bytes') netOut = Number(value)
-    else if (key === 'total_net_input_bytes') netIn = Number(value)
-    else if (key === 'used_cpu_user' || key === 'used_cpu_sys') cpu += Number(value)
-  }
-  return { commands, netOut, netIn, cpu, replyBytes: Buffer.byteLength(text) + 16 }
-}
 
 interface Topology {
   name: string
@@ -179,7 +158,7 @@ async function measure (topo: Topology, instances: number): Promise<Row> {
     })))
   }
   await sleep(500)
-  const before = await Promise.all(topo.nodes.map(async n => await counters(n.redis)))
+  const before = await Promise.all(topo.nodes.map(async n => await readCounters(n.redis)))
   // Each job reports RATE times a second, the jobs staggered over the period.
   let events = 0
   const total = RATE * SECONDS
@@ -195,7 +174,7 @@ async function measure (topo: Topology, instances: number): Promise<Row> {
   }))
   // Let the last events through the bridges before counting.
   await sleep(1000)
-  const after = await Promise.all(topo.nodes.map(async n => await counters(n.redis)))
+  const after = await Promise.all(topo.nodes.map(async n => await readCounters(n.redis)))
   for (const ws of sockets) ws.terminate()
   await Promise.all(apps.map(async app => await app.close()))
   await worker.close(true)

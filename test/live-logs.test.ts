@@ -3,10 +3,10 @@ import Fastify from 'fastify'
 import WebSocket from 'ws'
 import { JobProgressClient } from '../client/index'
 import type { Redis } from 'ioredis'
-import { createJobWorker, DiskStorage, jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
+import { createJobWorker, DiskStorage, jobProgress, jobsProtocol } from '../lib/index'
 import { LogFeed } from '../lib/live-logs'
 import type { LogMessage } from '../lib/wire/messages'
-import { connect, eventually, gate, lines, redisFor, startApp, tempDir, upload, type Client, type TestApp } from './helpers/index'
+import { connect, eventually, gate, JOBS_PATH, lines, tempDir, TWO_APP_KEYS, twoApps, upload, uploadAs, type Client, type TestApp } from './helpers/index'
 import { RedisCluster } from './helpers/redis-cluster'
 import { sse } from './helpers/sse'
 import type { RedisServer } from './helpers/redis'
@@ -15,24 +15,8 @@ import type { RedisServer } from './helpers/redis'
 // each with its absolute offset, caught up from the job's log list and then live; a watcher that
 // falls behind gets a logs_truncated marker; ownership as everywhere.
 
-const KEYS = { 'key-alice': 'alice', 'key-bob': 'bob' }
-const PATH = '/ws/jobs'
-
-interface Teardown { teardown: (fn: () => unknown) => void }
-
-async function twoApps (t: Teardown, opts: Partial<JobProgressOptions> = {}): Promise<{ redis: RedisServer, a: TestApp, b: TestApp }> {
-  const redis = await redisFor(t)
-  const options = { apiKeys: KEYS, protocols: [jobsProtocol({ path: PATH })], ...opts }
-  const a = await startApp(t, redis, options)
-  const b = await startApp(t, redis, { ...options, uploadDir: a.uploadDir })
-  return { redis, a, b }
-}
-
-async function uploadAs (app: TestApp, key: string): Promise<string> {
-  const up = await upload(`${app.url}/batch/upload`, lines(1), { headers: { authorization: `Bearer ${key}` } })
-  if (up.status !== 202) throw new Error(`upload failed: ${up.status}`)
-  return up.body.job_id
-}
+const KEYS = TWO_APP_KEYS
+const PATH = JOBS_PATH
 
 /**
  * A worker whose processor writes the lines it is told to, when told: `write(n)` writes n more

@@ -1,33 +1,14 @@
 import t from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
-import { jobsProtocol, type JobProgressOptions } from '../lib/index'
-import { connect, eventually, lines, redisFor, startApp, startWorker, upload, type TestApp } from './helpers/index'
+import { connect, eventually, JOBS_PATH, lines, redisFor, startApp, startWorker, twoApps, upload, uploadAs, type TestApp } from './helpers/index'
 import { sse } from './helpers/sse'
-import type { RedisServer } from './helpers/redis'
 import { Redis } from 'ioredis'
 
 // My jobs: GET /jobs lists the caller's jobs (kind and state filters, newest first, cursor
 // pages) from an owner index that drops jobs BullMQ removed; subscribe_mine and GET /jobs/events
 // deliver the caller's new jobs and their state changes from any instance.
 
-const KEYS = { 'key-alice': 'alice', 'key-bob': 'bob' }
-const PATH = '/ws/jobs'
-
-interface Teardown { teardown: (fn: () => unknown) => void }
-
-async function twoApps (t: Teardown, opts: Partial<JobProgressOptions> = {}): Promise<{ redis: RedisServer, a: TestApp, b: TestApp }> {
-  const redis = await redisFor(t)
-  const options = { apiKeys: KEYS, protocols: [jobsProtocol({ path: PATH })], ...opts }
-  const a = await startApp(t, redis, options)
-  const b = await startApp(t, redis, { ...options, uploadDir: a.uploadDir })
-  return { redis, a, b }
-}
-
-async function uploadAs (app: TestApp, key: string, kind = 'batch', content = lines(1)): Promise<string> {
-  const up = await upload(`${app.url}/${kind}/upload`, content, { headers: { authorization: `Bearer ${key}` } })
-  if (up.status !== 202) throw new Error(`upload failed: ${up.status}`)
-  return up.body.job_id
-}
+const PATH = JOBS_PATH
 
 async function list (app: TestApp, query: string, auth: Record<string, string> = { authorization: 'Bearer key-alice' }): Promise<{ status: number, body: any }> {
   const res = await fetch(`${app.url}/jobs${query}`, { headers: auth })

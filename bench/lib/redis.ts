@@ -51,24 +51,7 @@ export class BenchRedis {
 
   /** Commands per name, bytes in/out and CPU so far; the INFO call itself is left out of the counts. */
   async snapshot (): Promise<RedisCounters> {
-    const text = await this.info.info('stats', 'commandstats', 'cpu') as string
-    const commands: Record<string, number> = {}
-    let netOut = 0
-    let netIn = 0
-    let cpu = 0
-    for (const line of text.split('\r\n')) {
-      const cmd = /^cmdstat_([^:]+):calls=(\d+)/.exec(line)
-      if (cmd !== null) {
-        if (cmd[1] !== 'info') commands[cmd[1]] = Number(cmd[2])
-        continue
-      }
-      const [key, value] = line.split(':')
-      if (key === 'total_net_output_bytes') netOut = Number(value)
-      else if (key === 'total_net_input_bytes') netIn = Number(value)
-      else if (key === 'used_cpu_user' || key === 'used_cpu_sys') cpu += Number(value)
-    }
-    // This reply is counted in the next snapshot's output bytes: remember its size to take it out.
-    return { commands, netOut, netIn, cpu, replyBytes: Buffer.byteLength(text) + 16 }
+    return await readCounters(this.info)
   }
 
   async flush (): Promise<void> {
@@ -118,4 +101,26 @@ export function redisDelta (a: RedisCounters, b: RedisCounters): RedisDelta {
     }
   }
   return { commands, byCommand, netOut: b.netOut - a.netOut - a.replyBytes, netIn: b.netIn - a.netIn, cpu: b.cpu - a.cpu }
+}
+
+/** One node's commands per name (INFO left out), bytes in/out and CPU so far, from INFO. */
+export async function readCounters (node: Pick<Redis, 'info'>): Promise<RedisCounters> {
+  const text = await node.info('stats', 'commandstats', 'cpu') as string
+  const commands: Record<string, number> = {}
+  let netOut = 0
+  let netIn = 0
+  let cpu = 0
+  for (const line of text.split('\r\n')) {
+    const cmd = /^cmdstat_([^:]+):calls=(\d+)/.exec(line)
+    if (cmd !== null) {
+      if (cmd[1] !== 'info') commands[cmd[1]] = Number(cmd[2])
+      continue
+    }
+    const [key, value] = line.split(':')
+    if (key === 'total_net_output_bytes') netOut = Number(value)
+    else if (key === 'total_net_input_bytes') netIn = Number(value)
+    else if (key === 'used_cpu_user' || key === 'used_cpu_sys') cpu += Number(value)
+  }
+  // This reply is counted in the next reading's output bytes: remember its size to take it out.
+  return { commands, netOut, netIn, cpu, replyBytes: Buffer.byteLength(text) + 16 }
 }

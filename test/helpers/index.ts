@@ -1,7 +1,7 @@
 import Fastify, { type FastifyInstance } from 'fastify'
 import { setTimeout as sleep } from 'node:timers/promises'
 import WebSocket from 'ws'
-import { createJobWorker, DiskStorage, jobProgress, type JobContext, type JobProgressOptions } from '../../lib/index'
+import { createJobWorker, DiskStorage, jobProgress, jobsProtocol, type JobContext, type JobProgressOptions } from '../../lib/index'
 import { freePort, RedisServer } from './redis'
 import { mkdtempTracked, removeTracked } from './tracked'
 
@@ -60,6 +60,27 @@ export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<J
 }
 
 /** Items per line of an uploaded file, as the test worker reads them. */
+/** The API keys of {@link twoApps}: alice's and bob's. */
+export const TWO_APP_KEYS = { 'key-alice': 'alice', 'key-bob': 'bob' }
+/** Where {@link twoApps} serves the `jobs` protocol. */
+export const JOBS_PATH = '/ws/jobs'
+
+/** Two instances on one Redis and one upload directory, with alice's and bob's API keys and the `jobs` protocol. */
+export async function twoApps (t: Teardown, opts: Partial<JobProgressOptions> = {}): Promise<{ redis: RedisServer, a: TestApp, b: TestApp }> {
+  const redis = await redisFor(t)
+  const options = { apiKeys: TWO_APP_KEYS, protocols: [jobsProtocol({ path: JOBS_PATH })], ...opts }
+  const a = await startApp(t, redis, options)
+  const b = await startApp(t, redis, { ...options, uploadDir: a.uploadDir })
+  return { redis, a, b }
+}
+
+/** Uploads with an API key; resolves with the job id (throws unless accepted). */
+export async function uploadAs (app: TestApp, key: string, kind = 'batch', content = lines(1)): Promise<string> {
+  const up = await upload(`${app.url}/${kind}/upload`, content, { headers: { authorization: `Bearer ${key}` } })
+  if (up.status !== 202) throw new Error(`upload failed: ${up.status}`)
+  return up.body.job_id
+}
+
 export function lines (n: number, fail?: number): string {
   return Array.from({ length: n }, (_, i) => (i + 1 === fail ? 'FAIL' : `item-${i + 1}`)).join('\n') + '\n'
 }

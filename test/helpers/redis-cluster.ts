@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { Cluster, Redis } from 'ioredis'
 import { slotOf } from '../../lib/broker/slot'
-import { freePort } from './redis'
+import { answers, freePort } from './redis'
 
 const run = promisify(execFile)
 
@@ -121,21 +121,7 @@ export class RedisCluster {
   }
 
   async #waitUp (port: number): Promise<void> {
-    const deadline = Date.now() + 10_000
-    for (;;) {
-      const probe = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null })
-      probe.on('error', () => {})
-      try {
-        await probe.connect()
-        await probe.ping()
-        probe.disconnect()
-        return
-      } catch {
-        probe.disconnect()
-        if (Date.now() > deadline) throw new Error(`cluster node on ${port} did not start`)
-        await new Promise(resolve => setTimeout(resolve, 50))
-      }
-    }
+    if (!await answers(port)) throw new Error(`cluster node on ${port} did not start`)
   }
 
   /** Whether the node on a port still runs. */

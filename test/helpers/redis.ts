@@ -20,6 +20,28 @@ export async function freePort (): Promise<number> {
 class PortTakenError extends Error {}
 
 /**
+ * Whether a redis-server on `port` answers a PING within `ms`; gives up early once `gone()` says
+ * the process has ended.
+ */
+export async function answers (port: number, gone: () => boolean = () => false, ms = 10_000): Promise<boolean> {
+  const deadline = Date.now() + ms
+  for (;;) {
+    const probe = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, disconnectTimeout: 0 })
+    probe.on('error', () => {})
+    try {
+      await probe.connect()
+      await probe.ping()
+      return true
+    } catch {
+      if (Date.now() > deadline || gone()) return false
+      await new Promise(resolve => setTimeout(resolve, 50))
+    } finally {
+      probe.disconnect()
+    }
+  }
+}
+
+/**
  * A private redis-server on a free port, with append-only persistence so a restart keeps the
  * jobs (fault tests restart it). Never touches the machine's own Redis.
  */
@@ -59,27 +81,12 @@ export class RedisServer {
       '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--daemonize', 'no', '--loglevel', 'warning'
     ], { stdio: 'ignore' })
     this.#proc = proc
-    const deadline = Date.now() + 10_000
-    for (;;) {
-      const probe = new Redis(this.port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, disconnectTimeout: 0 })
-      probe.on('error', () => {})
-      try {
-        await probe.connect()
-        await probe.ping()
-        probe.disconnect()
-        return
-      } catch {
-        probe.disconnect()
-        if (Date.now() > deadline || proc.exitCode !== null || proc.pid === undefined) {
-          if (proc.pid === undefined) throw new Error('redis-server is not installed (npm test installs it: see scripts/ensure-tools.mjs)')
-          const exited = proc.exitCode !== null
-          await this.down()
-          if (exited) throw new PortTakenError(`redis-server exited at start on port ${this.port} (port taken?)`)
-          throw new Error(`redis-server did not start on port ${this.port}`)
-        }
-        await new Promise(resolve => setTimeout(resolve, 50))
-      }
-    }
+    if (await answers(this.port, () => proc.exitCode !== null || proc.pid === undefined)) return
+    if (proc.pid === undefined) throw new Error('redis-server is not installed (npm test installs it: see scripts/ensure-tools.mjs)')
+    const exited = proc.exitCode !== null
+    await this.down()
+    if (exited) throw new PortTakenError(`redis-server exited at start on port ${this.port} (port taken?)`)
+    throw new Error(`redis-server did not start on port ${this.port}`)
   }
 
   /** Stops the server (SIGTERM: it flushes its append-only file first). */
