@@ -5,6 +5,7 @@ import type { Commands } from './snapshot'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
 import { FINAL_EVENTS as FINAL, relayMessage, resyncMessage } from './wire/relay'
+import { RELAY_SCRIPT } from './relay-script'
 
 export { relayMessage } from './wire/relay'
 
@@ -45,8 +46,20 @@ export interface BridgeOptions {
   claimIntervalMs: number
   /** A consumer with nothing pending and idle this long is a dead instance's leftover. */
   consumerIdleMs: number
-  /** Also hands each published message to this instance's own subscribers. */
+  /**
+   * Reads and publishes in one script on Redis (lib/relay-script.ts), so that every job's messages
+   * leave Redis in stream order whatever the number of instances; only on one Redis with classic
+   * pub/sub (a cluster's channels live on other shards than the stream). @default true
+   */
+  ordered?: boolean
+  /** Also hands each message this instance publishes from Node to its own subscribers. */
   local?: (channel: string, payload: string) => void
+  /**
+   * Whether `onEvent` listeners want progress events too; when false the ordered relay
+   * acknowledges progress entries in its script and hands back only lifecycle events.
+   * @default true
+   */
+  progressListeners?: boolean
   /**
    * Called with every relayed event once its message was sent, and before its entry is
    * acknowledged (once across the cluster in normal operation, again after a takeover: be
@@ -82,6 +95,9 @@ const SETTLE_ON_CLOSE_MS = 5000
 
 /** A read that brings this many entries or more means the stream is busy (see #read). */
 const BUSY_BATCH = 4
+
+/** Most entries one read (or one run of the relay script) takes. */
+const READ_COUNT = 500
 
 function size (reply: Array<[string, Entry[]]>): number {
   let n = 0
@@ -149,8 +165,20 @@ export class Bridge {
       const slot = this.#o.broker?.kind === 'sharded' ? slotOf(stream) : 0
       groups.set(slot, [...(groups.get(slot) ?? []), stream])
     }
-    this.#loops = [...groups.values()].map(async streams => await this.#read(streams))
+    const ordered = this.#ordered()
+    if (ordered) this.#o.blocking.defineCommand('jpRelay', { numberOfKeys: 1, lua: RELAY_SCRIPT })
+    this.#loops = [...groups.values()].map(async streams => ordered ? await this.#readOrdered(streams) : await this.#read(streams))
     this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
+  }
+
+  #ordered (): boolean {
+    const { ordered, broker, blocking } = this.#o
+    return ordered !== false && (broker === undefined || broker.kind === 'classic') && !isCluster(blocking)
+  }
+
+  /** The wake group of the ordered relay: it only signals that entries arrived. */
+  get #wakeGroup (): string {
+    return `${this.#o.group}:wake`
   }
 
   #queueOf (stream: string): string {
@@ -169,6 +197,12 @@ export class Bridge {
         // MKSTREAM: before the first job ever ran.
         await this.#o.redis.xgroup('CREATE', stream, this.#o.group, again ? '0' : '$', 'MKSTREAM')
         if (again) await this.#announce(stream, 'restart')
+      } catch (err) {
+        if (!String((err as Error).message).includes('BUSYGROUP')) throw err
+      }
+      if (!this.#ordered()) continue
+      try {
+        await this.#o.redis.xgroup('CREATE', stream, this.#wakeGroup, '$', 'MKSTREAM')
       } catch (err) {
         if (!String((err as Error).message).includes('BUSYGROUP')) throw err
       }
@@ -272,10 +306,75 @@ export class Bridge {
     if (batch !== null) await this.#publishBatch(batch).catch(() => {})
   }
 
+  /**
+   * The ordered relay's loop: the relay script on each stream (it reads, publishes and
+   * acknowledges progress in Redis, and hands back the lifecycle entries for the listeners), sent
+   * in one write with the next blocking read of the wake group, which returns when the next entry
+   * arrives (at once when a script left entries unread). Nothing is published from here, so there
+   * is no local hand-off either: this instance's hub gets every message from its subscriber, in
+   * the order Redis published them.
+   */
+  async #readOrdered (streams: string[]): Promise<void> {
+    const { blocking, group, consumer, blockMs, keys } = this.#o
+    const wake = this.#wakeGroup
+    const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
+    const channel = streams.map(stream => {
+      const probe = keys.channel(this.#queueOf(stream), '\u0000')
+      const at = probe.indexOf('\u0000')
+      return [probe.slice(0, at), probe.slice(at + 1)]
+    })
+    const wakeArgs = ['GROUP', wake, consumer, 'COUNT', 1, 'NOACK', 'BLOCK', blockMs, 'STREAMS', ...streams, ...streams.map(() => '>')]
+    let backoff = 100
+    while (this.#running) {
+      try {
+        const pipe = blocking.pipeline()
+        streams.forEach((stream, i) => (pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, wake, channel[i][0], channel[i][1], all))
+        ;(pipe as unknown as { call: (...args: unknown[]) => unknown }).call('XREADGROUP', ...wakeArgs)
+        const sent = pipe.exec()
+        sent.catch(() => {})
+        const replies = await Promise.race([sent, this.#stopped])
+        if (replies === null) break
+        for (let i = 0; i < streams.length; i++) {
+          const [err, reply] = replies[i] as [Error | null, [number, number, Entry[]]]
+          if (err !== null) throw err
+          this.#relayed(streams[i], reply)
+        }
+        const [err] = replies[streams.length]
+        if (err !== null) throw err
+        backoff = 100
+      } catch (err) {
+        if (!this.#running) break
+        const message = String((err as Error).message)
+        if (message.includes('NOGROUP')) await this.#ensureGroups(true).catch(() => {})
+        else this.#o.log.debug({ err }, 'job-progress: bridge relay failed; retrying')
+        await new Promise(resolve => setTimeout(resolve, backoff).unref())
+        backoff = Math.min(backoff * 2, 2_000)
+      }
+    }
+  }
+
+  /** What one run of the relay script did: the entries it handed back go to the listeners, then are acknowledged. */
+  #relayed (stream: string, [, published, back]: [number, number, Entry[]]): void {
+    this.published += published
+    ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, published)
+    if (back.length === 0) return
+    const queue = this.#queueOf(stream)
+    const batch: Batch = { messages: [], events: [], done: [[stream, back.map(([id]) => id)]], waits: null, failed: null }
+    for (const [id, fields] of back) {
+      const message = relayMessage(id, fields)
+      if (message !== null) batch.events.push(bridgeEvent(queue, id, message.jobId, fields))
+    }
+    this.#handOff(batch)
+    const settled = this.#settle(batch)
+    this.#settling.add(settled)
+    const forget = (): void => { this.#settling.delete(settled) }
+    settled.then(forget, forget)
+  }
+
   /** One blocking read; null when it timed out or close() began. */
   async #readAlone (args: string[]): Promise<Array<[string, Entry[]]> | null> {
     const { blocking, group, consumer, blockMs } = this.#o
-    const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
+    const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', READ_COUNT, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
     // A read in flight when Redis dropped is kept for resending; disconnecting the client
     // while it waits to reconnect leaves that read pending for ever. close() races it.
     read.catch(() => {})
@@ -302,7 +401,7 @@ export class Bridge {
     this.#settling.add(settled)
     const forget = (): void => { this.#settling.delete(settled) }
     settled.then(forget, forget)
-    pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
+    pipe.xreadgroup('GROUP', group, consumer, 'COUNT', READ_COUNT, 'BLOCK', blockMs, 'STREAMS', ...args)
     const sent = pipe.exec()
     sent.catch(() => {})
     this.#handOff(batch)
