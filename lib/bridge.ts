@@ -166,7 +166,7 @@ export class Bridge {
       groups.set(slot, [...(groups.get(slot) ?? []), stream])
     }
     const ordered = this.#ordered()
-    if (ordered) this.#o.blocking.defineCommand('jpRelay', { numberOfKeys: 1, lua: RELAY_SCRIPT })
+    if (ordered) for (const r of [this.#o.blocking, this.#o.redis]) r.defineCommand('jpRelay', { numberOfKeys: 1, lua: RELAY_SCRIPT })
     this.#loops = [...groups.values()].map(async streams => ordered ? await this.#readOrdered(streams) : await this.#read(streams))
     this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
   }
@@ -242,8 +242,9 @@ export class Bridge {
    * as `added - length - read > 0`, and stay visible after the group skipped past them. When that
    * deficit grows, the queue's watchers re-read. Two O(1) commands per queue per check.
    */
-  async #checkTrim (): Promise<void> {
+  async #checkTrim (): Promise<string[]> {
     const { redis, group } = this.#o
+    const behind: string[] = []
     for (const stream of this.#streams) {
       const pipe = redis.pipeline()
       pipe.xinfo('STREAM', stream)
@@ -255,6 +256,8 @@ export class Bridge {
       if (mine === undefined) continue
       const lag = Number(mine.lag ?? NaN)
       if (mine.lag !== null && Number.isFinite(lag)) this.#lag.set(stream, lag)
+      // Unknown (Redis cannot count it after some trims) counts as behind.
+      if (!(lag === 0)) behind.push(stream)
       if (mine['entries-read'] === null || mine['entries-read'] === undefined) continue
       const deficit = Math.max(0, Number(info['entries-added']) - Number(info.length) - Number(mine['entries-read']))
       if (!Number.isFinite(deficit)) continue
@@ -262,6 +265,7 @@ export class Bridge {
       this.#deficit.set(stream, deficit)
       if (deficit > before) await this.#announce(stream, 'trim')
     }
+    return behind
   }
 
   async #read (streams: string[]): Promise<void> {
@@ -315,35 +319,35 @@ export class Bridge {
    * the order Redis published them.
    */
   async #readOrdered (streams: string[]): Promise<void> {
-    const { blocking, group, consumer, blockMs, keys } = this.#o
+    const { blocking, consumer, blockMs } = this.#o
     const wake = this.#wakeGroup
-    const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
-    const channel = streams.map(stream => {
-      const probe = keys.channel(this.#queueOf(stream), '\u0000')
-      const at = probe.indexOf('\u0000')
-      return [probe.slice(0, at), probe.slice(at + 1)]
-    })
     const wakeArgs = ['GROUP', wake, consumer, 'COUNT', 1, 'NOACK', 'BLOCK', blockMs, 'STREAMS', ...streams, ...streams.map(() => '>')]
     let backoff = 100
+    // Nothing is read after a wake-up that timed out: an idle queue costs one blocking read per
+    // blockMs, and what nobody was woken for is found by #claim (the group's lag).
+    let woken = true
     while (this.#running) {
       try {
         const pipe = blocking.pipeline()
-        streams.forEach((stream, i) => (pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, wake, channel[i][0], channel[i][1], all))
+        if (woken) for (const stream of streams) this.#relayArgs(pipe, stream)
         ;(pipe as unknown as { call: (...args: unknown[]) => unknown }).call('XREADGROUP', ...wakeArgs)
         const sent = pipe.exec()
         sent.catch(() => {})
         const replies = await Promise.race([sent, this.#stopped])
         if (replies === null) break
-        for (let i = 0; i < streams.length; i++) {
+        const scripts: number = woken ? streams.length : 0
+        for (let i = 0; i < scripts; i++) {
           const [err, reply] = replies[i] as [Error | null, [number, number, Entry[]]]
           if (err !== null) throw err
           this.#relayed(streams[i], reply)
         }
-        const [err] = replies[streams.length]
+        const [err, reply] = replies[scripts] as [Error | null, unknown]
         if (err !== null) throw err
+        woken = reply !== null
         backoff = 100
       } catch (err) {
         if (!this.#running) break
+        woken = true
         const message = String((err as Error).message)
         if (message.includes('NOGROUP')) await this.#ensureGroups(true).catch(() => {})
         else this.#o.log.debug({ err }, 'job-progress: bridge relay failed; retrying')
@@ -351,6 +355,25 @@ export class Bridge {
         backoff = Math.min(backoff * 2, 2_000)
       }
     }
+  }
+
+  /** Queues the relay script's run on one stream in a pipeline. */
+  #relayArgs (pipe: ReturnType<Commands['pipeline']>, stream: string): void {
+    const { group, consumer, keys } = this.#o
+    const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
+    // A job's channel is <head><jobId><tail>.
+    const probe = keys.channel(this.#queueOf(stream), '\u0000')
+    const at = probe.indexOf('\u0000')
+    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all)
+  }
+
+  /** One run of the relay script on its own. */
+  async #relayOnce (redis: Commands, stream: string): Promise<[number, number, Entry[]]> {
+    const pipe = redis.pipeline()
+    this.#relayArgs(pipe, stream)
+    const [[err, reply]] = await pipe.exec() as Array<[Error | null, [number, number, Entry[]]]>
+    if (err !== null) throw err
+    return reply
   }
 
   /** What one run of the relay script did: the entries it handed back go to the listeners, then are acknowledged. */
@@ -426,7 +449,12 @@ export class Bridge {
           cursor = next
         } while (cursor !== '0-0' && this.#running)
       }
-      await this.#checkTrim()
+      const behind = await this.#checkTrim()
+      // The ordered relay reads when woken; entries whose wake-up a bridge took and then died
+      // before reading them are read here, by the same script.
+      if (this.#ordered()) {
+        for (const stream of behind) this.#relayed(stream, await this.#relayOnce(this.#o.redis, stream))
+      }
       if (Date.now() - this.#lastSweep > this.#o.consumerIdleMs) await this.#sweepConsumers()
     } catch (err) {
       this.#o.log.debug({ err }, 'job-progress: bridge claim failed; will retry')

@@ -129,3 +129,22 @@ t.test('an idle stream wakes one bridge per event, and a burst larger than one r
   while (got.length < 1_220) await new Promise(resolve => setTimeout(resolve, 10))
   t.equal(got.length, 1_220)
 })
+
+t.test('an entry no bridge was woken for is read by the periodic check of the group\'s lag', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  t.teardown(() => r.disconnect())
+  const got = await listen(t, redis)
+  const cmd = redis.client()
+  const blocking = redis.client()
+  // The wake-up waits a minute: only the check every 200 ms can find the entry.
+  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 10_000, claimIntervalMs: 200, consumerIdleMs: 60_000, log: Fastify().log })
+  t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
+  await bridge.start()
+  await new Promise(resolve => setTimeout(resolve, 100))
+  // As if a bridge took the wake-up and died before reading: the wake group moves past the entry
+  // in the same transaction that adds it, so the blocked wake-up never returns.
+  await r.multi().xadd(stream, '*', 'event', 'completed', 'jobId', 'j1').xgroup('SETID', stream, 'jp-bridge:wake', '$').exec()
+  while (got.length < 1) await new Promise(resolve => setTimeout(resolve, 20))
+  t.match(got[0], ['jp:batch:{j1}', /"e":"completed"/])
+})
