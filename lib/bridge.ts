@@ -468,13 +468,17 @@ export class Bridge {
    */
   async #sweepConsumers (): Promise<void> {
     this.#lastSweep = Date.now()
+    // The wake group's consumers hold nothing (NOACK): each dead instance's leaves once idle.
+    const groups = this.#ordered() ? [this.#o.group, this.#wakeGroup] : [this.#o.group]
     for (const stream of this.#streams) {
-      const consumers = await this.#o.redis.xinfo('CONSUMERS', stream, this.#o.group) as Array<Array<string | number>>
-      for (const row of consumers) {
-        const info: Record<string, string | number> = {}
-        for (let i = 0; i < row.length; i += 2) info[row[i] as string] = row[i + 1]
-        if (info.name !== this.#o.consumer && Number(info.pending) === 0 && Number(info.idle) > this.#o.consumerIdleMs) {
-          await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, String(info.name))
+      for (const group of groups) {
+        const consumers = await this.#o.redis.xinfo('CONSUMERS', stream, group) as Array<Array<string | number>>
+        for (const row of consumers) {
+          const info: Record<string, string | number> = {}
+          for (let i = 0; i < row.length; i += 2) info[row[i] as string] = row[i + 1]
+          if (info.name !== this.#o.consumer && Number(info.pending) === 0 && Number(info.idle) > this.#o.consumerIdleMs) {
+            await this.#o.redis.xgroup('DELCONSUMER', stream, group, String(info.name))
+          }
         }
       }
     }
@@ -624,6 +628,7 @@ export class Bridge {
       try {
         const mine = await this.#o.redis.xpending(stream, this.#o.group, '-', '+', 1, this.#o.consumer) as unknown[]
         if (mine.length === 0) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, this.#o.consumer)
+        if (this.#ordered()) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#wakeGroup, this.#o.consumer)
       } catch {}
     }
   }

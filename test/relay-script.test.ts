@@ -148,3 +148,27 @@ t.test('an entry no bridge was woken for is read by the periodic check of the gr
   while (got.length < 1) await new Promise(resolve => setTimeout(resolve, 20))
   t.match(got[0], ['jp:batch:{j1}', /"e":"completed"/])
 })
+
+t.test('wake consumers of dead instances leave the wake group, and a closing bridge takes its own out', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  t.teardown(() => r.disconnect())
+  await r.xgroup('CREATE', stream, 'jp-bridge:wake', '$', 'MKSTREAM')
+  await r.xgroup('CREATECONSUMER', stream, 'jp-bridge:wake', 'dead-instance')
+  const names = async (): Promise<string[]> => {
+    const rows = await r.xinfo('CONSUMERS', stream, 'jp-bridge:wake') as Array<Array<string | number>>
+    return rows.map(row => String(row[row.indexOf('name') + 1]))
+  }
+  t.same(await names(), ['dead-instance'])
+  const cmd = redis.client()
+  const blocking = redis.client()
+  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 100, claimIdleMs: 10_000, claimIntervalMs: 100, consumerIdleMs: 300, log: Fastify().log })
+  t.teardown(() => { cmd.disconnect(); blocking.disconnect() })
+  await bridge.start()
+  while ((await names()).includes('dead-instance')) await new Promise(resolve => setTimeout(resolve, 50))
+  // The live bridge's wake consumer exists once a wake-up handed it an entry.
+  await r.xadd(stream, '*', 'event', 'progress', 'jobId', 'j1', 'data', '1')
+  while (!(await names()).includes('me')) await new Promise(resolve => setTimeout(resolve, 50))
+  await bridge.close()
+  t.same(await names(), [], 'closed: its wake consumer is gone too')
+})
