@@ -73,6 +73,9 @@ export interface BridgeOptions {
 
 type Entry = [id: string, fields: string[]]
 
+/** The relay script's reply: entries read, messages published, entries handed back. */
+type Relayed = [read: number, published: number, back: Entry[]]
+
 interface Batch {
   /** Channel and payload of each relayed entry. */
   messages: Array<[string, string]>
@@ -323,61 +326,82 @@ export class Bridge {
     const wake = this.#wakeGroup
     const wakeArgs = ['GROUP', wake, consumer, 'COUNT', 1, 'NOACK', 'BLOCK', blockMs, 'STREAMS', ...streams, ...streams.map(() => '>')]
     let backoff = 100
+    let failures = 0
     // Nothing is read after a wake-up that timed out: an idle queue costs one blocking read per
     // blockMs, and what nobody was woken for is found by #claim (the group's lag).
     let woken = true
     while (this.#running) {
       try {
         const pipe = blocking.pipeline()
-        if (woken) for (const stream of streams) this.#relayArgs(pipe, stream)
+        // Each script's reply is taken as it arrives, not when the wake-up after it returns: the
+        // lifecycle entries it handed back reach the listeners at once.
+        let failed: Error | null = null
+        if (woken) {
+          for (const stream of streams) {
+            this.#relayArgs(pipe, stream, (err, reply) => {
+              if (err != null) failed ??= err
+              else this.#relayed(stream, reply)
+            })
+          }
+        }
         ;(pipe as unknown as { call: (...args: unknown[]) => unknown }).call('XREADGROUP', ...wakeArgs)
         const sent = pipe.exec()
         sent.catch(() => {})
         const replies = await Promise.race([sent, this.#stopped])
         if (replies === null) break
-        const scripts: number = woken ? streams.length : 0
-        for (let i = 0; i < scripts; i++) {
-          const [err, reply] = replies[i] as [Error | null, [number, number, Entry[]]]
-          if (err !== null) throw err
-          this.#relayed(streams[i], reply)
-        }
-        const [err, reply] = replies[scripts] as [Error | null, unknown]
+        if (failed !== null) throw failed
+        const [err, reply] = replies[replies.length - 1] as [Error | null, unknown]
         if (err !== null) throw err
         woken = reply !== null
         backoff = 100
+        failures = 0
       } catch (err) {
         if (!this.#running) break
         woken = true
         const message = String((err as Error).message)
-        if (message.includes('NOGROUP')) await this.#ensureGroups(true).catch(() => {})
-        else this.#o.log.debug({ err }, 'job-progress: bridge relay failed; retrying')
+        if (message.includes('NOGROUP')) {
+          await this.#ensureGroups(true).catch(() => {})
+        } else if (++failures === 5) {
+          // A Redis that refuses the script (an ACL without scripting) would otherwise stop the relay silently.
+          this.#o.log.warn({ err }, 'job-progress: the bridge cannot relay events (5 attempts in a row failed); retrying')
+        } else {
+          this.#o.log.debug({ err }, 'job-progress: bridge relay failed; retrying')
+        }
         await new Promise(resolve => setTimeout(resolve, backoff).unref())
         backoff = Math.min(backoff * 2, 2_000)
       }
     }
   }
 
-  /** Queues the relay script's run on one stream in a pipeline. */
-  #relayArgs (pipe: ReturnType<Commands['pipeline']>, stream: string): void {
+  /** Queues the relay script's run on one stream in a pipeline; `done` gets its reply. */
+  #relayArgs (pipe: ReturnType<Commands['pipeline']>, stream: string, done: (err: Error | null | undefined, reply: Relayed) => void): void {
     const { group, consumer, keys } = this.#o
     const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
     // A job's channel is <head><jobId><tail>.
     const probe = keys.channel(this.#queueOf(stream), '\u0000')
     const at = probe.indexOf('\u0000')
-    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all)
+    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all, done)
   }
 
-  /** One run of the relay script on its own. */
-  async #relayOnce (redis: Commands, stream: string): Promise<[number, number, Entry[]]> {
-    const pipe = redis.pipeline()
-    this.#relayArgs(pipe, stream)
-    const [[err, reply]] = await pipe.exec() as Array<[Error | null, [number, number, Entry[]]]>
-    if (err !== null) throw err
-    return reply
+  /**
+   * Runs the relay script on a stream until it read less than a full batch (at most 20 runs):
+   * for the periodic check and close(), on the command connection.
+   */
+  async #relayNow (stream: string): Promise<void> {
+    for (let runs = 0; runs < 20; runs++) {
+      const pipe = this.#o.redis.pipeline()
+      let reply: Relayed | null = null
+      this.#relayArgs(pipe, stream, (err, r) => { if (err == null) reply = r })
+      const [[err]] = await pipe.exec() as Array<[Error | null, unknown]>
+      if (err !== null) throw err
+      if (reply === null) return
+      this.#relayed(stream, reply)
+      if ((reply as Relayed)[0] < READ_COUNT) return
+    }
   }
 
   /** What one run of the relay script did: the entries it handed back go to the listeners, then are acknowledged. */
-  #relayed (stream: string, [, published, back]: [number, number, Entry[]]): void {
+  #relayed (stream: string, [, published, back]: Relayed): void {
     this.published += published
     ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, published)
     if (back.length === 0) return
@@ -453,7 +477,7 @@ export class Bridge {
       // The ordered relay reads when woken; entries whose wake-up a bridge took and then died
       // before reading them are read here, by the same script.
       if (this.#ordered()) {
-        for (const stream of behind) this.#relayed(stream, await this.#relayOnce(this.#o.redis, stream))
+        for (const stream of behind) await this.#relayNow(stream)
       }
       if (Date.now() - this.#lastSweep > this.#o.consumerIdleMs) await this.#sweepConsumers()
     } catch (err) {
@@ -612,6 +636,10 @@ export class Bridge {
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()
     await Promise.all(this.#loops)
+    // A wake-up taken just before close would leave its entries to the others' periodic check.
+    if (this.#ordered() && this.#o.redis.status === 'ready') {
+      for (const stream of this.#streams) await this.#relayNow(stream).catch(() => {})
+    }
     // A batch whose listeners are still running (a webhook being queued) is acknowledged with the
     // rest when they finish in time; else it stays pending and another instance replays it.
     if (this.#settling.size > 0) {

@@ -172,3 +172,44 @@ t.test('wake consumers of dead instances leave the wake group, and a closing bri
   await bridge.close()
   t.same(await names(), [], 'closed: its wake consumer is gone too')
 })
+
+t.test('a lifecycle entry reaches the listeners as soon as the script ran, not when the next wake-up returns', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  t.teardown(() => r.disconnect())
+  const cmd = redis.client()
+  const blocking = redis.client()
+  let seen!: (event: string) => void
+  const listened = new Promise<string>(resolve => { seen = resolve })
+  // The wake-up after the script blocks for a minute: the listener must not wait for it.
+  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 120_000, claimIntervalMs: 60_000, consumerIdleMs: 600_000, log: Fastify().log, onEvent: (event) => { if (event.final) seen(event.event) } })
+  t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
+  await bridge.start()
+  await r.xadd(stream, '*', 'event', 'completed', 'jobId', 'j1')
+  t.equal(await listened, 'completed')
+  for (;;) {
+    const [count] = await r.xpending(stream, 'jp-bridge') as [number]
+    if (count === 0) break
+    await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.pass('acknowledged once the listener returned')
+})
+
+t.test('close() reads what arrived after the last wake-up and hands it to the listeners before it returns', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  t.teardown(() => r.disconnect())
+  const cmd = redis.client()
+  const blocking = redis.client()
+  const seen: string[] = []
+  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 120_000, claimIntervalMs: 60_000, consumerIdleMs: 600_000, log: Fastify().log, onEvent: (event) => { seen.push(event.event) } })
+  t.teardown(() => { cmd.disconnect(); blocking.disconnect() })
+  await bridge.start()
+  await new Promise(resolve => setTimeout(resolve, 100))
+  // As if the wake-up was taken just before close(): nothing wakes this bridge for the entry.
+  await r.multi().xadd(stream, '*', 'event', 'completed', 'jobId', 'j1').xgroup('SETID', stream, 'jp-bridge:wake', '$').exec()
+  await bridge.close()
+  t.same(seen, ['completed'])
+  const [count] = await r.xpending(stream, 'jp-bridge') as [number]
+  t.equal(count, 0, 'nothing left pending for another instance')
+})

@@ -176,17 +176,17 @@ export class Webhooks {
     }
   }
 
-  /**
-   * The bridge's listener. The promise settles once the delivery is in its queue, and the bridge
-   * acknowledges the stream entry only then; it rejects when the delivery could not be queued, so
-   * the entry stays pending and is replayed (the delivery id makes the replay one delivery).
-   */
   /** Whether some kind's webhook is sent progress events (the bridge hands those back only then). */
   get wantsProgress (): boolean {
     for (const { hook } of this.#kinds.values()) if (hook.events.includes('progress')) return true
     return false
   }
 
+  /**
+   * The bridge's listener. The promise settles once the delivery is in its queue, and the bridge
+   * acknowledges the stream entry only then; it rejects when the delivery could not be queued, so
+   * the entry stays pending and is replayed (the delivery id makes the replay one delivery).
+   */
   async onEvent (event: BridgeEvent): Promise<void> {
     const entry = this.#kinds.get(event.queue)
     if (entry === undefined) return
