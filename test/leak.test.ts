@@ -3,7 +3,10 @@ import { once } from 'node:events'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import WebSocket from 'ws'
+import Fastify from 'fastify'
 import { jobsProtocol } from '../lib/index'
+import { Bridge } from '../lib/bridge'
+import { Keys } from '../lib/keys'
 import { eventually, lines, redisFor, startApp, upload } from './helpers/index'
 
 // Connect, subscribe, get the snapshot, close: thousands of times. Whatever a connection leaves
@@ -51,4 +54,44 @@ t.test('5,000 connect/subscribe/close cycles after 1,000 warm-up ones leave the 
   const grown = after - before
   t.comment(`RSS ${(rssBefore / 1048576).toFixed(0)} → ${(process.memoryUsage().rss / 1048576).toFixed(0)} MB (allocator pages, not live objects)`)
   t.ok(grown < 5 * 1024 * 1024, `heap ${(before / 1048576).toFixed(1)} → ${(after / 1048576).toFixed(1)} MB after 5,000 more cycles (${(grown / 5000).toFixed(0)} bytes per cycle; a connection left behind costs several KB)`)
+})
+
+t.test('a bridge relaying 4,000 events one read at a time keeps nothing per read', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  const sub = redis.client()
+  t.teardown(() => { r.disconnect(); sub.disconnect() })
+  const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
+  const stream = keys.queueKey('batch', 'events')
+  let got = 0
+  let next: (() => void) | null = null
+  sub.on('message', () => {
+    got++
+    next?.()
+  })
+  await sub.subscribe(keys.channel('batch', 'j1'))
+  for (const ordered of [true, false]) {
+    const cmd = redis.client()
+    const blocking = redis.client()
+    const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: `g-${String(ordered)}`, consumer: 'me', blockMs: 5_000, claimIdleMs: 60_000, claimIntervalMs: 60_000, consumerIdleMs: 600_000, ordered, log: Fastify({ logger: { level: 'silent' } }).log })
+    await bridge.start()
+    // One at a time, each published before the next is written: every event is a read of its own.
+    const relay = async (n: number): Promise<void> => {
+      for (let i = 0; i < n; i++) {
+        const want = got + 1
+        const published = new Promise<void>(resolve => { next = () => { if (got >= want) resolve() } })
+        await r.xadd(stream, '*', 'event', 'progress', 'jobId', 'j1', 'data', String(i))
+        await published
+      }
+    }
+    await relay(500)
+    const before = await settledHeap()
+    await relay(4_000)
+    const grown = await settledHeap() - before
+    await bridge.close()
+    cmd.disconnect()
+    blocking.disconnect()
+    // A read's reply kept until close() (each read raced against one long-lived promise) costs about 1 KB.
+    t.ok(grown < 1024 * 1024, `${ordered ? 'ordered' : 'from Node'}: heap grew ${(grown / 1024).toFixed(0)} KB over 4,000 reads (${(grown / 4000).toFixed(0)} bytes per read)`)
+  }
 })
