@@ -88,10 +88,14 @@ export function commonHandlers (close: () => Promise<void>): Handlers {
       await post('Profiler.start')
       // Allocation sampling too: what each system allocates per message drives its GC pauses.
       await post('HeapProfiler.enable')
-      await post('HeapProfiler.startSampling', { samplingInterval: 4096, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: true })
+      // BENCH_HEAP_SURVIVORS: only what outlived a scavenge (promoted, whether a major GC freed it
+      // since, or still held after a last minor GC at the step's end). Scavenges copy what
+      // survives them: that, not what was allocated, is what makes them long.
+      await post('HeapProfiler.startSampling', { samplingInterval: 4096, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: process.env.BENCH_HEAP_SURVIVORS === undefined })
     },
     profileStop: async (file: string) => {
       const { profile } = await post('Profiler.stop')
+      if (process.env.BENCH_HEAP_SURVIVORS !== undefined) (globalThis as { gc?: (o: object) => void }).gc?.({ type: 'minor' })
       const heap = await post('HeapProfiler.stopSampling')
       writeFileSync(file.replace(/\.cpuprofile$/, '.heapprofile'), JSON.stringify(heap.profile))
       inspector?.disconnect()
