@@ -8,7 +8,14 @@
  * subscription an ownership read of the job then a room join, acknowledged (for the per-job
  * storm: P Socket.IO clients joining one room each).
  *
- *   npx tsx bench/idle-cost.ts [--active 20000] [--watched 200,2000,20000] [--seconds 10] [--per-job 5000]
+ * After each storm (stderr): this process's CPU (user + system, from `process.cpuUsage`) and its
+ * event-loop utilisation during it; both systems run in this one process, so the CPU each storm
+ * costs is comparable. `--cpu-prof <storm>[,<storm>]` records a CPU profile of the storms named
+ * (`plugin-<W>`, `sio-<W>`, `plugin-per-job`, `sio-per-job`, or `all`) into the temp directory;
+ * summarise one with `npx tsx bench/profile.ts <file>`. A profiled storm is slower: its time is
+ * not a figure.
+ *
+ *   npx tsx bench/idle-cost.ts [--active 20000] [--watched 200,2000,20000] [--seconds 10] [--per-job 5000] [--commands] [--cpu-prof plugin-20000]
  */
 import Fastify from 'fastify'
 import { Queue, Worker } from 'bullmq'
@@ -17,6 +24,11 @@ import WebSocket from 'ws'
 import { createAdapter } from '@socket.io/redis-adapter'
 import { Redis } from 'ioredis'
 import { createServer } from 'node:http'
+import { Session as Inspector } from 'node:inspector/promises'
+import { writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { performance, type EventLoopUtilization } from 'node:perf_hooks'
 import { Server } from 'socket.io'
 import { io as sioClient, type Socket } from 'socket.io-client'
 import { jobProgress, jobsProtocol } from '../lib/index'
@@ -33,6 +45,48 @@ const PER_JOB = Number(arg('per-job', '5000'))
 const PER_SOCKET = 100
 /** With `--commands`: the Redis commands each storm cost, per subscription, by command (stderr). */
 const COMMANDS = process.argv.includes('--commands')
+const PROFILE = new Set(arg('cpu-prof', '').split(',').filter(p => p !== ''))
+
+/** This process's CPU and event-loop utilisation over one storm, and its CPU profile when asked for. */
+class Meter {
+  readonly #label: string
+  readonly #name: string
+  readonly #cpu = process.cpuUsage()
+  readonly #elu = performance.eventLoopUtilization()
+  readonly #inspector: Inspector | null
+
+  private constructor (label: string, name: string, inspector: Inspector | null) {
+    this.#label = label
+    this.#name = name
+    this.#inspector = inspector
+  }
+
+  static async start (label: string, name: string): Promise<Meter> {
+    if (!PROFILE.has(name) && !PROFILE.has('all')) return new Meter(label, name, null)
+    const inspector = new Inspector()
+    inspector.connect()
+    await inspector.post('Profiler.enable')
+    await inspector.post('Profiler.setSamplingInterval', { interval: 200 })
+    await inspector.post('Profiler.start')
+    return new Meter(label, name, inspector)
+  }
+
+  /** Writes the CPU and loop figures to stderr; per subscription in microseconds of CPU. */
+  async stop (subscriptions: number): Promise<void> {
+    const cpu = process.cpuUsage(this.#cpu)
+    const elu: EventLoopUtilization = performance.eventLoopUtilization(this.#elu)
+    const ms = (cpu.user + cpu.system) / 1000
+    let note = ''
+    if (this.#inspector !== null) {
+      const { profile } = await this.#inspector.post('Profiler.stop')
+      this.#inspector.disconnect()
+      const file = join(tmpdir(), `idle-cost-${this.#name}-${process.pid}.cpuprofile`)
+      writeFileSync(file, JSON.stringify(profile))
+      note = ` (profiled: ${file})`
+    }
+    process.stderr.write(`${this.#label}: process CPU ${(ms / 1000).toFixed(2)} s (user ${(cpu.user / 1e6).toFixed(2)}, system ${(cpu.system / 1e6).toFixed(2)}), ${(ms * 1000 / subscriptions).toFixed(0)} us per subscription, event loop busy ${(elu.utilization * 100).toFixed(0)} % of ${(elu.active / 1000 / Math.max(elu.utilization, 1e-9)).toFixed(2)} s${note}\n`)
+  }
+}
 
 async function main (): Promise<void> {
   const redis = await BenchRedis.start()
@@ -74,6 +128,7 @@ async function main (): Promise<void> {
   for (const watched of WATCHED) {
     const sockets: WebSocket[] = []
     const before = await redis.snapshot()
+    const meter = await Meter.start(`plugin, ${watched} subscriptions`, `plugin-${watched}`)
     const started = Date.now()
     let pending = watched
     let done!: () => void
@@ -94,6 +149,7 @@ async function main (): Promise<void> {
     }
     await all
     const storm = Date.now() - started
+    await meter.stop(watched)
     if (COMMANDS) stormCost(`plugin, ${watched} subscriptions`, redisDelta(before, await redis.snapshot()), watched)
     const busy = await rate() - baseline
     process.stdout.write(`| ${watched} | ${sockets.length} | ${(storm / 1000).toFixed(2)} s | ${busy.toFixed(2)} | ${(busy / watched).toFixed(5)} |\n`)
@@ -105,6 +161,7 @@ async function main (): Promise<void> {
     // One socket per job, all opened in the same tick: what a page of job cards does after a deploy.
     const sockets: WebSocket[] = []
     const before = await redis.snapshot()
+    const meter = await Meter.start(`plugin, ${Math.min(PER_JOB, ids.length)} per-job sockets`, 'plugin-per-job')
     const started = Date.now()
     let pending = Math.min(PER_JOB, ids.length)
     let done!: () => void
@@ -117,6 +174,7 @@ async function main (): Promise<void> {
     }
     await all
     perJob.plugin = Date.now() - started
+    await meter.stop(Math.min(PER_JOB, ids.length))
     if (COMMANDS) stormCost(`plugin, ${Math.min(PER_JOB, ids.length)} per-job sockets`, redisDelta(before, await redis.snapshot()), Math.min(PER_JOB, ids.length))
     for (const ws of sockets) ws.terminate()
     await sleep(1000)
@@ -143,6 +201,7 @@ async function main (): Promise<void> {
   for (const watched of WATCHED) {
     const clients: Socket[] = []
     const before = await redis.snapshot()
+    const meter = await Meter.start(`Socket.IO, ${watched} subscriptions`, `sio-${watched}`)
     const started = Date.now()
     const acks: Array<Promise<unknown>> = []
     for (let s = 0; s * PER_SOCKET < watched; s++) {
@@ -153,6 +212,7 @@ async function main (): Promise<void> {
     }
     await Promise.all(acks)
     const storm = Date.now() - started
+    await meter.stop(watched)
     if (COMMANDS) stormCost(`Socket.IO, ${watched} subscriptions`, redisDelta(before, await redis.snapshot()), watched)
     const busy = await rate() - baseline
     process.stdout.write(`| ${watched} | ${clients.length} | ${(storm / 1000).toFixed(2)} s | ${busy.toFixed(2)} | ${(busy / watched).toFixed(5)} |\n`)
@@ -161,6 +221,7 @@ async function main (): Promise<void> {
   }
   if (PER_JOB > 0) {
     const clients: Socket[] = []
+    const meter = await Meter.start(`Socket.IO, ${Math.min(PER_JOB, ids.length)} per-job clients`, 'sio-per-job')
     const started = Date.now()
     const acks: Array<Promise<unknown>> = []
     for (const id of ids.slice(0, Math.min(PER_JOB, ids.length))) {
@@ -170,6 +231,7 @@ async function main (): Promise<void> {
     }
     await Promise.all(acks)
     perJob.sio = Date.now() - started
+    await meter.stop(Math.min(PER_JOB, ids.length))
     for (const c of clients) c.disconnect()
     const n = Math.min(PER_JOB, ids.length)
     process.stdout.write(`\nStorm of ${n} per-job sockets opened at once, time until every one had its first message:\n\n| system | all first messages | ratio to Socket.IO |\n| --- | --- | --- |\n`)
