@@ -33,11 +33,24 @@ export type Commands = Redis | Cluster
  * instant: a relayed event is then newer than the snapshot exactly when its entry id is larger.
  * Every read is O(1) (or O(log N) for the stream's tail): ZSCORE on the sorted sets and EXISTS on
  * the lock, never BullMQ's LPOS over the active or waiting lists, whose cost grows with the queue.
- * The owner is read alone from its own field; only jobs written before that field existed pay for
- * decoding their data.
+ * The owner is read first, alone from its own field; only jobs written before that field existed
+ * pay for decoding their data. With an expected owner (ARGV[3] = '1', ARGV[4] = the owner) the
+ * script stops right there for a job of somebody else and for one that does not exist, after the
+ * same reads as {@link OWNER_SCRIPT}'s, and answers nil for both: nothing of the job leaves Redis.
  */
 const SNAPSHOT_SCRIPT = `
-local h = redis.call('HMGET', KEYS[1], 'progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm', 'timestamp', '${OWNER_FIELD}')
+local o = redis.call('HMGET', KEYS[1], '${OWNER_FIELD}', 'timestamp')
+local cancel = redis.call('GET', KEYS[9])
+local owner = o[1]
+local data = false
+if ARGV[2] == '1' or (not owner and o[2]) then data = redis.call('HGET', KEYS[1], 'data') end
+if not owner and data then
+  local ok, decoded = pcall(cjson.decode, data)
+  if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
+end
+if not owner then owner = cancel end
+if ARGV[3] == '1' and (not owner or owner == '' or owner ~= ARGV[4]) then return false end
+local h = redis.call('HMGET', KEYS[1], 'progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm')
 local where = ''
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then where = 'completed'
 elseif redis.call('ZSCORE', KEYS[3], ARGV[1]) then where = 'failed'
@@ -46,20 +59,11 @@ elseif redis.call('ZSCORE', KEYS[4], ARGV[1]) then where = 'delayed'
 elseif redis.call('ZSCORE', KEYS[5], ARGV[1]) then where = 'prioritized'
 elseif redis.call('ZSCORE', KEYS[6], ARGV[1]) then where = 'waiting-children'
 end
-local cancel = redis.call('GET', KEYS[9])
 local tail = redis.call('XREVRANGE', KEYS[8], '+', '-', 'COUNT', 1)
 local last = '0-0'
 if tail[1] then last = tail[1][1] end
-local data = false
-local owner = h[9]
-if ARGV[2] == '1' or (not owner and h[8]) then data = redis.call('HGET', KEYS[1], 'data') end
-if not owner and data then
-  local ok, decoded = pcall(cjson.decode, data)
-  if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
-end
-if not owner then owner = cancel end
 if ARGV[2] ~= '1' then data = false end
-return {h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], where, cancel, last, owner, data}
+return {h[1], h[2], h[3], h[4], h[5], h[6], h[7], o[2], where, cancel, last, owner, data}
 `
 
 /**
@@ -90,7 +94,7 @@ export function withScripts (redis: Commands): void {
   redis.defineCommand('jpOwner', { numberOfKeys: 2, lua: OWNER_SCRIPT })
 }
 
-function snapshotArgs (keys: Keys, { queue, jobId }: SnapshotTarget, withData: boolean): string[] {
+function snapshotArgs (keys: Keys, { queue, jobId }: SnapshotTarget, withData: boolean, owner?: string): string[] {
   return [
     keys.job(queue, jobId),
     keys.queueKey(queue, 'completed'),
@@ -102,7 +106,9 @@ function snapshotArgs (keys: Keys, { queue, jobId }: SnapshotTarget, withData: b
     keys.queueKey(queue, 'events'),
     keys.cancel(queue, jobId),
     jobId,
-    withData ? '1' : '0'
+    withData ? '1' : '0',
+    owner === undefined ? '0' : '1',
+    owner ?? ''
   ]
 }
 
@@ -149,7 +155,7 @@ export async function readOwners (redis: Commands, keys: Keys, targets: Snapshot
 
 /**
  * Reads many jobs in one pipelined round trip (one script call each). Null for a job that does
- * not exist. On a cluster the caller groups targets by node; a pipeline must stay on one.
+ * not exist. On a cluster, one pipeline per slot, run side by side.
  */
 export async function readSnapshots (redis: Commands, keys: Keys, targets: SnapshotTarget[], withData: boolean): Promise<Array<Snapshot | null>> {
   if (targets.length === 0) return []
@@ -159,32 +165,81 @@ export async function readSnapshots (redis: Commands, keys: Keys, targets: Snaps
     const reply = await (redis as unknown as Scripted).jpSnapshot(...snapshotArgs(keys, targets[0], withData))
     return [toSnapshot(targets[0], reply as Reply, withData, now)]
   }
+  const replies = await perJob(redis, keys, targets, (pipe, i) => { void pipe.jpSnapshot(...snapshotArgs(keys, targets[i], withData)) })
+  return targets.map((target, i) => {
+    const value = replies[i]
+    if (value instanceof Error) throw value
+    return toSnapshot(target, value as Reply, withData, now)
+  })
+}
+
+/** A job to open for a watcher: read only if `owner` (when given) is its owner. */
+export interface OpenRead {
+  target: SnapshotTarget
+  owner: string | undefined
+}
+
+/**
+ * The first read of jobs opened for watchers, in one pipelined round trip: one script call each
+ * that checks the owner first when one is expected. Null for a job that does not exist and, alike,
+ * for a job of somebody else (the script stops after the same reads and answers the same nil); an
+ * Error for a read Redis refused. On a cluster, one pipeline per slot, run side by side.
+ */
+export async function readOpens (redis: Commands, keys: Keys, reads: OpenRead[]): Promise<Array<Snapshot | null | Error>> {
+  if (reads.length === 0) return []
+  withScripts(redis)
+  const now = Date.now()
+  let replies: unknown[]
+  if (reads.length === 1) {
+    try {
+      replies = [await (redis as unknown as Scripted).jpSnapshot(...snapshotArgs(keys, reads[0].target, false, reads[0].owner))]
+    } catch (err) {
+      replies = [err instanceof Error ? err : new Error(String(err))]
+    }
+  } else {
+    replies = await perJob(redis, keys, reads.map(r => r.target), (pipe, i) => { void pipe.jpSnapshot(...snapshotArgs(keys, reads[i].target, false, reads[i].owner)) })
+  }
+  return reads.map(({ target }, i) => {
+    const value = replies[i]
+    if (value instanceof Error) return value
+    return value === null ? null : toSnapshot(target, value as Reply, false, now)
+  })
+}
+
+type Pipe = Scripted & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
+
+/**
+ * One script call per target, pipelined: each target's reply, or the Error Redis answered for it.
+ * A cluster pipeline must stay on one node: one pipeline per slot (per queue, as a queue's keys
+ * share a slot), run side by side.
+ */
+async function perJob (redis: Commands, keys: Keys, targets: SnapshotTarget[], call: (pipe: Pipe, i: number) => void): Promise<unknown[]> {
   if (isCluster(redis)) {
-    // A cluster pipeline must stay on one node: one pipeline per slot (per queue, as a queue's
-    // keys share a slot), run side by side.
     const groups = new Map<number, number[]>()
     targets.forEach((target, i) => {
       const slot = slotOf(keys.job(target.queue, target.jobId))
-      groups.set(slot, [...(groups.get(slot) ?? []), i])
+      const group = groups.get(slot)
+      if (group === undefined) groups.set(slot, [i])
+      else group.push(i)
     })
     if (groups.size > 1) {
-      const out: Array<Snapshot | null> = new Array(targets.length)
+      const out: unknown[] = new Array(targets.length)
       await Promise.all([...groups.values()].map(async (indexes) => {
-        const got = await readSnapshots(redis, keys, indexes.map(i => targets[i]), withData)
+        const got = await onePipeline(redis, indexes, call)
         indexes.forEach((i, j) => { out[i] = got[j] })
       }))
       return out
     }
   }
-  const pipe = redis.pipeline() as unknown as Scripted & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
-  for (const target of targets) void pipe.jpSnapshot(...snapshotArgs(keys, target, withData))
+  return await onePipeline(redis, targets.map((_, i) => i), call)
+}
+
+async function onePipeline (redis: Commands, indexes: number[], call: (pipe: Pipe, i: number) => void): Promise<unknown[]> {
+  const pipe = redis.pipeline() as unknown as Pipe
+  for (const i of indexes) call(pipe, i)
   const replies = await pipe.exec()
   if (replies === null) throw new Error('pipeline was discarded')
-  return targets.map((target, i) => {
-    const [err, value] = replies[i]
-    if (err !== null) throw err
-    return toSnapshot(target, value as Reply, withData, now)
-  })
+  return replies.map(([err, value]) => err ?? value)
 }
 
 function json (text: string | null): unknown {
