@@ -159,10 +159,14 @@ export class Session {
     return this.#subs.size
   }
 
-  /** Sends a message that is never conflated (connected, errors, heartbeats ...). */
+  /**
+   * Sends a message that is never conflated (connected, errors, heartbeats ...). As bytes, like
+   * events: a WebSocket then writes every frame of a turn of the event loop at its end in one
+   * system call (a subscribe's `subscribed` and its first state go out together).
+   */
   sendControl (message: ServerMessage): void {
     const data = serialize(message)
-    if (data !== undefined) this.outbox.send(data)
+    if (data !== undefined) this.outbox.send(Buffer.from(data))
   }
 
   close (code: number, reason: string): void {
