@@ -12,7 +12,8 @@
  * event-loop utilisation during it; both systems run in this one process, so the CPU each storm
  * costs is comparable. `--cpu-prof <storm>[,<storm>]` records a CPU profile of the storms named
  * (`plugin-<W>`, `sio-<W>`, `plugin-per-job`, `sio-per-job`, or `all`) into the temp directory;
- * summarise one with `npx tsx bench/profile.ts <file>`. A profiled storm is slower: its time is
+ * summarise one with `npx tsx bench/profile.ts <file>.cpuprofile`, its allocations (a sampling heap
+ * profile, garbage included) with `npx tsx bench/alloc.ts <file>.heapprofile`. A profiled storm is slower: its time is
  * not a figure.
  *
  *   npx tsx bench/idle-cost.ts [--active 20000] [--watched 200,2000,20000] [--seconds 10] [--per-job 5000] [--commands] [--cpu-prof plugin-20000]
@@ -68,6 +69,8 @@ class Meter {
     await inspector.post('Profiler.enable')
     await inspector.post('Profiler.setSamplingInterval', { interval: 200 })
     await inspector.post('Profiler.start')
+    // Allocation too, garbage included: collection is a large share of a storm's CPU.
+    await inspector.post('HeapProfiler.startSampling', { samplingInterval: 4096, includeObjectsCollectedByMajorGC: true, includeObjectsCollectedByMinorGC: true } as never)
     return new Meter(label, name, inspector)
   }
 
@@ -79,10 +82,12 @@ class Meter {
     let note = ''
     if (this.#inspector !== null) {
       const { profile } = await this.#inspector.post('Profiler.stop')
+      const { profile: heap } = await this.#inspector.post('HeapProfiler.stopSampling')
       this.#inspector.disconnect()
-      const file = join(tmpdir(), `idle-cost-${this.#name}-${process.pid}.cpuprofile`)
-      writeFileSync(file, JSON.stringify(profile))
-      note = ` (profiled: ${file})`
+      const file = join(tmpdir(), `idle-cost-${this.#name}-${process.pid}`)
+      writeFileSync(`${file}.cpuprofile`, JSON.stringify(profile))
+      writeFileSync(`${file}.heapprofile`, JSON.stringify(heap))
+      note = ` (profiled: ${file}.cpuprofile and .heapprofile, the latter for bench/alloc.ts)`
     }
     process.stderr.write(`${this.#label}: process CPU ${(ms / 1000).toFixed(2)} s (user ${(cpu.user / 1e6).toFixed(2)}, system ${(cpu.system / 1e6).toFixed(2)}), ${(ms * 1000 / subscriptions).toFixed(0)} us per subscription, event loop busy ${(elu.utilization * 100).toFixed(0)} % of ${(elu.active / 1000 / Math.max(elu.utilization, 1e-9)).toFixed(2)} s${note}\n`)
   }

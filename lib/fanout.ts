@@ -162,7 +162,7 @@ export class Hub {
     this.#t.count('redisCommands', { op: 'subscribe' })
     this.#t.count('snapshotReads', { reason: 'open' }, watches.length)
     this.#t.count('redisCommands', { op: 'snapshot' }, watches.length)
-    return await readOpens(this.#opts.redis, this.#opts.keys, watches.map((watch, i) => ({ target: watch.target, owner: owners[i] })))
+    return await readOpens(this.#opts.redis, this.#opts.keys, watches.map(watch => watch.target), owners)
   })
 
   constructor (opts: HubOptions) {
