@@ -85,6 +85,48 @@ export interface OpenedJob {
 }
 
 /**
+ * A job opened for one watcher: a plain object with methods, not closures, as a storm makes one
+ * per subscription and keeps it as long as the subscription lasts.
+ */
+class Opened implements OpenedJob {
+  readonly #watch: Watch
+  readonly #read: Snapshot
+  readonly #drop: (watch: Watch) => void
+  #attached = false
+
+  constructor (watch: Watch, read: Snapshot, drop: (watch: Watch) => void) {
+    this.#watch = watch
+    this.#read = read
+    this.#drop = drop
+  }
+
+  /** As read, with the newest state the watch has now. */
+  get snapshot (): Snapshot {
+    return { ...this.#read, event: this.#watch.last ?? this.#read.event }
+  }
+
+  attach (sink: Sink): void {
+    if (this.#attached) return
+    this.#attached = true
+    const w = this.#watch
+    w.opening--
+    w.sinks.add(sink)
+    if (w.last !== null) sink.deliver(w.last)
+  }
+
+  detach (sink: Sink): void {
+    const w = this.#watch
+    if (!this.#attached) {
+      this.#attached = true
+      w.opening--
+    } else {
+      w.sinks.delete(sink)
+    }
+    this.#drop(w)
+  }
+}
+
+/**
  * Gathers calls made in one turn of the event loop into one batch, up to {@link BATCH} each. Kept
  * in parallel arrays: a storm pays one promise per call and nothing else.
  */
@@ -217,28 +259,11 @@ export class Hub {
       throw snapshot
     }
     this.#first(watch, snapshot)
-    const w = watch
-    let attached = false
-    return {
-      snapshot: { ...snapshot, event: w.last ?? snapshot.event },
-      attach: (sink) => {
-        if (attached) return
-        attached = true
-        w.opening--
-        w.sinks.add(sink)
-        if (w.last !== null) sink.deliver(w.last)
-      },
-      detach: (sink) => {
-        if (!attached) {
-          attached = true
-          w.opening--
-        } else {
-          w.sinks.delete(sink)
-        }
-        this.#drop(w)
-      }
-    }
+    return new Opened(watch, snapshot, this.#let)
   }
+
+  /** How an opened job lets go of its watch: one function for every opener, not one each. */
+  readonly #let = (watch: Watch): void => this.#drop(watch)
 
   /** Applies an opener's read; the first one also applies what arrived while it was in flight. */
   #first (watch: Watch, snapshot: Snapshot): void {
