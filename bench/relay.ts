@@ -55,7 +55,7 @@ async function child (): Promise<void> {
     })
   }
   // What the plugin registers: upload cleanup, which acts on final events only.
-  const bridge = new Bridge({ redis: cmd, blocking, broker, keys, queues: [QUEUE], group: 'jp-bridge', consumer: `c${process.pid}`, blockMs: 2_000, claimIdleMs: 10_000, claimIntervalMs: 5_000, consumerIdleMs: 60_000, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: () => {} })
+  const bridge = new Bridge({ redis: cmd, blocking, broker, keys, queues: [QUEUE], group: 'jp-bridge', consumer: `c${process.pid}`, blockMs: 2_000, claimIdleMs: 10_000, claimIntervalMs: 5_000, consumerIdleMs: 60_000, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: () => {}, progressListeners: false })
   await bridge.start()
   serve({
     cpu: () => cpuSeconds(),

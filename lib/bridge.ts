@@ -5,6 +5,7 @@ import type { Commands } from './snapshot'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import type { Keys } from './keys'
 import { FINAL_EVENTS as FINAL, relayMessage, resyncMessage } from './wire/relay'
+import { RELAY_SCRIPT } from './relay-script'
 
 export { relayMessage } from './wire/relay'
 
@@ -45,8 +46,20 @@ export interface BridgeOptions {
   claimIntervalMs: number
   /** A consumer with nothing pending and idle this long is a dead instance's leftover. */
   consumerIdleMs: number
-  /** Also hands each published message to this instance's own subscribers. */
+  /**
+   * Reads and publishes in one script on Redis (lib/relay-script.ts), so that every job's messages
+   * leave Redis in stream order whatever the number of instances; only on one Redis with classic
+   * pub/sub (a cluster's channels live on other shards than the stream). @default true
+   */
+  ordered?: boolean
+  /** Also hands each message this instance publishes from Node to its own subscribers. */
   local?: (channel: string, payload: string) => void
+  /**
+   * Whether `onEvent` listeners want progress events too; when false the ordered relay
+   * acknowledges progress entries in its script and hands back only lifecycle events.
+   * @default true
+   */
+  progressListeners?: boolean
   /**
    * Called with every relayed event once its message was sent, and before its entry is
    * acknowledged (once across the cluster in normal operation, again after a takeover: be
@@ -59,6 +72,9 @@ export interface BridgeOptions {
 }
 
 type Entry = [id: string, fields: string[]]
+
+/** The relay script's reply: entries read, messages published, entries handed back. */
+type Relayed = [read: number, published: number, back: Entry[]]
 
 interface Batch {
   /** Channel and payload of each relayed entry. */
@@ -82,6 +98,9 @@ const SETTLE_ON_CLOSE_MS = 5000
 
 /** A read that brings this many entries or more means the stream is busy (see #read). */
 const BUSY_BATCH = 4
+
+/** Most entries one read (or one run of the relay script) takes. */
+const READ_COUNT = 500
 
 function size (reply: Array<[string, Entry[]]>): number {
   let n = 0
@@ -149,8 +168,20 @@ export class Bridge {
       const slot = this.#o.broker?.kind === 'sharded' ? slotOf(stream) : 0
       groups.set(slot, [...(groups.get(slot) ?? []), stream])
     }
-    this.#loops = [...groups.values()].map(async streams => await this.#read(streams))
+    const ordered = this.#ordered()
+    if (ordered) for (const r of [this.#o.blocking, this.#o.redis]) r.defineCommand('jpRelay', { numberOfKeys: 1, lua: RELAY_SCRIPT })
+    this.#loops = [...groups.values()].map(async streams => ordered ? await this.#readOrdered(streams) : await this.#read(streams))
     this.#claimTimer = setInterval(() => { void this.#claim() }, this.#o.claimIntervalMs).unref()
+  }
+
+  #ordered (): boolean {
+    const { ordered, broker, blocking } = this.#o
+    return ordered !== false && (broker === undefined || broker.kind === 'classic') && !isCluster(blocking)
+  }
+
+  /** The wake group of the ordered relay: it only signals that entries arrived. */
+  get #wakeGroup (): string {
+    return `${this.#o.group}:wake`
   }
 
   #queueOf (stream: string): string {
@@ -169,6 +200,12 @@ export class Bridge {
         // MKSTREAM: before the first job ever ran.
         await this.#o.redis.xgroup('CREATE', stream, this.#o.group, again ? '0' : '$', 'MKSTREAM')
         if (again) await this.#announce(stream, 'restart')
+      } catch (err) {
+        if (!String((err as Error).message).includes('BUSYGROUP')) throw err
+      }
+      if (!this.#ordered()) continue
+      try {
+        await this.#o.redis.xgroup('CREATE', stream, this.#wakeGroup, '$', 'MKSTREAM')
       } catch (err) {
         if (!String((err as Error).message).includes('BUSYGROUP')) throw err
       }
@@ -208,8 +245,9 @@ export class Bridge {
    * as `added - length - read > 0`, and stay visible after the group skipped past them. When that
    * deficit grows, the queue's watchers re-read. Two O(1) commands per queue per check.
    */
-  async #checkTrim (): Promise<void> {
+  async #checkTrim (): Promise<string[]> {
     const { redis, group } = this.#o
+    const behind: string[] = []
     for (const stream of this.#streams) {
       const pipe = redis.pipeline()
       pipe.xinfo('STREAM', stream)
@@ -221,6 +259,8 @@ export class Bridge {
       if (mine === undefined) continue
       const lag = Number(mine.lag ?? NaN)
       if (mine.lag !== null && Number.isFinite(lag)) this.#lag.set(stream, lag)
+      // Unknown (Redis cannot count it after some trims) counts as behind.
+      if (!(lag === 0)) behind.push(stream)
       if (mine['entries-read'] === null || mine['entries-read'] === undefined) continue
       const deficit = Math.max(0, Number(info['entries-added']) - Number(info.length) - Number(mine['entries-read']))
       if (!Number.isFinite(deficit)) continue
@@ -228,6 +268,7 @@ export class Bridge {
       this.#deficit.set(stream, deficit)
       if (deficit > before) await this.#announce(stream, 'trim')
     }
+    return behind
   }
 
   async #read (streams: string[]): Promise<void> {
@@ -272,10 +313,115 @@ export class Bridge {
     if (batch !== null) await this.#publishBatch(batch).catch(() => {})
   }
 
+  /**
+   * The ordered relay's loop: the relay script on each stream (it reads, publishes and
+   * acknowledges progress in Redis, and hands back the lifecycle entries for the listeners), sent
+   * in one write with the next blocking read of the wake group, which returns when the next entry
+   * arrives (at once when a script left entries unread). Nothing is published from here, so there
+   * is no local hand-off either: this instance's hub gets every message from its subscriber, in
+   * the order Redis published them.
+   */
+  async #readOrdered (streams: string[]): Promise<void> {
+    const { blocking, consumer, blockMs } = this.#o
+    const wake = this.#wakeGroup
+    const wakeArgs = ['GROUP', wake, consumer, 'COUNT', 1, 'NOACK', 'BLOCK', blockMs, 'STREAMS', ...streams, ...streams.map(() => '>')]
+    let backoff = 100
+    let failures = 0
+    // Nothing is read after a wake-up that timed out: an idle queue costs one blocking read per
+    // blockMs, and what nobody was woken for is found by #claim (the group's lag).
+    let woken = true
+    while (this.#running) {
+      try {
+        const pipe = blocking.pipeline()
+        // Each script's reply is taken as it arrives, not when the wake-up after it returns: the
+        // lifecycle entries it handed back reach the listeners at once.
+        let failed: Error | null = null
+        if (woken) {
+          for (const stream of streams) {
+            this.#relayArgs(pipe, stream, (err, reply) => {
+              if (err != null) failed ??= err
+              else this.#relayed(stream, reply)
+            })
+          }
+        }
+        ;(pipe as unknown as { call: (...args: unknown[]) => unknown }).call('XREADGROUP', ...wakeArgs)
+        const sent = pipe.exec()
+        sent.catch(() => {})
+        const replies = await Promise.race([sent, this.#stopped])
+        if (replies === null) break
+        if (failed !== null) throw failed
+        const [err, reply] = replies[replies.length - 1] as [Error | null, unknown]
+        if (err !== null) throw err
+        woken = reply !== null
+        backoff = 100
+        failures = 0
+      } catch (err) {
+        if (!this.#running) break
+        woken = true
+        const message = String((err as Error).message)
+        if (message.includes('NOGROUP')) {
+          await this.#ensureGroups(true).catch(() => {})
+        } else if (++failures === 5) {
+          // A Redis that refuses the script (an ACL without scripting) would otherwise stop the relay silently.
+          this.#o.log.warn({ err }, 'job-progress: the bridge cannot relay events (5 attempts in a row failed); retrying')
+        } else {
+          this.#o.log.debug({ err }, 'job-progress: bridge relay failed; retrying')
+        }
+        await new Promise(resolve => setTimeout(resolve, backoff).unref())
+        backoff = Math.min(backoff * 2, 2_000)
+      }
+    }
+  }
+
+  /** Queues the relay script's run on one stream in a pipeline; `done` gets its reply. */
+  #relayArgs (pipe: ReturnType<Commands['pipeline']>, stream: string, done: (err: Error | null | undefined, reply: Relayed) => void): void {
+    const { group, consumer, keys } = this.#o
+    const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
+    // A job's channel is <head><jobId><tail>.
+    const probe = keys.channel(this.#queueOf(stream), '\u0000')
+    const at = probe.indexOf('\u0000')
+    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all, done)
+  }
+
+  /**
+   * Runs the relay script on a stream until it read less than a full batch (at most 20 runs):
+   * for the periodic check and close(), on the command connection.
+   */
+  async #relayNow (stream: string): Promise<void> {
+    for (let runs = 0; runs < 20; runs++) {
+      const pipe = this.#o.redis.pipeline()
+      let reply: Relayed | null = null
+      this.#relayArgs(pipe, stream, (err, r) => { if (err == null) reply = r })
+      const [[err]] = await pipe.exec() as Array<[Error | null, unknown]>
+      if (err !== null) throw err
+      if (reply === null) return
+      this.#relayed(stream, reply)
+      if ((reply as Relayed)[0] < READ_COUNT) return
+    }
+  }
+
+  /** What one run of the relay script did: the entries it handed back go to the listeners, then are acknowledged. */
+  #relayed (stream: string, [, published, back]: Relayed): void {
+    this.published += published
+    ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, published)
+    if (back.length === 0) return
+    const queue = this.#queueOf(stream)
+    const batch: Batch = { messages: [], events: [], done: [[stream, back.map(([id]) => id)]], waits: null, failed: null }
+    for (const [id, fields] of back) {
+      const message = relayMessage(id, fields)
+      if (message !== null) batch.events.push(bridgeEvent(queue, id, message.jobId, fields))
+    }
+    this.#handOff(batch)
+    const settled = this.#settle(batch)
+    this.#settling.add(settled)
+    const forget = (): void => { this.#settling.delete(settled) }
+    settled.then(forget, forget)
+  }
+
   /** One blocking read; null when it timed out or close() began. */
   async #readAlone (args: string[]): Promise<Array<[string, Entry[]]> | null> {
     const { blocking, group, consumer, blockMs } = this.#o
-    const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
+    const read = blocking.xreadgroup('GROUP', group, consumer, 'COUNT', READ_COUNT, 'BLOCK', blockMs, 'STREAMS', ...args) as Promise<Array<[string, Entry[]]> | null>
     // A read in flight when Redis dropped is kept for resending; disconnecting the client
     // while it waits to reconnect leaves that read pending for ever. close() races it.
     read.catch(() => {})
@@ -302,7 +448,7 @@ export class Bridge {
     this.#settling.add(settled)
     const forget = (): void => { this.#settling.delete(settled) }
     settled.then(forget, forget)
-    pipe.xreadgroup('GROUP', group, consumer, 'COUNT', 500, 'BLOCK', blockMs, 'STREAMS', ...args)
+    pipe.xreadgroup('GROUP', group, consumer, 'COUNT', READ_COUNT, 'BLOCK', blockMs, 'STREAMS', ...args)
     const sent = pipe.exec()
     sent.catch(() => {})
     this.#handOff(batch)
@@ -327,7 +473,12 @@ export class Bridge {
           cursor = next
         } while (cursor !== '0-0' && this.#running)
       }
-      await this.#checkTrim()
+      const behind = await this.#checkTrim()
+      // The ordered relay reads when woken; entries whose wake-up a bridge took and then died
+      // before reading them are read here, by the same script.
+      if (this.#ordered()) {
+        for (const stream of behind) await this.#relayNow(stream)
+      }
       if (Date.now() - this.#lastSweep > this.#o.consumerIdleMs) await this.#sweepConsumers()
     } catch (err) {
       this.#o.log.debug({ err }, 'job-progress: bridge claim failed; will retry')
@@ -341,13 +492,17 @@ export class Bridge {
    */
   async #sweepConsumers (): Promise<void> {
     this.#lastSweep = Date.now()
+    // The wake group's consumers hold nothing (NOACK): each dead instance's leaves once idle.
+    const groups = this.#ordered() ? [this.#o.group, this.#wakeGroup] : [this.#o.group]
     for (const stream of this.#streams) {
-      const consumers = await this.#o.redis.xinfo('CONSUMERS', stream, this.#o.group) as Array<Array<string | number>>
-      for (const row of consumers) {
-        const info: Record<string, string | number> = {}
-        for (let i = 0; i < row.length; i += 2) info[row[i] as string] = row[i + 1]
-        if (info.name !== this.#o.consumer && Number(info.pending) === 0 && Number(info.idle) > this.#o.consumerIdleMs) {
-          await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, String(info.name))
+      for (const group of groups) {
+        const consumers = await this.#o.redis.xinfo('CONSUMERS', stream, group) as Array<Array<string | number>>
+        for (const row of consumers) {
+          const info: Record<string, string | number> = {}
+          for (let i = 0; i < row.length; i += 2) info[row[i] as string] = row[i + 1]
+          if (info.name !== this.#o.consumer && Number(info.pending) === 0 && Number(info.idle) > this.#o.consumerIdleMs) {
+            await this.#o.redis.xgroup('DELCONSUMER', stream, group, String(info.name))
+          }
         }
       }
     }
@@ -481,6 +636,10 @@ export class Bridge {
     // The blocking read would hold close() for up to blockMs: cut it short.
     this.#o.blocking.disconnect()
     await Promise.all(this.#loops)
+    // A wake-up taken just before close would leave its entries to the others' periodic check.
+    if (this.#ordered() && this.#o.redis.status === 'ready') {
+      for (const stream of this.#streams) await this.#relayNow(stream).catch(() => {})
+    }
     // A batch whose listeners are still running (a webhook being queued) is acknowledged with the
     // rest when they finish in time; else it stays pending and another instance replays it.
     if (this.#settling.size > 0) {
@@ -497,6 +656,7 @@ export class Bridge {
       try {
         const mine = await this.#o.redis.xpending(stream, this.#o.group, '-', '+', 1, this.#o.consumer) as unknown[]
         if (mine.length === 0) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#o.group, this.#o.consumer)
+        if (this.#ordered()) await this.#o.redis.xgroup('DELCONSUMER', stream, this.#wakeGroup, this.#o.consumer)
       } catch {}
     }
   }

@@ -156,9 +156,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   if (opts.bridge.enabled) {
     const blocking = own(dup({ enableOfflineQueue: true, maxRetriesPerRequest: null }, { redisOptions: { ...(redis as unknown as Cluster).options?.redisOptions, maxRetriesPerRequest: null } }))
     bridgeReady = () => blocking.status === 'ready'
-    // Events this instance's bridge reads reach its own sockets at once, without waiting for the
-    // round trip through Redis; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: everyListener(bridgeListeners) })
+    // Events this instance's bridge publishes from Node (a cluster, claimed entries) reach its own
+    // sockets at once; the copy that comes back on the channel is dropped as not newer.
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: everyListener(bridgeListeners), progressListeners: webhooks?.wantsProgress === true })
     await bridge.start()
   }
 

@@ -96,7 +96,8 @@ export const OptionsSchema = Type.Object({
     blockMs: Type.Integer({ minimum: 10, default: 2_000 }),
     claimIdleMs: Type.Integer({ minimum: 100, default: 10_000 }),
     claimIntervalMs: Type.Integer({ minimum: 100, default: 5_000 }),
-    consumerIdleMs: Type.Integer({ minimum: 100, default: 10 * 60_000 })
+    consumerIdleMs: Type.Integer({ minimum: 100, default: 10 * 60_000 }),
+    ordered: Type.Boolean({ default: true, description: 'read the event stream and publish in one script on Redis, so every job\'s messages leave Redis in stream order whatever the number of instances (one Redis with classic pub/sub; a cluster relays from Node)' })
   }, { default: {}, additionalProperties: false }),
   defaultJobOptions: Type.Unsafe<JobsOptions>(Type.Object({}, {
     additionalProperties: true,

@@ -38,7 +38,8 @@ t.test('relayed entries are acknowledged together, and every one of them', async
   t.teardown(() => { r.disconnect(); blocking.disconnect() })
   const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
   const stream = keys.queueKey('batch', 'events')
-  const bridge = new Bridge({ redis: r, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 50, claimIdleMs: 10_000, claimIntervalMs: 10_000, consumerIdleMs: 60_000, log: Fastify().log })
+  // Relayed from Node (as on a cluster): the ordered relay acknowledges in its script.
+  const bridge = new Bridge({ redis: r, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 50, claimIdleMs: 10_000, claimIntervalMs: 10_000, consumerIdleMs: 60_000, ordered: false, log: Fastify().log })
   t.teardown(async () => await bridge.close())
   await bridge.start()
   const stats = async (): Promise<Record<string, number>> => {
@@ -79,7 +80,7 @@ t.test('a burst whose PUBLISHes Redis refused is not acknowledged: its entries s
   t.teardown(() => { admin.disconnect(); r.disconnect(); blocking.disconnect() })
   const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
   const stream = keys.queueKey('batch', 'events')
-  const bridge = new Bridge({ redis: r, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 50, claimIdleMs: 60_000, claimIntervalMs: 60_000, consumerIdleMs: 60_000, log: Fastify({ logger: { level: 'silent' } }).log })
+  const bridge = new Bridge({ redis: r, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 50, claimIdleMs: 60_000, claimIntervalMs: 60_000, consumerIdleMs: 60_000, ordered: false, log: Fastify({ logger: { level: 'silent' } }).log })
   t.teardown(async () => await bridge.close())
   await bridge.start()
   // In one transaction, so the blocked read wakes once and takes all six (the busy path).
@@ -141,9 +142,10 @@ t.test('events a dead instance read but never published are claimed and relayed 
   t.notOk(names.includes('dead-instance'), 'the dead consumer was removed')
 })
 
-t.test('events this instance\'s bridge reads reach its own sockets directly, once each', async (t) => {
+t.test('events this instance\'s bridge publishes from Node reach its own sockets directly, once each', async (t) => {
   const redis = await redisFor(t)
-  const { app, url, uploadDir } = await startApp(t, redis)
+  // Publishing from Node, as on a cluster (the ordered relay publishes in Redis: nothing to hand over).
+  const { app, url, uploadDir } = await startApp(t, redis, { bridge: { ordered: false } })
   const up = await upload(`${url}/batch/upload`, lines(4))
   const client = connect(t, up.body.ws_url, { cookie: up.cookie })
   await client.waitFor(m => m.status === 'processing')

@@ -176,6 +176,12 @@ export class Webhooks {
     }
   }
 
+  /** Whether some kind's webhook is sent progress events (the bridge hands those back only then). */
+  get wantsProgress (): boolean {
+    for (const { hook } of this.#kinds.values()) if (hook.events.includes('progress')) return true
+    return false
+  }
+
   /**
    * The bridge's listener. The promise settles once the delivery is in its queue, and the bridge
    * acknowledges the stream entry only then; it rejects when the delivery could not be queued, so
