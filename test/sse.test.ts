@@ -17,6 +17,25 @@ t.test('parser: fields, comments, retry, CRLF, split chunks, multi-line data', a
   t.same(p.push('data: one\r\ndata: two\r\n\r\nevent\ndata\n\n'), [{ event: 'message', data: 'one\ntwo' }, { event: 'message', data: '' }])
 })
 
+t.test('parser: an event\'s end split anywhere over chunks, and a long event read in linear time', async (t) => {
+  for (const end of ['\n\n', '\r\n\r\n', '\n\r\n', '\r\n\n']) {
+    const text = `data: x${end}data: y${end}`
+    for (let cut = 1; cut < text.length; cut++) {
+      const p = new SseParser()
+      t.same([...p.push(text.slice(0, cut)), ...p.push(text.slice(cut))], [{ event: 'message', data: 'x' }, { event: 'message', data: 'y' }], `${JSON.stringify(end)} cut at ${cut}`)
+    }
+  }
+  // 32 MB in 16 KiB chunks: every chunk scanned once. Searched from the start each time, as it
+  // was, this is 2,048 scans of up to 32 MB (tens of seconds; the test's timeout ends it).
+  const p = new SseParser()
+  const chunk = 'x'.repeat(16 * 1024)
+  p.push('data: ')
+  let early = 0
+  for (let i = 0; i < 2_048; i++) early += p.push(chunk).length
+  t.equal(early, 0, 'nothing before the end')
+  t.equal(p.push('\n\n')[0].data.length, 32 * 1024 * 1024)
+})
+
 t.test('one job: headers, retry, snapshot, progress, final with ids and versions; ends; Last-Event-ID done → 204', async (t) => {
   const redis = await redisFor(t)
   const { url, uploadDir, app } = await startApp(t, redis)

@@ -27,21 +27,36 @@ export function sseEventId (jobId: string, version: string): string {
 
 export interface SseEvent { id?: string, event: string, data: string }
 
+/** The blank line that ends an event. */
+const END = /\r?\n\r?\n/
+
 /**
  * Reads a text/event-stream incrementally (for clients without EventSource, such as Node):
  * `push` chunks, get the complete events; comments and `retry:` are returned as `retry`.
  */
 export class SseParser {
-  #buffer = ''
+  /** Text of the event being received, in the chunks it came in: joined once, when it is complete. */
+  #parts: string[] = []
+  /** The last 3 characters received: an event's end can be split over two chunks. */
+  #tail = ''
   retry: number | null = null
 
   push (chunk: string): SseEvent[] {
-    this.#buffer += chunk
     const events: SseEvent[] = []
-    let end
-    while ((end = this.#buffer.search(/\r?\n\r?\n/)) >= 0) {
-      const block = this.#buffer.slice(0, end)
-      this.#buffer = this.#buffer.slice(end + (this.#buffer[end] === '\r' ? 4 : 2))
+    // Most chunks of a long event hold no end: kept, not searched again with every chunk after.
+    const probe = this.#tail + chunk
+    if (!END.test(probe)) {
+      this.#parts.push(chunk)
+      this.#tail = probe.slice(-3)
+      return events
+    }
+    let buffer = this.#parts.join('') + chunk
+    this.#parts = []
+    for (;;) {
+      const found = END.exec(buffer)
+      if (found === null) break
+      const block = buffer.slice(0, found.index)
+      buffer = buffer.slice(found.index + found[0].length)
       let id: string | undefined
       let event = 'message'
       const data: string[] = []
@@ -57,6 +72,8 @@ export class SseParser {
       }
       if (data.length > 0) events.push({ ...(id !== undefined ? { id } : {}), event, data: data.join('\n') })
     }
+    if (buffer !== '') this.#parts.push(buffer)
+    this.#tail = buffer.slice(-3)
     return events
   }
 }
