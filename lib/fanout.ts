@@ -4,12 +4,11 @@ import { eta, isFinal, isNewer, parseProgress, type JobEvent } from './events'
 import { progressDetails, type Clipped } from './progress-details'
 import { QueueUnavailableError } from './errors'
 import type { Keys } from './keys'
-import { readOwners } from './snapshot'
 import type { Broker } from './broker/index'
 import { RedisBroker } from './broker/redis'
 import { whenReady } from './redis'
 import { noTelemetry, type Telemetry } from './core/telemetry'
-import { readOwner, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
+import { readOpens, readSnapshots, type Commands, type Snapshot, type SnapshotTarget } from './snapshot'
 import { JOB_LOST, LOG_PREFIX, parseRelay, relayEntryId, RESYNC, type RelayMessage } from './wire/relay'
 import { compareEntryIds, formatVersion, NO_ENTRY } from './wire/version'
 
@@ -45,7 +44,6 @@ class Watch {
   entry = NO_ENTRY
   /** Progress that arrived between SUBSCRIBE and the first snapshot. */
   early: RelayMessage | null = null
-  ready: Promise<Snapshot | null> | null = null
   refreshing = false
   refreshAgain: string | null = null
   /** Whether an over-limit report of this job was logged already. */
@@ -86,35 +84,89 @@ export interface OpenedJob {
   detach: (sink: Sink) => void
 }
 
-/** Gathers calls made in one turn of the event loop into one batch, up to {@link BATCH} each. */
-class Batcher<T, R> {
-  #items: Array<{ item: T, resolve: (r: R) => void, reject: (e: unknown) => void }> = []
-  #scheduled = false
-  readonly #run: (items: T[]) => Promise<R[]>
+/**
+ * A job opened for one watcher: a plain object with methods, not closures, as a storm makes one
+ * per subscription and keeps it as long as the subscription lasts.
+ */
+class Opened implements OpenedJob {
+  readonly #watch: Watch
+  readonly #read: Snapshot
+  readonly #drop: (watch: Watch) => void
+  #attached = false
 
-  constructor (run: (items: T[]) => Promise<R[]>) {
+  constructor (watch: Watch, read: Snapshot, drop: (watch: Watch) => void) {
+    this.#watch = watch
+    this.#read = read
+    this.#drop = drop
+  }
+
+  /** As read, with the newest state the watch has now. */
+  get snapshot (): Snapshot {
+    return { ...this.#read, event: this.#watch.last ?? this.#read.event }
+  }
+
+  attach (sink: Sink): void {
+    if (this.#attached) return
+    this.#attached = true
+    const w = this.#watch
+    w.opening--
+    w.sinks.add(sink)
+    if (w.last !== null) sink.deliver(w.last)
+  }
+
+  detach (sink: Sink): void {
+    const w = this.#watch
+    if (!this.#attached) {
+      this.#attached = true
+      w.opening--
+    } else {
+      w.sinks.delete(sink)
+    }
+    this.#drop(w)
+  }
+}
+
+/**
+ * Gathers calls made in one turn of the event loop into one batch, up to {@link BATCH} each. Kept
+ * in parallel arrays: a storm pays one promise per call and nothing else.
+ */
+class Batcher<T, X, R> {
+  #items: T[] = []
+  #extras: X[] = []
+  #resolves: Array<(r: R) => void> = []
+  #rejects: Array<(e: unknown) => void> = []
+  readonly #run: (items: T[], extras: X[]) => Promise<R[]>
+  readonly #flushNow = (): void => this.#flush()
+
+  constructor (run: (items: T[], extras: X[]) => Promise<R[]>) {
     this.#run = run
   }
 
-  async add (item: T): Promise<R> {
+  async add (item: T, extra: X): Promise<R> {
     return await new Promise<R>((resolve, reject) => {
-      this.#items.push({ item, resolve, reject })
-      if (!this.#scheduled) {
-        this.#scheduled = true
-        setImmediate(() => this.#flush())
-      }
+      if (this.#items.length === 0) setImmediate(this.#flushNow)
+      this.#items.push(item)
+      this.#extras.push(extra)
+      this.#resolves.push(resolve)
+      this.#rejects.push(reject)
     })
   }
 
   #flush (): void {
-    this.#scheduled = false
-    const all = this.#items
+    const items = this.#items
+    const extras = this.#extras
+    const resolves = this.#resolves
+    const rejects = this.#rejects
     this.#items = []
-    for (let i = 0; i < all.length; i += BATCH) {
-      const chunk = all.slice(i, i + BATCH)
-      this.#run(chunk.map(c => c.item)).then(
-        results => chunk.forEach((c, j) => c.resolve(results[j])),
-        err => chunk.forEach(c => c.reject(err))
+    this.#extras = []
+    this.#resolves = []
+    this.#rejects = []
+    for (let i = 0; i < items.length; i += BATCH) {
+      const end = Math.min(items.length, i + BATCH)
+      const run = i === 0 && end === items.length ? this.#run(items, extras) : this.#run(items.slice(i, end), extras.slice(i, end))
+      run.then(
+        results => { for (let j = i; j < end; j++) resolves[j](results[j - i]) },
+        err => { for (let j = i; j < end; j++) rejects[j](err) }
       )
     }
   }
@@ -136,23 +188,23 @@ export class Hub {
   #sweepQueue: Watch[] = []
   #credit = 0
   #closed = false
-  readonly #subscribes = new Batcher<string, null>(async (channels) => {
-    await this.#broker.subscribe(channels)
+  /**
+   * Opens of one turn of the event loop: one SUBSCRIBE for their channels, confirmed, then one
+   * pipelined read (each job's owner checked first, in the same script as its snapshot). A
+   * channel watched here already is subscribed again with the rest (Redis takes it as a no-op),
+   * so a job watched here costs what any other costs, and answers no sooner.
+   */
+  readonly #opens = new Batcher<Watch, string | undefined, Snapshot | null | Error>(async (watches, owners) => {
+    // Ride out a reconnect in progress (ioredis retries every 2 s at most), but do not queue a
+    // SUBSCRIBE behind an outage the client would wait on for ever.
+    if (!await this.#broker.ready(SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
+    const channels = new Set<string>()
+    for (const watch of watches) channels.add(watch.channel)
+    await this.#broker.subscribe([...channels])
     this.#t.count('redisCommands', { op: 'subscribe' })
-    return channels.map(() => null)
-  })
-
-  /** Owner reads of one turn of the event loop: one pipeline, so a storm pays one write per batch. */
-  readonly #ownerReads = new Batcher<SnapshotTarget, string | null | Error>(async (targets) => {
-    this.#t.count('redisCommands', { op: 'owner' }, targets.length)
-    if (targets.length === 1) return [await readOwner(this.#opts.redis, this.#opts.keys, targets[0])]
-    return await readOwners(this.#opts.redis, this.#opts.keys, targets)
-  })
-
-  readonly #firstReads = new Batcher<SnapshotTarget, Snapshot | null>(async (targets) => {
-    this.#t.count('snapshotReads', { reason: 'open' }, targets.length)
-    this.#t.count('redisCommands', { op: 'snapshot' }, targets.length)
-    return await readSnapshots(this.#opts.redis, this.#opts.keys, targets, false)
+    this.#t.count('snapshotReads', { reason: 'open' }, watches.length)
+    this.#t.count('redisCommands', { op: 'snapshot' }, watches.length)
+    return await readOpens(this.#opts.redis, this.#opts.keys, watches.map(watch => watch.target), owners)
   })
 
   constructor (opts: HubOptions) {
@@ -174,25 +226,19 @@ export class Hub {
   }
 
   /**
-   * Subscribes to the job's channel (first watcher only), then reads its snapshot, so no event
-   * falls between the two. Null when the job does not exist.
+   * Subscribes to the job's channel, then reads its snapshot, so no event falls between the two.
+   * Null when the job does not exist.
    *
-   * With `expectedOwner`, the owner is read first and alone, before any SUBSCRIBE or snapshot:
-   * a job of somebody else answers null at the same cost as a job that does not exist.
-   * Without it the caller checks ownership on the snapshot before it attaches anything.
+   * With `expectedOwner`, the snapshot script checks the owner before it reads anything else: a
+   * job of somebody else answers null after the same SUBSCRIBE and the same reads as a job that
+   * does not exist, nothing is attached for it, and its channel is let go again (UNSUBSCRIBE,
+   * unless somebody here watches it). Without it the caller checks ownership on the snapshot
+   * before it attaches anything.
    */
   async open (target: SnapshotTarget, expectedOwner?: string | null): Promise<OpenedJob | null> {
     if (this.#closed) throw new Error('closed')
-    if (expectedOwner !== undefined) {
-      let owner: string | null | Error
-      try {
-        owner = await this.#ownerReads.add(target)
-      } catch {
-        throw new QueueUnavailableError()
-      }
-      if (owner instanceof Error) throw new QueueUnavailableError()
-      if (owner === null || owner !== expectedOwner) return null
-    }
+    // An expected owner of null is nobody: the script refuses an empty owner like any other.
+    const owner = expectedOwner === null ? '' : expectedOwner
     const channel = this.#opts.keys.channel(target.queue, target.jobId)
     let watch = this.#watches.get(channel)
     if (watch === undefined) {
@@ -200,60 +246,36 @@ export class Hub {
       this.#watches.set(channel, watch)
     }
     watch.opening++
-    let snapshot: Snapshot | null
+    let snapshot: Snapshot | null | Error
     try {
-      watch.ready ??= this.#first(watch)
-      snapshot = await watch.ready
+      snapshot = await this.#opens.add(watch, owner)
     } catch (err) {
-      watch.ready = null
+      snapshot = err instanceof Error ? err : new Error(String(err))
+    }
+    if (snapshot === null || snapshot instanceof Error) {
       watch.opening--
       this.#drop(watch)
-      throw err
+      if (snapshot === null) return null
+      throw snapshot
     }
-    if (snapshot === null) {
-      watch.opening--
-      this.#drop(watch)
-      return null
-    }
-    const w = watch
-    let attached = false
-    return {
-      snapshot: { ...snapshot, event: w.last ?? snapshot.event },
-      attach: (sink) => {
-        if (attached) return
-        attached = true
-        w.opening--
-        w.sinks.add(sink)
-        if (w.last !== null) sink.deliver(w.last)
-      },
-      detach: (sink) => {
-        if (!attached) {
-          attached = true
-          w.opening--
-        } else {
-          w.sinks.delete(sink)
-        }
-        this.#drop(w)
-      }
-    }
+    this.#first(watch, snapshot)
+    return new Opened(watch, snapshot, this.#let)
   }
 
-  async #first (watch: Watch): Promise<Snapshot | null> {
-    // Ride out a reconnect in progress (ioredis retries every 2 s at most), but do not queue a
-    // SUBSCRIBE behind an outage the client would wait on for ever.
-    if (!await this.#broker.ready(SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
-    // Opens in one turn of the event loop share one SUBSCRIBE and one pipelined read (storms).
-    await this.#subscribes.add(watch.channel)
-    const snapshot = await this.#firstReads.add(watch.target)
-    if (snapshot === null) return null
+  /** How an opened job lets go of its watch: one function for every opener, not one each. */
+  readonly #let = (watch: Watch): void => this.#drop(watch)
+
+  /** Applies an opener's read; the first one also applies what arrived while it was in flight. */
+  #first (watch: Watch, snapshot: Snapshot): void {
+    const first = watch.last === null
     this.#apply(watch, snapshot)
+    if (!first) return
     if (watch.early !== null) {
       const early = watch.early
       watch.early = null
       this.#onRelay(watch, early)
     }
     if (watch.refreshAgain !== null) void this.#refresh(watch, watch.refreshAgain)
-    return snapshot
   }
 
   /** Forgets a watch and UNSUBSCRIBEs once no socket holds it or is about to. */

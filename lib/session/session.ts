@@ -58,17 +58,36 @@ export interface SessionContext {
 /** A job a session starts with (named by the route, not by a client message). */
 export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest }
 
-interface Subscription {
-  opened: OpenedJob
-  target: SnapshotTarget
-  sink: Sink
-  final: boolean
+/**
+ * One subscribed job of a session, and the sink its events come to: an object with a method, not
+ * a closure per subscription (a storm makes thousands, kept while they last).
+ */
+class Subscription implements Sink {
+  readonly opened: OpenedJob
+  readonly target: SnapshotTarget
+  readonly #to: (sub: Subscription, event: JobEvent) => void
+  final = false
   /** The last event delivered, so a repeated subscribe answers with the current state too. */
-  last: JobEvent | null
+  last: JobEvent | null = null
   /** The last message sent for it. */
   sent?: string
   /** Its log lines, when asked for. */
   logs?: { feed: LogFeed, stop: () => void }
+
+  constructor (opened: OpenedJob, target: SnapshotTarget, to: (sub: Subscription, event: JobEvent) => void) {
+    this.opened = opened
+    this.target = target
+    this.#to = to
+  }
+
+  /** Where the hub delivers this job's events: the subscription itself. */
+  get sink (): Sink {
+    return this
+  }
+
+  deliver (event: JobEvent): void {
+    this.#to(this, event)
+  }
 }
 
 const serialize = (message: ServerMessage): string | undefined =>
@@ -159,10 +178,14 @@ export class Session {
     return this.#subs.size
   }
 
-  /** Sends a message that is never conflated (connected, errors, heartbeats ...). */
+  /**
+   * Sends a message that is never conflated (connected, errors, heartbeats ...). As bytes, like
+   * events: a WebSocket then writes every frame of a turn of the event loop at its end in one
+   * system call (a subscribe's `subscribed` and its first state go out together).
+   */
   sendControl (message: ServerMessage): void {
     const data = serialize(message)
-    if (data !== undefined) this.outbox.send(data)
+    if (data !== undefined) this.outbox.send(Buffer.from(data))
   }
 
   close (code: number, reason: string): void {
@@ -387,7 +410,7 @@ export class Session {
       return
     }
     this.sendControl(this.protocol.subscribed?.(jobId))
-    const sub: Subscription = { opened, target, final: false, last: null, sink: { deliver: (event) => this.#deliver(sub, event) } }
+    const sub = new Subscription(opened, target, this.#deliverTo)
     this.#subs.set(jobId, sub)
     // The feed is in place before the current state is delivered: a job that has ended sends
     // its lines first, then its final state.
@@ -480,6 +503,9 @@ export class Session {
     this.#mine = stop
     this.sendControl(this.protocol.subscribed?.('mine'))
   }
+
+  /** One function for every subscription of this session to deliver through. */
+  readonly #deliverTo = (sub: Subscription, event: JobEvent): void => this.#deliver(sub, event)
 
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return
