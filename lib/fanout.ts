@@ -90,19 +90,27 @@ export interface OpenedJob {
  */
 class Opened implements OpenedJob {
   readonly #watch: Watch
-  readonly #read: Snapshot
+  readonly #owner: string | null
+  readonly #startedAt: number | null
+  readonly #entryId: string
+  /** The read's state, kept only when the watch has none (the watch's is newer and shared). */
+  readonly #event: JobEvent | null
   readonly #drop: (watch: Watch) => void
   #attached = false
 
   constructor (watch: Watch, read: Snapshot, drop: (watch: Watch) => void) {
+    // Not the read itself: a finished job's result is in it, and a subscription lives long.
     this.#watch = watch
-    this.#read = read
+    this.#owner = read.owner
+    this.#startedAt = read.startedAt
+    this.#entryId = read.entryId
+    this.#event = watch.last === null ? read.event : null
     this.#drop = drop
   }
 
   /** As read, with the newest state the watch has now. */
   get snapshot (): Snapshot {
-    return { ...this.#read, event: this.#watch.last ?? this.#read.event }
+    return { event: this.#watch.last ?? this.#event as JobEvent, owner: this.#owner, startedAt: this.#startedAt, data: null, entryId: this.#entryId }
   }
 
   attach (sink: Sink): void {
@@ -202,9 +210,27 @@ export class Hub {
     for (const watch of watches) channels.add(watch.channel)
     await this.#broker.subscribe([...channels])
     this.#t.count('redisCommands', { op: 'subscribe' })
-    this.#t.count('snapshotReads', { reason: 'open' }, watches.length)
-    this.#t.count('redisCommands', { op: 'snapshot' }, watches.length)
-    return await readOpens(this.#opts.redis, this.#opts.keys, watches.map(watch => watch.target), owners)
+    // One read per job and expected owner: many sockets opening one job in one turn (tabs on a
+    // finished job) share it, instead of one script reading its result once per socket.
+    const at = new Map<string, number>()
+    const which: number[] = []
+    const targets: SnapshotTarget[] = []
+    const expected: Array<string | undefined> = []
+    for (let i = 0; i < watches.length; i++) {
+      const key = owners[i] === undefined ? watches[i].channel : `${watches[i].channel}\u0000${owners[i] as string}`
+      let k = at.get(key)
+      if (k === undefined) {
+        k = targets.length
+        at.set(key, k)
+        targets.push(watches[i].target)
+        expected.push(owners[i])
+      }
+      which.push(k)
+    }
+    this.#t.count('snapshotReads', { reason: 'open' }, targets.length)
+    this.#t.count('redisCommands', { op: 'snapshot' }, targets.length)
+    const reads = await readOpens(this.#opts.redis, this.#opts.keys, targets, expected)
+    return which.map(k => reads[k])
   })
 
   constructor (opts: HubOptions) {
@@ -380,7 +406,7 @@ export class Hub {
   async #recover (): Promise<void> {
     const channels = [...this.#watches.keys()]
     const subscribed = (async () => {
-      for (let i = 0; i < channels.length; i += BATCH) await this.#broker.subscribe(channels.slice(i, i + BATCH))
+      for (let i = 0; i < channels.length; i += BATCH) await this.#broker.subscribe(channels.slice(i, i + BATCH), true)
     })()
     subscribed.catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: re-subscribe after a reconnect failed'))
     // A subscribe can be held up behind the library's own re-subscription: re-read at once

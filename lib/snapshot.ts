@@ -176,7 +176,8 @@ export async function readSnapshots (redis: Commands, keys: Keys, targets: Snaps
  * The first read of jobs opened for watchers, in one round trip, each job's owner checked first
  * when `owners` names one (an entry per target; undefined reads the job whoever owns it). Null
  * for a job that does not exist and, alike, for a job of somebody else (the script stops after
- * the same reads and answers the same nil); an Error for a read Redis refused.
+ * the same reads and answers the same nil); an Error for a script call Redis refused, given to
+ * every job of that call (up to a hundred of one queue).
  */
 export async function readOpens (redis: Commands, keys: Keys, targets: SnapshotTarget[], owners: Array<string | undefined>): Promise<Array<Snapshot | null | Error>> {
   return await readJobs(redis, keys, targets, false, owners)

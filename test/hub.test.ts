@@ -162,6 +162,29 @@ t.test('a storm: 500 opens in one turn share one SUBSCRIBE and one pipelined rea
   for (const o of opened) o?.detach({ deliver () {} })
 })
 
+t.test('200 opens of one job in one turn (tabs on a finished job) read it once, and keep no copy of its result each', async (t) => {
+  const redis = await redisFor(t)
+  const { hub, add, target } = await setup(t, redis)
+  const jobId = await add('alice')
+  const cmd = redis.client()
+  t.teardown(() => cmd.disconnect())
+  // Finished, with a 200 KB result.
+  await cmd.hset(`bull:hubq:${jobId}`, 'returnvalue', JSON.stringify('x'.repeat(200_000)), 'finishedOn', String(Date.now()))
+  await cmd.zadd('bull:hubq:completed', Date.now(), jobId)
+  await cmd.lrem('bull:hubq:wait', 0, jobId)
+  const output = async (): Promise<number> => Number(/total_net_output_bytes:(\d+)/.exec(await cmd.info('stats'))?.[1])
+  const before = await calls(redis)
+  const bytes = await output()
+  const opened = await Promise.all(Array.from({ length: 200 }, async () => await hub.open(target(jobId), 'alice')))
+  const sent = await output() - bytes
+  const used = diff(before, await calls(redis))
+  t.ok(opened.every(o => o?.snapshot.event.state === 'completed'), 'every opener has the final state')
+  t.equal((used.evalsha ?? 0) + (used.eval ?? 0), 1, 'one script call')
+  t.ok(sent < 400_000, `Redis sent ${sent} bytes: the result once, not 200 times`)
+  t.equal(opened[0]?.snapshot.event, opened[199]?.snapshot.event, 'one state, shared')
+  for (const o of opened) o?.detach({ deliver () {} })
+})
+
 t.test('reconcile() re-reads on demand; the sweep has a fixed budget whatever is watched', async (t) => {
   const redis = await redisFor(t)
   const { hub, cmd, add, target } = await setup(t, redis, { sweepReadsPerSecond: 2 })

@@ -67,6 +67,30 @@ t.test('on a cluster', async (t) => {
     }, /prefix: '\{bull\}'/)
   })
 
+  t.test('a channel watched here is not subscribed again: the cluster client\'s list of channels to restore stays one per channel', async (t) => {
+    const { ShardedBroker } = await import('../lib/broker/sharded')
+    const commands = cluster.client()
+    const subscriber = cluster.client()
+    t.teardown(() => { commands.disconnect(); subscriber.disconnect() })
+    const broker = new ShardedBroker(commands, subscriber)
+    // The list ioredis re-subscribes after a slot refresh (read from its internals: if they move,
+    // this fails here, not silently).
+    const listed = (): number => {
+      const group = (subscriber as unknown as { shardedSubscribers?: { channels?: Map<number, string[]> } }).shardedSubscribers
+      if (group?.channels === undefined) throw new Error('the cluster client keeps its sharded channels elsewhere now')
+      let n = 0
+      for (const list of group.channels.values()) n += list.length
+      return n
+    }
+    await broker.subscribe(['jp:batch:{a}', 'jp:batch:{b}'])
+    // Refused probes of a watched job, and opens by its owner, each subscribe its channel again.
+    for (let i = 0; i < 50; i++) await broker.subscribe(['jp:batch:{a}'])
+    t.equal(listed(), 2)
+    await broker.unsubscribe(['jp:batch:{a}'])
+    await broker.subscribe(['jp:batch:{a}'])
+    t.equal(listed(), 2, 'let go and subscribed again: still once')
+  })
+
   t.test('progress streams over sharded pub/sub, on the shard of the job\'s channel only', async (t) => {
     const uploadDir = await tempDir(t)
     const { url } = await appOn(t, cluster, uploadDir)

@@ -10,7 +10,11 @@ export interface Broker {
   /** `classic` (PUBLISH/SUBSCRIBE) or `sharded` (SPUBLISH/SSUBSCRIBE). */
   readonly kind: 'classic' | 'sharded'
   /** Subscribes channels; resolves once Redis confirmed them, so a read after it misses nothing. */
-  subscribe: (channels: string[]) => Promise<void>
+  /**
+   * Subscribes; `again` sends the subscription even for channels subscribed already (after a
+   * reconnect, to know it is in effect), else those cost one round trip and nothing more.
+   */
+  subscribe: (channels: string[], again?: boolean) => Promise<void>
   unsubscribe: (channels: string[]) => Promise<void>
   /** Registers the receiver of every message. */
   onMessage: (receive: (channel: string, message: string) => void) => void

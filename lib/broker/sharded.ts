@@ -30,11 +30,31 @@ export class ShardedBroker implements Broker {
     this.#subscriber = subscriber
   }
 
-  async subscribe (channels: string[]): Promise<void> {
-    await Promise.all([...bySlot(channels, c => c).values()].map(async group => await this.#subscriber.ssubscribe(...group)))
+  /**
+   * Channels subscribed here. The cluster client keeps a list per slot to subscribe again after a
+   * slot refresh, and appends a channel to it on every SSUBSCRIBE, even one it holds: a channel
+   * watched here is not sent again (a refused probe of somebody else's job would grow that list).
+   */
+  readonly #subscribed = new Set<string>()
+
+  async subscribe (channels: string[], again = false): Promise<void> {
+    const fresh = again ? channels : channels.filter(c => !this.#subscribed.has(c))
+    if (fresh.length === 0) {
+      // As long as a SUBSCRIBE: whether a job is watched here must not show in the answer's time.
+      if (channels.length > 0) await this.#commands.ping()
+      return
+    }
+    for (const channel of fresh) this.#subscribed.add(channel)
+    try {
+      await Promise.all([...bySlot(fresh, c => c).values()].map(async group => await this.#subscriber.ssubscribe(...group)))
+    } catch (err) {
+      if (!again) for (const channel of fresh) this.#subscribed.delete(channel)
+      throw err
+    }
   }
 
   async unsubscribe (channels: string[]): Promise<void> {
+    for (const channel of channels) this.#subscribed.delete(channel)
     await Promise.all([...bySlot(channels, c => c).values()].map(async group => await this.#subscriber.sunsubscribe(...group)))
   }
 
