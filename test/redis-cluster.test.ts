@@ -131,6 +131,9 @@ t.test('on a cluster', async (t) => {
     hold.open()
     const final = await client.waitFor(m => m.status === 'complete', 40_000)
     t.equal(final.processed, 3)
+    // The job can end before the cluster even noticed the kill (it then still says ok): wait for
+    // the replica to take over, or the next test's kill leaves two masters down and no majority.
+    await cluster.waitFailover(`jp:batch:{${String(up.body.job_id)}}`, channelMaster)
     await cluster.waitHealthy()
   })
 
