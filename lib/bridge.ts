@@ -137,6 +137,8 @@ export class Bridge {
    */
   readonly #waits = new Set<() => void>()
   #claimTimer: NodeJS.Timeout | null = null
+  /** Per stream: the relay script's arguments, the same on every run. */
+  readonly #relayArgsOf = new Map<string, Array<string | number>>()
   /** Per stream: relayed entries not acknowledged yet (see #ack). */
   readonly #acks = new Map<string, string[]>()
   /** Batches published with a read whose listeners have not all finished: close() waits for them. */
@@ -382,12 +384,17 @@ export class Bridge {
 
   /** Sends the relay script's run on one stream (on a connection or in a pipeline); `done` gets its reply. */
   #relayArgs (pipe: Commands | ReturnType<Commands['pipeline']>, stream: string, done: (err: Error | null | undefined, reply: Relayed) => void): void {
-    const { group, consumer, keys } = this.#o
-    const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
-    // A job's channel is <head><jobId><tail>.
-    const probe = keys.channel(this.#queueOf(stream), '\u0000')
-    const at = probe.indexOf('\u0000')
-    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all, done)
+    let args = this.#relayArgsOf.get(stream)
+    if (args === undefined) {
+      const { group, consumer, keys } = this.#o
+      const all = this.#o.progressListeners !== false && this.#o.onEvent !== undefined ? '1' : '0'
+      // A job's channel is <head><jobId><tail>.
+      const probe = keys.channel(this.#queueOf(stream), '\u0000')
+      const at = probe.indexOf('\u0000')
+      args = [stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all]
+      this.#relayArgsOf.set(stream, args)
+    }
+    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(...args, done)
   }
 
   /**

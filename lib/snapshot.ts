@@ -128,36 +128,14 @@ export async function readOwner (redis: Commands, keys: Keys, target: SnapshotTa
 
 /**
  * The owners of many jobs in one pipelined round trip (one small script each), in order: null
- * for a job that does not exist, an Error for a read Redis refused. A storm of subscriptions
- * pays one write and one round trip per batch, not one per job. On a cluster, one pipeline per
- * slot, run side by side.
+ * for a job that does not exist, an Error for a read Redis refused. On a cluster, one pipeline
+ * per slot, run side by side.
  */
 export async function readOwners (redis: Commands, keys: Keys, targets: SnapshotTarget[]): Promise<Array<string | null | Error>> {
   if (targets.length === 0) return []
   withScripts(redis)
-  if (targets.length === 1) return [await readOwner(redis, keys, targets[0])]
-  if (isCluster(redis)) {
-    const groups = new Map<number, number[]>()
-    targets.forEach((target, i) => {
-      const slot = slotOf(keys.job(target.queue, target.jobId))
-      const group = groups.get(slot)
-      if (group === undefined) groups.set(slot, [i])
-      else group.push(i)
-    })
-    if (groups.size > 1) {
-      const out: Array<string | null | Error> = new Array(targets.length)
-      await Promise.all([...groups.values()].map(async (indexes) => {
-        const got = await readOwners(redis, keys, indexes.map(i => targets[i]))
-        indexes.forEach((i, j) => { out[i] = got[j] })
-      }))
-      return out
-    }
-  }
-  const pipe = redis.pipeline() as unknown as Scripted & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
-  for (const { queue, jobId } of targets) void pipe.jpOwner(keys.job(queue, jobId), keys.cancel(queue, jobId))
-  const replies = await pipe.exec()
-  if (replies === null) throw new Error('pipeline was discarded')
-  return replies.map(([err, owner]) => err ?? (typeof owner === 'string' && owner !== '' ? owner : null))
+  const replies = await pipelined(redis, keys, targets, (pipe, i) => { void pipe.jpOwner(keys.job(targets[i].queue, targets[i].jobId), keys.cancel(targets[i].queue, targets[i].jobId)) })
+  return replies.map(owner => owner instanceof Error ? owner : typeof owner === 'string' && owner !== '' ? owner : null)
 }
 
 /**

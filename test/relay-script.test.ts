@@ -1,6 +1,6 @@
 import t from 'tap'
 import Fastify from 'fastify'
-import { Bridge, relayMessage } from '../lib/bridge'
+import { Bridge, relayMessage, type BridgeOptions } from '../lib/bridge'
 import { RELAY_SCRIPT } from '../lib/relay-script'
 import { Keys } from '../lib/keys'
 import { redisFor } from './helpers/index'
@@ -17,6 +17,15 @@ async function listen (t: { teardown: (fn: () => unknown) => void }, redis: Redi
   sub.on('pmessage', (_p: string, channel: string, message: string) => got.push([channel, message]))
   await sub.psubscribe('jp:batch:*')
   return got
+}
+
+/** A bridge on its own two connections, closed at teardown (again, if the test closed it). */
+function bridgeOn (t: { teardown: (fn: () => unknown) => void }, redis: RedisServer, opts: Partial<BridgeOptions>): Bridge {
+  const cmd = redis.client()
+  const blocking = redis.client()
+  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 10_000, claimIntervalMs: 10_000, consumerIdleMs: 60_000, log: Fastify().log, ...opts })
+  t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
+  return bridge
 }
 
 t.test('the script publishes what relayMessage builds, acknowledges progress and hands back lifecycle events', async (t) => {
@@ -65,13 +74,7 @@ t.test('two ordered bridges under load: every message of a job arrives, in strea
   const r = redis.client()
   t.teardown(() => r.disconnect())
   const got = await listen(t, redis)
-  const bridges = ['a', 'b'].map(consumer => {
-    const cmd = redis.client()
-    const blocking = redis.client()
-    const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer, blockMs: 100, claimIdleMs: 10_000, claimIntervalMs: 10_000, consumerIdleMs: 60_000, log: Fastify().log })
-    t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
-    return bridge
-  })
+  const bridges = ['a', 'b'].map(consumer => bridgeOn(t, redis, { consumer, blockMs: 100 }))
   for (const bridge of bridges) await bridge.start()
   // Bursts of every size, spread over 4 jobs: both bridges read at the same time.
   const total = 6_000
@@ -103,13 +106,7 @@ t.test('an idle stream wakes one bridge per event, and a burst larger than one r
   const r = redis.client()
   t.teardown(() => r.disconnect())
   const got = await listen(t, redis)
-  const bridges = ['a', 'b', 'c'].map(consumer => {
-    const cmd = redis.client()
-    const blocking = redis.client()
-    const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer, blockMs: 60_000, claimIdleMs: 10_000, claimIntervalMs: 10_000, consumerIdleMs: 60_000, log: Fastify().log })
-    t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
-    return bridge
-  })
+  const bridges = ['a', 'b', 'c'].map(consumer => bridgeOn(t, redis, { consumer }))
   for (const bridge of bridges) await bridge.start()
   const calls = async (): Promise<number> => Number(/cmdstat_evalsha:calls=(\d+)/.exec(await r.info('commandstats'))?.[1] ?? 0)
   // Let the first scripts of each bridge (at start) run.
@@ -135,11 +132,8 @@ t.test('an entry no bridge was woken for is read by the periodic check of the gr
   const r = redis.client()
   t.teardown(() => r.disconnect())
   const got = await listen(t, redis)
-  const cmd = redis.client()
-  const blocking = redis.client()
   // The wake-up waits a minute: only the check every 200 ms can find the entry.
-  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 10_000, claimIntervalMs: 200, consumerIdleMs: 60_000, log: Fastify().log })
-  t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
+  const bridge = bridgeOn(t, redis, { claimIntervalMs: 200 })
   await bridge.start()
   await new Promise(resolve => setTimeout(resolve, 100))
   // As if a bridge took the wake-up and died before reading: the wake group moves past the entry
@@ -160,10 +154,7 @@ t.test('wake consumers of dead instances leave the wake group, and a closing bri
     return rows.map(row => String(row[row.indexOf('name') + 1]))
   }
   t.same(await names(), ['dead-instance'])
-  const cmd = redis.client()
-  const blocking = redis.client()
-  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 100, claimIdleMs: 10_000, claimIntervalMs: 100, consumerIdleMs: 300, log: Fastify().log })
-  t.teardown(() => { cmd.disconnect(); blocking.disconnect() })
+  const bridge = bridgeOn(t, redis, { blockMs: 100, claimIntervalMs: 100, consumerIdleMs: 300 })
   await bridge.start()
   while ((await names()).includes('dead-instance')) await new Promise(resolve => setTimeout(resolve, 50))
   // The live bridge's wake consumer exists once a wake-up handed it an entry.
@@ -177,13 +168,10 @@ t.test('a lifecycle entry reaches the listeners as soon as the script ran, not w
   const redis = await redisFor(t)
   const r = redis.client()
   t.teardown(() => r.disconnect())
-  const cmd = redis.client()
-  const blocking = redis.client()
   let seen!: (event: string) => void
   const listened = new Promise<string>(resolve => { seen = resolve })
   // The wake-up after the script blocks for a minute: the listener must not wait for it.
-  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 120_000, claimIntervalMs: 60_000, consumerIdleMs: 600_000, log: Fastify().log, onEvent: (event) => { if (event.final) seen(event.event) } })
-  t.teardown(async () => { await bridge.close(); cmd.disconnect(); blocking.disconnect() })
+  const bridge = bridgeOn(t, redis, { claimIdleMs: 120_000, claimIntervalMs: 60_000, onEvent: (event) => { if (event.final) seen(event.event) } })
   await bridge.start()
   await r.xadd(stream, '*', 'event', 'completed', 'jobId', 'j1')
   t.equal(await listened, 'completed')
@@ -199,11 +187,8 @@ t.test('close() reads what arrived after the last wake-up and hands it to the li
   const redis = await redisFor(t)
   const r = redis.client()
   t.teardown(() => r.disconnect())
-  const cmd = redis.client()
-  const blocking = redis.client()
   const seen: string[] = []
-  const bridge = new Bridge({ redis: cmd, blocking, keys, queues: ['batch'], group: 'jp-bridge', consumer: 'me', blockMs: 60_000, claimIdleMs: 120_000, claimIntervalMs: 60_000, consumerIdleMs: 600_000, log: Fastify().log, onEvent: (event) => { seen.push(event.event) } })
-  t.teardown(() => { cmd.disconnect(); blocking.disconnect() })
+  const bridge = bridgeOn(t, redis, { claimIdleMs: 120_000, claimIntervalMs: 60_000, onEvent: (event) => { seen.push(event.event) } })
   await bridge.start()
   await new Promise(resolve => setTimeout(resolve, 100))
   // As if the wake-up was taken just before close(): nothing wakes this bridge for the entry.
