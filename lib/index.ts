@@ -28,7 +28,7 @@ import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './client-route'
-import { WebSocketTransport } from './transports/websocket'
+import { releaseUpgrade, WebSocketTransport } from './transports/websocket'
 import { readOwner, readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { acceptedBody, uploadHandler, uploadShutdown } from './uploads'
@@ -173,8 +173,15 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   fastify.addHook('preClose', async () => {
     for (const session of sessions) session.close(CloseCodes.goingAway, 'server shutting down')
   })
+  // Registered here, @fastify/websocket runs its default error handler: every socket shares one
+  // function that does the same (see releaseUpgrade).
+  let onSocketError: ((this: WebSocket, err: Error) => void) | undefined
   if (!fastify.hasDecorator('websocketServer')) {
     await fastify.register(fastifyWebsocket, { options: { maxPayload: opts.maxPayload } })
+    onSocketError = function (err) {
+      log.error(err)
+      this.terminate()
+    }
   }
   if (!fastify.hasRequestDecorator('isMultipart')) await fastify.register(fastifyMultipart)
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
@@ -272,6 +279,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     const paths = protocol.perJob === true ? [...queues.keys()].map(kind => ({ path: `${protocol.path}/${kind}/:jobId`, kind })) : [{ path: protocol.path, kind: undefined }]
     for (const { path, kind } of paths) {
       fastify.get(path, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
+        releaseUpgrade(socket, request, onSocketError)
         const jobs = kind === undefined ? [] : [{ kind, jobId: (request.params as { jobId: string }).jobId }]
         // eslint-disable-next-line no-new
         new Session(ctx, protocol, new WebSocketTransport(socket), request, jobs)

@@ -10,16 +10,23 @@ interface Pending {
 
 const size = (data: OutboxData): number => typeof data === 'string' ? Buffer.byteLength(data) : data.byteLength
 
+/** Who is told when the client counts as not reading: an object with a method (a session passes itself, not a closure made for it). */
+export interface OutboxOwner {
+  overflowed: () => void
+}
+
 export interface OutboxOptions {
   /** Bytes not yet flushed above which messages wait here. @default 16384 */
   highWaterMark?: number
   /**
    * Bytes waiting here plus those not yet flushed above which the client counts as not reading:
-   * `onOverflow` runs and nothing more is queued. @default Infinity
+   * `owner.overflowed()` runs and nothing more is queued. @default Infinity
    */
   maxBytes?: number
-  onOverflow?: () => void
+  owner?: OutboxOwner
 }
+
+const nobody: OutboxOwner = { overflowed () {} }
 
 /**
  * What a connection still has to send. While the client keeps up, a message is written at once.
@@ -33,8 +40,9 @@ export class Outbox {
   readonly #transport: Transport
   readonly #highWaterMark: number
   readonly #maxBytes: number
-  readonly #onOverflow: () => void
-  readonly #queue = new Map<string, Pending>()
+  readonly #owner: OutboxOwner
+  /** Made when a message first has to wait: most connections never fall behind. */
+  #queue: Map<string, Pending> | null = null
   #queuedBytes = 0
   /** Sends not yet flushed to the kernel, and since when none of them has been. */
   #inFlight = 0
@@ -49,7 +57,7 @@ export class Outbox {
     this.#transport = transport
     this.#highWaterMark = opts.highWaterMark ?? 16 * 1024
     this.#maxBytes = opts.maxBytes ?? Infinity
-    this.#onOverflow = opts.onOverflow ?? (() => {})
+    this.#owner = opts.owner ?? nobody
   }
 
   /** Bytes waiting here, not yet handed to the transport. */
@@ -63,7 +71,7 @@ export class Outbox {
    */
   send (data: OutboxData, key?: string, final = false): void {
     if (!this.#transport.open || this.#closeAfter !== null || this.#overflowed) return
-    if (this.#queue.size === 0 && this.#transport.bufferedAmount < this.#highWaterMark) {
+    if ((this.#queue === null || this.#queue.size === 0) && this.#transport.bufferedAmount < this.#highWaterMark) {
       this.#write(data)
       return
     }
@@ -71,13 +79,13 @@ export class Outbox {
     if (key === undefined) {
       this.#add(`\0${this.#seq++}`, { data, final: true, bytes })
     } else {
-      const waiting = this.#queue.get(key)
+      const waiting = this.#queue?.get(key)
       if (waiting === undefined || !waiting.final) {
         if (waiting !== undefined) {
           this.conflated++
           // The newer message goes to the back: it must not overtake control messages queued
           // after the one it replaces (an `unsubscribed`, a `subscribed` again).
-          this.#queue.delete(key)
+          this.#queue?.delete(key)
           this.#queuedBytes -= waiting.bytes
         }
         this.#add(key, { data, final, bytes })
@@ -88,9 +96,9 @@ export class Outbox {
     if (this.#queuedBytes + this.#transport.bufferedAmount > this.#maxBytes) {
       this.#overflowed = true
       // Nothing queued will ever be read: let it go now, not when the connection is reaped.
-      this.#queue.clear()
+      this.#queue = null
       this.#queuedBytes = 0
-      this.#onOverflow()
+      this.#owner.overflowed()
     }
   }
 
@@ -107,7 +115,7 @@ export class Outbox {
   }
 
   #add (key: string, pending: Pending): void {
-    this.#queue.set(key, pending)
+    (this.#queue ??= new Map()).set(key, pending)
     this.#queuedBytes += pending.bytes
   }
 
@@ -120,16 +128,21 @@ export class Outbox {
   readonly #flushed = (err?: Error | null): void => {
     this.#inFlight--
     this.#waitingSince = this.#inFlight === 0 ? 0 : Date.now()
-    if (err == null && (this.#queue.size > 0 || this.#closeAfter !== null)) this.#drain()
+    if (err == null && ((this.#queue !== null && this.#queue.size > 0) || this.#closeAfter !== null)) this.#drain()
   }
 
   #drain (): void {
     if (!this.#transport.open) return
-    for (const [key, pending] of this.#queue) {
-      if (this.#transport.bufferedAmount >= this.#highWaterMark) return
-      this.#queue.delete(key)
-      this.#queuedBytes -= pending.bytes
-      this.#write(pending.data)
+    const queue = this.#queue
+    if (queue !== null) {
+      for (const [key, pending] of queue) {
+        if (this.#transport.bufferedAmount >= this.#highWaterMark) return
+        queue.delete(key)
+        this.#queuedBytes -= pending.bytes
+        this.#write(pending.data)
+      }
+      // Emptied: a connection that caught up holds no map while it is idle again.
+      if (this.#queue === queue) this.#queue = null
     }
     if (this.#closeAfter !== null) this.#transport.close(...this.#closeAfter)
   }

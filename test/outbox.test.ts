@@ -56,11 +56,11 @@ t.test('closeWhenFlushed closes only after what was queued before it', async (t)
   t.same(received.map(r => r.startsWith('big:') ? 'big' : r), ['big', 'final'])
 })
 
-t.test('unread bytes over maxBytes: onOverflow once, the queue let go, nothing more queued', async (t) => {
+t.test('unread bytes over maxBytes: the owner told once, the queue let go, nothing more queued', async (t) => {
   const { server } = await stalledPair(t)
   let overflows = 0
   // Unflushed bytes count too: the limit is above what the first send leaves in the transport.
-  const outbox = new Outbox(new WebSocketTransport(server), { maxBytes: 17 * 1024 * 1024, onOverflow: () => overflows++ })
+  const outbox = new Outbox(new WebSocketTransport(server), { maxBytes: 17 * 1024 * 1024, owner: { overflowed: () => overflows++ } })
   outbox.send('big:' + 'x'.repeat(16 * 1024 * 1024))
   // Replies without a job are never conflated: they are what a client that never reads piles up.
   let sent = 0
@@ -80,7 +80,7 @@ t.test('unread bytes over maxBytes: onOverflow once, the queue let go, nothing m
 t.test('a conflated message counts once against the limit', async (t) => {
   const { server } = await stalledPair(t)
   let overflows = 0
-  const outbox = new Outbox(new WebSocketTransport(server), { maxBytes: 17 * 1024 * 1024, onOverflow: () => overflows++ })
+  const outbox = new Outbox(new WebSocketTransport(server), { maxBytes: 17 * 1024 * 1024, owner: { overflowed: () => overflows++ } })
   outbox.send('big:' + 'x'.repeat(16 * 1024 * 1024))
   for (let i = 0; i < 1000; i++) outbox.send(`progress-${i}`.padEnd(1024), 'job')
   t.equal(overflows, 0, 'a thousand progress updates of one job hold one slot')

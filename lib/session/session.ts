@@ -10,7 +10,7 @@ import type { Identity, Owners } from '../owner'
 import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
 import type { SnapshotTarget } from '../snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
-import type { Transport } from './transport'
+import type { Transport, TransportEvents } from './transport'
 import { LogFeed, type LiveLogs, type LogsRequest } from '../live-logs'
 import type { LogsRead } from '../job-logs'
 import type { LogMessage, MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
@@ -65,7 +65,7 @@ export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest }
 class Subscription implements Sink {
   readonly opened: OpenedJob
   readonly target: SnapshotTarget
-  readonly #to: (sub: Subscription, event: JobEvent) => void
+  readonly #session: Session
   final = false
   /** The last event delivered, so a repeated subscribe answers with the current state too. */
   last: JobEvent | null = null
@@ -74,10 +74,10 @@ class Subscription implements Sink {
   /** Its log lines, when asked for. */
   logs?: { feed: LogFeed, stop: () => void }
 
-  constructor (opened: OpenedJob, target: SnapshotTarget, to: (sub: Subscription, event: JobEvent) => void) {
+  constructor (opened: OpenedJob, target: SnapshotTarget, session: Session) {
     this.opened = opened
     this.target = target
-    this.#to = to
+    this.#session = session
   }
 
   /** Where the hub delivers this job's events: the subscription itself. */
@@ -86,7 +86,7 @@ class Subscription implements Sink {
   }
 
   deliver (event: JobEvent): void {
-    this.#to(this, event)
+    deliverTo(this.#session, this, event)
   }
 }
 
@@ -121,22 +121,36 @@ function logBytes (protocol: ProtocolDefinition, render: (m: LogMessage) => Serv
 }
 
 /**
+ * How a subscription hands its events to its session's private method: one function set by the
+ * class, not a closure per session.
+ */
+let deliverTo: (session: Session, sub: Subscription, event: JobEvent) => void
+
+const RESOLVED = Promise.resolve()
+
+/**
  * One client connection under one protocol, over any transport: authenticates it, checks
  * ownership before any job data leaves, subscribes its jobs through the hub, and applies the
  * limits. The protocol only renders; the transport only carries.
+ *
+ * Most connections sit idle for most of their life, and a server holds thousands: what a session
+ * keeps is made when it is first needed (a map of waiting steps, a list of early messages), and
+ * what only its start needs (the upgrade request) is let go once it cannot be asked for again.
  */
-export class Session {
+export class Session implements TransportEvents {
   readonly transport: Transport
   readonly outbox: Outbox
   readonly protocol: ProtocolDefinition
   owner: string | null = null
   #identity: Identity | null = null
   readonly #ctx: SessionContext
-  readonly #request: FastifyRequest
+  /** Kept while an access policy of the application's may still be asked about it (see {@link #forgetRequest}). */
+  #request: FastifyRequest | null
   readonly #subs = new Map<string, Subscription>()
   #state: 'auth' | 'ready' | 'closed' = 'auth'
-  #chain: Promise<void> = Promise.resolve()
-  #early: string[] = []
+  #chain: Promise<void> = RESOLVED
+  /** Messages that arrived before authentication ended. */
+  #early: string[] | null = null
   #authTimer: NodeJS.Timeout | null = null
   /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
   #pending = 0
@@ -144,7 +158,7 @@ export class Session {
   #mine: (() => void) | null = null
   #wantsMine: boolean
   /** Per job, its subscribes in the order asked: jobs do not wait on each other. */
-  readonly #jobChains = new Map<string, Promise<void>>()
+  #jobChains: Map<string, Promise<void>> | null = null
   /** The last unsubscribe: steps asked after it wait for it. */
   #barrier: Promise<void> | null = null
   /** Opens in flight, counted against the subscription limit. */
@@ -157,16 +171,11 @@ export class Session {
     this.protocol = protocol
     this.transport = transport
     this.#request = request
-    this.outbox = new Outbox(transport, {
-      maxBytes: ctx.maxBufferedBytes,
-      onOverflow: () => this.#overflow()
-    })
+    this.outbox = new Outbox(transport, { maxBytes: ctx.maxBufferedBytes, owner: this })
     ctx.sessions.add(this)
-    transport.bind({
-      message: (data, isBinary, size) => this.#onFrame(data, isBinary, size),
-      close: () => this.#cleanup()
-    })
+    transport.bind(this)
     if (protocol.auth === 'first-message') {
+      this.#forgetRequest()
       this.#authTimer = setTimeout(() => this.#refuse('authentication timeout: send {"token": "..."} first'), ctx.firstMessageTimeoutMs).unref()
     } else {
       this.#pending += jobs.length
@@ -193,7 +202,18 @@ export class Session {
     this.#cleanup()
   }
 
-  #overflow (): void {
+  /** From the transport: a client message. */
+  received (data: Buffer | string, isBinary: boolean, size: number): void {
+    this.#onFrame(data, isBinary, size)
+  }
+
+  /** From the transport: the connection is gone. */
+  closed (): void {
+    this.#cleanup()
+  }
+
+  /** From the outbox: the client left more unread than it may. */
+  overflowed (): void {
     this.#ctx.log.info({ owner: this.owner }, 'job-progress: closing a client that left too much unread')
     this.close(CloseCodes.slowClient, `client is not reading its messages (over ${this.#ctx.maxBufferedBytes} bytes unread)`)
     // The close frame waits behind what the client has not read; a client that reads again soon
@@ -217,32 +237,50 @@ export class Session {
   #enqueueFor (jobId: unknown, step: () => Promise<void>, barrier = false): void {
     const key = typeof jobId === 'string' ? jobId : ''
     const base = this.#barrier ?? this.#chain
+    const chains = this.#jobChains ??= new Map()
     const after = barrier
-      ? Promise.all([base, ...this.#jobChains.values()])
-      : (this.#jobChains.get(key) ?? base)
+      ? Promise.all([base, ...chains.values()])
+      : (chains.get(key) ?? base)
     const tail = after.then(step).catch((err: Error) => {
       this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
       this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
     })
     if (barrier) {
       this.#barrier = tail
-      this.#jobChains.clear()
+      chains.clear()
       return
     }
-    this.#jobChains.set(key, tail)
-    void tail.then(() => { if (this.#jobChains.get(key) === tail) this.#jobChains.delete(key) })
+    chains.set(key, tail)
+    void tail.then(() => { if (chains.get(key) === tail) chains.delete(key) })
+  }
+
+  /**
+   * Lets the upgrade request go once nothing can ask for it again: only the application's access
+   * policy does after authentication, and only for subscribes the client asks for later. Kept,
+   * it holds the request, its headers and the raw HTTP message for as long as the socket lives.
+   */
+  #forgetRequest (): void {
+    if (this.#ctx.canAccess === ownerOnly || this.protocol.parse === undefined) this.#request = null
   }
 
   async #authenticate (jobs: InitialJob[]): Promise<void> {
+    try {
+      await this.#authenticateRequest(this.#request as FastifyRequest, jobs)
+    } finally {
+      this.#forgetRequest()
+    }
+  }
+
+  async #authenticateRequest (request: FastifyRequest, jobs: InitialJob[]): Promise<void> {
     let identity
     try {
-      identity = await this.#ctx.owners.fromRequest(this.#request, true, true)
+      identity = await this.#ctx.owners.fromRequest(request, true, true)
     } catch (err) {
       if (err instanceof UnauthorizedError) return this.#refuse((err as Error).message.replace(/^Authentication required: /, ''))
       throw err
     }
     if (identity === null) return this.#refuse('authentication required: no session or API key')
-    if ((identity.via === 'session' || identity.via === 'token') && !this.#ctx.owners.originAllowed(this.#request)) {
+    if ((identity.via === 'session' || identity.via === 'token') && !this.#ctx.owners.originAllowed(request)) {
       return this.close(CloseCodes.forbidden, 'origin not allowed')
     }
     // A bad watch token on a one-job route: the same close as an unknown job, before anything else.
@@ -281,8 +319,8 @@ export class Session {
     this.#state = 'ready'
     this.sendControl(this.protocol.connected?.())
     const early = this.#early
-    this.#early = []
-    for (const text of early) this.#onText(text)
+    this.#early = null
+    if (early !== null) for (const text of early) this.#onText(text)
   }
 
   #onFrame (data: Buffer | string, isBinary: boolean, size: number): void {
@@ -301,8 +339,9 @@ export class Session {
         this.#enqueue(() => this.#authenticateWith(text))
         return
       }
-      if (this.#early.length >= 16) return this.close(CloseCodes.policyViolation, 'too many messages before authentication')
-      this.#early.push(text)
+      const early = this.#early ??= []
+      if (early.length >= 16) return this.close(CloseCodes.policyViolation, 'too many messages before authentication')
+      early.push(text)
       return
     }
     this.#onText(text)
@@ -395,7 +434,7 @@ export class Session {
     let expected: string | undefined = this.owner
     if (identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly) {
       const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: found, jobId, owner, data: null }, 'watch', this.owner)) return this.#notFound(jobId)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request as FastifyRequest, { kind: found, jobId, owner, data: null }, 'watch', this.owner)) return this.#notFound(jobId)
       expected = owner
     }
     const opened = await this.#ctx.hub.open(target, expected)
@@ -410,7 +449,7 @@ export class Session {
       return
     }
     this.sendControl(this.protocol.subscribed?.(jobId))
-    const sub = new Subscription(opened, target, this.#deliverTo)
+    const sub = new Subscription(opened, target, this)
     this.#subs.set(jobId, sub)
     // The feed is in place before the current state is delivered: a job that has ended sends
     // its lines first, then its final state.
@@ -432,7 +471,7 @@ export class Session {
     }
     if (this.#identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && this.owner !== null) {
       const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
         this.#error(`Logs not available: ${target.jobId}`, target.jobId)
         return false
       }
@@ -504,8 +543,9 @@ export class Session {
     this.sendControl(this.protocol.subscribed?.('mine'))
   }
 
-  /** One function for every subscription of this session to deliver through. */
-  readonly #deliverTo = (sub: Subscription, event: JobEvent): void => this.#deliver(sub, event)
+  static {
+    deliverTo = (session, sub, event) => session.#deliver(sub, event)
+  }
 
   #deliver (sub: Subscription, event: JobEvent): void {
     if (sub.final) return

@@ -1,12 +1,15 @@
 /** Messages are text; a Buffer is sent as text too (rendered once, shared by connections). */
 export type OutboxData = string | Buffer
 
-/** What a transport tells its session. */
+/**
+ * What a transport tells its session. The session itself is passed (its methods, not closures
+ * made for it): thousands of idle connections would each keep their own pair.
+ */
 export interface TransportEvents {
   /** A client message (WebSocket only); `size` in bytes. */
-  message: (data: Buffer | string, isBinary: boolean, size: number) => void
+  received: (data: Buffer | string, isBinary: boolean, size: number) => void
   /** The connection is gone, whoever ended it. */
-  close: () => void
+  closed: () => void
 }
 
 /**

@@ -42,7 +42,7 @@ export class SseTransport implements Transport {
   }
 
   bind (events: TransportEvents): void {
-    this.#res.on('close', () => events.close())
+    this.#res.on('close', () => events.closed())
     this.#res.on('error', () => {})
   }
 

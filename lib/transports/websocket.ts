@@ -1,9 +1,22 @@
+import type { FastifyRequest } from 'fastify'
+import { ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
 import type { RawData, WebSocket } from 'ws'
 import { CloseCodes, closeReason } from '../wire/close-codes'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
 import { FrameWriter, frameOf, framesFit, senderIdle } from './ws-frame'
 
 const TEXT = { binary: false } as const
+
+/**
+ * Where the listeners and the `close` every socket shares find the socket's transport: one
+ * property on the socket instead of a closure per listener per socket, which an idle socket
+ * would keep for its whole life.
+ */
+const kTransport = Symbol('job-progress transport')
+type Ws = WebSocket & { [kTransport]?: WebSocketTransport }
+
+const ignore = (): void => {}
 
 /**
  * A `ws` socket as a session transport. Text frames in, text frames out; WebSocket ping/pong for
@@ -16,6 +29,10 @@ export class WebSocketTransport implements Transport {
   #alive = true
   /** Writes prebuilt frames; null when they do not fit this socket (an extension negotiated), known after the handshake. */
   readonly #frames: FrameWriter | null
+  /** The socket's own `close`, called with the socket as `this`. */
+  readonly #close: WebSocket['close']
+  /** Whom the socket's events go to, once bound. */
+  #events: TransportEvents | null = null
 
   constructor (ws: WebSocket) {
     this.ws = ws
@@ -25,13 +42,35 @@ export class WebSocketTransport implements Transport {
     // "1009" alone cannot tell what to change. An app that registered @fastify/websocket itself
     // has its preClose run before ours, and it closes every client without a code: ours still
     // tell their clients 1001.
-    const close = ws.close.bind(ws)
-    ws.close = (code?: number, reason?: string | Buffer) => {
-      // What is held for the end of the tick goes before the close frame.
-      this.#frames?.flush()
-      if (code === undefined) close(CloseCodes.goingAway, closeReason(CloseCodes.goingAway))
-      else close(code, code === 1005 ? undefined : closeReason(code, reason?.toString()))
-    }
+    const previous = (ws as Ws)[kTransport]
+    this.#close = previous === undefined ? ws.close : previous.#close
+    ;(ws as Ws)[kTransport] = this
+    ws.close = WebSocketTransport.#closeWithReason
+  }
+
+  static #closeWithReason (this: Ws, code?: number, reason?: string | Buffer): void {
+    const transport = this[kTransport] as WebSocketTransport
+    // What is held for the end of the tick goes before the close frame.
+    transport.#frames?.flush()
+    if (code === undefined) transport.#close.call(this, CloseCodes.goingAway, closeReason(CloseCodes.goingAway))
+    else transport.#close.call(this, code, code === 1005 ? undefined : closeReason(code, reason?.toString()))
+  }
+
+  // The socket's listeners, the same functions for every socket (`this` is the socket).
+  static #onMessage (this: Ws, data: RawData, isBinary: boolean): void {
+    const size = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : (data as Buffer).byteLength
+    const transport = this[kTransport]
+    if (transport !== undefined) transport.#events?.received(Array.isArray(data) ? Buffer.concat(data) : data as Buffer, isBinary, size)
+  }
+
+  static #onPong (this: Ws): void {
+    const transport = this[kTransport]
+    if (transport !== undefined) transport.#alive = true
+  }
+
+  static #onClose (this: Ws): void {
+    const transport = this[kTransport]
+    if (transport !== undefined) transport.#events?.closed()
   }
 
   get open (): boolean {
@@ -44,14 +83,13 @@ export class WebSocketTransport implements Transport {
 
   bind (events: TransportEvents): void {
     const ws = this.ws
-    ws.on('message', (data: RawData, isBinary: boolean) => {
-      const size = Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : (data as Buffer).byteLength
-      events.message(Array.isArray(data) ? Buffer.concat(data) : data as Buffer, isBinary, size)
-    })
-    ws.on('pong', () => { this.#alive = true })
-    // Errors end in a close event; nothing else to do with them here.
-    ws.on('error', () => {})
-    ws.on('close', () => events.close())
+    this.#events = events
+    ws.on('message', WebSocketTransport.#onMessage)
+    ws.on('pong', WebSocketTransport.#onPong)
+    // Errors end in a close event; nothing else to do with them here. The listener is only there
+    // so that an error does not throw: one added by whoever made the socket does as well.
+    if (ws.listenerCount('error') === 0) ws.on('error', ignore)
+    ws.on('close', WebSocketTransport.#onClose)
   }
 
   write (data: OutboxData, done: (err?: Error | null) => void): void {
@@ -82,5 +120,28 @@ export class WebSocketTransport implements Transport {
     this.#alive = false
     this.#frames?.flush()
     this.ws.ping()
+  }
+}
+
+/**
+ * Lets go of what @fastify/websocket leaves tied to an accepted socket for its whole life: the
+ * upgrade's request, reply and raw HTTP messages (headers, the request's bytes), about 3 KB per
+ * socket that nothing reads after the route handler.
+ *
+ * - It routes the upgrade with a ServerResponse assigned to the connection; the reply is hijacked
+ *   and nothing is written to that response again, but the connection keeps pointing at it, and
+ *   through Fastify's listeners on it at the reply and the request. It is detached here.
+ * - It adds an error listener to the socket that closes over the request and the reply to call
+ *   its error handler. When the plugin registered @fastify/websocket, that handler is the
+ *   default one: `onError`, one function for every socket, does the same instead (logs the
+ *   error, terminates the socket). An application's own registration keeps its listener.
+ */
+export function releaseUpgrade (ws: WebSocket, request: FastifyRequest, onError?: (this: WebSocket, err: Error) => void): void {
+  const connection = request.raw.socket as (Socket & { _httpMessage?: unknown }) | null
+  const res = connection?._httpMessage
+  if (connection != null && res instanceof ServerResponse && res.socket === connection) res.detachSocket(connection)
+  if (onError !== undefined) {
+    for (const listener of ws.listeners('error')) ws.removeListener('error', listener as (err: Error) => void)
+    ws.on('error', onError)
   }
 }
