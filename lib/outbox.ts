@@ -52,12 +52,17 @@ export class Outbox {
   #overflowed = false
   /** Messages replaced before they were sent (for tests and metrics). */
   conflated = 0
+  /** Runs when a send is flushed (or failed): one function for every send, no closure per message. */
+  readonly #flushed: (err?: Error | null) => void
 
   constructor (transport: Transport, opts: OutboxOptions = {}) {
     this.#transport = transport
     this.#highWaterMark = opts.highWaterMark ?? 16 * 1024
     this.#maxBytes = opts.maxBytes ?? Infinity
     this.#owner = opts.owner ?? nobody
+    // Made here, not as a field initialiser: some compilers give such a function its name at run
+    // time, which gives it a property table of its own (about 250 bytes for each connection).
+    this.#flushed = (err) => this.#onFlushed(err)
   }
 
   /** Bytes waiting here, not yet handed to the transport. */
@@ -124,8 +129,7 @@ export class Outbox {
     this.#transport.write(data, this.#flushed)
   }
 
-  // One bound callback for every send: no closure per message on the hot path.
-  readonly #flushed = (err?: Error | null): void => {
+  #onFlushed (err?: Error | null): void {
     this.#inFlight--
     this.#waitingSince = this.#inFlight === 0 ? 0 : Date.now()
     if (err == null && ((this.#queue !== null && this.#queue.size > 0) || this.#closeAfter !== null)) this.#drain()

@@ -1,10 +1,10 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { once } from 'node:events'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import WebSocket from 'ws'
 import Fastify from 'fastify'
-import { jobsProtocol } from '../lib/index'
+import { jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { Bridge } from '../lib/bridge'
 import { Keys } from '../lib/keys'
 import { eventually, lines, redisFor, startApp, upload } from './helpers/index'
@@ -54,6 +54,60 @@ t.test('5,000 connect/subscribe/close cycles after 1,000 warm-up ones leave the 
   const grown = after - before
   t.comment(`RSS ${(rssBefore / 1048576).toFixed(0)} → ${(process.memoryUsage().rss / 1048576).toFixed(0)} MB (allocator pages, not live objects)`)
   t.ok(grown < 5 * 1024 * 1024, `heap ${(before / 1048576).toFixed(1)} → ${(after / 1048576).toFixed(1)} MB after 5,000 more cycles (${(grown / 5000).toFixed(0)} bytes per cycle; a connection left behind costs several KB)`)
+})
+
+/**
+ * An app whose upgrade requests are watched through weak references (a kept one is reachable from
+ * its socket), with an idle job (no worker: its sockets stay open after their first message).
+ */
+async function watchedUpgrades (t: Test, opts: Partial<JobProgressOptions>): Promise<{ ws: string, jobId: string, kept: () => Promise<unknown[]> }> {
+  const redis = await redisFor(t)
+  const raws: Array<WeakRef<object>> = []
+  const { url, ws } = await startApp(t, redis, { apiKeys: { k: 'alice', b: 'bob' }, protocols: [jobsProtocol()], ...opts }, (app) => {
+    app.addHook('onRequest', async (request) => { if (request.url.startsWith('/ws/')) raws.push(new WeakRef(request.raw)) })
+  })
+  const up = await upload(`${url}/batch/upload`, lines(1), { headers: { authorization: 'Bearer k' } })
+  const kept = async (): Promise<unknown[]> => {
+    await settledHeap()
+    return raws.map(r => r.deref()).filter(raw => raw !== undefined)
+  }
+  return { ws, jobId: up.body.job_id as string, kept }
+}
+
+async function openIdle (t: Test, url: string): Promise<WebSocket> {
+  const client = new WebSocket(url)
+  t.teardown(() => client.terminate())
+  await once(client, 'message')
+  return client
+}
+
+t.test('an open idle socket does not keep its upgrade request', async (t) => {
+  const { ws, jobId, kept } = await watchedUpgrades(t, {})
+  await Promise.all([
+    ...Array.from({ length: 10 }, async () => await openIdle(t, `${ws}/ws/batch/${jobId}?api_key=k`)),
+    ...Array.from({ length: 5 }, async () => await openIdle(t, `${ws}/ws/jobs?api_key=k`))
+  ])
+  t.equal((await kept()).length, 0, 'none of 15 open sockets (per-job and jobs protocol) keeps its request')
+})
+
+t.test('a socket an access policy may still be asked about keeps its request, and the policy gets it', async (t) => {
+  const asked: unknown[] = []
+  const { ws, jobId, kept } = await watchedUpgrades(t, {
+    // Bob may watch alice's jobs: the policy is asked on his subscribes, with the upgrade request.
+    canAccess: (request, _job, _action, requester) => {
+      asked.push(request.raw)
+      return requester === 'bob'
+    }
+  })
+  await Promise.all(Array.from({ length: 10 }, async () => await openIdle(t, `${ws}/ws/batch/${jobId}?api_key=k`)))
+  const bob = await openIdle(t, `${ws}/ws/jobs?api_key=b`)
+  const left = await kept()
+  t.equal(left.length, 1, 'the per-job sockets (no later subscribe) let theirs go; the jobs-protocol socket keeps its own')
+  bob.send(JSON.stringify({ action: 'subscribe', job_id: jobId }))
+  await new Promise<void>((resolve) => bob.on('message', (data) => {
+    if ((JSON.parse(data.toString()) as { type: string }).type === 'job_update') resolve()
+  }))
+  t.equal(asked.at(-1), left[0], 'bob watches alice\'s job: the policy got his upgrade request')
 })
 
 t.test('a bridge relaying 2,000 events one read at a time keeps nothing per read', async (t) => {

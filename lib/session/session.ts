@@ -90,6 +90,52 @@ class Subscription implements Sink {
   }
 }
 
+/**
+ * A session's subscriptions by job id. Most connections watch one job (the per-job route, an SSE
+ * stream of one job): that one is held as it is, and a map is made only for a second one.
+ */
+class Subscriptions {
+  #one: Subscription | null = null
+  #many: Map<string, Subscription> | null = null
+
+  get size (): number {
+    return this.#many !== null ? this.#many.size : this.#one === null ? 0 : 1
+  }
+
+  get (jobId: string): Subscription | undefined {
+    if (this.#many !== null) return this.#many.get(jobId)
+    return this.#one?.target.jobId === jobId ? this.#one : undefined
+  }
+
+  /** Adds `sub` under its job's id, in place of one there. */
+  add (sub: Subscription): void {
+    const jobId = sub.target.jobId
+    if (this.#many === null) {
+      if (this.#one === null || this.#one.target.jobId === jobId) {
+        this.#one = sub
+        return
+      }
+      this.#many = new Map([[this.#one.target.jobId, this.#one]])
+      this.#one = null
+    }
+    this.#many.set(jobId, sub)
+  }
+
+  delete (jobId: string): void {
+    if (this.#many !== null) this.#many.delete(jobId)
+    else if (this.#one?.target.jobId === jobId) this.#one = null
+  }
+
+  values (): Iterable<Subscription> {
+    return this.#many !== null ? this.#many.values() : this.#one === null ? [] : [this.#one]
+  }
+
+  clear (): void {
+    this.#one = null
+    this.#many = null
+  }
+}
+
 const serialize = (message: ServerMessage): string | undefined =>
   message === undefined ? undefined : typeof message === 'string' ? message : JSON.stringify(message)
 
@@ -146,7 +192,7 @@ export class Session implements TransportEvents {
   readonly #ctx: SessionContext
   /** Kept while an access policy of the application's may still be asked about it (see {@link #forgetRequest}). */
   #request: FastifyRequest | null
-  readonly #subs = new Map<string, Subscription>()
+  readonly #subs = new Subscriptions()
   #state: 'auth' | 'ready' | 'closed' = 'auth'
   #chain: Promise<void> = RESOLVED
   /** Messages that arrived before authentication ended. */
@@ -222,10 +268,13 @@ export class Session implements TransportEvents {
   }
 
   #enqueue (step: () => Promise<void> | void): void {
-    this.#chain = this.#chain.then(step).catch((err: Error) => {
+    const tail = this.#chain.then(step).catch((err: Error) => {
       this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
       this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
     })
+    this.#chain = tail
+    // Once done, an idle connection does not keep the settled chain.
+    void tail.then(() => { if (this.#chain === tail) this.#chain = RESOLVED })
   }
 
   /**
@@ -450,7 +499,7 @@ export class Session implements TransportEvents {
     }
     this.sendControl(this.protocol.subscribed?.(jobId))
     const sub = new Subscription(opened, target, this)
-    this.#subs.set(jobId, sub)
+    this.#subs.add(sub)
     // The feed is in place before the current state is delivered: a job that has ended sends
     // its lines first, then its final state.
     if (withLogs) this.#feed(sub, target, logs)
