@@ -15,17 +15,58 @@ import { fmt, percentiles, table } from './lib/stats'
  * With BENCH_CANDIDATE=/path/to/lib/index.ts the same runs for that copy of lib/ too, the two
  * taking turns at every rate: a change to the path is measured against what it replaces.
  *
- *   npx tsx bench/relay.ts [--rates=500,2000,8000] [--seconds=3] [--instances=2] [--rounds=3]
+ * With --floor, one BullMQ QueueEvents per instance reads the same stream in turn with them: the
+ * cost of reading BullMQ's stream directly, every instance reading every event.
+ *
+ *   npx tsx bench/relay.ts [--rates=500,2000,8000] [--seconds=3] [--instances=2] [--rounds=3] [--floor]
  */
 const argv = process.argv.slice(2)
 const opt = (name: string, fallback: string): string => argv.find(a => a.startsWith(`--${name}=`))?.slice(name.length + 3) ?? fallback
 const JOBS = 50
 const QUEUE = 'relay'
+/** The `lib` of the QueueEvents floor (`--floor`). */
+const FLOOR = 'floor'
 
 interface Step { events: number, cpu: number[], delivered: number, commands: Record<string, number>, redisCpu: number, p50: number, p99: number }
 
+/**
+ * The floor of the path: one BullMQ QueueEvents per instance, counting each progress event as
+ * delivered. Every instance reads every event (what the floor's cost grows with), and nothing is
+ * published, ordered or parsed beyond what QueueEvents does.
+ */
+async function floorChild (cfg: { port: number }): Promise<void> {
+  const { QueueEvents } = await import('bullmq')
+  const events = new QueueEvents(QUEUE, { connection: { host: '127.0.0.1', port: cfg.port }, lastEventId: '$' })
+  events.on('error', () => {})
+  let delivered = 0
+  let latencies: number[] = []
+  events.on('progress', ({ data }) => {
+    delivered++
+    const s = (data as { data?: { s?: unknown } } | undefined)?.data?.s
+    if (typeof s === 'number') latencies.push(performance.timeOrigin + performance.now() - s)
+  })
+  await events.waitUntilReady()
+  serve({
+    cpu: () => cpuSeconds(),
+    delivered: () => delivered,
+    latencies: () => {
+      const out = Float64Array.from(latencies)
+      latencies = []
+      return out
+    },
+    exit: async () => {
+      await events.close()
+      setImmediate(() => process.exit(0))
+    }
+  })
+}
+
 async function child (): Promise<void> {
   const cfg = JSON.parse(process.env.BENCH_CONFIG as string) as { port: number, lib: string, jobs: string[] }
+  if (cfg.lib === FLOOR) {
+    await floorChild(cfg)
+    return
+  }
   const base = cfg.lib.replace(/index\.ts$/, '')
   const { Bridge } = await import(base + 'bridge') as typeof import('../lib/bridge')
   const { Hub } = await import(base + 'fanout') as typeof import('../lib/fanout')
@@ -82,6 +123,7 @@ async function main (): Promise<void> {
   const rounds = Number(opt('rounds', '3'))
   const libs: Array<[string, string]> = [['plugin', join(ROOT, 'lib', 'index.ts')]]
   if (process.env.BENCH_CANDIDATE !== undefined) libs.push(['candidate', process.env.BENCH_CANDIDATE])
+  if (argv.includes('--floor')) libs.push([FLOOR, FLOOR])
   const redis = await BenchRedis.start()
   const r = new Redis(redis.port, '127.0.0.1')
   process.on('exit', () => { killAll(); redis.proc.kill('SIGKILL') })
@@ -107,7 +149,7 @@ async function main (): Promise<void> {
           const setup = setups[(k + round) % setups.length]
           const others = setups.filter(s => s !== setup)
           for (const o of others) await Promise.all(o.procs.map(async p => await p.call('exit').catch(() => {})))
-          const step = await run(r, redis, setup.procs, rate, seconds, jobs, () => seq++)
+          const step = await run(r, redis, setup.procs, rate, seconds, jobs, () => seq++, setup.name === FLOOR)
           ;(results.get(setup.name)?.get(rate) as Step[]).push(step)
           process.stderr.write(`${setup.name} rate ${rate}/s round ${round}: ${fmt(sum(step.cpu) / step.events * 10_000, 3)} s/10k events, p50 ${fmt(step.p50, 2)} ms, p99 ${fmt(step.p99, 2)} ms, ${step.delivered}/${step.events * instances} delivered\n`)
           for (const o of others) {
@@ -145,7 +187,7 @@ const median = (xs: number[]): number => {
 }
 
 /** Writes `rate` progress entries per second for `seconds`, in 10 ms ticks, and measures. */
-async function run (r: Redis, redis: BenchRedis, procs: Child[], rate: number, seconds: number, jobs: string[], next: () => number): Promise<Step> {
+async function run (r: Redis, redis: BenchRedis, procs: Child[], rate: number, seconds: number, jobs: string[], next: () => number, floor: boolean): Promise<Step> {
   const stream = `bull:${QUEUE}:events`
   await Promise.all(procs.map(async p => await p.call('latencies')))
   const before = { cpu: await Promise.all(procs.map(async p => await p.call<number>('cpu'))), delivered: sum(await Promise.all(procs.map(async p => await p.call<number>('delivered')))), redis: await redis.snapshot() }
@@ -166,13 +208,21 @@ async function run (r: Redis, redis: BenchRedis, procs: Child[], rate: number, s
     const wait = t0 + (tick + 1) * 10 - Date.now()
     if (wait > 0) await new Promise(resolve => setTimeout(resolve, wait))
   }
-  // Everything read and delivered: the group has nothing left to hand out.
+  // Everything read and delivered: the group has nothing left to hand out (the floor: every
+  // instance counted every event; then the groups skip what it read, for the plugin's next turn).
   const deadline = Date.now() + 10_000
   while (Date.now() < deadline) {
-    const groups = await r.xinfo('GROUPS', stream) as unknown[][]
-    const lag = groups[0][groups[0].indexOf('lag') + 1]
-    if (lag === 0) break
+    if (floor) {
+      if (sum(await Promise.all(procs.map(async p => await p.call<number>('delivered')))) - before.delivered >= events * procs.length) break
+    } else {
+      const groups = await r.xinfo('GROUPS', stream) as unknown[][]
+      const lag = groups[0][groups[0].indexOf('lag') + 1]
+      if (lag === 0) break
+    }
     await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  if (floor) {
+    for (const group of await r.xinfo('GROUPS', stream) as unknown[][]) await r.xgroup('SETID', stream, group[1] as string, '$')
   }
   await new Promise(resolve => setTimeout(resolve, 200))
   const after = { cpu: await Promise.all(procs.map(async p => await p.call<number>('cpu'))), delivered: sum(await Promise.all(procs.map(async p => await p.call<number>('delivered')))), redis: await redis.snapshot() }
