@@ -28,7 +28,7 @@ import { Session, type SessionContext } from './session/session'
 import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './client-route'
-import { releaseUpgrade, WebSocketTransport } from './transports/websocket'
+import { releaseUpgrade, socketErrorHandler, WebSocketTransport } from './transports/websocket'
 import { readOwner, readSnapshots, writeOwner, type Snapshot } from './snapshot'
 import { DiskStorage, type Storage } from './storage'
 import { acceptedBody, uploadHandler, uploadShutdown } from './uploads'
@@ -178,10 +178,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   let onSocketError: ((this: WebSocket, err: Error) => void) | undefined
   if (!fastify.hasDecorator('websocketServer')) {
     await fastify.register(fastifyWebsocket, { options: { maxPayload: opts.maxPayload } })
-    onSocketError = function (err) {
-      log.error(err)
-      this.terminate()
-    }
+    onSocketError = socketErrorHandler(log)
   }
   if (!fastify.hasRequestDecorator('isMultipart')) await fastify.register(fastifyMultipart)
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
@@ -282,7 +279,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
         releaseUpgrade(socket, request, onSocketError)
         const jobs = kind === undefined ? [] : [{ kind, jobId: (request.params as { jobId: string }).jobId }]
         // eslint-disable-next-line no-new
-        new Session(ctx, protocol, new WebSocketTransport(socket), request, jobs)
+        new Session(ctx, protocol, new WebSocketTransport(socket, request.id), request, jobs)
       })
     }
   }

@@ -1,7 +1,12 @@
 import t from 'tap'
+import { once } from 'node:events'
+import type { AddressInfo } from 'node:net'
+import pino from 'pino'
+import WebSocket, { WebSocketServer } from 'ws'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { createJobWorker, DiskStorage, jobsProtocol } from '../lib/index'
+import { socketErrorHandler, WebSocketTransport } from '../lib/transports/websocket'
 import { CLOSE_ADVICE, closeReason, CloseCodes, shouldRetry } from '../lib/wire/close-codes'
 import { connect, eventually, lines, redisFor, startApp, upload, type Client } from './helpers/index'
 
@@ -107,4 +112,35 @@ t.test('pings a client never reads count too', async (t) => {
   resume(client)
   // 4008 when the client reads through its backlog before the server cuts it (1006) a few seconds later.
   t.ok([4008, 1006].includes((await client.closed).code))
+})
+
+t.test('a socket error: the application\'s own error listener still gets it, and the plugin\'s log line names the request', async (t) => {
+  const redis = await redisFor(t)
+  const { app, ws } = await startApp(t, redis, { apiKeys: { k: 'alice' }, protocols: [jobsProtocol({ path: PATH })] })
+  // The plugin registered @fastify/websocket and put one shared listener in place of its
+  // per-socket one; a listener the application added on `connection` is not that one.
+  const seen: Error[] = []
+  app.websocketServer.on('connection', (socket: WebSocket) => { socket.on('error', (err) => seen.push(err)) })
+  const client = connect(t, `${ws}${PATH}?api_key=k`)
+  await client.waitFor(m => m.type === 'connected')
+  client.send('x'.repeat(5000))
+  t.equal((await client.closed).code, 1009)
+  t.equal(seen.length, 1, 'the application\'s listener got the error')
+  t.match(seen[0].message, /payload/i)
+
+  // The shared listener logs what @fastify/websocket's default handler logged, with the request id.
+  const logged: Array<Record<string, unknown>> = []
+  const log = pino({ level: 'error' }, { write: (line: string) => { logged.push(JSON.parse(line)) } })
+  const server = new WebSocketServer({ port: 0 })
+  t.teardown(() => server.close())
+  await once(server, 'listening')
+  const peer = new WebSocket(`ws://127.0.0.1:${(server.address() as AddressInfo).port}`)
+  t.teardown(() => peer.terminate())
+  const [socket] = await once(server, 'connection') as [WebSocket]
+  // eslint-disable-next-line no-new
+  new WebSocketTransport(socket, 'req-7')
+  socket.on('error', socketErrorHandler(log))
+  socket.emit('error', new Error('boom'))
+  await once(peer, 'close')
+  t.match(logged, [{ level: 50, reqId: 'req-7', msg: 'boom', err: { message: 'boom' } }])
 })

@@ -296,11 +296,17 @@ export class Session implements TransportEvents {
     })
     if (barrier) {
       this.#barrier = tail
-      chains.clear()
+      this.#jobChains = null
+      // Once done, an idle connection does not keep the settled unsubscribe.
+      void tail.then(() => { if (this.#barrier === tail) this.#barrier = null })
       return
     }
     chains.set(key, tail)
-    void tail.then(() => { if (chains.get(key) === tail) chains.delete(key) })
+    void tail.then(() => {
+      if (chains.get(key) !== tail) return
+      chains.delete(key)
+      if (chains.size === 0 && this.#jobChains === chains) this.#jobChains = null
+    })
   }
 
   /**

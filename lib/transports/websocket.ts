@@ -1,4 +1,4 @@
-import type { FastifyRequest } from 'fastify'
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import { ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { RawData, WebSocket } from 'ws'
@@ -33,9 +33,12 @@ export class WebSocketTransport implements Transport {
   readonly #close: WebSocket['close']
   /** Whom the socket's events go to, once bound. */
   #events: TransportEvents | null = null
+  /** The upgrade request's id, for log lines about this socket once the request is let go. */
+  readonly requestId: string | undefined
 
-  constructor (ws: WebSocket) {
+  constructor (ws: WebSocket, requestId?: string) {
     this.ws = ws
+    this.requestId = requestId
     this.#frames = framesFit(ws) ? new FrameWriter(ws) : null
     // ws closes on its own for frames it refuses (over maxPayload: 1009, bad UTF-8: 1007, protocol
     // errors: 1002) and sends no reason. Every close this socket sends gets one: a person reading
@@ -84,6 +87,9 @@ export class WebSocketTransport implements Transport {
   bind (events: TransportEvents): void {
     const ws = this.ws
     this.#events = events
+    // One transport per socket: a later one takes the socket's events over instead of adding
+    // the shared listeners again (they find the socket's latest transport).
+    if (ws.listeners('message').includes(WebSocketTransport.#onMessage)) return
     ws.on('message', WebSocketTransport.#onMessage)
     ws.on('pong', WebSocketTransport.#onPong)
     // Errors end in a close event; nothing else to do with them here. The listener is only there
@@ -124,6 +130,18 @@ export class WebSocketTransport implements Transport {
 }
 
 /**
+ * The error listener every socket shares when the plugin registered @fastify/websocket: what its
+ * default handler does (log the error with the request's id, terminate the socket), without a
+ * closure per socket over the request and reply.
+ */
+export function socketErrorHandler (log: FastifyBaseLogger): (this: WebSocket, err: Error) => void {
+  return function (this: Ws, err: Error): void {
+    log.error({ err, reqId: this[kTransport]?.requestId }, err.message)
+    this.terminate()
+  }
+}
+
+/**
  * Lets go of what @fastify/websocket leaves tied to an accepted socket for its whole life: the
  * upgrade's request, reply and raw HTTP messages (headers, the request's bytes), about 3 KB per
  * socket that nothing reads after the route handler.
@@ -134,14 +152,21 @@ export class WebSocketTransport implements Transport {
  * - It adds an error listener to the socket that closes over the request and the reply to call
  *   its error handler. When the plugin registered @fastify/websocket, that handler is the
  *   default one: `onError`, one function for every socket, does the same instead (logs the
- *   error, terminates the socket). An application's own registration keeps its listener.
+ *   error, terminates the socket). An application's own registration keeps its listener, and
+ *   so its sockets keep their request and reply.
+ *
+ * The upgrade's ServerResponse no longer emits `close` when the socket closes (nothing is sent
+ * on it after the upgrade; the socket's own `close` event is the one to listen to).
  */
 export function releaseUpgrade (ws: WebSocket, request: FastifyRequest, onError?: (this: WebSocket, err: Error) => void): void {
   const connection = request.raw.socket as (Socket & { _httpMessage?: unknown }) | null
   const res = connection?._httpMessage
   if (connection != null && res instanceof ServerResponse && res.socket === connection) res.detachSocket(connection)
   if (onError !== undefined) {
-    for (const listener of ws.listeners('error')) ws.removeListener('error', listener as (err: Error) => void)
+    // Its listener is the last one added before the route handler runs; those the application
+    // added on the server's `connection` event come before it and stay.
+    const listeners = ws.listeners('error')
+    if (listeners.length > 0) ws.removeListener('error', listeners[listeners.length - 1] as (err: Error) => void)
     ws.on('error', onError)
   }
 }
