@@ -144,3 +144,23 @@ t.test('a socket error: the application\'s own error listener still gets it, and
   await once(peer, 'close')
   t.match(logged, [{ level: 50, reqId: 'req-7', msg: 'boom', err: { message: 'boom' } }])
 })
+
+t.test('keepalive: a peer that answers no ping is terminated; one that answers stays open', async (t) => {
+  const redis = await redisFor(t)
+  const { ws } = await startApp(t, redis, { apiKeys: { k: 'alice' }, protocols: [jobsProtocol({ path: PATH })], pingIntervalMs: 100 })
+  const open = async (autoPong: boolean): Promise<WebSocket> => {
+    const socket = new WebSocket(`${ws}${PATH}?api_key=k`, { autoPong })
+    t.teardown(() => socket.terminate())
+    await once(socket, 'message')
+    return socket
+  }
+  const answering = await open(true)
+  const vanished = await open(false)
+  let pings = 0
+  const threePings = new Promise<void>(resolve => answering.on('ping', () => { if (++pings === 3) resolve() }))
+  // Unanswered, a ping ends the connection at the next sweep, with no close frame.
+  const [code] = await once(vanished, 'close') as [number]
+  t.equal(code, 1006, 'terminated, not closed')
+  await threePings
+  t.equal(answering.readyState, WebSocket.OPEN, 'the answering peer is still open after three pings')
+})
