@@ -30,6 +30,37 @@ const FLOOR = 'floor'
 interface Step { events: number, cpu: number[], delivered: number, commands: Record<string, number>, redisCpu: number, p50: number, p99: number }
 
 /**
+ * What a child counts (each delivery, and the time from an entry's write to its delivery, in ms:
+ * the writer put its write time in the progress value's `data.s`) and serves to this process.
+ */
+class Counter {
+  delivered = 0
+  latencies: number[] = []
+
+  add (s: unknown): void {
+    this.delivered++
+    if (typeof s === 'number') this.latencies.push(performance.timeOrigin + performance.now() - s)
+  }
+
+  /** Answers this process once the child is set up (serving tells it the child is ready). */
+  serve (stop: () => Promise<void>): void {
+    serve({
+      cpu: () => cpuSeconds(),
+      delivered: () => this.delivered,
+      latencies: () => {
+        const out = Float64Array.from(this.latencies)
+        this.latencies = []
+        return out
+      },
+      exit: async () => {
+        await stop()
+        setImmediate(() => process.exit(0))
+      }
+    })
+  }
+}
+
+/**
  * The floor of the path: one BullMQ QueueEvents per instance, counting each progress event as
  * delivered. Every instance reads every event (what the floor's cost grows with), and nothing is
  * published, ordered or parsed beyond what QueueEvents does.
@@ -38,27 +69,10 @@ async function floorChild (cfg: { port: number }): Promise<void> {
   const { QueueEvents } = await import('bullmq')
   const events = new QueueEvents(QUEUE, { connection: { host: '127.0.0.1', port: cfg.port }, lastEventId: '$' })
   events.on('error', () => {})
-  let delivered = 0
-  let latencies: number[] = []
-  events.on('progress', ({ data }) => {
-    delivered++
-    const s = (data as { data?: { s?: unknown } } | undefined)?.data?.s
-    if (typeof s === 'number') latencies.push(performance.timeOrigin + performance.now() - s)
-  })
+  const counter = new Counter()
+  events.on('progress', ({ data }) => counter.add((data as { data?: { s?: unknown } } | undefined)?.data?.s))
   await events.waitUntilReady()
-  serve({
-    cpu: () => cpuSeconds(),
-    delivered: () => delivered,
-    latencies: () => {
-      const out = Float64Array.from(latencies)
-      latencies = []
-      return out
-    },
-    exit: async () => {
-      await events.close()
-      setImmediate(() => process.exit(0))
-    }
-  })
+  counter.serve(async () => await events.close())
 }
 
 async function child (): Promise<void> {
@@ -81,38 +95,20 @@ async function child (): Promise<void> {
   const broker = createBroker(cmd, subscriber)
   const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' } as any)
   const hub = new Hub({ redis: cmd, broker, keys, throttleMs: 0, sweepReadsPerSecond: 0, log })
-  let delivered = 0
-  // Wall-clock time from the entry's write to its delivery, in ms (the writer put it in `data.s`).
-  let latencies: number[] = []
+  const counter = new Counter()
   for (const jobId of cfg.jobs) {
     const opened = await hub.open({ kind: 'bench', queue: QUEUE, jobId })
     if (opened === null) throw new Error(`job ${jobId} not found`)
-    opened.attach({
-      deliver: (event) => {
-        delivered++
-        const s = (event.data as { s?: unknown } | undefined)?.s
-        if (typeof s === 'number') latencies.push(performance.timeOrigin + performance.now() - s)
-      }
-    })
+    opened.attach({ deliver: (event) => counter.add((event.data as { s?: unknown } | undefined)?.s) })
   }
   // What the plugin registers: upload cleanup, which acts on final events only.
   const bridge = new Bridge({ redis: cmd, blocking, broker, keys, queues: [QUEUE], group: 'jp-bridge', consumer: `c${process.pid}`, blockMs: 2_000, claimIdleMs: 10_000, claimIntervalMs: 5_000, consumerIdleMs: 60_000, log, local: (channel, payload) => hub.relay(channel, payload), onEvent: () => {}, progressListeners: false })
   await bridge.start()
-  serve({
-    cpu: () => cpuSeconds(),
-    delivered: () => delivered,
-    latencies: () => {
-      const out = Float64Array.from(latencies)
-      latencies = []
-      return out
-    },
-    exit: async () => {
-      await bridge.close()
-      hub.close()
-      cmd.disconnect()
-      subscriber.disconnect()
-      setImmediate(() => process.exit(0))
-    }
+  counter.serve(async () => {
+    await bridge.close()
+    hub.close()
+    cmd.disconnect()
+    subscriber.disconnect()
   })
 }
 
