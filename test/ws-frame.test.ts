@@ -3,6 +3,7 @@ import { once } from 'node:events'
 import WebSocket, { WebSocketServer, type ServerOptions } from 'ws'
 import { Outbox } from '../lib/outbox'
 import { WebSocketTransport } from '../lib/transports/websocket'
+import type { TransportEvents } from '../lib/session/transport'
 import { canWriteFrame, frameOf, frameStats, frameText, framingSupported } from '../lib/transports/ws-frame'
 
 type Teardown = { teardown: (fn: () => unknown) => void }
@@ -147,4 +148,21 @@ t.test('a direct write counts in bufferedAmount: a stalled client gets the lates
   await until(p.client, p.received, 3)
   t.same(p.received.map(r => r.startsWith('big:') ? 'big' : r), ['big', 'control', 'final'])
   t.equal(outbox.stalledFor(Date.now()), 0, 'the flush callbacks ran')
+})
+
+t.test('a second transport on a socket takes its events over: each message and the close reach it once', async (t) => {
+  const [p] = await connect(t, 1)
+  const seen: string[] = []
+  const events = (name: string): TransportEvents => ({
+    received: (data) => { seen.push(`${name}:${data.toString()}`) },
+    closed: () => { seen.push(`${name}:closed`) }
+  })
+  new WebSocketTransport(p.server).bind(events('a'))
+  new WebSocketTransport(p.server).bind(events('b'))
+  const closed = once(p.server, 'close')
+  p.client.send('hi')
+  await once(p.server, 'message')
+  p.client.close()
+  await closed
+  t.same(seen, ['b:hi', 'b:closed'])
 })
