@@ -318,12 +318,14 @@ export class Bridge {
   }
 
   /**
-   * The ordered relay's loop: the relay script on each stream (it reads, publishes and
-   * acknowledges progress in Redis, and hands back the lifecycle entries for the listeners), sent
-   * in one write with the next blocking read of the wake group, which returns when the next entry
-   * arrives (at once when a script left entries unread). Nothing is published from here, so there
-   * is no local hand-off either: this instance's hub gets every message from its subscriber, in
-   * the order Redis published them.
+   * The ordered relay's loop: a blocking read of the wake group, which returns when the next entry
+   * arrives (at once when a script left entries unread), and behind it, in the same write, the
+   * relay script on each stream (it reads, publishes and acknowledges progress in Redis, and hands
+   * back the lifecycle entries for the listeners). Redis keeps a blocked client's next commands
+   * until the read returns, then runs them at once: an entry is published the moment it arrives,
+   * without a round trip through this process, and the wake-up's reply and the scripts' come back
+   * in one read. Nothing is published from here, so there is no local hand-off either: this
+   * instance's hub gets every message from its subscriber, in the order Redis published them.
    */
   async #readOrdered (streams: string[]): Promise<void> {
     const { blocking, consumer, blockMs } = this.#o
@@ -331,42 +333,39 @@ export class Bridge {
     const wakeArgs = ['GROUP', wake, consumer, 'COUNT', 1, 'NOACK', 'BLOCK', blockMs, 'STREAMS', ...streams, ...streams.map(() => '>')]
     let backoff = 100
     let failures = 0
-    // Nothing is read after a wake-up that timed out: an idle queue costs one blocking read per
-    // blockMs, and what nobody was woken for is found by #claim (the group's lag).
-    let woken = true
+    // At start and after a failure, entries may wait that no wake-up will announce: the scripts
+    // also run before the read.
+    let catchUp = true
     while (this.#running) {
       try {
         // Plain commands on a corked socket (one write), not a pipeline: see #publishAndRead.
-        // Each script's reply is taken as it arrives, not when the wake-up after it returns: the
-        // lifecycle entries it handed back reach the listeners at once.
+        // Each script's reply is taken as it arrives: the lifecycle entries it handed back reach
+        // the listeners at once.
         let failed: Error | null = null
-        let wakeUp: Promise<unknown>
+        const replied = (stream: string) => (err: Error | null | undefined, reply: Relayed): void => {
+          if (err != null) failed ??= err
+          else this.#relayed(stream, reply)
+        }
+        let last: Promise<unknown> = Promise.resolve()
         const socket = corkOf(blocking)
         try {
-          if (woken) {
-            for (const stream of streams) {
-              this.#relayArgs(blocking, stream, (err, reply) => {
-                if (err != null) failed ??= err
-                else this.#relayed(stream, reply)
-              })
-            }
-          }
-          wakeUp = blocking.call('XREADGROUP', ...wakeArgs)
+          if (catchUp) for (const stream of streams) this.#relayArgs(blocking, stream, replied(stream))
+          // Its reply says nothing the scripts after it do not: only its failure is kept.
+          blocking.call('XREADGROUP', ...wakeArgs).catch((err: Error) => { failed ??= err })
+          for (const stream of streams) last = this.#relayArgs(blocking, stream, replied(stream))
         } finally {
           socket?.uncork()
         }
-        wakeUp.catch(() => {})
-        // Replies come in order: the scripts' callbacks have run when the wake-up's reply is here.
-        const replies = await this.#unlessStopped(wakeUp.then(reply => [reply]))
-        if (replies === null) break
+        last.catch(() => {})
+        // Replies come in order: every callback has run when the last script's reply is here.
+        if (await this.#unlessStopped(last.then(() => true, () => true)) === null) break
         if (failed !== null) throw failed
-        const [reply] = replies
-        woken = reply !== null
+        catchUp = false
         backoff = 100
         failures = 0
       } catch (err) {
         if (!this.#running) break
-        woken = true
+        catchUp = true
         const message = String((err as Error).message)
         if (message.includes('NOGROUP')) {
           await this.#ensureGroups(true).catch(() => {})
@@ -382,8 +381,8 @@ export class Bridge {
     }
   }
 
-  /** Sends the relay script's run on one stream (on a connection or in a pipeline); `done` gets its reply. */
-  #relayArgs (pipe: Commands | ReturnType<Commands['pipeline']>, stream: string, done: (err: Error | null | undefined, reply: Relayed) => void): void {
+  /** Sends the relay script's run on one stream (on a connection or in a pipeline); `done` gets its reply. On a connection, returns the command's promise. */
+  #relayArgs (pipe: Commands | ReturnType<Commands['pipeline']>, stream: string, done: (err: Error | null | undefined, reply: Relayed) => void): Promise<unknown> {
     let args = this.#relayArgsOf.get(stream)
     if (args === undefined) {
       const { group, consumer, keys } = this.#o
@@ -394,7 +393,7 @@ export class Bridge {
       args = [stream, group, consumer, READ_COUNT, this.#wakeGroup, probe.slice(0, at), probe.slice(at + 1), all]
       this.#relayArgsOf.set(stream, args)
     }
-    ;(pipe as unknown as Record<string, (...args: unknown[]) => unknown>).jpRelay(...args, done)
+    return (pipe as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>).jpRelay(...args, done)
   }
 
   /**

@@ -44,7 +44,9 @@ t.test('idle watched jobs cost no Redis reads: 40 active jobs, each watched, not
   await new Promise(resolve => setTimeout(resolve, 3_000))
   const after = await commandCalls(redis)
   const delta = (name: string): number => (after[name] ?? 0) - (before[name] ?? 0)
-  t.equal(delta('evalsha') + delta('eval'), 0, 'no snapshot read of an idle job')
+  // The bridge's relay script runs after each of its wake-ups, which time out every 2 s when idle;
+  // a snapshot read per watched job would be 40 scripts or more.
+  t.ok(delta('evalsha') + delta('eval') <= 2, `no snapshot read of an idle job: ${delta('evalsha') + delta('eval')} scripts, the bridge's`)
   t.equal(delta('lpos'), 0, 'no LPOS')
   t.equal(delta('hmget'), 0, 'no job hash read')
   const total = Object.keys(after).reduce((n, k) => n + delta(k), 0)

@@ -1,9 +1,10 @@
 import t from 'tap'
+import { spawnSync } from 'node:child_process'
 import Fastify from 'fastify'
 import { Bridge, relayMessage, type BridgeOptions } from '../lib/bridge'
 import { RELAY_SCRIPT } from '../lib/relay-script'
 import { Keys } from '../lib/keys'
-import { redisFor } from './helpers/index'
+import { eventually, redisFor } from './helpers/index'
 import type { RedisServer } from './helpers/index'
 
 const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
@@ -125,6 +126,33 @@ t.test('an idle stream wakes one bridge per event, and a burst larger than one r
   await pipe.exec()
   while (got.length < 1_220) await new Promise(resolve => setTimeout(resolve, 10))
   t.equal(got.length, 1_220)
+})
+
+t.test('an entry is published the moment it arrives, without waiting for the bridge\'s process', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  t.teardown(() => r.disconnect())
+  const got = await listen(t, redis)
+  const bridge = bridgeOn(t, redis, {})
+  await bridge.start()
+  // Blocked on its wake-up, with the relay script waiting behind it in Redis.
+  t.ok(await eventually(async () => / flags=b .* cmd=xreadgroup /.test(await r.client('LIST') as string)), 'the bridge waits on its wake-up')
+  const published = async (): Promise<number> => Number(/cmdstat_publish:calls=(\d+)/.exec(await r.info('commandstats'))?.[1] ?? 0)
+  const before = await published()
+  // Another process adds the entry and reads Redis's count of PUBLISH while this one cannot run:
+  // spawnSync holds its event loop, so nothing the bridge would send after the wake-up's reply
+  // reaches Redis before the count is read.
+  const child = spawnSync(process.execPath, ['-e', `
+    const Redis = require('ioredis')
+    const r = new Redis(${redis.port})
+    r.xadd('${stream}', '*', 'event', 'progress', 'jobId', 'j1', 'data', '7')
+      .then(() => r.info('commandstats'))
+      .then(info => { process.stdout.write(/cmdstat_publish:calls=(\\d+)/.exec(info)?.[1] ?? '0'); r.disconnect() })
+  `], { encoding: 'utf8', timeout: 20_000 })
+  t.equal(child.status, 0, child.stderr)
+  t.equal(Number(child.stdout) - before, 1, 'published while the bridge\'s process was held')
+  t.ok(await eventually(() => got.length === 1), 'and received')
+  t.match(got[0], ['jp:batch:{j1}', /"e":"progress".*"d":7/])
 })
 
 t.test('an entry no bridge was woken for is read by the periodic check of the group\'s lag', async (t) => {
