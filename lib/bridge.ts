@@ -88,6 +88,9 @@ interface Batch {
   failed: Set<string> | null
 }
 
+/** Settles a wait on a promise whether it resolved or rejected (its failure is kept elsewhere). */
+const settled = (): true => true
+
 /** Relayed entries are acknowledged together, at most this long after they were relayed ... */
 const ACK_DELAY_MS = 100
 /** ... or as soon as this many wait. */
@@ -336,29 +339,31 @@ export class Bridge {
     // At start and after a failure, entries may wait that no wake-up will announce: the scripts
     // also run before the read.
     let catchUp = true
+    // What failed in the current round; its callbacks are made once, not per round.
+    let failed: Error | null = null
+    const onWakeUpError = (err: Error): void => { failed ??= err }
+    const onScript = streams.map(stream => (err: Error | null | undefined, reply: Relayed): void => {
+      if (err != null) failed ??= err
+      else this.#relayed(stream, reply)
+    })
     while (this.#running) {
       try {
         // Plain commands on a corked socket (one write), not a pipeline: see #publishAndRead.
         // Each script's reply is taken as it arrives: the lifecycle entries it handed back reach
         // the listeners at once.
-        let failed: Error | null = null
-        const replied = (stream: string) => (err: Error | null | undefined, reply: Relayed): void => {
-          if (err != null) failed ??= err
-          else this.#relayed(stream, reply)
-        }
+        failed = null
         let last: Promise<unknown> = Promise.resolve()
         const socket = corkOf(blocking)
         try {
-          if (catchUp) for (const stream of streams) this.#relayArgs(blocking, stream, replied(stream))
+          if (catchUp) for (let i = 0; i < streams.length; i++) this.#relayArgs(blocking, streams[i], onScript[i])
           // Its reply says nothing the scripts after it do not: only its failure is kept.
-          blocking.call('XREADGROUP', ...wakeArgs).catch((err: Error) => { failed ??= err })
-          for (const stream of streams) last = this.#relayArgs(blocking, stream, replied(stream))
+          blocking.call('XREADGROUP', ...wakeArgs).catch(onWakeUpError)
+          for (let i = 0; i < streams.length; i++) last = this.#relayArgs(blocking, streams[i], onScript[i])
         } finally {
           socket?.uncork()
         }
-        last.catch(() => {})
         // Replies come in order: every callback has run when the last script's reply is here.
-        if (await this.#unlessStopped(last.then(() => true, () => true)) === null) break
+        if (await this.#unlessStopped(last.then(settled, settled)) === null) break
         if (failed !== null) throw failed
         catchUp = false
         backoff = 100
