@@ -77,7 +77,7 @@ const CFG = QUICK
       perJob: 20,
       rate: 10,
       fanoutMs: 2_000,
-      rounds: 4,
+      rounds: 6,
       fanout: [...new Set([1, 2, 4, INSTANCES])].sort().map(instances => ({ instances, systems: SYSTEMS })),
       satInstances: INSTANCES,
       satRates: [20, 40, 80, 160, 320, 640, 1280],
@@ -104,6 +104,12 @@ const CFG = QUICK
  * turns lets V8 shrink its heap, and those major GCs (15-40 ms) would land in its next step.
  */
 const WARM_MS = QUICK ? 300 : 500
+/**
+ * Unmeasured load on every system once, before the first round of a comparison: without it the
+ * first round carries each system's JIT compiling (per round, server CPU of one system in one run:
+ * 0.52 s per 10k messages in its first round, 0.39 to 0.41 in its last two).
+ */
+const FIRST_WARM_MS = QUICK ? 1_000 : 3_000
 const CLIENT_PROCS = 4
 const FANOUT_CLIENT_PROCS = 2
 const P99_LIMIT_MS = 100
@@ -395,7 +401,7 @@ async function step (setup: Setup, rate: number, durationMs: number, tag = ''): 
 }
 
 /** Several steps of one setup as one result: counts and CPU summed, latency pooled, plus the median of the rounds' p99. */
-function pool (steps: StepResult[]): StepResult & { rounds: number, p99Rounds: number[], p99Median: number } {
+function pool (steps: StepResult[]): StepResult & { rounds: number, p99Rounds: number[], p99Median: number, cpuRounds: number[] } {
   const latencies = steps.flatMap(s => s.latencies ?? [])
   const lat = percentiles(latencies)
   const received = sum(steps.map(s => s.received))
@@ -441,6 +447,7 @@ function pool (steps: StepResult[]): StepResult & { rounds: number, p99Rounds: n
     rounds: steps.length,
     p99Rounds: steps.map(s => s.p99),
     p99Median: median(steps.map(s => s.p99)),
+    cpuRounds: steps.map(s => s.cpuPer10k.servers),
     latencies: undefined
   }
 }
@@ -466,6 +473,10 @@ async function takeTurns (name: string, specs: SetupSpec[], rate: number, ms: nu
   const out: any[] = []
   await withSetups(specs, async (setups) => {
     const steps = new Map<System, StepResult[]>(setups.map(s => [s.spec.system as System, []]))
+    for (const { set } of setups) {
+      const warm = await driver.call('run', { set, rate, durationMs: FIRST_WARM_MS, dir: tmp }, FIRST_WARM_MS + 60_000)
+      rmSync(warm.file, { force: true })
+    }
     for (let round = 0; round < rounds; round++) {
       // Rotate who goes first, so that no system always runs right after the same neighbour.
       for (let k = 0; k < setups.length; k++) {
@@ -483,7 +494,7 @@ async function takeTurns (name: string, specs: SetupSpec[], rate: number, ms: nu
       const p99Clean = median(list.filter((_, i) => clean[i]).map(st => st.p99))
       const n = specs[0].instances
       out.push({ system, instances: n, ...strip(r), roundsDisturbed: disturbed, p99Clean, cleanRounds: clean.filter(Boolean).length, allRoundsDisturbed: disturbed.every(d => d) })
-      log(`${name} ${NAMES[system]} ×${n}: ${fmt(r.deliveredPerSec, 0)} msgs/s, p50 ${fmt(r.p50, 2)} ms, p99 ${fmt(r.p99, 2)} ms (rounds ${r.p99Rounds.map((x, i) => fmt(x, 1) + (disturbed[i] ? '*' : '')).join('/')}, median ${fmt(r.p99Median, 1)}), max ${fmt(r.max, 1)} ms, ${r.received}/${r.expected} delivered, server CPU ${serverCpu(r)}, ${fmt(r.serverPerMsg.writeCalls, 2)} writes/msg, other CPU ${fmt(r.otherCpuPct, 0)}%`)
+      log(`${name} ${NAMES[system]} ×${n}: ${fmt(r.deliveredPerSec, 0)} msgs/s, p50 ${fmt(r.p50, 2)} ms, p99 ${fmt(r.p99, 2)} ms (rounds ${r.p99Rounds.map((x, i) => fmt(x, 1) + (disturbed[i] ? '*' : '')).join('/')}, median ${fmt(r.p99Median, 1)}), max ${fmt(r.max, 1)} ms, ${r.received}/${r.expected} delivered, server CPU ${serverCpu(r)} (rounds ${r.cpuRounds.map(x => fmt(x, 3)).join('/')}), ${fmt(r.serverPerMsg.writeCalls, 2)} writes/msg, other CPU ${fmt(r.otherCpuPct, 0)}%`)
     }
     if (after !== undefined) await after(setups)
   })
