@@ -324,11 +324,16 @@ interface StepResult {
   latencies?: Float64Array[]
 }
 
+/** Unmeasured load: the setup's jobs at `rate` updates/s each for `ms`, their latencies dropped. */
+async function warmUp (set: string, rate: number, ms: number): Promise<void> {
+  const warm = await driver.call('run', { set, rate, durationMs: ms, dir: tmp }, ms + 60_000)
+  rmSync(warm.file, { force: true })
+}
+
 /** Drives the setup's jobs at `rate` updates/s each for `durationMs` and measures everything. */
 async function step (setup: Setup, rate: number, durationMs: number, tag = ''): Promise<StepResult> {
   const { servers, procs, spec, set } = setup
-  const warm = await driver.call('run', { set, rate, durationMs: WARM_MS, dir: tmp }, WARM_MS + 60_000)
-  rmSync(warm.file, { force: true })
+  await warmUp(set, rate, WARM_MS)
   await sleep(50)
   if (PROFILE) await Promise.all(servers.map(async s => await s.call('profileStart')))
   const before = await snap(setup)
@@ -473,10 +478,7 @@ async function takeTurns (name: string, specs: SetupSpec[], rate: number, ms: nu
   const out: any[] = []
   await withSetups(specs, async (setups) => {
     const steps = new Map<System, StepResult[]>(setups.map(s => [s.spec.system as System, []]))
-    for (const { set } of setups) {
-      const warm = await driver.call('run', { set, rate, durationMs: FIRST_WARM_MS, dir: tmp }, FIRST_WARM_MS + 60_000)
-      rmSync(warm.file, { force: true })
-    }
+    for (const { set } of setups) await warmUp(set, rate, FIRST_WARM_MS)
     for (let round = 0; round < rounds; round++) {
       // Rotate who goes first, so that no system always runs right after the same neighbour.
       for (let k = 0; k < setups.length; k++) {
