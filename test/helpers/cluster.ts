@@ -194,14 +194,19 @@ export class Cluster {
     }
   }
 
-  /** Starts one API instance (`ROLE=api`) and waits until its /health answers. */
+  /**
+   * Starts one API instance (`ROLE=api`) and waits until its /ready answers 200 (its Redis
+   * connections up, its bridge reading), as a load balancer's health check would. /health answers
+   * as soon as the process listens; a socket sent before Redis is up waits for it, and past the
+   * plugin's wait is closed with 1013 (try again later), which the tests' clients do not retry.
+   */
   async startApi (port?: number): Promise<Api> {
     port ??= await freePort()
     const name = `api-${this.apis.length}`
     const proc = new Proc(name, process.execPath, ['--import', 'tsx', 'example/server.ts'], { ...this.#baseEnv(), ROLE: 'api', HOST: '127.0.0.1', PORT: String(port) })
     const api: Api = { proc, port, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, id: '' }
     this.apis.push(api)
-    api.id = (await ready(proc, `${api.url}/health`)).instance
+    api.id = (await ready(proc, `${api.url}/ready`)).instance
     return api
   }
 

@@ -171,13 +171,25 @@ export class Client {
     })
   }
 
-  /** Resolves with the first message (already received or to come) that passes `test`. */
+  /**
+   * Resolves with the first message (already received or to come) that passes `test`. Rejects
+   * once the socket closes without one (with the close's code and reason), or after `timeoutMs`.
+   */
   async waitFor (test: (m: any) => boolean, timeoutMs = 15_000): Promise<any> {
     const seen = this.messages.find(test)
     if (seen !== undefined) return seen
+    const got = (): string => `got ${JSON.stringify(this.messages).slice(0, 500)}`
     return await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no such message within ${timeoutMs} ms; got ${JSON.stringify(this.messages).slice(0, 500)}`)), timeoutMs)
-      this.#waiters.push({ test, resolve: (m) => { clearTimeout(timer); resolve(m) } })
+      const waiter = { test, resolve: (m: any) => { clearTimeout(timer); resolve(m) } }
+      const fail = (err: Error): void => {
+        clearTimeout(timer)
+        this.#waiters = this.#waiters.filter(w => w !== waiter)
+        reject(err)
+      }
+      const timer = setTimeout(() => fail(new Error(`no such message within ${timeoutMs} ms; ${got()}`)), timeoutMs)
+      this.#waiters.push(waiter)
+      // Messages are handled before the close event: a waiter still here then has missed its message.
+      void this.closed.then(({ code, reason }) => { if (this.#waiters.includes(waiter)) fail(new Error(`closed (${code}${reason === '' ? '' : ` ${reason}`}) with no such message; ${got()}`)) })
     })
   }
 
