@@ -20,7 +20,7 @@ import { randomUUID } from 'node:crypto'
 import WebSocket from 'ws'
 import { Redis, type Cluster } from 'ioredis'
 import { jobProgress } from '../lib/index'
-import { slotOf } from '../lib/broker/slot'
+import { slotOf } from '../lib/core/slot'
 import { RedisCluster } from '../test/helpers/redis-cluster'
 import { BenchRedis, readCounters, redisDelta } from './lib/redis'
 

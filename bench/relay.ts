@@ -82,10 +82,10 @@ async function child (): Promise<void> {
     return
   }
   const base = cfg.lib.replace(/index\.ts$/, '')
-  const { Bridge } = await import(base + 'bridge') as typeof import('../lib/bridge')
-  const { Hub } = await import(base + 'fanout') as typeof import('../lib/fanout')
-  const { Keys } = await import(base + 'keys') as typeof import('../lib/keys')
-  const { createBroker } = await import(base + 'broker/index') as typeof import('../lib/broker/index')
+  const { Bridge } = await import(base + 'bridge/bridge') as typeof import('../lib/bridge/bridge')
+  const { Hub } = await import(base + 'hub/hub') as typeof import('../lib/hub/hub')
+  const { Keys } = await import(base + 'core/keys') as typeof import('../lib/core/keys')
+  const { createBroker } = await import(base + 'broker/broker') as typeof import('../lib/broker/broker')
   const pino = (await import('pino')).default
   const log = pino({ level: 'silent' })
   const connect = (): Redis => new Redis(cfg.port, '127.0.0.1', { maxRetriesPerRequest: null })

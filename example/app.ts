@@ -3,7 +3,7 @@ import { execFileSync } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { Cluster } from 'ioredis'
-import { clientFile } from '../lib/client-route'
+import { clientFile } from '../lib/http/client-route'
 import { jobProgress, jobsProtocol, type JobProgressOptions } from '../lib/index'
 import { scanProtocol, tokenSocketProtocol } from './protocols'
 

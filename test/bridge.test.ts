@@ -2,9 +2,9 @@ import t from 'tap'
 import { once } from 'node:events'
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
-import { Bridge, relayMessage } from '../lib/bridge'
+import { Bridge, relayMessage } from '../lib/bridge/bridge'
 import { relayEntryId, resyncMessage } from '../lib/wire/relay'
-import { Keys } from '../lib/keys'
+import { Keys } from '../lib/core/keys'
 import { connect, lines, redisFor, startApp, startWorker, tempDir, upload } from './helpers/index'
 
 t.test('relayMessage: progress is spliced in as JSON, lifecycle events carry only their name', async (t) => {

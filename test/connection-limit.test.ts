@@ -2,7 +2,7 @@ import t from 'tap'
 import { Redis } from 'ioredis'
 import pino from 'pino'
 import { jobsProtocol } from '../lib/index'
-import { ConnectionLimit } from '../lib/connection-limit'
+import { ConnectionLimit } from '../lib/session/connection-limit'
 import { connect, eventually, lines, redisFor, startApp, upload, type Client } from './helpers/index'
 import { sse } from './helpers/sse'
 

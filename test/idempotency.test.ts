@@ -1,6 +1,6 @@
 import t from 'tap'
-import { Idempotency } from '../lib/idempotency'
-import { Keys } from '../lib/keys'
+import { Idempotency } from '../lib/http/create/idempotency'
+import { Keys } from '../lib/core/keys'
 import { redisFor } from './helpers/index'
 
 // A repeated request that arrives while the first one with its key is still adding its job must

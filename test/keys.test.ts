@@ -1,6 +1,6 @@
 import t from 'tap'
-import { clusterKeyProblem, Keys } from '../lib/keys'
-import { hashTag, slotOf } from '../lib/broker/slot'
+import { clusterKeyProblem, Keys } from '../lib/core/keys'
+import { hashTag, slotOf } from '../lib/core/slot'
 import { parseRelay, relayMessage } from '../lib/wire/relay'
 
 t.test('channels: hash-tagged on the job, read back', async (t) => {

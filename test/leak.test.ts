@@ -5,8 +5,8 @@ import { runInNewContext } from 'node:vm'
 import WebSocket from 'ws'
 import Fastify from 'fastify'
 import { jobsProtocol, type JobProgressOptions } from '../lib/index'
-import { Bridge } from '../lib/bridge'
-import { Keys } from '../lib/keys'
+import { Bridge } from '../lib/bridge/bridge'
+import { Keys } from '../lib/core/keys'
 import { eventually, lines, redisFor, startApp, upload } from './helpers/index'
 
 // Connect, subscribe, get the snapshot, close: thousands of times. Whatever a connection leaves

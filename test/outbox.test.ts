@@ -1,7 +1,7 @@
 import t from 'tap'
 import { once } from 'node:events'
 import WebSocket, { WebSocketServer } from 'ws'
-import { Outbox } from '../lib/outbox'
+import { Outbox } from '../lib/session/outbox'
 import { WebSocketTransport } from '../lib/transports/websocket'
 
 /** A real server socket whose client has stopped reading. */

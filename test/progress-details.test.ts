@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Worker } from 'bullmq'
 import { createJobWorker, DiskStorage, jobsProtocol } from '../lib/index'
-import { DETAIL_LIMITS, detailsDiffer, progressDetails, type Clipped } from '../lib/progress-details'
+import { DETAIL_LIMITS, detailsDiffer, progressDetails, type Clipped } from '../lib/core/progress-details'
 import { connect, gate, lines, redisFor, startApp, upload } from './helpers/index'
 import { sse } from './helpers/sse'
 

@@ -1,9 +1,9 @@
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
 import Fastify from 'fastify'
-import { Bridge, relayMessage, type BridgeOptions } from '../lib/bridge'
-import { RELAY_SCRIPT } from '../lib/relay-script'
-import { Keys } from '../lib/keys'
+import { Bridge, relayMessage, type BridgeOptions } from '../lib/bridge/bridge'
+import { RELAY_SCRIPT } from '../lib/bridge/relay-script'
+import { Keys } from '../lib/core/keys'
 import { eventually, redisFor } from './helpers/index'
 import type { RedisServer } from './helpers/index'
 

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
-import { Keys } from '../lib/keys'
+import { Keys } from '../lib/core/keys'
 import { parseRelay, relayMessage, RELAY_VERSION, resyncMessage } from '../lib/wire/relay'
 import * as v1 from './fixtures/relay-v1'
 import { connect, gate, lines, redisFor, startApp, startWorker, upload } from './helpers/index'

@@ -2,7 +2,7 @@ import t from 'tap'
 import Fastify from 'fastify'
 import { Writable } from 'node:stream'
 import { jobProgress, jobsProtocol } from '../lib/index'
-import { redactUrl } from '../lib/redact'
+import { redactUrl } from '../lib/core/redact'
 import { connect, lines, redisFor, tempDir, upload } from './helpers/index'
 
 // Credentials never reach a log line of the plugin or its routes, at info or debug level.

@@ -2,7 +2,7 @@ import t from 'tap'
 import { Signer } from '@fastify/cookie'
 import type { FastifyRequest } from 'fastify'
 import { randomUUID } from 'node:crypto'
-import { apiKeyOf } from '../lib/owner'
+import { apiKeyOf } from '../lib/http/auth/identity'
 import { connect, eventually, lines, redisFor, startApp, upload } from './helpers/index'
 
 const SECRET = 'a-test-secret-of-enough-length'

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { SSE_DONE_ID, SseParser } from '../lib/wire/sse'
+import { SSE_DONE_ID, SseParser } from '../lib/wire/sse-frame'
 import { lines, redisFor, startApp, startWorker, upload, gate } from './helpers/index'
 import { sse } from './helpers/sse'
 

@@ -1,8 +1,8 @@
 import t from 'tap'
 import { FlowProducer, Queue, Worker, type Job } from 'bullmq'
 import { randomUUID } from 'node:crypto'
-import { Keys, OWNER_FIELD } from '../lib/keys'
-import { readOwner, readSnapshots, writeOwner } from '../lib/snapshot'
+import { Keys, OWNER_FIELD } from '../lib/core/keys'
+import { readOwner, readSnapshots, writeOwner } from '../lib/core/snapshot'
 import { parseVersion } from '../lib/wire/version'
 import { redisFor } from './helpers/index'
 

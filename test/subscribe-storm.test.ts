@@ -3,9 +3,9 @@ import { jobsProtocol } from '../lib/index'
 import type { Labels, MetricName, Telemetry } from '../lib/core/telemetry'
 import { connect, redisFor, startApp, upload } from './helpers/index'
 import { RedisCluster } from './helpers/redis-cluster'
-import { Keys } from '../lib/keys'
-import { readOpens, readOwners, writeOwner, type SnapshotTarget } from '../lib/snapshot'
-import { slotOf } from '../lib/broker/slot'
+import { Keys } from '../lib/core/keys'
+import { readOpens, readOwners, writeOwner, type SnapshotTarget } from '../lib/core/snapshot'
+import { slotOf } from '../lib/core/slot'
 
 // A socket that subscribes many jobs at once does not open them one after the other: its opens
 // run side by side, so they share SUBSCRIBEs and pipelined snapshot reads (a few round trips for

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import { WatchTokens } from '../lib/watch-token'
+import { WatchTokens } from '../lib/http/auth/watch-token'
 import { connect, lines, redisFor, startApp, startWorker, upload } from './helpers/index'
 import { Cluster, SESSION_SECRET } from './helpers/cluster'
 import { sse } from './helpers/sse'

@@ -1,10 +1,10 @@
 import t from 'tap'
 import { Watch } from '../client/index'
 import type { JobUpdate } from '../client/types'
-import type { JobEvent } from '../lib/events'
+import type { JobEvent } from '../lib/core/event'
 import { jobUpdate } from '../lib/protocols/jobs'
 import { progressMessage, progressProtocol } from '../lib/protocols/progress'
-import { sseProtocol } from '../lib/protocols/sse'
+import { sseProtocol } from '../lib/protocols/sse-protocol'
 
 // The version on the wire, table by table: where it appears, where it must not, and how the
 // client orders what it receives.

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { once } from 'node:events'
 import WebSocket, { WebSocketServer, type ServerOptions } from 'ws'
-import { Outbox } from '../lib/outbox'
+import { Outbox } from '../lib/session/outbox'
 import { WebSocketTransport } from '../lib/transports/websocket'
 import type { TransportEvents } from '../lib/session/transport'
 import { canWriteFrame, frameOf, frameStats, frameText, framingSupported } from '../lib/transports/ws-frame'

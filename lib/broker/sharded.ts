@@ -1,6 +1,6 @@
 import type { Cluster } from 'ioredis'
-import { execAll, type Broker } from './index'
-import { slotOf } from './slot'
+import { execAll, type Broker } from './broker'
+import { slotOf } from '../core/slot'
 
 /** Groups channels by cluster slot: one SSUBSCRIBE (or SPUBLISH pipeline) cannot span slots. */
 function bySlot<T> (items: T[], key: (item: T) => string): Map<number, T[]> {

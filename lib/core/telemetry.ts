@@ -1,6 +1,6 @@
 /**
  * The one seam every part reports through: counters and histograms are named once, here, and a
- * backend (Prometheus in `lib/metrics.ts`, or the user's own) decides where they go. Hot paths
+ * backend (Prometheus in `lib/core/metrics.ts`, or the user's own) decides where they go. Hot paths
  * call these methods instead of logging; the default does nothing and costs a call.
  */
 

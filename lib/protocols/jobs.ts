@@ -1,7 +1,7 @@
-import { percent, type JobEvent } from '../events'
-import { detailFields } from '../progress-details'
+import { percent, type JobEvent } from '../core/event'
+import { detailFields } from '../core/progress-details'
 import type { JobUpdateMessage } from '../wire/messages'
-import { parseLogsRequest } from '../live-logs'
+import { parseLogsRequest } from '../channels/logs/live-logs'
 import type { ClientAction, ProtocolDefinition } from './types'
 
 export type { JobUpdateMessage }

@@ -1,5 +1,5 @@
-import { isFinal, percent, type JobEvent } from '../events'
-import { detailFields } from '../progress-details'
+import { isFinal, percent, type JobEvent } from '../core/event'
+import { detailFields } from '../core/progress-details'
 import type { ProgressMessage } from '../wire/messages'
 import type { ProtocolDefinition } from './types'
 

@@ -1,5 +1,5 @@
-import type { JobEvent } from '../events'
-import type { LogsRequest } from '../live-logs'
+import type { JobEvent } from '../core/event'
+import type { LogsRequest } from '../channels/logs/live-logs'
 import type { LogMessage, MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 
 /** What a client message asks for, once a protocol has parsed it. */

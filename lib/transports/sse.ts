@@ -1,12 +1,12 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { ServerResponse } from 'node:http'
-import { logResume, sseProtocol } from '../protocols/sse'
-import type { LogsRequest } from '../live-logs'
+import { logResume, sseProtocol } from '../protocols/sse-protocol'
+import type { LogsRequest } from '../channels/logs/live-logs'
 import { Session, type InitialJob, type SessionContext } from '../session/session'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
 import { CloseCodes } from '../wire/close-codes'
-import { sseSchema } from '../http-schemas'
-import { SSE_DONE_ID, sseFrame } from '../wire/sse'
+import { sseSchema } from '../http/schemas'
+import { SSE_DONE_ID, sseFrame } from '../wire/sse-frame'
 
 /** What a close code becomes when nothing has been streamed yet: EventSource stops on any non-200. */
 const STATUS: Record<number, number> = {

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { Cluster, Redis } from 'ioredis'
-import { slotOf } from '../../lib/broker/slot'
+import { slotOf } from '../../lib/core/slot'
 import { answers, freePort } from './redis'
 
 const run = promisify(execFile)

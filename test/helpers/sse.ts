@@ -1,5 +1,5 @@
 import { get, type IncomingHttpHeaders, type IncomingMessage } from 'node:http'
-import { SseParser, type SseEvent } from '../../lib/wire/sse'
+import { SseParser, type SseEvent } from '../../lib/wire/sse-frame'
 
 interface Teardown { teardown: (fn: () => unknown) => void }
 
