@@ -4,9 +4,12 @@ import { existsSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { InvalidOptionError } from '../errors'
 
+/** The plugin's root: dist/ when compiled, lib/ when run from source (this file is in <root>/http/). */
+const ROOT = join(__dirname, '..')
+
 /** Where the built client is: next to the compiled plugin (dist/), or in dist/ when run from source. */
 export function clientFile (): string | null {
-  for (const file of [join(__dirname, 'client', 'index.min.mjs'), join(__dirname, '..', 'dist', 'client', 'index.min.mjs')]) {
+  for (const file of [join(ROOT, 'client', 'index.min.mjs'), join(ROOT, '..', 'dist', 'client', 'index.min.mjs')]) {
     if (existsSync(file)) return file
   }
   return null
