@@ -43,7 +43,7 @@ t.test('the OpenAPI document lists the routes with their schemas', async (t) => 
     t.ok(op(`/${kind}/{jobId}/outputs/{name}`, 'get').responses['206'], 'outputs: 206 for a range')
     t.ok(op(`/${kind}/{jobId}/logs`, 'get').parameters.some((p: any) => p.in === 'query' && p.name === 'limit'))
     t.ok(op(`/${kind}/{jobId}/events`, 'get').responses['200'])
-    // @fastify/websocket hides WebSocket routes from the document: the README documents their messages.
+    // @fastify/websocket hides WebSocket routes from the document: docs/reference/protocols.md documents their messages.
     t.notOk(paths[`/ws/${kind}/{jobId}`])
   }
   const create = op('/batch', 'post')
