@@ -85,7 +85,7 @@ async function child (): Promise<void> {
   const { Bridge } = await import(base + 'bridge/bridge') as typeof import('../lib/bridge/bridge')
   const { Hub } = await import(base + 'hub/hub') as typeof import('../lib/hub/hub')
   const { Keys } = await import(base + 'core/keys') as typeof import('../lib/core/keys')
-  const { createBroker } = await import(base + 'broker/broker') as typeof import('../lib/broker/broker')
+  const { createBroker } = await import(base + 'broker/create-broker') as typeof import('../lib/broker/create-broker')
   const pino = (await import('pino')).default
   const log = pino({ level: 'silent' })
   const connect = (): Redis => new Redis(cfg.port, '127.0.0.1', { maxRetriesPerRequest: null })

@@ -7,12 +7,13 @@
 import { shouldRetry } from '../lib/wire/close-codes'
 import type { JobStatus, JobUpdateMessage, ProgressMessage } from '../lib/wire/messages'
 import { AuthError, ConnectionError, HttpError, JobProgressError, NotFoundError } from './errors'
-import type { ClientOptions, ConnectionEvent, Transport, UploadedJob, UploadOptions } from './types'
-import { Watch } from './watch'
+import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
+import { Watch, type UploadedJob } from './watch'
 
 export * from './errors'
 export type * from './types'
 export { Watch }
+export type { UploadedJob } from './watch'
 export { CloseCodes, shouldRetry, CLOSE_ADVICE } from '../lib/wire/close-codes'
 
 type Listener<T> = (value: T) => void

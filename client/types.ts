@@ -1,5 +1,4 @@
 import type { JobStatus } from '../lib/wire/messages'
-import type { Watch } from './watch'
 
 export type { JobStatus }
 
@@ -91,12 +90,4 @@ export interface UploadOptions {
   signal?: AbortSignal
   /** The file's name when `file` is a Blob without one. */
   filename?: string
-}
-
-export interface UploadedJob {
-  kind: string
-  jobId: string
-  statusUrl: string
-  /** Starts watching the job (same as `client.watch(kind, jobId)`). */
-  watch: () => Watch
 }

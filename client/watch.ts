@@ -116,3 +116,11 @@ export class Watch implements AsyncIterable<JobUpdate> {
     }
   }
 }
+
+export interface UploadedJob {
+  kind: string
+  jobId: string
+  statusUrl: string
+  /** Starts watching the job (same as `client.watch(kind, jobId)`). */
+  watch: () => Watch
+}

@@ -5,7 +5,8 @@ import { Queue } from 'bullmq'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { Redis, type Cluster, type ClusterOptions, type RedisOptions } from 'ioredis'
-import { createBroker, isCluster } from './broker/broker'
+import { createBroker } from './broker/create-broker'
+import { isCluster } from './core/redis-client'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
 import { Bridge, everyListener, type BridgeEvent } from './bridge/bridge'
@@ -110,7 +111,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   // nodes and cluster options instead of client options.
   const clustered = isCluster(redis)
   if (clustered) {
-    const problem = clusterKeyProblem(opts.prefix, Object.entries(opts.kinds).map(([kind, k]) => k.queueName ?? kind))
+    const problem = clusterKeyProblem(opts.prefix, Object.values(opts.kinds).map(k => k.queueName))
     if (problem !== null) throw new errors.InvalidOptionError(problem)
   }
   const dup = (clientOptions: RedisOptions, clusterOptions: ClusterOptions = {}): Redis => clustered
@@ -127,7 +128,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const owners = new Owners(opts, log)
   const queues = new Map<string, Queue>()
   for (const [kind, k] of Object.entries(opts.kinds)) {
-    const queue = new Queue(k.queueName ?? kind, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
+    const queue = new Queue(k.queueName, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
     queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))
     // The owner gets a field of its own, so ownership checks read it alone (not the job's data).
     queue.on('waiting', (job: { id?: string, data?: { owner?: unknown } }) => {
@@ -141,7 +142,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void | Promise<void>> = []
-  const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind] === undefined ? undefined : opts.kinds[kind].queueName ?? kind, queues: [...queues.values()].map(q => q.name), log })
+  const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind]?.queueName, queues: [...queues.values()].map(q => q.name), log })
   bridgeListeners.push((event) => cleanup.onEvent(event))
   cleanup.start()
   const uploadStorage = cleanup.tracked()
@@ -189,15 +190,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
   })
 
-  const connectionLimit = new ConnectionLimit({ redis: cmd, prefix: opts.channelPrefix, instanceId, max: opts.maxConnectionsPerOwner, heartbeatMs: opts.instanceHeartbeatMs, log })
+  const connectionLimit = new ConnectionLimit({ redis: cmd, keys, instanceId, max: opts.maxConnectionsPerOwner, heartbeatMs: opts.instanceHeartbeatMs, log })
   await connectionLimit.start()
   const canAccess = opts.canAccess ?? ownerOnly
   const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log, onCreated: async (queue, kind, jobId, owner) => { await myJobs.created(queue, kind, jobId, owner) } }
   const creators = new Map<string, CreateKind>()
-  const queueOf = (kind: string): string | undefined => {
-    const k = opts.kinds[kind]
-    return k === undefined ? undefined : k.queueName ?? kind
-  }
+  const queueOf = (kind: string): string | undefined => opts.kinds[kind]?.queueName
   const ctx: SessionContext = {
     hub,
     owners,
@@ -235,7 +233,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const protocols: ProtocolDefinition[] = [progressProtocol(opts.wsPrefix, { version: opts.progressVersion, details: opts.progressDetails }), ...opts.protocols]
   for (const [kind, queue] of queues) {
     const k = opts.kinds[kind]
-    const basePath = k.basePath ?? `/${kind}`
+    const basePath = k.basePath
     const wsPath = (jobId: string): string => `${opts.wsPrefix}/${kind}/${jobId}`
     const countUpload = {
       onResponse: async (_request: FastifyRequest, reply: { statusCode: number }) => {
@@ -252,7 +250,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       beforeAdd: webhooks?.beforeAdd(kind)
     }
     creators.set(kind, creator)
-    fastify.post(k.uploadPath ?? `${basePath}/upload`, { ...countUpload, schema: uploadSchema(kind, k.accept ?? []), validatorCompiler: noBodyValidation }, uploadHandler({
+    fastify.post(k.uploadPath, { ...countUpload, schema: uploadSchema(kind, k.accept ?? []), validatorCompiler: noBodyValidation }, uploadHandler({
       ...creator,
       accept: k.accept ?? [],
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
@@ -262,9 +260,9 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
     registerManageRoutes(fastify, routeCtx, { kind, queue, basePath, uploads: uploadStorage })
   }
-  registerLongIdRoutes(fastify, [...queues.keys()].map(kind => opts.kinds[kind].basePath ?? `/${kind}`), [...queues.keys()].map(kind => `${opts.wsPrefix}/${kind}`))
+  registerLongIdRoutes(fastify, [...queues.keys()].map(kind => opts.kinds[kind].basePath), [...queues.keys()].map(kind => `${opts.wsPrefix}/${kind}`))
   registerSseRoutes(fastify, ctx, {
-    kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath ?? `/${kind}` })),
+    kinds: [...queues.keys()].map(kind => ({ kind, basePath: opts.kinds[kind].basePath })),
     path: opts.ssePath,
     retryMs: opts.sseRetryMs,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
@@ -340,7 +338,7 @@ export type { Storage, StoredFileInfo } from './core/storage'
 export type { JobProgressOptions, KindOptions } from './options'
 export type { JobEvent, JobState } from './core/event'
 export type { Snapshot } from './core/snapshot'
-export type { UploadJobData } from './http/uploads/upload-route'
+export type { UploadJobData } from './core/job-data'
 export { progressProtocol, progressMessage, type ProgressMessage } from './protocols/progress'
 export { jobsProtocol, jobUpdate, type JobsProtocolOptions } from './protocols/jobs'
 export type { LogLineMessage, LogsTruncatedMessage, LogMessage, MyJobMessage, MyJobsResyncMessage } from './wire/messages'

@@ -232,7 +232,17 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
   webhooks?: WebhooksOptions
 }
 
-export type ResolvedOptions = Omit<Resolved, 'webhooks'> & { webhooks: ResolvedWebhooks }
+/** A kind as every part reads it: its queue and paths resolved once, in {@link resolveOptions}. */
+export type ResolvedKind = Omit<Resolved['kinds'][string], 'queueName' | 'basePath' | 'uploadPath'> & {
+  /** The kind's BullMQ queue: `queueName`, else the kind's name. */
+  queueName: string
+  /** `basePath`, else `/<kind>`. */
+  basePath: string
+  /** `uploadPath`, else `<basePath>/upload`. */
+  uploadPath: string
+}
+
+export type ResolvedOptions = Omit<Resolved, 'webhooks' | 'kinds'> & { webhooks: ResolvedWebhooks, kinds: Record<string, ResolvedKind> }
 
 const FUNCTION_OPTIONS = ['getOwner', 'canAccess'] as const
 const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', 'metrics', 'telemetry', ...FUNCTION_OPTIONS] as const
@@ -303,6 +313,11 @@ export function resolveOptions (input: unknown): ResolvedOptions {
   Object.assign(opts, kept)
   restoreWebhooks(opts)
   restoreCreate(opts)
+  for (const [kind, k] of Object.entries(opts.kinds as Record<string, Partial<ResolvedKind>>)) {
+    k.queueName ??= kind
+    k.basePath ??= `/${kind}`
+    k.uploadPath ??= `${k.basePath}/upload`
+  }
   return opts as unknown as ResolvedOptions
 }
 

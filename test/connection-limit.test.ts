@@ -3,6 +3,7 @@ import { Redis } from 'ioredis'
 import pino from 'pino'
 import { jobsProtocol } from '../lib/index'
 import { ConnectionLimit } from '../lib/session/connection-limit'
+import { Keys } from '../lib/core/keys'
 import { connect, eventually, lines, redisFor, startApp, upload, type Client } from './helpers/index'
 import { sse } from './helpers/sse'
 
@@ -86,7 +87,7 @@ t.test('a storm of connections runs the limit scripts by hash: the script text i
   const redis = await redisFor(t)
   const conn = new Redis(redis.url)
   const stats = new Redis(redis.url)
-  const limit = new ConnectionLimit({ redis: conn, prefix: 'jp', instanceId: 'one', max: 1000, heartbeatMs: 60_000, log: pino({ level: 'silent' }) })
+  const limit = new ConnectionLimit({ redis: conn, keys: new Keys({ prefix: 'bull', channelPrefix: 'jp' }), instanceId: 'one', max: 1000, heartbeatMs: 60_000, log: pino({ level: 'silent' }) })
   t.teardown(async () => { await limit.close(); await conn.quit(); await stats.quit() })
   await limit.start()
   const calls = async (): Promise<Record<string, number>> => {

@@ -1,4 +1,3 @@
-import { slotOf } from '../core/slot'
 import { noTelemetry } from '../core/telemetry'
 import { Acks } from './acks'
 import { BatchDelivery } from './batch-delivery'
@@ -67,7 +66,7 @@ export class Bridge {
     // or with a hash-tagged prefix that puts every queue in one slot).
     const groups = new Map<number, string[]>()
     for (const stream of this.#groups.streams) {
-      const slot = this.#o.broker?.kind === 'sharded' ? slotOf(stream) : 0
+      const slot = this.#o.broker?.keyGroup(stream) ?? 0
       groups.set(slot, [...(groups.get(slot) ?? []), stream])
     }
     const ordered = this.#groups.ordered

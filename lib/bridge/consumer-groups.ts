@@ -1,4 +1,4 @@
-import { isCluster } from '../broker/broker'
+import { isCluster } from '../core/redis-client'
 import type { BridgeOptions } from './bridge-options'
 
 /** One stream entry as XREADGROUP and XAUTOCLAIM return it. */
@@ -37,7 +37,7 @@ export class ConsumerGroups {
     this.#gaps = gaps
     this.streams = streams
     const { ordered, broker, blocking } = opts
-    this.ordered = ordered !== false && (broker === undefined || broker.kind === 'classic') && !isCluster(blocking)
+    this.ordered = ordered !== false && (broker === undefined || broker.publishesAnywhere) && !isCluster(blocking)
     this.wakeGroup = `${opts.group}:wake`
   }
 

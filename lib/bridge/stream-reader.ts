@@ -1,4 +1,4 @@
-import { isCluster } from '../broker/broker'
+import { isCluster } from '../core/redis-client'
 import type { Commands } from '../core/snapshot'
 import type { Batch, BatchDelivery } from './batch-delivery'
 import type { BridgeOptions } from './bridge-options'
@@ -55,7 +55,7 @@ export class StreamReader {
     // Under load (a read brought several entries) the next read waits for the publishes' reply
     // instead: it then takes what arrived meanwhile at once, and every socket gets those events
     // in one write, not one write each.
-    const withRead = (broker === undefined || broker.kind === 'classic') && !isCluster(blocking)
+    const withRead = (broker === undefined || broker.publishesAnywhere) && !isCluster(blocking)
     let batch: Batch | null = null
     let backoff = 100
     while (this.#run.running) {

@@ -1,6 +1,4 @@
 import type { Cluster, Redis } from 'ioredis'
-import { RedisBroker } from './classic'
-import { ShardedBroker } from './sharded'
 
 /**
  * The pub/sub a hub reads from and a bridge writes to. Classic Redis pub/sub and Redis Cluster's
@@ -29,6 +27,30 @@ export interface Broker {
   publish: (messages: Array<[channel: string, payload: string]>) => Promise<void>
   /** Lists the channels matching a glob that somebody subscribes to now (for a resync after a fault). */
   channels: (pattern: string) => Promise<string[]>
+  /**
+   * Whether a PUBLISH sent on any connection to this Redis reaches every subscriber (classic),
+   * so a script, or a read's own connection, may publish in the same round trip. Not so with
+   * sharded pub/sub: a message must go to the shard of its channel's slot.
+   */
+  readonly publishesAnywhere: boolean
+  /**
+   * The group of keys that one command may span: the key's cluster slot with sharded pub/sub on
+   * a cluster, a single group (0) otherwise.
+   */
+  keyGroup: (key: string) => number
+}
+
+/**
+ * How a script that writes next to a job also relays a message on the job's channel. Classic
+ * pub/sub publishes inside the script (one round trip, and only once the write is done); sharded
+ * pub/sub cannot (the channel is hashed on the job id, in another slot than the job's keys), so
+ * the message is SPUBLISHed right after the script.
+ */
+export interface ScriptRelay {
+  /** Whether the script itself PUBLISHes the message. */
+  readonly inScript: boolean
+  /** Publishes the message after the script, when the script could not. */
+  after: (redis: Redis | Cluster, channel: string, message: string) => Promise<void>
 }
 
 /**
@@ -42,17 +64,4 @@ export async function execAll (pipe: { exec: () => Promise<Array<[Error | null, 
   for (const [err] of replies) if (err !== null) throw err
 }
 
-/** Whether a connection is an ioredis Cluster. */
-export function isCluster (redis: Redis | Cluster): redis is Cluster {
-  return (redis as Cluster).isCluster === true
-}
-
-/**
- * The broker for a connection: sharded pub/sub on a cluster, classic otherwise, unless `kind`
- * says which. The subscriber connection is the one the broker reads with.
- */
-export function createBroker (commands: Redis | Cluster, subscriber: Redis | Cluster, kind?: 'classic' | 'sharded'): Broker {
-  const sharded = kind === 'sharded' || (kind === undefined && isCluster(commands))
-  if (sharded) return new ShardedBroker(commands as Cluster, subscriber as Cluster)
-  return new RedisBroker(commands as Redis, subscriber as Redis)
-}
+export { isCluster } from '../core/redis-client'

@@ -1,10 +1,11 @@
 import type { Redis } from 'ioredis'
 import { whenReady } from '../core/redis-ready'
-import { execAll, type Broker } from './broker'
+import { execAll, type Broker, type ScriptRelay } from './broker'
 
 /** Classic pub/sub: PUBLISH reaches every node's subscribers, SUBSCRIBE on one connection. */
 export class RedisBroker implements Broker {
   readonly kind = 'classic' as const
+  readonly publishesAnywhere = true
   readonly #commands: Redis
   readonly #subscriber: Redis
   #wasReady: boolean
@@ -63,4 +64,11 @@ export class RedisBroker implements Broker {
   async channels (pattern: string): Promise<string[]> {
     return await this.#commands.call('PUBSUB', 'CHANNELS', pattern) as string[]
   }
+
+  keyGroup (_key: string): number {
+    return 0
+  }
 }
+
+/** Classic pub/sub: a script PUBLISHes itself, in the round trip of its write. */
+export const classicScriptRelay: ScriptRelay = { inScript: true, after: async () => {} }

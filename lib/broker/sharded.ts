@@ -1,5 +1,5 @@
 import type { Cluster } from 'ioredis'
-import { execAll, type Broker } from './broker'
+import { execAll, type Broker, type ScriptRelay } from './broker'
 import { slotOf } from '../core/slot'
 
 /** Groups channels by cluster slot: one SSUBSCRIBE (or SPUBLISH pipeline) cannot span slots. */
@@ -22,6 +22,7 @@ function bySlot<T> (items: T[], key: (item: T) => string): Map<number, T[]> {
  */
 export class ShardedBroker implements Broker {
   readonly kind = 'sharded' as const
+  readonly publishesAnywhere = false
   readonly #commands: Cluster
   readonly #subscriber: Cluster
 
@@ -96,4 +97,14 @@ export class ShardedBroker implements Broker {
     const lists = await Promise.all(nodes.map(async node => await node.call('PUBSUB', 'SHARDCHANNELS', pattern) as string[]))
     return [...new Set(lists.flat())]
   }
+
+  keyGroup (key: string): number {
+    return slotOf(key)
+  }
+}
+
+/** Sharded pub/sub: the job's channel is in another slot than its keys, so SPUBLISH after the script. */
+export const shardedScriptRelay: ScriptRelay = {
+  inScript: false,
+  after: async (redis, channel, message) => { await redis.spublish(channel, message) }
 }

@@ -33,3 +33,34 @@ export async function allowed (policy: CanAccess, request: FastifyRequest, job: 
     return false
   }
 }
+
+/** Who is asking, and how we know. */
+export interface Identity {
+  owner: string
+  via: 'session' | 'apiKey' | 'custom' | 'token'
+  /**
+   * For a watch token: the one job it allows, or null for a token that is forged, expired or
+   * malformed (it then allows nothing, and is answered like an unknown job).
+   */
+  job?: { kind: string, jobId: string } | null
+}
+
+/** Whether `identity` may read the job `kind`/`jobId` whose recorded owner is `owner`. */
+export function mayRead (identity: Identity, kind: string, jobId: string, owner: string | null | undefined): boolean {
+  if (owner === null || owner === undefined || identity.owner !== owner) return false
+  if (identity.via !== 'token') return true
+  return identity.job !== null && identity.job !== undefined && identity.job.kind === kind && identity.job.jobId === jobId
+}
+
+/**
+ * How a request says who it is, as sessions need it: the routes' `Owners` (http/auth) implements
+ * it, so a session knows no route.
+ */
+export interface Authenticator {
+  /** Null when the request carries no credentials; throws when it carries wrong ones. */
+  fromRequest: (request: FastifyRequest, websocket?: boolean, watch?: boolean) => Promise<Identity | null>
+  /** Whether a cookie- or token-authenticated request comes from an allowed origin. */
+  originAllowed: (request: FastifyRequest) => boolean
+  /** The owner behind an API key, or null when the key is unknown. */
+  ownerOfKey: (key: string) => Promise<string | null>
+}

@@ -65,6 +65,71 @@ export class Keys {
   cancel (queue: string, jobId: string): string {
     return `${this.job(queue, jobId)}:jp-cancel`
   }
+
+  /** BullMQ's list of a job's log lines (`job.log()`). */
+  logs (queue: string, jobId: string): string {
+    return `${this.job(queue, jobId)}:logs`
+  }
+
+  /** The mark a deleted job leaves for a while, so its worker stops at its next report. */
+  deleted (queue: string, jobId: string): string {
+    return this.queueKey(queue, `jp:deleted:${jobId}`)
+  }
+
+  /** The hash of a job's outputs (name → JSON). */
+  outputs (queue: string, jobId: string): string {
+    return this.queueKey(queue, `jp:outputs:${jobId}`)
+  }
+
+  /** The storage key of a job's upload, kept until its final state is recorded. */
+  upload (queue: string, jobId: string): string {
+    return this.queueKey(queue, 'jp:upload:' + jobId)
+  }
+
+  /** The uploads of a queue due for removal (sorted set, score = when). */
+  uploadsDue (queue: string): string {
+    return this.queueKey(queue, 'jp:uploads:due')
+  }
+
+  /** An `Idempotency-Key` remembered, under the hashed id of its owner and key. */
+  idempotency (queue: string, id: string): string {
+    return this.queueKey(queue, `jp:idem:${id}`)
+  }
+
+  /** The quota counters of an owner (hashed id): jobs active now, and created in the current window. */
+  quota (queue: string, id: string): { active: string, window: string } {
+    return { active: this.queueKey(queue, `jp:quota:active:${id}`), window: this.queueKey(queue, `jp:quota:window:${id}`) }
+  }
+
+  /** An owner's index of jobs in a queue (`GET /jobs`). */
+  ownerIndex (queue: string, owner: string): string {
+    return this.queueKey(queue, `jp:owner:${owner}`)
+  }
+
+  /** The channel of an owner's job feed, by the owner's hashed tag: short, and spread over shards. */
+  ownerChannel (tag: string): string {
+    return `${this.channelPrefix}:owner:of:{${tag}}`
+  }
+
+  /** A job's webhook URL, when the upload named one. */
+  webhookUrl (queue: string, jobId: string): string {
+    return this.queueKey(queue, 'jp:webhook:' + jobId)
+  }
+
+  /** The throttle mark of a job's progress webhooks. */
+  webhookProgress (queue: string, jobId: string): string {
+    return this.queueKey(queue, 'jp:webhook-progress:' + jobId)
+  }
+
+  /** The instances alive (sorted set, score = last heartbeat), for the connection limit. */
+  instances (): string {
+    return `${this.channelPrefix}:instances`
+  }
+
+  /** An owner's open connections per instance (hash), hash-tagged on the owner. */
+  connections (owner: string): string {
+    return `${this.channelPrefix}:conns:{${owner}}`
+  }
 }
 
 /**

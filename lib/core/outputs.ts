@@ -20,11 +20,6 @@ export function isOutputName (name: unknown): name is string {
   return typeof name === 'string' && NAME.test(name) && !name.includes('..')
 }
 
-/** The hash of a job's outputs (name → JSON), in the queue's key space. */
-export function outputsKey (keys: Keys, queue: string, jobId: string): string {
-  return keys.queueKey(queue, `jp:outputs:${jobId}`)
-}
-
 /** Storage kinds of outputs do not name a queue, so the upload sweep leaves them alone. */
 const outputKind = (kind: string, name: string): string => `${kind}.out.${name}`
 
@@ -36,13 +31,13 @@ export async function putOutput (redis: Redis, keys: Keys, storage: Storage, que
   if (!isOutputName(name)) throw new InvalidOutputNameError(name)
   const stored = await storage.write(source, { kind: outputKind(kind, name), jobId, filename: name, mimetype: type })
   const file: OutputFile = { name, key: stored.key, size: stored.size, type }
-  await redis.hset(outputsKey(keys, queue, jobId), name, JSON.stringify(file))
+  await redis.hset(keys.outputs(queue, jobId), name, JSON.stringify(file))
   return file
 }
 
 /** A job's outputs, by name. */
 export async function listOutputs (redis: Redis, keys: Keys, queue: string, jobId: string): Promise<OutputFile[]> {
-  const all = await redis.hgetall(outputsKey(keys, queue, jobId))
+  const all = await redis.hgetall(keys.outputs(queue, jobId))
   return Object.values(all).map(v => JSON.parse(v) as OutputFile).sort((a, b) => a.name.localeCompare(b.name))
 }
 

@@ -3,7 +3,7 @@ import { eta, parseProgress, type JobEvent, type JobState } from './event'
 import { progressDetails } from './progress-details'
 import { OWNER_FIELD, type Keys } from './keys'
 import { formatVersion, NO_ENTRY } from '../wire/version'
-import { isCluster } from '../broker/broker'
+import { isCluster } from './redis-client'
 import { slotOf } from './slot'
 
 /** A job's current state read from Redis, with what the routes need besides the event. */

@@ -1,5 +1,4 @@
 import type { FastifyInstance } from 'fastify'
-import type { ResolvedOptions } from '../options'
 
 /**
  * Liveness and readiness routes, for orchestrators and load balancers.
@@ -10,7 +9,7 @@ import type { ResolvedOptions } from '../options'
  *   up, its bridge (when enabled) is reading the event streams, and it is not shutting down.
  *   Otherwise 503 with what is missing, so traffic goes to the other instances meanwhile.
  */
-export function registerHealth (fastify: FastifyInstance, opts: ResolvedOptions, bridgeReady: () => boolean | null): void {
+export function registerHealth (fastify: FastifyInstance, opts: { health: false | { livePath: string, readyPath: string } }, bridgeReady: () => boolean | null): void {
   if (opts.health === false) return
   let closing = false
   fastify.addHook('preClose', async () => { closing = true })

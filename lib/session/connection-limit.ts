@@ -1,11 +1,12 @@
 import type { FastifyBaseLogger } from 'fastify'
 import type { Redis } from 'ioredis'
+import type { Keys } from '../core/keys'
 
 export interface ConnectionLimitOptions {
   /** The plugin's command connection. */
   redis: Redis
-  /** The plugin's `channelPrefix`: the keys below live under it. */
-  prefix: string
+  /** The plugin's keys (the counts live under its `channelPrefix`). */
+  keys: Keys
   instanceId: string
   /** Connections one owner may hold across all instances. */
   max: number
@@ -56,8 +57,8 @@ interface Scripts {
 
 /**
  * The per-owner connection limit across every instance. Each instance keeps, per owner, its own
- * count in one Redis hash (`<prefix>:conns:{<owner>}`, field = instance id), and says it is alive
- * in a sorted set (`<prefix>:instances`, score = last heartbeat) from one timer per instance. A
+ * count in one Redis hash (`<channelPrefix>:conns:{<owner>}`, field = instance id), and says it is alive
+ * in a sorted set (`<channelPrefix>:instances`, score = last heartbeat) from one timer per instance. A
  * connection costs one script call when it opens and one when it closes; the heartbeat costs
  * two commands per interval per instance, whatever the number of connections. A killed
  * instance's counts stop counting once its heartbeat is older than three intervals, and are
@@ -73,7 +74,7 @@ export class ConnectionLimit {
 
   constructor (opts: ConnectionLimitOptions) {
     this.#o = opts
-    this.#instances = `${opts.prefix}:instances`
+    this.#instances = opts.keys.instances()
     // By hash (EVALSHA), not by text: a storm of connections would otherwise send and hash both
     // scripts once per socket.
     const r = opts.redis as Redis & Partial<Scripts>
@@ -88,7 +89,7 @@ export class ConnectionLimit {
   }
 
   #key (owner: string): string {
-    return `${this.#o.prefix}:conns:{${owner}}`
+    return this.#o.keys.connections(owner)
   }
 
   /** Registers this instance as alive and keeps it so. */

@@ -1,12 +1,11 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
-import { allowed, ownerOnly, type CanAccess } from '../core/access'
+import { allowed, ownerOnly, type Authenticator, type CanAccess, type Identity } from '../core/access'
 import { UnauthorizedError } from '../errors'
 import { isFinal, type JobEvent } from '../core/event'
 import type { ConnectionLimit } from './connection-limit'
 import type { Hub, OpenedJob, Sink } from '../hub/hub'
 import { isJobId } from '../core/keys'
 import { Outbox } from './outbox'
-import type { Identity, Owners } from '../http/auth/identity'
 import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
 import type { SnapshotTarget } from '../core/snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
@@ -32,7 +31,7 @@ export interface MineContext {
 /** What every session of one plugin instance shares. */
 export interface SessionContext {
   hub: Hub
-  owners: Owners
+  owners: Authenticator
   /** The queue of a kind, or undefined for a kind we do not serve. */
   queueOf: (kind: string) => string | undefined
   /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */

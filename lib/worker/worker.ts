@@ -2,13 +2,12 @@ import { UnrecoverableError, Worker, type Job, type WorkerOptions } from 'bullmq
 import { Redis as IORedis, type Redis, type RedisOptions } from 'ioredis'
 import type { Readable } from 'node:stream'
 import { appendLog, cutLine } from '../channels/logs/job-logs'
-import { isCluster } from '../broker/broker'
+import { scriptRelay } from '../broker/create-broker'
 import { Keys } from '../core/keys'
 import { progressDetails, type Clipped, type ProgressDetails } from '../core/progress-details'
-import { deletedKey } from '../http/jobs/delete'
-import { outputsKey, putOutput, type OutputFile } from '../core/outputs'
+import { putOutput, type OutputFile } from '../core/outputs'
 import { DiskStorage, type Storage } from '../core/storage'
-import type { UploadJobData } from '../http/uploads/upload-route'
+import type { UploadJobData } from '../core/job-data'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -108,7 +107,7 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
   const client = async (): Promise<Redis> => await worker.getBackend().client as unknown as Redis
   // Cancelled, or deleted (`DELETE <basePath>/:jobId`): either way the attempt stops.
   const cancelled = async (jobId: string): Promise<boolean> => {
-    return await (await client()).exists(keys.cancel(queue, jobId), deletedKey(keys, queue, jobId)) > 0
+    return await (await client()).exists(keys.cancel(queue, jobId), keys.deleted(queue, jobId)) > 0
   }
 
   async function processor (job: Job<UploadJobData>, _token?: string, bullSignal?: AbortSignal): Promise<R> {
@@ -133,14 +132,14 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
         const redis = await client()
         const cut = cutLine(String(line))
         if (cut !== null) warn(`job-progress: job ${jobId}: a log line of ${String(line).length} characters is over the limit (8,192): stored and relayed cut, ending with " [cut]"`)
-        return await appendLog(redis, keys, queue, jobId, cut ?? String(line), job.opts.keepLogs ?? 0, opts.pubsub ?? (isCluster(redis) ? 'sharded' : 'classic'))
+        return await appendLog(redis, keys, queue, jobId, cut ?? String(line), job.opts.keepLogs ?? 0, scriptRelay(redis, opts.pubsub))
       },
       async putOutput (name, source, type) {
         const redis = await client()
         const file = await putOutput(redis, keys, storage, queue, opts.kind, jobId, name, source, type)
         // A delete that ran meanwhile did not see this file: it is removed here instead.
         if (await cancelled(jobId)) {
-          await redis.hdel(outputsKey(keys, queue, jobId), name)
+          await redis.hdel(keys.outputs(queue, jobId), name)
           await storage.remove(file.key)
           abort.abort(new JobCancelledError())
           throw new JobCancelledError()

@@ -1,4 +1,5 @@
 import type { Redis } from 'ioredis'
+import type { ScriptRelay } from '../../broker/broker'
 import type { Keys } from '../../core/keys'
 import { logMessageParts } from '../../wire/relay'
 
@@ -47,17 +48,17 @@ export function cutLine (line: string): string | null {
 }
 
 /**
- * Appends a line and, with `live`, relays it with its offset on the job's channel: standalone in
- * the same script (one round trip, published only once the line is stored, so a watcher that
- * reads the list after it got the message finds the line); sharded pub/sub (a channel in another
- * slot) with an SPUBLISH right after.
+ * Appends a line and, with `live`, relays it with its offset on the job's channel, as the
+ * broker's topology allows: in the same script when it can (one round trip, published only once
+ * the line is stored, so a watcher that reads the list after it got the message finds the line),
+ * else right after.
  */
-export async function appendLog (redis: Redis, keys: Keys, queue: string, jobId: string, line: string, keepLogs = 0, live: 'classic' | 'sharded' | null = null): Promise<number> {
+export async function appendLog (redis: Redis, keys: Keys, queue: string, jobId: string, line: string, keepLogs = 0, live: ScriptRelay | null = null): Promise<number> {
   const job = keys.job(queue, jobId)
   const channel = keys.channel(queue, jobId)
   const [head, tail] = logMessageParts(line)
-  const offset = Number(await redis.eval(APPEND, 2, job, `${job}:logs`, line, keepLogs, live === 'classic' ? channel : '', head, tail))
-  if (live === 'sharded' && offset >= 0) await redis.spublish(channel, `${head}${offset}${tail}`)
+  const offset = Number(await redis.eval(APPEND, 2, job, keys.logs(queue, jobId), line, keepLogs, live?.inScript === true ? channel : '', head, tail))
+  if (live !== null && !live.inScript && offset >= 0) await live.after(redis, channel, `${head}${offset}${tail}`)
   return offset
 }
 
@@ -74,6 +75,6 @@ export interface LogsRead {
 
 export async function readLogs (redis: Redis, keys: Keys, queue: string, jobId: string, from: number, limit: number): Promise<LogsRead> {
   const job = keys.job(queue, jobId)
-  const [first, total, start, lines] = await redis.eval(READ, 2, job, `${job}:logs`, from, limit) as [number, number, number, string[]]
+  const [first, total, start, lines] = await redis.eval(READ, 2, job, keys.logs(queue, jobId), from, limit) as [number, number, number, string[]]
   return { from: start, first, total, lines }
 }

@@ -81,7 +81,7 @@ export class MyJobs {
   /** The owner's channel: hashed, so any owner string makes a short name, spread over shards. */
   channel (owner: string): string {
     const tag = createHash('sha256').update(owner).digest('base64url').slice(0, 22)
-    return `${this.#o.keys.channelPrefix}:owner:of:{${tag}}`
+    return this.#o.keys.ownerChannel(tag)
   }
 
   /** After a job was added: the index, and the owner's live lists hear of it. */

@@ -70,7 +70,7 @@ export class OwnerIndex {
   }
 
   key (queue: string, owner: string): string {
-    return this.#keys.queueKey(queue, `jp:owner:${owner}`)
+    return this.#keys.ownerIndex(queue, owner)
   }
 
   /** Records a new job: three commands in one round trip, all on the owner's key. */

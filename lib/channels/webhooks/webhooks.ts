@@ -7,11 +7,10 @@ import type { BridgeEvent } from '../../bridge/bridge'
 import { DeliveryNotFoundError, QueueUnavailableError, WebhookForbiddenError, WebhookUrlRefusedError } from '../../errors'
 import { parseProgress, type JobEvent } from '../../core/event'
 import type { Keys } from '../../core/keys'
-import type { ResolvedOptions } from '../../options'
 import { jobUpdate } from '../../protocols/jobs'
 import { checkEndpointUrl, defaultLookup, RefusedEndpoint, resolveEndpoint, type Lookup } from './address'
 import { post } from './http'
-import { kindWebhook, type KindWebhook, type ResolvedWebhooks, type WebhookEvent } from './options'
+import { kindWebhook, type KindWebhook, type KindWebhookOptions, type ResolvedWebhooks, type WebhookEvent } from './options'
 import { errors } from '../../http/schemas'
 
 /** What a delivery job carries: everything needed to send it, even after the job it tells of is gone. */
@@ -112,8 +111,15 @@ export function deliveryId (queue: string, jobId: string, entryId: string, url: 
   return 'msg_' + createHash('sha256').update(`${queue}\n${jobId}\n${entryId}\n${url}`).digest('base64url').slice(0, 27)
 }
 
+/** The options webhooks read: each kind's rule and queue, the delivery settings, BullMQ's prefix. */
+export interface WebhooksOptionsSlice {
+  prefix: string
+  kinds: Record<string, { queueName: string, webhook?: KindWebhookOptions }>
+  webhooks: ResolvedWebhooks
+}
+
 export interface WebhooksContext {
-  opts: ResolvedOptions
+  opts: WebhooksOptionsSlice
   /** For the delivery queue (BullMQ loads its scripts here). */
   connection: Redis
   /** Plain commands: per-upload endpoints, progress throttling. */
@@ -150,7 +156,7 @@ export class Webhooks {
     this.#ctx = ctx
     this.#o = ctx.opts.webhooks
     for (const [kind, k] of Object.entries(ctx.opts.kinds)) {
-      if (k.webhook !== undefined) this.#kinds.set(k.queueName ?? kind, { kind, hook: kindWebhook(k.webhook) })
+      if (k.webhook !== undefined) this.#kinds.set(k.queueName, { kind, hook: kindWebhook(k.webhook) })
     }
     const secrets = this.#o.secret === undefined ? [] : Array.isArray(this.#o.secret) ? this.#o.secret : [this.#o.secret]
     this.#signers = secrets.map(s => new Webhook(s))
@@ -204,7 +210,7 @@ export class Webhooks {
     const type: WebhookEvent | null = e.final ? 'final' : e.event === 'progress' ? 'progress' : STATUS_EVENTS.has(e.event) ? 'status' : null
     if (type === null || !hook.events.includes(type)) return
     const { cmd, keys } = this.#ctx
-    const urlKey = keys.queueKey(e.queue, 'jp:webhook:' + e.jobId)
+    const urlKey = keys.webhookUrl(e.queue, e.jobId)
     const reads = cmd.pipeline()
     if (hook.allow !== undefined) reads.get(urlKey)
     // The completed entry has the result but not the final count: the job hash still has it, when kept.
@@ -222,7 +228,7 @@ export class Webhooks {
     if (type === 'progress') {
       // At most one progress delivery per job and interval, across the cluster.
       const ms = Math.round(hook.progressIntervalSeconds * 1000)
-      const first = await cmd.set(keys.queueKey(e.queue, 'jp:webhook-progress:' + e.jobId), '1', 'PX', ms, 'NX')
+      const first = await cmd.set(keys.webhookProgress(e.queue, e.jobId), '1', 'PX', ms, 'NX')
       if (first === null) return
     }
     const event = eventOf(kind, e, progress)
@@ -289,7 +295,7 @@ export class Webhooks {
     const k = this.#ctx.opts.kinds[kind]
     if (k.webhook === undefined) return undefined
     const hook = kindWebhook(k.webhook)
-    const queue = k.queueName ?? kind
+    const queue = k.queueName
     return async (jobId, fields) => {
       const value = fields[hook.field]
       if (value === undefined || value === '') return
@@ -298,7 +304,7 @@ export class Webhooks {
       try {
         const url = checkEndpointUrl(value, hook.allow, hook.allowHttp)
         await resolveEndpoint(url, this.#lookup, this.#o.allowPrivateAddresses)
-        await this.#ctx.cmd.set(this.#ctx.keys.queueKey(queue, 'jp:webhook:' + jobId), url.href, 'EX', this.#o.urlTtlSeconds)
+        await this.#ctx.cmd.set(this.#ctx.keys.webhookUrl(queue, jobId), url.href, 'EX', this.#o.urlTtlSeconds)
       } catch (err) {
         if (err instanceof RefusedEndpoint) throw new WebhookUrlRefusedError(err.message)
         this.#ctx.log.warn({ err }, 'job-progress: could not keep a per-upload webhook endpoint')

@@ -2,26 +2,8 @@ import { Signer } from '@fastify/cookie'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { randomBytes, randomUUID } from 'node:crypto'
 import { UnauthorizedError } from '../../errors'
-import type { ResolvedOptions } from '../../options'
+import type { Authenticator, Identity } from '../../core/access'
 import { WatchTokens } from './watch-token'
-
-/** Who is asking, and how we know. */
-export interface Identity {
-  owner: string
-  via: 'session' | 'apiKey' | 'custom' | 'token'
-  /**
-   * For a watch token: the one job it allows, or null for a token that is forged, expired or
-   * malformed (it then allows nothing, and is answered like an unknown job).
-   */
-  job?: { kind: string, jobId: string } | null
-}
-
-/** Whether `identity` may read the job `kind`/`jobId` whose recorded owner is `owner`. */
-export function mayRead (identity: Identity, kind: string, jobId: string, owner: string | null | undefined): boolean {
-  if (owner === null || owner === undefined || identity.owner !== owner) return false
-  if (identity.via !== 'token') return true
-  return identity.job !== null && identity.job !== undefined && identity.job.kind === kind && identity.job.jobId === jobId
-}
 
 const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
 const SESSION_VALUE = new RegExp(`^(${UUID})\\.(\\d{1,12})$`)
@@ -32,13 +14,22 @@ export const EXPIRED = 'session expired; upload again to start a new session'
 
 type KeyResolver = (key: string) => string | null | undefined | Promise<string | null | undefined>
 
+/** The options authentication reads. */
+export interface OwnersOptions {
+  session: { secret?: string | string[], cookieName: string, secure: boolean | 'auto', maxAgeSeconds: number }
+  watchTokens: { secret?: string | string[], ttlSeconds: number }
+  getOwner?: (request: FastifyRequest) => string | null | undefined | Promise<string | null | undefined>
+  apiKeys?: Record<string, string> | KeyResolver
+  allowedOrigins?: string[]
+}
+
 /**
  * Resolves the owner of a request: the `getOwner` hook when given; else an API key (when keys
  * are configured) from `Authorization: Bearer`, the `api_key` query parameter or, for sockets,
  * `Sec-WebSocket-Protocol`; else the signed session cookie.
  */
-export class Owners {
-  readonly #opts: ResolvedOptions
+export class Owners implements Authenticator {
+  readonly #opts: OwnersOptions
   readonly #signer: InstanceType<typeof Signer>
   readonly #keys: KeyResolver | null
   readonly #allowedOrigins: Set<string> | null
@@ -46,7 +37,7 @@ export class Owners {
   /** Null when no secret is configured for them (neither `watchTokens.secret` nor `session.secret`). */
   readonly watchTokens: WatchTokens | null
 
-  constructor (opts: ResolvedOptions, log: FastifyBaseLogger) {
+  constructor (opts: OwnersOptions, log: FastifyBaseLogger) {
     this.#opts = opts
     let secret = opts.session.secret
     if (secret === undefined && opts.getOwner === undefined) {

@@ -7,9 +7,9 @@ import { admitJob, type AdmissionContext } from './admission'
 import { InvalidFileReferenceError, QueueUnavailableError, UnauthorizedError } from '../../errors'
 import { AcceptedSchema, errors, IdempotencyHeaders } from '../schemas'
 import { fingerprint, idempotencyKeyOf } from './idempotency'
-import type { ResolvedOptions } from '../../options'
 import type { Owners } from '../auth/identity'
-import { acceptedBody, watchTokenFor, type UploadJobData } from '../uploads/upload-route'
+import { acceptedBody, watchTokenFor } from '../uploads/upload-route'
+import type { UploadJobData } from '../../core/job-data'
 
 /** A file the job reads, already in storage (the storage's key), with what a worker is told of it. */
 export interface FileReference {
@@ -115,7 +115,7 @@ addFormats(strictAjv)
 const strictValidator: FastifySchemaCompiler<unknown> = ({ schema }) => strictAjv.compile(schema as object)
 
 /** `POST <basePath>` of one kind: a job from a JSON body `{ data, file? }`, answered 202 like an upload. */
-export function registerCreateRoute (fastify: FastifyInstance, opts: ResolvedOptions, owners: Owners, admission: AdmissionContext, k: CreateKind, path: string, create: CreateRouteOptions): void {
+export function registerCreateRoute (fastify: FastifyInstance, opts: { publicUrl?: string }, owners: Owners, admission: AdmissionContext, k: CreateKind, path: string, create: CreateRouteOptions): void {
   const body = {
     type: 'object',
     properties: { data: create.schema ?? { type: 'object', additionalProperties: true }, file: FileReferenceSchema },

@@ -72,7 +72,7 @@ export class Idempotency {
 
   #key (queue: string, owner: string, key: string): string {
     const id = createHash('sha256').update(owner).update('\0').update(key).digest('hex')
-    return this.#keys.queueKey(queue, `jp:idem:${id}`)
+    return this.#keys.idempotency(queue, id)
   }
 
   /**

@@ -84,7 +84,8 @@ export class Quotas {
 
   #names (queue: string, owner: string): [string, string] {
     const id = createHash('sha256').update(owner).digest('hex').slice(0, 32)
-    return [this.#keys.queueKey(queue, `jp:quota:active:${id}`), this.#keys.queueKey(queue, `jp:quota:window:${id}`)]
+    const { active, window } = this.#keys.quota(queue, id)
+    return [active, window]
   }
 
   /** Takes a slot for `jobId`, or throws {@link QuotaExceededError} (429, with `retryAfter`). */

@@ -1,7 +1,6 @@
 import type { Redis } from 'ioredis'
 import { deleteJobLua, eventLua, JobScript, jobScriptKeys, takeOutLua } from './job-script'
 import type { Keys } from '../../core/keys'
-import { outputsKey } from '../../core/outputs'
 
 /**
  * Deletes a job in one script, like the cancel (`http/jobs/cancel.ts`), so a delete and the job's own end
@@ -26,19 +25,9 @@ ${eventLua('removed')}
 return files
 `)
 
-/** The mark a deleted job leaves for `markTtlSeconds`, so its worker stops at its next report. */
-export function deletedKey (keys: Keys, queue: string, jobId: string): string {
-  return keys.queueKey(queue, `jp:deleted:${jobId}`)
-}
-
-/** The upload marker, as `http/uploads/upload-cleanup.ts` names it. */
-function uploadMarker (keys: Keys, queue: string, jobId: string): string {
-  return keys.queueKey(queue, 'jp:upload:' + jobId)
-}
-
 /** Runs the delete script; resolves with the storage keys of the job's files, or null when it was gone. */
 export async function deleteJob (redis: Redis, keys: Keys, queue: string, jobId: string, markTtlSeconds: number): Promise<string[] | null> {
-  const keyList = [...jobScriptKeys(keys, queue, jobId), outputsKey(keys, queue, jobId), uploadMarker(keys, queue, jobId), deletedKey(keys, queue, jobId)]
+  const keyList = [...jobScriptKeys(keys, queue, jobId), keys.outputs(queue, jobId), keys.upload(queue, jobId), keys.deleted(queue, jobId)]
   const reply = await SCRIPT.run(redis, keyList, [jobId, String(markTtlSeconds)]) as string[] | null
   if (reply === null) return null
   return reply.map(v => (JSON.parse(v) as { key: string }).key)

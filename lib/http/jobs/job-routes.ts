@@ -4,14 +4,14 @@ import type { Redis } from 'ioredis'
 import { JobFinishedError, JobNotCompleteError, JobNotFoundError, QueueUnavailableError, UnauthorizedError } from '../../errors'
 import { isFinal } from '../../core/event'
 import { isJobId, type Keys } from '../../core/keys'
-import { EXPIRED, mayRead, type Owners } from '../auth/identity'
+import { EXPIRED, type Owners } from '../auth/identity'
 import { detailedProgressMessage, progressMessage } from '../../protocols/progress'
 import { readSnapshots, type Snapshot } from '../../core/snapshot'
 import type { Storage } from '../../core/storage'
 import { cancelJob, type CancelOutcome } from './cancel'
 import { CancelledSchema, errors, ProgressMessageSchema, ResultSchema } from '../schemas'
 import { listOutputs } from '../../core/outputs'
-import { allowed, type CanAccess, type JobAction } from '../../core/access'
+import { allowed, mayRead, type CanAccess, type JobAction } from '../../core/access'
 
 export interface JobRoutesContext {
   redis: Redis

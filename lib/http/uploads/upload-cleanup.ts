@@ -4,7 +4,6 @@ import type { Readable } from 'node:stream'
 import type { BridgeEvent } from '../../bridge/bridge'
 import { QueueUnavailableError } from '../../errors'
 import type { Keys } from '../../core/keys'
-import { outputsKey } from '../../core/outputs'
 import type { Storage, StoredFileInfo } from '../../core/storage'
 
 export interface UploadCleanupOptions {
@@ -76,7 +75,7 @@ export class UploadCleanup {
 
   /** The queue's set of uploads kept for `retentionMs`, scored by when they are due. */
   #due (queue: string): string {
-    return this.#o.keys.queueKey(queue, 'jp:uploads:due')
+    return this.#o.keys.uploadsDue(queue)
   }
 
   /**
@@ -136,13 +135,13 @@ export class UploadCleanup {
     if (await this.#o.redis.exists(this.#o.keys.job(queue, jobId)) === 1) return true
     this.#o.log.info({ key }, 'job-progress: removing an output file whose job is gone')
     await this.#o.storage.remove(key)
-    await this.#o.redis.del(outputsKey(this.#o.keys, queue, jobId))
+    await this.#o.redis.del(this.#o.keys.outputs(queue, jobId))
     return true
   }
 
   /** The marker that holds a job's storage key until its upload is removed. */
   marker (queue: string, jobId: string): string {
-    return this.#o.keys.queueKey(queue, 'jp:upload:' + jobId)
+    return this.#o.keys.upload(queue, jobId)
   }
 
   /**

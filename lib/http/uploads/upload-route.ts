@@ -12,16 +12,8 @@ import {
 import { admitJob, precheckQuota, type AdmissionContext } from '../create/admission'
 import { fingerprint, idempotencyKeyOf } from '../create/idempotency'
 import type { Owners } from '../auth/identity'
-import type { ResolvedOptions } from '../../options'
 import type { Storage } from '../../core/storage'
-
-/** What an upload stores in its BullMQ job's data. */
-export interface UploadJobData {
-  owner: string
-  kind: string
-  file: { key: string, name: string, size: number, type: string }
-  fields: Record<string, string>
-}
+import type { UploadJobData } from '../../core/job-data'
 
 export interface UploadRoute {
   kind: string
@@ -38,8 +30,15 @@ export interface UploadRoute {
   admission?: AdmissionContext
 }
 
+/** The options the upload routes read: the multipart limits, the upload time limits, the public URL. */
+export interface UploadOptionsSlice {
+  publicUrl?: string
+  limits: { fileSize: number, fields: number, fieldSize: number, parts: number }
+  uploads: { idleTimeoutMs: number, requestTimeoutMs: number, shutdownGraceMs: number }
+}
+
 /** The 202 answer to a created job, the same for an upload, a JSON create and a repeated request. */
-export function acceptedBody (route: Pick<UploadRoute, 'statusUrl' | 'wsPath'>, opts: ResolvedOptions, prefix: string, jobId: string): { job_id: string, status_url: string, ws_url: string } {
+export function acceptedBody (route: Pick<UploadRoute, 'statusUrl' | 'wsPath'>, opts: { publicUrl?: string }, prefix: string, jobId: string): { job_id: string, status_url: string, ws_url: string } {
   return {
     job_id: jobId,
     status_url: prefix + route.statusUrl(jobId),
@@ -107,7 +106,7 @@ export class InFlightUploads {
 }
 
 /** Ties in-flight uploads to the app's close: a line in the plugin, the rest here. */
-export function uploadShutdown (fastify: FastifyInstance, opts: ResolvedOptions): InFlightUploads {
+export function uploadShutdown (fastify: FastifyInstance, opts: Pick<UploadOptionsSlice, 'uploads'>): InFlightUploads {
   const inflight = new InFlightUploads()
   fastify.addHook('preClose', async () => { inflight.closing(opts.uploads.shutdownGraceMs) })
   fastify.addHook('onClose', async () => { inflight.closed() })
@@ -136,7 +135,7 @@ function isParserError (err: unknown): err is Error {
  * takes too long or is still running at shutdown is ended with its own status; its connection is
  * closed after the answer, so the rest of a slow body is not waited for.
  */
-export function uploadHandler (route: UploadRoute, opts: ResolvedOptions, owners: Owners, storage: Storage, inflight: InFlightUploads = new InFlightUploads()) {
+export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, owners: Owners, storage: Storage, inflight: InFlightUploads = new InFlightUploads()) {
   const limits = { ...opts.limits, fileSize: route.maxFileSize, files: 1 }
   // @fastify/multipart's limit errors, reworded with the limit so a person can act on them.
   const limitErrors: Record<string, () => Error> = {
