@@ -1,175 +1,37 @@
-import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
-import { allowed, ownerOnly, type Authenticator, type CanAccess, type Identity } from '../core/access'
+import type { FastifyRequest } from 'fastify'
+import { ownerOnly, type Authenticator, type Identity } from '../core/access'
 import { UnauthorizedError } from '../errors'
-import { isFinal, type JobEvent } from '../core/event'
 import type { ConnectionLimit } from './connection-limit'
-import type { Hub, OpenedJob, Sink } from '../hub/hub'
-import { isJobId } from '../core/keys'
 import { Outbox } from './outbox'
 import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
-import type { SnapshotTarget } from '../core/snapshot'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport, TransportEvents } from './transport'
-import { LogFeed, type LiveLogs, type LogsRequest } from '../channels/logs/live-logs'
-import type { LogsRead } from '../channels/logs/job-logs'
-import type { LogMessage, MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
+import type { LogsRequest } from '../channels/logs/live-logs'
+import type { MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
+import { serialize } from './render'
+import { SessionJobs, type JobsConnection, type JobsContext } from './session-jobs'
 
-/** Live logs, as every session of one plugin instance reaches them. */
-export interface LogsContext {
-  feeds: LiveLogs
-  channel: (target: SnapshotTarget) => string
-  read: (target: SnapshotTarget, from: number, limit: number) => Promise<LogsRead>
-  maxBacklogBytes: number
-  maxCatchUpLines: number
-}
+export type { LogsContext } from './session-jobs'
 
 /** The caller's jobs feed: `watch` calls `receive` with each message until the returned stop. */
 export interface MineContext {
   watch: (owner: string, receive: (message: MyJobMessage | MyJobsResyncMessage, raw: string) => void) => Promise<() => void>
 }
 
-/** What every session of one plugin instance shares. */
-export interface SessionContext {
-  hub: Hub
+/** What every session of one plugin instance shares (what its jobs read is in {@link JobsContext}). */
+export interface SessionContext extends JobsContext {
   owners: Authenticator
-  /** The queue of a kind, or undefined for a kind we do not serve. */
-  queueOf: (kind: string) => string | undefined
-  /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
-  findKind: (jobId: string) => Promise<string | null>
   sessions: Set<Session>
   /** Connections per owner, counted across every instance. */
   connectionLimit: ConnectionLimit
   maxConnectionsPerOwner: number
-  maxSubscriptionsPerConnection: number
   maxPayload: number
-  /** Bytes a connection may leave unread (queued and unflushed) before it is closed. */
-  maxBufferedBytes: number
   firstMessageTimeoutMs: number
-  log: FastifyBaseLogger
-  /** Who may watch a job besides its owner (`canAccess` option). */
-  canAccess: CanAccess
-  /** A job's owner, read alone; null when the job does not exist. */
-  ownerOf: (target: SnapshotTarget) => Promise<string | null>
-  logs?: LogsContext
   mine?: MineContext
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
 export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest }
-
-/**
- * One subscribed job of a session, and the sink its events come to: an object with a method, not
- * a closure per subscription (a storm makes thousands, kept while they last).
- */
-class Subscription implements Sink {
-  readonly opened: OpenedJob
-  readonly target: SnapshotTarget
-  readonly #session: Session
-  final = false
-  /** The last event delivered, so a repeated subscribe answers with the current state too. */
-  last: JobEvent | null = null
-  /** The last message sent for it. */
-  sent?: string
-  /** Its log lines, when asked for. */
-  logs?: { feed: LogFeed, stop: () => void }
-
-  constructor (opened: OpenedJob, target: SnapshotTarget, session: Session) {
-    this.opened = opened
-    this.target = target
-    this.#session = session
-  }
-
-  /** Where the hub delivers this job's events: the subscription itself. */
-  get sink (): Sink {
-    return this
-  }
-
-  deliver (event: JobEvent): void {
-    deliverTo(this.#session, this, event)
-  }
-}
-
-/**
- * A session's subscriptions by job id. Most connections watch one job (the per-job route, an SSE
- * stream of one job): that one is held as it is, and a map is made only for a second one.
- */
-class Subscriptions {
-  #one: Subscription | null = null
-  #many: Map<string, Subscription> | null = null
-
-  get size (): number {
-    return this.#many !== null ? this.#many.size : this.#one === null ? 0 : 1
-  }
-
-  get (jobId: string): Subscription | undefined {
-    if (this.#many !== null) return this.#many.get(jobId)
-    return this.#one?.target.jobId === jobId ? this.#one : undefined
-  }
-
-  /** Adds `sub` under its job's id, in place of one there. */
-  add (sub: Subscription): void {
-    const jobId = sub.target.jobId
-    if (this.#many === null) {
-      if (this.#one === null || this.#one.target.jobId === jobId) {
-        this.#one = sub
-        return
-      }
-      this.#many = new Map([[this.#one.target.jobId, this.#one]])
-      this.#one = null
-    }
-    this.#many.set(jobId, sub)
-  }
-
-  delete (jobId: string): void {
-    if (this.#many !== null) this.#many.delete(jobId)
-    else if (this.#one?.target.jobId === jobId) this.#one = null
-  }
-
-  values (): Iterable<Subscription> {
-    return this.#many !== null ? this.#many.values() : this.#one === null ? [] : [this.#one]
-  }
-
-  clear (): void {
-    this.#one = null
-    this.#many = null
-  }
-}
-
-const serialize = (message: ServerMessage): string | undefined =>
-  message === undefined ? undefined : typeof message === 'string' ? message : JSON.stringify(message)
-
-/**
- * The hub hands the same event object to every session watching the job, one after the other:
- * render and serialize it once per protocol, not once per session.
- */
-interface Rendered { event: JobEvent, text: string | undefined, bytes: Buffer | undefined }
-const rendered = new WeakMap<ProtocolDefinition, Rendered>()
-function renderOnce (protocol: ProtocolDefinition, event: JobEvent): Rendered {
-  const last = rendered.get(protocol)
-  if (last !== undefined && last.event === event) return last
-  const text = serialize(protocol.render(event))
-  // Encoded once too: the transport would otherwise turn the same string into bytes for each.
-  const next = { event, text, bytes: text === undefined ? undefined : Buffer.from(text) }
-  rendered.set(protocol, next)
-  return next
-}
-
-/** A live log line goes to every watcher of its job as one object: rendered and encoded once per protocol. */
-const renderedLog = new WeakMap<ProtocolDefinition, { message: LogMessage, bytes: Buffer | undefined }>()
-function logBytes (protocol: ProtocolDefinition, render: (m: LogMessage) => ServerMessage, message: LogMessage): Buffer | undefined {
-  const last = renderedLog.get(protocol)
-  if (last !== undefined && last.message === message) return last.bytes
-  const text = serialize(render(message))
-  const bytes = text === undefined ? undefined : Buffer.from(text)
-  renderedLog.set(protocol, { message, bytes })
-  return bytes
-}
-
-/**
- * How a subscription hands its events to its session's private method: one function set by the
- * class, not a closure per session.
- */
-let deliverTo: (session: Session, sub: Subscription, event: JobEvent) => void
 
 const RESOLVED = Promise.resolve()
 
@@ -181,8 +43,11 @@ const RESOLVED = Promise.resolve()
  * Most connections sit idle for most of their life, and a server holds thousands: what a session
  * keeps is made when it is first needed (a map of waiting steps, a list of early messages), and
  * what only its start needs (the upgrade request) is let go once it cannot be asked for again.
+ *
+ * The session owns the connection: authentication, the order of a client's steps, the jobs feed
+ * and the close. What it does for each job it watches is in {@link SessionJobs}.
  */
-export class Session implements TransportEvents {
+export class Session implements TransportEvents, JobsConnection {
   readonly transport: Transport
   readonly outbox: Outbox
   readonly protocol: ProtocolDefinition
@@ -191,14 +56,13 @@ export class Session implements TransportEvents {
   readonly #ctx: SessionContext
   /** Kept while an access policy of the application's may still be asked about it (see {@link #forgetRequest}). */
   #request: FastifyRequest | null
-  readonly #subs = new Subscriptions()
+  /** The jobs it watches. */
+  readonly #jobs: SessionJobs
   #state: 'auth' | 'ready' | 'closed' = 'auth'
   #chain: Promise<void> = RESOLVED
   /** Messages that arrived before authentication ended. */
   #early: string[] | null = null
   #authTimer: NodeJS.Timeout | null = null
-  /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
-  #pending = 0
   /** Stops the caller's jobs feed, while subscribed. */
   #mine: (() => void) | null = null
   #wantsMine: boolean
@@ -206,8 +70,6 @@ export class Session implements TransportEvents {
   #jobChains: Map<string, Promise<void>> | null = null
   /** The last unsubscribe: steps asked after it wait for it. */
   #barrier: Promise<void> | null = null
-  /** Opens in flight, counted against the subscription limit. */
-  #opening = 0
 
   /** Call synchronously from the route handler: messages that arrive before auth ends are kept. */
   constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = [], mine = false) {
@@ -217,19 +79,35 @@ export class Session implements TransportEvents {
     this.transport = transport
     this.#request = request
     this.outbox = new Outbox(transport, { maxBytes: ctx.maxBufferedBytes, owner: this })
+    this.#jobs = new SessionJobs(ctx, this)
     ctx.sessions.add(this)
     transport.bind(this)
     if (protocol.auth === 'first-message') {
       this.#forgetRequest()
       this.#authTimer = setTimeout(() => this.#refuse('authentication timeout: send {"token": "..."} first'), ctx.firstMessageTimeoutMs).unref()
     } else {
-      this.#pending += jobs.length
+      this.#jobs.expect(jobs.length)
       this.#enqueue(() => this.#authenticate(jobs))
     }
   }
 
   get subscriptions (): number {
-    return this.#subs.size
+    return this.#jobs.size
+  }
+
+  /** Authenticated and not closed: jobs may be opened and their states sent. */
+  get serving (): boolean {
+    return this.#state === 'ready'
+  }
+
+  /** Who the connection authenticated as; null until it did. */
+  get identity (): Identity | null {
+    return this.#identity
+  }
+
+  /** The upgrade request, while an access policy of the application's may still ask about it. */
+  get request (): FastifyRequest | null {
+    return this.#request
   }
 
   /**
@@ -342,7 +220,7 @@ export class Session implements TransportEvents {
     this.#identity = identity
     await this.#ready(identity.owner)
     if (this.#wantsMine) await this.#subscribeMine()
-    for (const job of jobs) await this.#subscribe(job.jobId, job.kind, true, job.logs)
+    for (const job of jobs) await this.#jobs.subscribe(job.jobId, job.kind, true, job.logs)
   }
 
   async #authenticateWith (text: string): Promise<void> {
@@ -405,8 +283,8 @@ export class Session implements TransportEvents {
     const action: ClientAction = this.protocol.parse?.(text) ?? { type: 'ignore' }
     switch (action.type) {
       case 'subscribe':
-        this.#pending++
-        this.#enqueueFor(action.jobId, () => this.#subscribe(action.jobId, undefined, true, action.logs))
+        this.#jobs.expect(1)
+        this.#enqueueFor(action.jobId, () => this.#jobs.subscribe(action.jobId, undefined, true, action.logs))
         break
       case 'subscribe_mine':
         this.#enqueue(() => this.#subscribeMine())
@@ -419,163 +297,22 @@ export class Session implements TransportEvents {
         })
         break
       case 'unsubscribe':
-        this.#enqueueFor(action.jobId, () => this.#unsubscribe(action.jobId), true)
+        this.#enqueueFor(action.jobId, () => this.#jobs.unsubscribe(action.jobId), true)
         break
       case 'ping':
         this.sendControl(this.protocol.pong?.())
         break
       case 'invalid':
-        this.#error(action.message)
+        this.error(action.message)
         break
     }
   }
 
-  #error (message: string, jobId?: string): void {
+  /** Sends an error the protocol renders, for a job or the connection. */
+  error (message: string, jobId?: string): void {
     // A protocol that cannot render errors closes instead, so no client waits on a silent failure.
     if (this.protocol.error === undefined) return this.close(CloseCodes.policyViolation, message)
     this.sendControl(this.protocol.error(message, jobId))
-  }
-
-  #notFound (jobId: unknown): void {
-    if (this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
-    const id = String(jobId).slice(0, 64)
-    this.#error(`Job not found or access denied: ${id}`, id)
-  }
-
-  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest): Promise<void> {
-    try {
-      await this.#open(jobId, kind, logs)
-    } finally {
-      if (counted) this.#pending--
-      this.#closeIfDone()
-    }
-  }
-
-  async #open (jobId: unknown, kind?: string, logs?: LogsRequest): Promise<void> {
-    if (this.#state !== 'ready') return
-    if (!isJobId(jobId)) return this.#notFound(jobId)
-    const existing = this.#subs.get(jobId)
-    if (existing !== undefined) {
-      this.sendControl(this.protocol.subscribed?.(jobId))
-      const data = existing.last === null ? undefined : serialize(this.protocol.render(existing.last))
-      if (data !== undefined && existing.last !== null) this.outbox.send(data, jobId, isFinal(existing.last.state))
-      // Asked again with logs: they start over from the offset now asked for.
-      if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
-      return
-    }
-    if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
-      return this.#error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`, jobId)
-    }
-    this.#opening++
-    try {
-      await this.#openNew(jobId, kind, logs)
-    } finally {
-      this.#opening--
-    }
-  }
-
-  async #openNew (jobId: string, kind?: string, logs?: LogsRequest): Promise<void> {
-    const found = kind ?? await this.#ctx.findKind(jobId)
-    const queue = found === null ? undefined : this.#ctx.queueOf(found)
-    if (found === null || queue === undefined) return this.#notFound(jobId)
-    const target: SnapshotTarget = { kind: found, queue, jobId }
-    if (this.owner === null) return this.#notFound(jobId)
-    // A watch token grants its one job and nothing else; the hub checks the owner it names.
-    const identity = this.#identity
-    if (identity?.via === 'token' && (identity.job === null || identity.job === undefined || identity.job.kind !== found || identity.job.jobId !== jobId)) return this.#notFound(jobId)
-    // The owner is read alone first, so a job the requester may not watch costs no subscription.
-    // With the default policy the hub checks it; a policy of the application's is asked here.
-    let expected: string | undefined = this.owner
-    if (identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request as FastifyRequest, { kind: found, jobId, owner, data: null }, 'watch', this.owner)) return this.#notFound(jobId)
-      expected = owner
-    }
-    const opened = await this.#ctx.hub.open(target, expected)
-    if (opened === null) return this.#notFound(jobId)
-    if (this.#state !== 'ready') {
-      opened.detach({ deliver () {} })
-      return
-    }
-    const withLogs = logs !== undefined && await this.#logsAllowed(target)
-    if (this.#state !== 'ready') {
-      opened.detach({ deliver () {} })
-      return
-    }
-    this.sendControl(this.protocol.subscribed?.(jobId))
-    const sub = new Subscription(opened, target, this)
-    this.#subs.add(sub)
-    // The feed is in place before the current state is delivered: a job that has ended sends
-    // its lines first, then its final state.
-    if (withLogs) this.#feed(sub, target, logs)
-    opened.attach(sub.sink)
-    if (!sub.final && sub.logs !== undefined) {
-      sub.logs.feed.start()
-      // The job's next action waits for the catch-up: a client that subscribes and unsubscribes
-      // in a loop gets one log read at a time, not one per message.
-      await sub.logs.feed.idle()
-    }
-  }
-
-  /** Whether this connection may have a job's lines; says why not when it may not. */
-  async #logsAllowed (target: SnapshotTarget): Promise<boolean> {
-    if (this.#ctx.logs === undefined || this.protocol.logs === undefined) {
-      this.#error('This connection serves no logs', target.jobId)
-      return false
-    }
-    if (this.#identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && this.owner !== null) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', this.owner)) {
-        this.#error(`Logs not available: ${target.jobId}`, target.jobId)
-        return false
-      }
-    }
-    return true
-  }
-
-  /**
-   * Starts a subscription's log lines: registered for live lines first, then caught up from the
-   * job's log list, so no line falls between. A policy of the application's is asked for `logs`.
-   */
-  /** A subscription asked for lines again: they start over from the offset now asked for. */
-  async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
-    if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
-    // The replaced feed's read in flight ends first: asking again and again costs one read at a time.
-    await sub.logs?.feed.idle()
-    if (this.#subs.get(target.jobId) !== sub) return
-    const feed = this.#feed(sub, target, request)
-    if (!sub.final) {
-      feed.start()
-      return await feed.idle()
-    }
-    // Its final state was sent already; what is left of its log follows it.
-    this.#pending++
-    feed.finish().finally(() => {
-      this.#pending--
-      this.#closeIfDone()
-    })
-  }
-
-  /** Registers a subscription's log feed for live lines; the caller starts it. */
-  #feed (sub: Subscription, target: SnapshotTarget, request: LogsRequest): LogFeed {
-    const logs = this.#ctx.logs as LogsContext
-    const render = this.protocol.logs as NonNullable<ProtocolDefinition['logs']>
-    sub.logs?.stop()
-    const feed = new LogFeed({
-      jobId: target.jobId,
-      request,
-      read: async (from, limit) => await logs.read(target, from, limit),
-      send: (message) => {
-        const bytes = logBytes(this.protocol, render, message)
-        if (bytes !== undefined) this.outbox.send(bytes)
-      },
-      backlog: () => this.outbox.queuedBytes + this.transport.bufferedAmount,
-      maxBacklogBytes: Math.min(logs.maxBacklogBytes, this.#ctx.maxBufferedBytes / 2),
-      maxCatchUpLines: logs.maxCatchUpLines,
-      onError: (err) => this.#ctx.log.warn({ err, jobId: target.jobId }, 'job-progress: cannot read a job\'s log for a watcher')
-    })
-    sub.logs = { feed, stop: logs.feeds.add(logs.channel(target), feed) }
-    return feed
   }
 
   async #subscribeMine (): Promise<void> {
@@ -583,7 +320,7 @@ export class Session implements TransportEvents {
     const mine = this.#ctx.mine
     const render = this.protocol.mine
     // A watch token grants its one job, not the owner's list.
-    if (mine === undefined || render === undefined || this.#identity?.via === 'token') return this.#error('This connection serves no jobs feed')
+    if (mine === undefined || render === undefined || this.#identity?.via === 'token') return this.error('This connection serves no jobs feed')
     const stop = await mine.watch(this.owner, (message) => {
       const data = serialize(render(message))
       if (data === undefined) return
@@ -597,75 +334,12 @@ export class Session implements TransportEvents {
     this.sendControl(this.protocol.subscribed?.('mine'))
   }
 
-  static {
-    deliverTo = (session, sub, event) => session.#deliver(sub, event)
-  }
-
-  #deliver (sub: Subscription, event: JobEvent): void {
-    if (sub.final) return
-    sub.last = event
-    const final = isFinal(event.state)
-    if (final && sub.logs !== undefined) {
-      // A job's last lines can be relayed after its final state: what is left of its log is
-      // read and sent first, so a watcher that has the final state has every line.
-      sub.final = true
-      this.#pending++
-      sub.logs.feed.finish().finally(() => {
-        this.#pending--
-        this.#send(sub, event, true)
-        this.#closeIfDone()
-      })
-      return
-    }
-    this.#send(sub, event, final)
-    if (!final) return
-    sub.final = true
-    this.#closeIfDone()
-  }
-
-  #send (sub: Subscription, event: JobEvent, final: boolean): void {
-    const { text, bytes } = renderOnce(this.protocol, event)
-    // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
-    // format): the client learns nothing from the second.
-    if (text !== undefined && bytes !== undefined && (final || text !== sub.sent)) {
-      sub.sent = text
-      this.outbox.send(bytes, event.jobId, final)
-    }
-  }
-
-  /**
-   * A close-on-final connection ends once every job it watches has ended and no subscribe is
-   * still to be answered: a finished job and a running one subscribed in one write must not
-   * close it after the first.
-   */
-  #closeIfDone (): void {
-    if (this.protocol.closeOnFinal !== true || this.#state !== 'ready' || this.#pending > 0 || this.#subs.size === 0) return
-    for (const sub of this.#subs.values()) if (!sub.final) return
-    this.outbox.closeWhenFlushed(CloseCodes.normal, 'job finished')
-  }
-
-  async #unsubscribe (jobId: unknown): Promise<void> {
-    if (typeof jobId !== 'string') return
-    const sub = this.#subs.get(jobId)
-    if (sub !== undefined) {
-      this.#subs.delete(jobId)
-      sub.logs?.stop()
-      sub.opened.detach(sub.sink)
-    }
-    this.sendControl(this.protocol.unsubscribed?.(jobId))
-    this.#closeIfDone()
-  }
-
   #cleanup (): void {
     if (this.#state === 'closed') return
     const wasReady = this.#state === 'ready'
     this.#state = 'closed'
     if (this.#authTimer !== null) clearTimeout(this.#authTimer)
-    for (const sub of this.#subs.values()) {
-      sub.logs?.stop()
-      sub.opened.detach(sub.sink)
-    }
-    this.#subs.clear()
+    this.#jobs.close()
     this.#mine?.()
     this.#mine = null
     this.#ctx.sessions.delete(this)

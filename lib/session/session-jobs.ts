@@ -1,0 +1,298 @@
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import { allowed, ownerOnly, type CanAccess, type Identity } from '../core/access'
+import { isFinal, type JobEvent } from '../core/event'
+import type { Hub } from '../hub/hub'
+import { isJobId } from '../core/keys'
+import type { Outbox } from './outbox'
+import type { ProtocolDefinition, ServerMessage } from '../protocols/types'
+import type { SnapshotTarget } from '../core/snapshot'
+import { CloseCodes, NOT_FOUND_REASON } from '../wire/close-codes'
+import type { Transport } from './transport'
+import { LogFeed, type LiveLogs, type LogsRequest } from '../channels/logs/live-logs'
+import type { LogsRead } from '../channels/logs/job-logs'
+import { logBytes, renderOnce, serialize } from './render'
+import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
+
+/** Live logs, as every session of one plugin instance reaches them. */
+export interface LogsContext {
+  feeds: LiveLogs
+  channel: (target: SnapshotTarget) => string
+  read: (target: SnapshotTarget, from: number, limit: number) => Promise<LogsRead>
+  maxBacklogBytes: number
+  maxCatchUpLines: number
+}
+
+/** What a session's jobs read of what every session of one plugin instance shares. */
+export interface JobsContext {
+  hub: Hub
+  /** The queue of a kind, or undefined for a kind we do not serve. */
+  queueOf: (kind: string) => string | undefined
+  /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
+  findKind: (jobId: string) => Promise<string | null>
+  maxSubscriptionsPerConnection: number
+  /** Bytes a connection may leave unread (queued and unflushed) before it is closed. */
+  maxBufferedBytes: number
+  log: FastifyBaseLogger
+  /** Who may watch a job besides its owner (`canAccess` option). */
+  canAccess: CanAccess
+  /** A job's owner, read alone; null when the job does not exist. */
+  ownerOf: (target: SnapshotTarget) => Promise<string | null>
+  logs?: LogsContext
+}
+
+/** What a session's jobs need of the connection they belong to: the session, read only. */
+export interface JobsConnection {
+  readonly protocol: ProtocolDefinition
+  readonly outbox: Outbox
+  readonly transport: Transport
+  /** Authenticated and not closed: jobs may be opened and their states sent. */
+  readonly serving: boolean
+  readonly owner: string | null
+  readonly identity: Identity | null
+  /** The upgrade request, while an access policy of the application's may still ask about it. */
+  readonly request: FastifyRequest | null
+  sendControl: (message: ServerMessage) => void
+  error: (message: string, jobId?: string) => void
+  close: (code: number, reason: string) => void
+}
+
+/**
+ * The jobs one session watches: subscribes (limits, ownership, the hub's open), unsubscribes, each
+ * job's events to the outbox, its log lines when asked for, and the close of a close-on-final
+ * connection once every job it watches has ended.
+ */
+export class SessionJobs implements Deliveries {
+  readonly #ctx: JobsContext
+  readonly #c: JobsConnection
+  readonly #subs = new Subscriptions()
+  /** Subscribes asked for and not yet answered: a close-on-final connection waits for them. */
+  #pending = 0
+  /** Opens in flight, counted against the subscription limit. */
+  #opening = 0
+
+  constructor (ctx: JobsContext, connection: JobsConnection) {
+    this.#ctx = ctx
+    this.#c = connection
+  }
+
+  get size (): number {
+    return this.#subs.size
+  }
+
+  /** Counts subscribes asked for: each is answered by a {@link subscribe} with `counted`. */
+  expect (count: number): void {
+    this.#pending += count
+  }
+
+  async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest): Promise<void> {
+    try {
+      await this.#open(jobId, kind, logs)
+    } finally {
+      if (counted) this.#pending--
+      this.#closeIfDone()
+    }
+  }
+
+  #notFound (jobId: unknown): void {
+    if (this.#c.protocol.perJob === true) return this.#c.close(CloseCodes.forbidden, NOT_FOUND_REASON)
+    const id = String(jobId).slice(0, 64)
+    this.#c.error(`Job not found or access denied: ${id}`, id)
+  }
+
+  async #open (jobId: unknown, kind?: string, logs?: LogsRequest): Promise<void> {
+    if (!this.#c.serving) return
+    if (!isJobId(jobId)) return this.#notFound(jobId)
+    const existing = this.#subs.get(jobId)
+    if (existing !== undefined) {
+      const protocol = this.#c.protocol
+      this.#c.sendControl(protocol.subscribed?.(jobId))
+      const data = existing.last === null ? undefined : serialize(protocol.render(existing.last))
+      if (data !== undefined && existing.last !== null) this.#c.outbox.send(data, jobId, isFinal(existing.last.state))
+      // Asked again with logs: they start over from the offset now asked for.
+      if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
+      return
+    }
+    if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
+      return this.#c.error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`, jobId)
+    }
+    this.#opening++
+    try {
+      await this.#openNew(jobId, kind, logs)
+    } finally {
+      this.#opening--
+    }
+  }
+
+  async #openNew (jobId: string, kind?: string, logs?: LogsRequest): Promise<void> {
+    const found = kind ?? await this.#ctx.findKind(jobId)
+    const queue = found === null ? undefined : this.#ctx.queueOf(found)
+    if (found === null || queue === undefined) return this.#notFound(jobId)
+    const target: SnapshotTarget = { kind: found, queue, jobId }
+    const requester = this.#c.owner
+    if (requester === null) return this.#notFound(jobId)
+    // A watch token grants its one job and nothing else; the hub checks the owner it names.
+    const identity = this.#c.identity
+    if (identity?.via === 'token' && (identity.job === null || identity.job === undefined || identity.job.kind !== found || identity.job.jobId !== jobId)) return this.#notFound(jobId)
+    // The owner is read alone first, so a job the requester may not watch costs no subscription.
+    // With the default policy the hub checks it; a policy of the application's is asked here.
+    let expected: string | undefined = requester
+    if (identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: found, jobId, owner, data: null }, 'watch', requester)) return this.#notFound(jobId)
+      expected = owner
+    }
+    const opened = await this.#ctx.hub.open(target, expected)
+    if (opened === null) return this.#notFound(jobId)
+    if (!this.#c.serving) {
+      opened.detach({ deliver () {} })
+      return
+    }
+    const withLogs = logs !== undefined && await this.#logsAllowed(target)
+    if (!this.#c.serving) {
+      opened.detach({ deliver () {} })
+      return
+    }
+    this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))
+    const sub = new Subscription(opened, target, this)
+    this.#subs.add(sub)
+    // The feed is in place before the current state is delivered: a job that has ended sends
+    // its lines first, then its final state.
+    if (withLogs) this.#feed(sub, target, logs)
+    opened.attach(sub.sink)
+    if (!sub.final && sub.logs !== undefined) {
+      sub.logs.feed.start()
+      // The job's next action waits for the catch-up: a client that subscribes and unsubscribes
+      // in a loop gets one log read at a time, not one per message.
+      await sub.logs.feed.idle()
+    }
+  }
+
+  /** Whether this connection may have a job's lines; says why not when it may not. */
+  async #logsAllowed (target: SnapshotTarget): Promise<boolean> {
+    if (this.#ctx.logs === undefined || this.#c.protocol.logs === undefined) {
+      this.#c.error('This connection serves no logs', target.jobId)
+      return false
+    }
+    const requester = this.#c.owner
+    if (this.#c.identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && requester !== null) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', requester)) {
+        this.#c.error(`Logs not available: ${target.jobId}`, target.jobId)
+        return false
+      }
+    }
+    return true
+  }
+
+  /**
+   * Starts a subscription's log lines: registered for live lines first, then caught up from the
+   * job's log list, so no line falls between. A policy of the application's is asked for `logs`.
+   */
+  /** A subscription asked for lines again: they start over from the offset now asked for. */
+  async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
+    if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
+    // The replaced feed's read in flight ends first: asking again and again costs one read at a time.
+    await sub.logs?.feed.idle()
+    if (this.#subs.get(target.jobId) !== sub) return
+    const feed = this.#feed(sub, target, request)
+    if (!sub.final) {
+      feed.start()
+      return await feed.idle()
+    }
+    // Its final state was sent already; what is left of its log follows it.
+    this.#pending++
+    feed.finish().finally(() => {
+      this.#pending--
+      this.#closeIfDone()
+    })
+  }
+
+  /** Registers a subscription's log feed for live lines; the caller starts it. */
+  #feed (sub: Subscription, target: SnapshotTarget, request: LogsRequest): LogFeed {
+    const logs = this.#ctx.logs as LogsContext
+    const c = this.#c
+    const protocol = c.protocol
+    const render = protocol.logs as NonNullable<ProtocolDefinition['logs']>
+    sub.logs?.stop()
+    const feed = new LogFeed({
+      jobId: target.jobId,
+      request,
+      read: async (from, limit) => await logs.read(target, from, limit),
+      send: (message) => {
+        const bytes = logBytes(protocol, render, message)
+        if (bytes !== undefined) c.outbox.send(bytes)
+      },
+      backlog: () => c.outbox.queuedBytes + c.transport.bufferedAmount,
+      maxBacklogBytes: Math.min(logs.maxBacklogBytes, this.#ctx.maxBufferedBytes / 2),
+      maxCatchUpLines: logs.maxCatchUpLines,
+      onError: (err) => this.#ctx.log.warn({ err, jobId: target.jobId }, 'job-progress: cannot read a job\'s log for a watcher')
+    })
+    sub.logs = { feed, stop: logs.feeds.add(logs.channel(target), feed) }
+    return feed
+  }
+
+  /** From a subscription: its job's next state. */
+  deliver (sub: Subscription, event: JobEvent): void {
+    if (sub.final) return
+    sub.last = event
+    const final = isFinal(event.state)
+    if (final && sub.logs !== undefined) {
+      // A job's last lines can be relayed after its final state: what is left of its log is
+      // read and sent first, so a watcher that has the final state has every line.
+      sub.final = true
+      this.#pending++
+      sub.logs.feed.finish().finally(() => {
+        this.#pending--
+        this.#send(sub, event, true)
+        this.#closeIfDone()
+      })
+      return
+    }
+    this.#send(sub, event, final)
+    if (!final) return
+    sub.final = true
+    this.#closeIfDone()
+  }
+
+  #send (sub: Subscription, event: JobEvent, final: boolean): void {
+    const { text, bytes } = renderOnce(this.#c.protocol, event)
+    // Two events can render alike (queued and active are both `processing 0/0` in seed 000's
+    // format): the client learns nothing from the second.
+    if (text !== undefined && bytes !== undefined && (final || text !== sub.sent)) {
+      sub.sent = text
+      this.#c.outbox.send(bytes, event.jobId, final)
+    }
+  }
+
+  /**
+   * A close-on-final connection ends once every job it watches has ended and no subscribe is
+   * still to be answered: a finished job and a running one subscribed in one write must not
+   * close it after the first.
+   */
+  #closeIfDone (): void {
+    if (this.#c.protocol.closeOnFinal !== true || !this.#c.serving || this.#pending > 0 || this.#subs.size === 0) return
+    for (const sub of this.#subs.values()) if (!sub.final) return
+    this.#c.outbox.closeWhenFlushed(CloseCodes.normal, 'job finished')
+  }
+
+  async unsubscribe (jobId: unknown): Promise<void> {
+    if (typeof jobId !== 'string') return
+    const sub = this.#subs.get(jobId)
+    if (sub !== undefined) {
+      this.#subs.delete(jobId)
+      sub.logs?.stop()
+      sub.opened.detach(sub.sink)
+    }
+    this.#c.sendControl(this.#c.protocol.unsubscribed?.(jobId))
+    this.#closeIfDone()
+  }
+
+  /** The connection is gone: every job and its lines are let go. */
+  close (): void {
+    for (const sub of this.#subs.values()) {
+      sub.logs?.stop()
+      sub.opened.detach(sub.sink)
+    }
+    this.#subs.clear()
+  }
+}
