@@ -63,5 +63,3 @@ export async function execAll (pipe: { exec: () => Promise<Array<[Error | null, 
   if (replies === null) throw new Error('pipeline was not run (connection closed)')
   for (const [err] of replies) if (err !== null) throw err
 }
-
-export { isCluster } from '../core/redis-client'

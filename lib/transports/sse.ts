@@ -4,18 +4,9 @@ import { logResume, sseProtocol } from '../protocols/sse-protocol'
 import type { LogsRequest } from '../channels/logs/live-logs'
 import { Session, type InitialJob, type SessionContext } from '../session/session'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
-import { CloseCodes } from '../wire/close-codes'
+import { CloseCodes, httpStatus } from '../wire/close-codes'
 import { sseSchema } from '../http/schemas'
 import { SSE_DONE_ID, sseFrame } from '../wire/sse-frame'
-
-/** What a close code becomes when nothing has been streamed yet: EventSource stops on any non-200. */
-const STATUS: Record<number, number> = {
-  [CloseCodes.unauthorized]: 401,
-  [CloseCodes.forbidden]: 404,
-  [CloseCodes.policyViolation]: 429,
-  [CloseCodes.tryAgainLater]: 503,
-  [CloseCodes.goingAway]: 503
-}
 
 /**
  * An HTTP response as a session transport (text/event-stream). Nothing is written before the
@@ -69,7 +60,7 @@ export class SseTransport implements Transport {
   close (code: number, reason: string): void {
     if (!this.open) return
     if (!this.#started) {
-      const status = STATUS[code] ?? 500
+      const status = httpStatus(code)
       const body = JSON.stringify({ statusCode: status, code, error: reason, message: reason })
       this.#res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) })
       this.#res.end(body)

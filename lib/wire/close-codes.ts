@@ -28,23 +28,33 @@ export interface CloseAdvice {
   reason: string
   /** Whether a client should reconnect (with backoff) after this close. */
   retry: boolean
+  /**
+   * The HTTP status the close becomes where a connection can still answer with one (an SSE
+   * stream that has sent nothing yet: EventSource stops on any non-200). @default 500
+   */
+  http?: number
 }
 
 /** The default reason and the retry advice of each code. */
 export const CLOSE_ADVICE: Readonly<Record<number, CloseAdvice>> = {
   1000: { reason: 'done', retry: false },
-  1001: { reason: 'server shutting down', retry: true },
+  1001: { reason: 'server shutting down', retry: true, http: 503 },
   1002: { reason: 'WebSocket protocol error', retry: true },
   1003: { reason: 'unsupported data', retry: false },
   1006: { reason: 'connection lost', retry: true },
   1007: { reason: 'invalid UTF-8 in a text message', retry: false },
-  1008: { reason: 'policy violation', retry: false },
+  1008: { reason: 'policy violation', retry: false, http: 429 },
   1009: { reason: 'message too big', retry: false },
   1011: { reason: 'internal server error', retry: true },
-  1013: { reason: 'temporarily unavailable, try again', retry: true },
-  4001: { reason: 'authentication required', retry: false },
-  4003: { reason: 'job not found or access denied', retry: false },
+  1013: { reason: 'temporarily unavailable, try again', retry: true, http: 503 },
+  4001: { reason: 'authentication required', retry: false, http: 401 },
+  4003: { reason: 'job not found or access denied', retry: false, http: 404 },
   4008: { reason: 'client is not reading its messages', retry: true }
+}
+
+/** The HTTP status a close with `code` becomes before anything was streamed (see {@link CloseAdvice.http}). */
+export function httpStatus (code: number): number {
+  return CLOSE_ADVICE[code]?.http ?? 500
 }
 
 /** The close reason for a job that is missing or belongs to someone else: the two look alike on purpose. */
