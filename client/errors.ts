@@ -6,7 +6,7 @@ export class JobProgressError extends Error {
   override name = 'JobProgressError'
 }
 
-/** Credentials missing or refused (HTTP 401, close 4001): retrying cannot help. */
+/** Credentials missing or refused (HTTP 401, close 4001): retrying cannot help until they change. */
 export class AuthError extends JobProgressError {
   override name = 'AuthError'
 }
@@ -47,12 +47,19 @@ export class HttpError extends JobProgressError {
   }
 }
 
-/** The server closed the connection for good (a close code a client must not retry). */
+/**
+ * The server refused the connection in a way a retry cannot fix (a close code `shouldRetry` says
+ * no to; on SSE, 400 or 429): it ends the watches the connection carried, not the client.
+ */
 export class ConnectionError extends JobProgressError {
   override name = 'ConnectionError'
+  /** The close code (1008 for too many connections), or the HTTP status on SSE (400, 429). */
   declare readonly code: number
+  /** Why, as the server said it. */
+  declare readonly reason: string
   constructor (code: number, reason: string) {
     super(`${reason} (${code})`)
     this.code = code
+    this.reason = reason
   }
 }

@@ -35,7 +35,7 @@ const parse = (text: string): any => {
 
 const authError = (reason?: string): AuthError => new AuthError(reason || 'authentication required')
 
-/** What a close code means for the client: null to reconnect, else the error that ends the watches. */
+/** What a close code means for the client: null to reconnect, else the error that ends the connection's watches. */
 const closeError = (code: number, reason: string): Error | null =>
   code === 4001 ? authError(reason) : shouldRetry(code) || code === 1000 ? null : new ConnectionError(code, reason)
 
@@ -92,7 +92,8 @@ export class JobProgressClient {
     let upgradeTimer: Timer
     let watchdog: Timer
     let lastSeen = 0
-    let fatal: Error | null = null
+    /** After a refusal for too many connections, no new one before this time. */
+    let pausedUntil = 0
     let state: ConnectionEvent = { state: 'idle', transport: null }
     let lastEventId: string | undefined
     let closed = false
@@ -134,16 +135,26 @@ export class JobProgressClient {
       }
     }
 
-    const fail = (error: Error): void => {
-      fatal = error
+    // Full jitter: anywhere between 0 and the exponential step.
+    const backoffDelay = (): number => Math.random() * Math.min(maxMs, minMs * 2 ** attempt++) | 0
+
+    /**
+     * A refusal that a retry cannot fix ends the watches the connection carried, and only those:
+     * the client is not broken by it. The next watch connects again, with new credentials or a
+     * new session; after too many connections (1008, 429), once a backoff has passed.
+     */
+    const fail = (error: Error, jobIds: Iterable<string>): void => {
       teardown()
-      for (const w of active()) w._end(error)
+      // An expired session: the next uploads start a new one, one at a time again.
+      if (error instanceof AuthError) sessionStarted = false
+      if ((error as ConnectionError).code === 1008 || (error as ConnectionError).code === 429) pausedUntil = Date.now() + minMs + backoffDelay()
       setState('offline', null, { error })
+      for (const id of jobIds) watches.get(id)?._end(error)
+      // Watches made since the connection opened were not refused yet: they try on their own.
+      connectNow()
     }
 
-    const retryLater = (): void => {
-      // Full jitter: anywhere between 0 and the exponential step.
-      const delay = Math.random() * Math.min(maxMs, minMs * 2 ** attempt++) | 0
+    const retryLater = (delay = backoffDelay()): void => {
       setState('reconnecting', order[level], { retryInMs: delay })
       retryTimer = setTimeout(() => { retryTimer = undefined; connectNow() }, delay)
     }
@@ -156,10 +167,10 @@ export class JobProgressClient {
     const onUpdate = (m: JobUpdateMessage): void => {
       const watch = watches.get(m.job_id)
       if (!watch) return
-      if (m.version) lastEventId = `${m.job_id}@${m.version}`
       // The message's fields under the client's names; any field a newer server adds passes through.
       const { type, ts, job_id: jobId, eta_seconds: etaSeconds, ...fields } = m
-      watch._update({ kind: watch.kind, jobId, ...fields, result: fields.result ?? null, error: fields.error ?? null, etaSeconds })
+      // The last event id moves with the state held, never to one refused as older.
+      if (watch._update({ kind: watch.kind, jobId, ...fields, result: fields.result ?? null, error: fields.error ?? null, etaSeconds }) && m.version) lastEventId = `${m.job_id}@${m.version}`
     }
 
     /**
@@ -228,7 +239,7 @@ export class JobProgressClient {
           return scheduleUpgrade()
         }
         dropConn()
-        if (error) return fail(error)
+        if (error) return fail(error, watched.keys())
         if (!active().length) return
         if (!wentLive && ++failures >= fallbackAfter && level < order.length - 1) {
           level++
@@ -309,9 +320,10 @@ export class JobProgressClient {
           if (abort !== controller) return
           const { status, body } = res
           if (status !== 200 || !body || !/^text\/event-stream/.test(res.headers.get('content-type') as string)) {
-            body?.cancel().catch(() => {})
-            // 204: every job had ended already; 400 and 429: the request is refused as it is.
-            return end(status === 401 ? authError() : status === 400 || status === 429 ? new ConnectionError(status, 'request refused') : null)
+            // 204: every job had ended already; 401, 400 and 429: the request is refused as it is, and its body says why.
+            const why = status > 399 ? parse(await res.text().catch(() => ''))?.message : body?.cancel().catch(() => {})
+            if (abort !== controller) return
+            return end(status === 401 ? authError(why) : status === 400 || status === 429 ? new ConnectionError(status, why || 'request refused') : null)
           }
           live()
           const reader = body.pipeThrough(new TextDecoderStream()).getReader()
@@ -382,12 +394,14 @@ export class JobProgressClient {
 
     const connectNow = (): void => {
       const transport = order[level]
-      if (closed || fatal || !active().length || !transport) return
+      if (closed || !active().length || !transport) return
       // One connection at a time: a pending retry or a live one (the browser said it is back online) gives way.
       clearTimeout(retryTimer)
       retryTimer = undefined
+      const wait = pausedUntil - Date.now()
+      if (wait > 0) return retryLater(wait)
       conn?.close()
-      setState(state.state === 'idle' ? 'connecting' : state.state, transport)
+      setState(state.state === 'idle' || state.error ? 'connecting' : state.state, transport)
       connect(transport, false)
     }
 
@@ -415,7 +429,10 @@ export class JobProgressClient {
     /** Checks an HTTP answer; its JSON body, or the error it means. */
     const answer = (status: number, text: string, jobId?: string): any => {
       const body = parse(text)
-      if (status === 401) throw authError(body?.message)
+      if (status === 401) {
+        sessionStarted = false
+        throw authError(body?.message)
+      }
       if (status === 404 && jobId) throw new NotFoundError(jobId)
       if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `HTTP ${status}`, body)
       return body
@@ -484,8 +501,7 @@ export class JobProgressClient {
       watches.set(jobId, watch)
       const ended = (): void => settle(jobId)
       void watch.done.then(ended, ended)
-      if (fatal) watch._end(fatal)
-      else if (conn) conn.add(kind, jobId)
+      if (conn) conn.add(kind, jobId)
       else if (!retryTimer) connectNow()
       return watch
     }

@@ -2,7 +2,7 @@
  * fastify-job-progress/react: hooks over the client. React is a peer dependency.
  */
 import { createContext, createElement, useCallback, useContext, useEffect, useRef, useState, type ReactNode } from 'react'
-import { JobProgressClient, type ClientOptions, type UploadOptions, type UploadedJob } from './index'
+import { JobProgressClient, type ClientOptions, type UploadOptions, type UploadedJob, type Watch } from './index'
 import type { ConnectionEvent, JobUpdate } from './types'
 
 const ClientContext = createContext<JobProgressClient | null>(null)
@@ -31,6 +31,12 @@ export interface JobProgressState {
   connection: ConnectionEvent
 }
 
+/**
+ * How many mounted hooks use each watch: the client hands every watcher of a job the same Watch,
+ * so it is stopped when the last of them unmounts, not the first.
+ */
+const users = new WeakMap<Watch, number>()
+
 /** Watches a job while the component is mounted; `jobId` null watches nothing. */
 export function useJobProgress (kind: string, jobId: string | null | undefined, client?: JobProgressClient): JobProgressState {
   const shared = useJobProgressClient()
@@ -41,6 +47,7 @@ export function useJobProgress (kind: string, jobId: string | null | undefined, 
     if (jobId === null || jobId === undefined) return offState
     setState({ update: null, error: null, done: false, connection: c.state })
     const watch = c.watch(kind, jobId)
+    users.set(watch, (users.get(watch) ?? 0) + 1)
     const off = watch.onUpdate((update) => setState(s => ({ ...s, update, done: watch.ended })))
     watch.done.then(
       (update) => setState(s => ({ ...s, update, done: true })),
@@ -49,7 +56,9 @@ export function useJobProgress (kind: string, jobId: string | null | undefined, 
     return () => {
       off()
       offState()
-      if (!watch.ended) watch.stop()
+      const left = (users.get(watch) as number) - 1
+      users.set(watch, left)
+      if (left === 0 && !watch.ended) watch.stop()
     }
   }, [c, kind, jobId])
   return state

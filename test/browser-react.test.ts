@@ -101,3 +101,53 @@ t.test('seed 000 React hook and useJobProgress/useUpload on one page', async (t)
   t.match(await page.textContent('#sent'), /^(\d+)\/\1$/, 'upload progress reached the total')
   t.same(errors, [])
 })
+
+const TWO = `
+import { createElement as h, useState } from 'react';
+import { createRoot } from 'react-dom/client';
+import { JobProgressClient } from ${JSON.stringify(join(__dirname, '..', 'client', 'index.ts'))};
+import { JobProgressProvider, useJobProgress, useUpload } from ${JSON.stringify(join(__dirname, '..', 'client', 'react.ts'))};
+
+function Ours ({ id, jobId }) {
+  const { update, done } = useJobProgress('batch', jobId);
+  return h('p', { id, 'data-done': String(done) }, update ? update.status + ' ' + update.processed : 'waiting');
+}
+function App () {
+  const { upload, job } = useUpload('batch');
+  const [first, setFirst] = useState(true);
+  return h('div', null,
+    h('button', { id: 'go', onClick: () => upload(new Blob(['a\\nb\\nc\\n']), { filename: 'r.txt' }) }, 'upload'),
+    h('button', { id: 'hide', onClick: () => setFirst(false) }, 'hide'),
+    job && first && h(Ours, { id: 'first', jobId: job.jobId }),
+    job && h(Ours, { id: 'second', jobId: job.jobId }));
+}
+createRoot(document.getElementById('root')).render(h(JobProgressProvider, { client: new JobProgressClient({ wsPath: '/api/v1/ws/jobs' }) }, h(App)));
+`
+
+t.test('two components watching one job share its watch: the first to unmount leaves the other live', async (t) => {
+  const out = await build({ stdin: { contents: TWO, resolveDir: __dirname, loader: 'js' }, bundle: true, format: 'esm', platform: 'browser', write: false, define: { 'process.env.NODE_ENV': '"production"' }, logLevel: 'silent' })
+  const bundle = out.outputFiles[0].text
+  const redis = await redisFor(t)
+  const uploadDir = await tempDir(t)
+  const app = await buildApp({ redisUrl: redis.url, sessionSecret: 'a-browser-test-secret-0123456789', uploadDir, plugin: { throttleMs: 0 } })
+  app.get('/two', async (_req, reply) => await reply.type('text/html').send('<!doctype html><div id="root"></div><script type="module" src="/two.js"></script>'))
+  app.get('/two.js', async (_req, reply) => await reply.type('text/javascript').send(bundle))
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  t.teardown(async () => await app.close())
+  const origin = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`
+  // The job waits at its second item until the first component is gone.
+  let release = (): void => {}
+  const held = new Promise<void>(resolve => { release = resolve })
+  startWorker(t, redis, 'batch', uploadDir, { beforeItem: async (i) => { if (i === 1) await held } })
+
+  const browser = await launchChromium(t)
+  const page = await browser.newPage()
+  await page.goto(`${origin}/two`)
+  await page.click('#go')
+  for (const id of ['first', 'second']) await page.waitForFunction((id) => document.getElementById(id)?.textContent === 'running 1', id, { timeout: 20_000 })
+  await page.click('#hide')
+  await page.waitForSelector('#first', { state: 'detached' })
+  release()
+  await page.waitForSelector('#second[data-done=true]', { timeout: 20_000 })
+  t.equal(await page.textContent('#second'), 'succeeded 3', 'the other component saw the job to its end')
+})
