@@ -267,7 +267,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     retryMs: opts.sseRetryMs,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
   })
-  registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, retryMs: opts.sseRetryMs })
+  registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, feed: myJobs, retryMs: opts.sseRetryMs })
   if (opts.clientRoute !== false) registerClientRoute(fastify, opts.clientRoute)
   webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
@@ -316,6 +316,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     await cleanup.close()
     await webhooks?.close()
     hub.close()
+    myJobs.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
     await Promise.all(owned.map(async r => {
       if (r.status === 'end') return

@@ -195,3 +195,44 @@ t.test('getOwner: the list and the feed follow the application\'s owner like eve
   const other = await fetch(`${b.url}/jobs`, { headers: { 'x-user': 'dave' } })
   t.same((await other.json()).jobs, [])
 })
+
+t.test('GET /jobs/events resumes from Last-Event-ID on the instance that numbered it; an id it cannot resume from gets my_jobs_resync', async (t) => {
+  const { redis, a, b } = await twoApps(t)
+  const url = `${a.url}/jobs/events?api_key=key-alice`
+  const first = await sse(t, url)
+  const subscribed = await first.waitFor(e => e.event === 'subscribed')
+  t.match(subscribed.id, /^[\w-]+\.\d+$/, 'subscribed carries an id too')
+  const before = await uploadAs(a, 'key-alice')
+  const seen = await first.waitFor(e => e.event === 'my_job' && e.data.job_id === before)
+  t.ok(seen.id !== undefined && seen.id !== subscribed.id, 'each change has its own id')
+  first.close()
+  await first.ended
+
+  // While the stream is away, a job is created, and both run to their end; another follower on
+  // the same instance shows when the instance has passed it all on.
+  const other = await sse(t, url)
+  await other.waitFor(e => e.event === 'subscribed')
+  const missed = await uploadAs(b, 'key-alice')
+  startWorker(t, redis, 'batch', a.uploadDir)
+  for (const id of [before, missed]) await other.waitFor(e => e.event === 'my_job' && e.data.job_id === id && e.data.status === 'succeeded')
+  const changes = (s: typeof other): string[][] => s.events.filter(e => e.event === 'my_job').map(e => [e.data.job_id, e.data.status])
+  const expected = changes(other)
+  t.ok(expected.some(([id]) => id === missed), 'changes happened while away')
+  other.close()
+  await other.ended
+
+  const resumed = await sse(t, url, { 'last-event-id': seen.id })
+  for (const id of [before, missed]) await resumed.waitFor(e => e.event === 'my_job' && e.data.job_id === id && e.data.status === 'succeeded')
+  t.same(changes(resumed), expected, 'every change missed, in order, once; nothing seen before')
+  t.notOk(resumed.events.some(e => e.event === 'my_jobs_resync'), 'resumed: no re-read needed')
+  const live = await uploadAs(a, 'key-alice')
+  await resumed.waitFor(e => e.event === 'my_job' && e.data.job_id === live)
+  t.pass('then live again')
+
+  for (const [name, app, id] of [['another instance', b, seen.id], ['an id of nobody\'s', a, 'nope.12'], ['a number from the future', a, `${(seen.id as string).replace(/\d+$/, '')}999999`]] as const) {
+    const stream = await sse(t, `${app.url}/jobs/events?api_key=key-alice`, { 'last-event-id': id })
+    await stream.waitFor(e => e.event === 'subscribed')
+    t.match((await stream.waitFor(e => e.event === 'my_jobs_resync')).data, { type: 'my_jobs_resync', ts: Number }, `${name}: read the list again`)
+    stream.close()
+  }
+})

@@ -96,7 +96,7 @@ function logsAsked (request: FastifyRequest): LogsRequest | undefined {
   return undefined
 }
 
-function lastEventId (request: FastifyRequest): string | undefined {
+export function lastEventId (request: FastifyRequest): string | undefined {
   const header = request.headers['last-event-id']
   if (typeof header === 'string') return header
   // EventSource cannot set headers on its first request; a client resuming by hand may use the query.

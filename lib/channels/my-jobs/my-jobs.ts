@@ -12,9 +12,10 @@ import type { ProtocolDefinition } from '../../protocols/types'
 import { sseFrame } from '../../wire/sse-frame'
 import { readOwner, type Commands } from '../../core/snapshot'
 import { Session, type SessionContext } from '../../session/session'
-import { SseTransport } from '../../transports/sse'
+import { lastEventId, SseTransport } from '../../transports/sse'
 import type { MyJobMessage, MyJobsResyncMessage } from '../../wire/messages'
 import { compareEntryIds } from '../../wire/version'
+import { FeedHistory, type FeedMessage } from './feed-history'
 
 /** What each relayed BullMQ event means for the owner's list; progress reports are not state changes. */
 const STATUS: Record<string, MyJobMessage['status']> = {
@@ -30,6 +31,13 @@ const STATUS: Record<string, MyJobMessage['status']> = {
 
 /** Owners of jobs seen lately, so an event costs no read while its job runs. */
 const OWNER_CACHE = 10_000
+
+/**
+ * How long an instance stays subscribed to an owner's channel after its last follower left: a
+ * stream that comes back meanwhile (a reload, a dropped connection, an EventSource's retry)
+ * resumes from what was kept instead of re-reading its list.
+ */
+const LINGER_MS = 60_000
 
 export interface MyJobsOptions {
   redis: Commands
@@ -61,6 +69,10 @@ export class MyJobs {
   readonly #listeners = new Map<string, Set<Receive>>()
   /** Per channel, its SUBSCRIBE: every follower waits for it, not only the first. */
   readonly #subscribed = new Map<string, Promise<void>>()
+  /** Channels no one follows any more, still subscribed for a stream that comes back. */
+  readonly #lingering = new Map<string, NodeJS.Timeout>()
+  /** What was passed on lately, numbered for the SSE feed's event ids. */
+  readonly history = new FeedHistory()
   /** Messages published (for tests and the bench). */
   published = 0
 
@@ -72,10 +84,17 @@ export class MyJobs {
 
   /** Subscriptions lost and made again: what was published meanwhile is gone, so every follower re-reads its list. */
   #resync (): void {
-    if (this.#listeners.size === 0) return
-    const message: MyJobsResyncMessage = { type: 'my_jobs_resync', ts: Math.floor(Date.now() / 1000) }
-    const raw = JSON.stringify(message)
-    for (const set of this.#listeners.values()) for (const receive of set) receive(message, raw)
+    for (const [channel, set] of this.#listeners) {
+      // One message per channel: each is numbered and kept in its channel's history, so a
+      // stream that comes back after missing it is told too.
+      const message: MyJobsResyncMessage = { type: 'my_jobs_resync', ts: Math.floor(Date.now() / 1000) }
+      this.#pass(channel, set, message, JSON.stringify(message))
+    }
+  }
+
+  #pass (channel: string, set: Set<Receive>, message: FeedMessage, raw: string): void {
+    this.history.record(channel, message)
+    for (const receive of set) receive(message, raw)
   }
 
   /** The owner's channel: hashed, so any owner string makes a short name, spread over shards. */
@@ -121,7 +140,12 @@ export class MyJobs {
       this.#listeners.set(channel, set)
     }
     set.add(receive)
-    if (first) this.#subscribed.set(channel, this.#o.broker.subscribe([channel]))
+    clearTimeout(this.#lingering.get(channel))
+    this.#lingering.delete(channel)
+    if (first) {
+      this.history.open(channel)
+      this.#subscribed.set(channel, this.#o.broker.subscribe([channel]))
+    }
     const subscribed = this.#subscribed.get(channel) as Promise<void>
     try {
       await subscribed
@@ -130,6 +154,7 @@ export class MyJobs {
       if (this.#subscribed.get(channel) === subscribed) {
         this.#subscribed.delete(channel)
         this.#listeners.delete(channel)
+        this.history.close(channel)
       }
       throw err
     }
@@ -139,9 +164,22 @@ export class MyJobs {
   #leave (channel: string, receive: Receive): void {
     const set = this.#listeners.get(channel)
     if (set === undefined || !set.delete(receive) || set.size > 0) return
+    this.#lingering.set(channel, setTimeout(() => this.#drop(channel), LINGER_MS).unref())
+  }
+
+  #drop (channel: string): void {
+    this.#lingering.delete(channel)
+    if ((this.#listeners.get(channel)?.size ?? 0) > 0) return
     this.#listeners.delete(channel)
     this.#subscribed.delete(channel)
+    this.history.close(channel)
     this.#o.broker.unsubscribe([channel]).catch((err: Error) => this.#o.log.debug({ err }, 'job-progress: unsubscribe failed'))
+  }
+
+  /** Stops the lingering: the broker's subscriptions end with it. */
+  close (): void {
+    for (const timer of this.#lingering.values()) clearTimeout(timer)
+    this.#lingering.clear()
   }
 
   #remember (id: string, owner: string): void {
@@ -173,7 +211,7 @@ export class MyJobs {
       this.#latest.set(key, message.version)
       if (this.#latest.size > OWNER_CACHE) this.#latest.delete(this.#latest.keys().next().value as string)
     }
-    for (const receive of set) receive(message, raw)
+    this.#pass(channel, set, message, raw)
   }
 }
 
@@ -213,8 +251,9 @@ export interface MyJobsRoutes {
   owners: Owners
   index: OwnerIndex
   kinds: Array<{ kind: string, queue: string }>
-  /** For the SSE feed: sessions as every stream has them. */
+  /** For the SSE feed: sessions as every stream has them, and the feed's history to resume from. */
   session: SessionContext
+  feed: MyJobs
   retryMs: number
 }
 
@@ -254,17 +293,41 @@ export function registerMyJobsRoutes (fastify: FastifyInstance, r: MyJobsRoutes)
     return { jobs: page.jobs, next: page.next === null ? null : encodeCursor(page.next) }
   })
 
-  // The stream starts with `event: subscribed` once the feed is in effect: from then on no
-  // change is missed (and the response's headers go out only with a first event).
-  const protocol: ProtocolDefinition = { ...sseProtocol(false), name: 'sse-mine', subscribed: (id) => id === 'mine' ? sseFrame('subscribed', { feed: 'mine' }) : undefined }
+  // Every event has an id (`<instance>.<n>`, `subscribed` included), so an EventSource that
+  // reconnects sends the last one it saw as Last-Event-ID.
+  const history = r.feed.history
+  const feedProtocol: ProtocolDefinition = {
+    ...sseProtocol(false),
+    name: 'sse-mine',
+    mine: (message) => sseFrame(message.type, message, history.idOf(message))
+  }
   const eventsSchema: Record<string, unknown> = {
     summary: 'The caller\'s jobs as they are created and change state (Server-Sent Events `my_job`)',
     produces: ['text/event-stream'],
     response: { 200: { description: 'a text/event-stream: `subscribed` once, then `my_job` events (see the README)', type: 'string' }, ...errors(401, 429) }
   }
   fastify.get(`${r.path}/events`, { schema: eventsSchema }, (request: FastifyRequest, reply: FastifyReply) => {
+    const last = lastEventId(request)
+    let session: Session | null = null
     reply.hijack()
-    // eslint-disable-next-line no-new
-    new Session(r.session, protocol, new SseTransport(reply, r.retryMs), request, [], true)
+    // The stream starts with `event: subscribed` once the feed is in effect: from then on no
+    // change is missed (and the response's headers go out only with a first event). A stream
+    // that comes back gets, right behind it, what it missed, when this instance kept all of it
+    // (it numbered the id, still follows the channel, and kept everything since); otherwise a
+    // `my_jobs_resync`: read the list again. Rendered in one piece, nothing can come between.
+    const protocol: ProtocolDefinition = {
+      ...feedProtocol,
+      subscribed: (id) => {
+        if (id !== 'mine') return undefined
+        const frames = [sseFrame('subscribed', { feed: 'mine' }, history.now())]
+        if (last !== undefined && session?.owner != null) {
+          const missed = history.since(r.feed.channel(session.owner), last)
+          if (missed === null) frames.push(sseFrame('my_jobs_resync', { type: 'my_jobs_resync', ts: Math.floor(Date.now() / 1000) }))
+          else for (const message of missed) frames.push(feedProtocol.mine?.(message) as string)
+        }
+        return frames.join('')
+      }
+    }
+    session = new Session(r.session, protocol, new SseTransport(reply, r.retryMs), request, [], true)
   })
 }
