@@ -139,7 +139,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
+  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepPeriodMs: opts.sweepPeriodMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void | Promise<void>> = []
   const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind]?.queueName, queues: [...queues.values()].map(q => q.name), log })

@@ -84,7 +84,8 @@ export const OptionsSchema = Type.Object({
   heartbeatIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
   sendTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
   reconcileIntervalMs: Type.Integer({ minimum: 100, default: 5_000, description: 'deprecated, ignored: convergence is paid per event and per fault' }),
-  sweepReadsPerSecond: Type.Number({ minimum: 0, default: 0.2, description: 'safety sweep budget: watched jobs re-read per second per instance, whatever the number watched; 0 turns it off' }),
+  sweepPeriodMs: Type.Integer({ minimum: 0, default: 600_000, description: 'safety sweep: every unfinished watched job re-read at least once per period, spread evenly; 0 turns it off' }),
+  sweepReadsPerSecond: Type.Optional(Type.Number({ minimum: 0, description: 'deprecated, use sweepPeriodMs: 0 turns the sweep off, a positive value caps its reads per second per instance' })),
   maxSubscriptionsPerConnection: Type.Integer({ minimum: 1, default: 100 }),
   maxConnectionsPerOwner: Type.Integer({ minimum: 1, default: 50 }),
   instanceHeartbeatMs: Type.Integer({ minimum: 100, default: 5_000, description: 'how often an instance tells the others it is alive (the connection limit across instances); a killed instance\'s connections stop counting after 3 of these' }),
@@ -174,7 +175,23 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'sweepPeriodMs' | 'sweepReadsPerSecond'>> & {
+  /**
+   * The safety sweep's coverage period, in ms: every unfinished job watched on an instance is
+   * re-read at least once per period, the reads spread evenly over it. A watched job costs
+   * 1000 / `sweepPeriodMs` reads per second (0.0017 at the default, within the budget of 0.01
+   * Redis commands per second per watched job: keep it at 100 000 or more); 0 turns it off.
+   * Faults are detected and repaired without it: it bounds how long a loss nothing revealed lasts.
+   * @default 600_000 (10 minutes)
+   */
+  sweepPeriodMs?: number
+  /**
+   * @deprecated use `sweepPeriodMs`. Still honoured: 0 turns the sweep off; a positive value caps
+   * the sweep's reads per second on an instance, so the period grows past `sweepPeriodMs` once
+   * more than cap × period jobs are watched there.
+   * @default no cap
+   */
+  sweepReadsPerSecond?: number
   /**
    * Live log lines (`logs` on subscribe, `?logs=1` on SSE). `maxCatchUpLines` (default 1000):
    * most lines one catch-up sends, older ones are named in a `logs_truncated` marker.

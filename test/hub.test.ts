@@ -185,9 +185,10 @@ t.test('200 opens of one job in one turn (tabs on a finished job) read it once, 
   for (const o of opened) o?.detach({ deliver () {} })
 })
 
-t.test('reconcile() re-reads on demand; the sweep has a fixed budget whatever is watched', async (t) => {
+t.test('reconcile() re-reads on demand; the deprecated sweepReadsPerSecond still caps the sweep', async (t) => {
   const redis = await redisFor(t)
-  const { hub, cmd, add, target } = await setup(t, redis, { sweepReadsPerSecond: 2 })
+  // A period of 2 s would read all 20 jobs in ~2 s; the cap keeps it to 2 a second.
+  const { hub, cmd, add, target } = await setup(t, redis, { sweepPeriodMs: 2_000, sweepReadsPerSecond: 2 })
   const ids: string[] = []
   for (let i = 0; i < 20; i++) ids.push(await add('alice'))
   const opened = await Promise.all(ids.map(async id => await hub.open(target(id))))
@@ -197,7 +198,7 @@ t.test('reconcile() re-reads on demand; the sweep has a fixed budget whatever is
   await new Promise(resolve => setTimeout(resolve, 2_100))
   // Jobs read, not script calls (a call reads many): one GET of the cancellation mark each.
   const swept = diff(before, await calls(redis)).get ?? 0
-  t.ok(swept >= 2 && swept <= 6, `the sweep read ${swept} jobs in ~2 s (budget 2/s), not 20 per pass`)
+  t.ok(swept >= 2 && swept <= 6, `the sweep read ${swept} jobs in ~2 s (capped at 2/s), not 20`)
   const b2 = await calls(redis)
   await hub.reconcile()
   const forced = diff(b2, await calls(redis))

@@ -1,4 +1,5 @@
 import { detailsDiffer } from './progress-details'
+import { compareEntryIds } from '../wire/version'
 
 /** The one internal event every protocol renders. */
 export type JobState = 'queued' | 'active' | 'completed' | 'failed' | 'cancelled'
@@ -39,8 +40,45 @@ export function isFinal (state: JobState): boolean {
 const RANK: Record<JobState, number> = { queued: 0, active: 1, completed: 2, failed: 2, cancelled: 2 }
 
 /**
- * Whether `next` should replace `last`: ordered by (final, attempt, state, processed), so progress
- * never goes back within an attempt, a retry restarts it, and nothing follows a final state.
+ * Whether `next` should replace `last`: the one order every choice between two states uses.
+ * Nothing follows a final state, and a final replaces anything else. Otherwise the version
+ * decides (see `lib/wire/version.ts`): the stream entry id, one total order per queue, and not
+ * the attempt, which a snapshot infers (a queued job, or an active one whose lock lapsed, gets
+ * its next attempt) while the real attempt's events may still come. Progress that goes down
+ * because a worker started a new stage is then newer, as it is. At one entry id the later read
+ * replaces the earlier only when it says something else (a lock lapsed: no entry marks it).
+ *
+ * States without a version (the relay messages of an older instance during a rolling upgrade)
+ * are ordered as before versions existed: {@link isNewer}.
+ */
+export function supersedes (next: JobEvent, last: JobEvent | null): boolean {
+  if (last === null) return true
+  if (isFinal(last.state)) return false
+  if (isFinal(next.state)) return true
+  const a = entryOf(next)
+  const b = entryOf(last)
+  if (a === null || b === null) return isNewer(next, last)
+  const order = compareEntryIds(a, b)
+  return order !== 0 ? order > 0 : sameState(next, last) === false
+}
+
+/** Whether two states tell a watcher the same thing (their versions and times aside). */
+export function sameState (a: JobEvent, b: JobEvent): boolean {
+  return a.state === b.state && a.attempt === b.attempt && a.processed === b.processed && a.total === b.total && !detailsDiffer(a, b)
+}
+
+/** The stream entry id of a state's version, or null when it has none. */
+export function entryOf (event: JobEvent): string | null {
+  const v = event.version
+  if (v === undefined) return null
+  const dot = v.indexOf('.')
+  return dot < 0 ? null : v.slice(dot + 1)
+}
+
+/**
+ * The order of states before versions: (final, attempt, state, processed), so progress never
+ * goes back within an attempt, a retry restarts it, and nothing follows a final state. Kept only
+ * for states without a version; it drops a stage whose counts start again.
  */
 export function isNewer (next: JobEvent, last: JobEvent | null): boolean {
   if (last === null) return true

@@ -1,7 +1,6 @@
-import { isFinal, isNewer, type JobEvent } from '../core/event'
+import { entryOf, isFinal, sameState, supersedes, type JobEvent } from '../core/event'
 import type { Snapshot } from '../core/snapshot'
 import type { Telemetry } from '../core/telemetry'
-import { compareEntryIds } from '../wire/version'
 import type { Watch } from './watch'
 
 /**
@@ -12,23 +11,43 @@ export class Conflation {
   readonly #throttleMs: number
   readonly #t: Telemetry
 
-  constructor (throttleMs: number, telemetry: Telemetry) {
+  readonly #onRead: (watch: Watch) => void
+
+  /** `onRead` learns of every read of a job applied (the sweep's clock). */
+  constructor (throttleMs: number, telemetry: Telemetry, onRead: (watch: Watch) => void = () => {}) {
     this.#throttleMs = throttleMs
     this.#t = telemetry
+    this.#onRead = onRead
   }
 
-  /** Applies a read of the job. */
-  apply (watch: Watch, snapshot: Snapshot): void {
-    // A read that left Redis before a newer relayed event arrived must not undo it.
-    if (compareEntryIds(snapshot.entryId, watch.entry) < 0 && !isFinal(snapshot.event.state)) return
-    watch.entry = snapshot.entryId
-    if (snapshot.startedAt !== null) watch.startedAt = snapshot.startedAt
-    this.offer(watch, snapshot.event)
+  /** Applies a read of the job; true when it changed what watchers see. */
+  apply (watch: Watch, snapshot: Snapshot): boolean {
+    // A read that left Redis before a newer relayed event arrived must not undo it: its version
+    // (the stream's last entry, read with the job) is older, and the offer refuses it.
+    const before = watch.last
+    const changed = this.offer(watch, snapshot.event)
+    if (watch.last !== before && snapshot.startedAt !== null) watch.startedAt = snapshot.startedAt
+    this.#onRead(watch)
+    return changed
   }
 
-  offer (watch: Watch, event: JobEvent): void {
-    if (!isNewer(event, watch.last)) return
+  /**
+   * Offers a state; true when watchers are to see it. The state and the stream entry it reflects
+   * move together, and only when the version says it is newer: an entry id stored for a state
+   * that was refused would make the next, real, state look stale.
+   */
+  offer (watch: Watch, event: JobEvent): boolean {
+    const last = watch.last
+    if (!supersedes(event, last)) return false
     watch.last = event
+    const entry = entryOf(event)
+    if (entry !== null) watch.entry = entry
+    // A later read that says what the last one said (the queue moved on, this job did not) keeps
+    // the newer version for what comes next, and sends nothing.
+    if (last !== null && sameState(event, last)) {
+      if (watch.emitted === last) watch.emitted = event
+      return false
+    }
     const wait = watch.lastEmitAt + this.#throttleMs - Date.now()
     if (isFinal(event.state) || wait <= 0) {
       this.#flush(watch)
@@ -38,6 +57,7 @@ export class Conflation {
         this.#flush(watch)
       }, wait)
     }
+    return true
   }
 
   #flush (watch: Watch): void {

@@ -30,16 +30,27 @@ export interface HubOptions {
   keys: Keys
   throttleMs: number
   /**
-   * The safety sweep's budget: at most this many watched jobs re-read per second by this
-   * instance, whatever the number watched; 0 turns it off. Faults are detected and repaired
-   * without it; the sweep only bounds how long an undetected loss could last.
-   * @defaultValue 0.2
+   * The safety sweep's coverage period: every unfinished job watched here is re-read at least
+   * once per period, the reads spread evenly over it (1 / period reads per second per job); 0
+   * turns it off. Faults are detected and repaired without it; the sweep only bounds how long
+   * an undetected loss could last.
+   * @defaultValue 600_000
+   */
+  sweepPeriodMs?: number
+  /**
+   * @deprecated use `sweepPeriodMs`. 0 turns the sweep off; a positive value caps its reads per
+   * second on this instance (the period then grows once more than cap × period jobs are watched).
    */
   sweepReadsPerSecond?: number
   /** @deprecated ignored: convergence is paid per event and per fault, not on a timer. */
   reconcileIntervalMs?: number
   telemetry?: Telemetry
   log: FastifyBaseLogger
+  /**
+   * Told of each watched job found lost (gone without an end, e.g. Redis came back empty), once
+   * per finding; the plugin removes its upload then. The hub knows nothing of uploads.
+   */
+  onJobLost?: (target: SnapshotTarget) => void
 }
 
 /**
@@ -47,7 +58,8 @@ export interface HubOptions {
  * local socket watches its job. Convergence is paid per event and per fault: a lifecycle event
  * re-reads its job; a subscriber reconnect re-reads every job watched here; a control message
  * from the bridge (its stream was trimmed past it, or Redis came back empty) re-reads that
- * queue's jobs. A sweep with a fixed budget of reads per second bounds anything else.
+ * queue's jobs; a re-read that fails is tried again until it succeeds. A sweep that re-reads every
+ * unfinished watched job once per period bounds anything else.
  *
  * The parts, one file each: the refcounted watches (`watches.ts`), what their sinks are offered
  * (`conflation.ts`), the re-reads (`convergence.ts`) and the sweep (`sweep.ts`). The hub itself
@@ -66,15 +78,20 @@ export class Hub {
     this.#t = opts.telemetry ?? noTelemetry
     if (opts.broker === undefined && opts.subscriber === undefined) throw new TypeError('Hub needs a broker or a subscriber connection')
     const broker = opts.broker ?? createBroker(opts.redis as Redis, opts.subscriber as Redis, 'classic')
-    this.#watches = new Watches({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log })
-    this.#conflation = new Conflation(opts.throttleMs, this.#t)
-    this.#convergence = new Convergence({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, watches: this.#watches, conflation: this.#conflation })
+    this.#watches = new Watches({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, onDrop: (watch) => this.#sweep.forget(watch) })
+    this.#conflation = new Conflation(opts.throttleMs, this.#t, (watch) => this.#sweep.read(watch))
+    this.#convergence = new Convergence({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, watches: this.#watches, conflation: this.#conflation, onJobLost: opts.onJobLost })
     broker.onMessage((channel, message) => this.#onMessage(channel, message))
     // After a reconnect the subscriptions are made again, but what was published meanwhile is gone.
     broker.onRecover(() => { void this.#convergence.recover() })
-    this.#sweep = new Sweep(opts.sweepReadsPerSecond ?? 0.2, opts.redis, this.#watches, this.#convergence)
+    // The command connection alone can fail (the subscriber stays up): what it lost are reads,
+    // owed by convergence and read again once it is back.
+    opts.redis.on('ready', this.#onCommandsReady)
+    this.#sweep = new Sweep({ periodMs: opts.sweepPeriodMs ?? 600_000, maxReadsPerSecond: opts.sweepReadsPerSecond }, opts.redis, this.#watches, this.#convergence)
     this.#t.gauge('watchedJobs', () => this.#watches.size)
   }
+
+  readonly #onCommandsReady = (): void => this.#convergence.commandsReady()
 
   /** Jobs watched on this instance (for tests and metrics). */
   get watchedCount (): number {
@@ -188,9 +205,9 @@ export class Hub {
       watch.clipLogged = true
       this.#opts.log.warn({ jobId: watch.target.jobId, clipped }, 'job-progress: a progress report is over the size limits (stage 64, message 1,024 characters, data 4 KiB as JSON): cut or dropped; the counts went through')
     }
-    if (message.i !== undefined) watch.entry = message.i
-    // A report that names its attempt orders itself: a retry's first reports replace the
-    // failed attempt's higher count instead of being dropped as going back.
+    // The attempt is told, not used to order: the entry id does that (a retry's first reports and
+    // a new stage's counts that start again are newer because they came later). The watch's
+    // entry id moves only if the conflation takes the state.
     const at = attempt ?? last.attempt
     if (Number.isFinite(ts)) this.#t.observe('relayLatency', Math.max(0, Date.now() - ts) / 1000)
     this.#conflation.offer(watch, {
@@ -202,7 +219,8 @@ export class Hub {
       attempt: at,
       etaSeconds: eta('active', processed, total, watch.startedAt, ts),
       ts,
-      version: formatVersion(at, watch.entry),
+      // A message without an entry id (an older instance's) has no version: ordered as before.
+      ...(message.i !== undefined ? { version: formatVersion(at, message.i) } : {}),
       ...details
     })
   }
@@ -218,6 +236,8 @@ export class Hub {
   /** Stops timers and forgets every watch; the caller closes the connections. */
   close (): void {
     this.#sweep.stop()
+    this.#convergence.close()
+    this.#opts.redis.off('ready', this.#onCommandsReady)
     this.#watches.close()
   }
 }

@@ -16,6 +16,8 @@ export interface WatchesOptions {
   keys: Keys
   telemetry: Telemetry
   log: FastifyBaseLogger
+  /** Called when a watch is let go. */
+  onDrop?: (watch: Watch) => void
 }
 
 /** The watched jobs as convergence and the sweep see them: read only. */
@@ -134,6 +136,7 @@ export class Watches implements WatchedJobs {
     if (watch.sinks.size > 0 || watch.opening > 0) return
     if (this.#map.get(watch.channel) !== watch) return
     this.#map.delete(watch.channel)
+    this.#opts.onDrop?.(watch)
     if (watch.timer !== null) clearTimeout(watch.timer)
     if (!this.#closed) {
       this.#opts.broker.unsubscribe([watch.channel]).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))

@@ -5,8 +5,9 @@
  *
  * A version is `<attempt>.<stream entry id>`, for example `2.1700000000000-3`: the job's attempt
  * (1 for the first) and the id of the entry in the queue's BullMQ event stream that produced the
- * state (`0-0` for a state read before any event was seen). Entry ids grow within a queue, so
- * within an attempt a larger id is a later state; a retry starts a new attempt.
+ * state (`0-0` for a state read before any event was seen). Entry ids grow within a queue (the
+ * bridge keeps them from going back when a stream is made again: docs/architecture.md, "When
+ * entry ids go back"), so a larger id is a later state, whatever the attempt says.
  *
  * This module has no server dependencies: the server and the client import it alike.
  */
@@ -47,11 +48,14 @@ export function compareEntryIds (a: string, b: string): number {
 
 /**
  * Orders two versions: negative when `a` is older than `b`, zero when equal, positive when
- * newer. An unparsable version sorts before every valid one.
+ * newer. An unparsable version sorts before every valid one. The stream entry id decides, the
+ * attempt only between equal ids: a snapshot infers its attempt (a queued job, or an active one
+ * whose lock lapsed, is shown with its next attempt) while events of the real attempt, with
+ * larger entry ids, may still come; ordered attempt first they would be dropped.
  */
 export function compareVersions (a: Version, b: Version): number {
   const pa = parseVersion(a)
   const pb = parseVersion(b)
   if (pa === null || pb === null) return (pa === null ? 0 : 1) - (pb === null ? 0 : 1)
-  return pa.attempt - pb.attempt || pa.ms - pb.ms || pa.seq - pb.seq
+  return pa.ms - pb.ms || pa.seq - pb.seq || pa.attempt - pb.attempt
 }
