@@ -37,10 +37,11 @@ RUN mkdir -p /data/uploads && chown node:node /data/uploads
 USER node
 EXPOSE 8001
 
-# Liveness of an API instance (/health answers while the process serves; readiness is /ready).
+# Liveness of an API instance (/job-progress/health answers while the process serves; readiness
+# is /job-progress/ready).
 # A worker serves no HTTP: its process running is its health.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-  CMD ["node", "-e", "if (process.env.ROLE === 'worker') process.exit(0); fetch('http://127.0.0.1:' + (process.env.PORT || 8001) + '/health').then(r => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+  CMD ["node", "-e", "if (process.env.ROLE === 'worker') process.exit(0); fetch('http://127.0.0.1:' + (process.env.PORT || 8001) + '/job-progress/health').then(r => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 
 # node itself is PID 1 (no npm, npx or shell wrapper), so SIGTERM reaches the app's graceful
 # close: uploads get their grace period, sockets close with 1001, the bridge hands its work over.

@@ -66,7 +66,7 @@ export class JobProgressClient {
       credentials = 'same-origin',
       transports = ['websocket', 'sse', 'polling'],
       wsPath = '/ws/jobs',
-      ssePath = '/events',
+      ssePath = '/job-progress/events',
       paths = {},
       backoff: { minMs = 1000, maxMs = 30_000 } = {},
       fallbackAfter = 2,

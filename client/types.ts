@@ -58,7 +58,7 @@ export interface ClientOptions {
   transports?: Transport[]
   /** The `jobs` protocol's path. @default '/ws/jobs' */
   wsPath?: string
-  /** The multiplexed SSE stream's path. @default '/events' */
+  /** The multiplexed SSE stream's path (the plugin's `ssePath`). @default '/job-progress/events' */
   ssePath?: string
   /** Routes of a kind. @default `/<kind>/upload`, `/<kind>/<id>/status`, `/result`, `/cancel` */
   paths?: Partial<{

@@ -55,7 +55,10 @@ function ensureClientBuilt (): void {
   execFileSync(process.execPath, [join(root, 'scripts', 'build-client.mjs'), '--js-only'], { cwd: root, stdio: 'inherit' })
 }
 
-/** The example API: the plugin with seed 000's kinds, a demo page (the plugin adds /health and /ready). */
+/**
+ * The example API: the plugin with seed 000's kinds, a demo page (the plugin adds its health,
+ * readiness and metrics routes under /job-progress).
+ */
 export async function buildApp (config: ExampleConfig): Promise<FastifyInstance> {
   ensureClientBuilt()
   const app = Fastify({ logger: config.logger ?? false, trustProxy: true })
@@ -64,7 +67,7 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
     connection: config.redisCluster ?? config.redisUrl,
     // On a cluster every key of a queue must share a slot: a hash-tagged prefix (workers use it too).
     ...(config.redisCluster !== undefined ? { prefix: CLUSTER_PREFIX } : {}),
-    // Prometheus metrics at /metrics.
+    // Prometheus metrics at /job-progress/metrics.
     metrics: true,
     kinds: webhook === undefined ? KINDS : Object.fromEntries(Object.entries(KINDS).map(([kind, k]) => [kind, { ...k, webhook }])),
     ...(webhook !== undefined ? { webhooks: { secret: config.webhookSecret, ...config.webhooks } } : {}),
@@ -75,7 +78,7 @@ export async function buildApp (config: ExampleConfig): Promise<FastifyInstance>
     // Seed 002 at its path; seed 001's and seed 003's dialects as protocols of our own.
     protocols: [jobsProtocol({ path: '/api/v1/ws/jobs' }), scanProtocol({ path: '/ws' }), tokenSocketProtocol({ path: '/api/v1/socket' })],
     // The page below imports the client from here, without a bundler.
-    clientRoute: '/job-progress/client.js',
+    clientRoute: true, // /job-progress/client.js
     ...config.plugin
   })
   const page = await readFile(join(__dirname, 'public', 'index.html'), 'utf8')

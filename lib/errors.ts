@@ -7,6 +7,7 @@ import createError from '@fastify/error'
 
 // Registration
 export const InvalidOptionError = createError('FST_JP_INVALID_OPTION', 'fastify-job-progress: %s', 500, TypeError)
+export const RouteTakenError = createError('FST_JP_ROUTE_TAKEN', 'fastify-job-progress: the app already has a route %s %s; %s', 500)
 
 // Who is asking
 export const UnauthorizedError = createError('FST_JP_UNAUTHORIZED', 'Authentication required: %s', 401)

@@ -12,6 +12,7 @@ import type { CreateRouteOptions } from './http/create/enqueue'
 import type { QuotaOptions } from './http/create/quotas'
 import type { ProtocolDefinition } from './protocols/types'
 import type { MetricsOptions } from './core/metrics'
+import type { RoutePlace } from './http/route-claims'
 import type { Telemetry } from './core/telemetry'
 import { keepWebhookFunctions, KindWebhookSchema, WebhooksSchema, type KindWebhookOptions, type ResolvedWebhooks, type WebhooksOptions } from './channels/webhooks/options'
 
@@ -43,9 +44,10 @@ export const OptionsSchema = Type.Object({
   wsPrefix: Type.String({ pattern: '^/', default: '/ws' }),
   progressVersion: Type.Boolean({ default: false }),
   progressDetails: Type.Boolean({ default: false, description: 'adds the worker\'s stage, message and data to the per-job socket and status messages (seed 000 format); off: exactly the seed\'s fields' }),
-  ssePath: Type.String({ pattern: '^/', default: '/events' }),
+  routePrefix: Type.String({ pattern: '^(/[^?#]*[^/?#])?$', default: '/job-progress', description: 'where the routes outside the kinds\' own paths go (health, readiness, metrics, SSE, my jobs, the client, dead webhooks); "" puts them at the root' }),
+  ssePath: Type.Optional(Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { description: 'the multiplexed SSE stream; default `<routePrefix>/events`; false leaves it out' })),
   sseRetryMs: Type.Integer({ minimum: 0, default: 2_000 }),
-  clientRoute: Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { default: false }),
+  clientRoute: Type.Union([Type.Boolean(), Type.String({ pattern: '^/' })], { default: false, description: 'serves the client as one ES module: a path, or true for `<routePrefix>/client.js`' }),
   storage: Type.Optional(Type.Unsafe<Storage>(Type.Object({}, { additionalProperties: true }))),
   uploadDir: Type.String({ minLength: 1, default: join(tmpdir(), 'fastify-job-progress') }),
   limits: Type.Object({
@@ -60,8 +62,8 @@ export const OptionsSchema = Type.Object({
     shutdownGraceMs: Type.Integer({ minimum: 0, default: 10_000, description: 'at close, uploads still sending after this long are ended with 503' })
   }, { default: {}, additionalProperties: false }),
   health: Type.Union([Type.Literal(false), Type.Object({
-    livePath: Type.String({ pattern: '^/', default: '/health' }),
-    readyPath: Type.String({ pattern: '^/', default: '/ready' })
+    livePath: Type.Optional(Type.String({ pattern: '^/', description: 'default `<routePrefix>/health`' })),
+    readyPath: Type.Optional(Type.String({ pattern: '^/', description: 'default `<routePrefix>/ready`' }))
   }, { additionalProperties: false })], { default: {} }),
   publicUrl: Type.Optional(Type.String({ pattern: '^(https?|wss?)://[^/?#]+(/[^?#]*)?$', description: 'public base URL of the app, used for `ws_url`; without it `ws_url` is a path' })),
   session: Type.Object({
@@ -122,7 +124,7 @@ export const OptionsSchema = Type.Object({
     maxBacklogBytes: Type.Integer({ minimum: 1024, default: 256 * 1024, description: 'a log watcher with more unread than this (at most half of maxBufferedBytes) skips lines and gets a logs_truncated marker once it has caught up' })
   }, { default: {}, additionalProperties: false }),
   myJobs: Type.Object({
-    path: Type.String({ pattern: '^/', default: '/jobs', description: 'the caller\'s jobs: GET <path>, and GET <path>/events (SSE feed)' }),
+    path: Type.Optional(Type.Union([Type.Literal(false), Type.String({ pattern: '^/' })], { description: 'the caller\'s jobs: GET <path>, and GET <path>/events (SSE feed); default `<routePrefix>/jobs`; false leaves both out' })),
     maxPerOwner: Type.Integer({ minimum: 1, default: 1000, description: 'jobs kept in each owner\'s index per kind; older ones leave the list' }),
     ttlSeconds: Type.Integer({ minimum: 60, default: 30 * 24 * 3600, description: 'an owner\'s index expires after this long without a new job' }),
     feed: Type.Boolean({ default: true, description: 'publish every state change of a job to its owner\'s channel (one PUBLISH per lifecycle event, not per progress report)' })
@@ -175,7 +177,28 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'sweepPeriodMs' | 'sweepReadsPerSecond'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'sweepPeriodMs' | 'sweepReadsPerSecond' | 'routePrefix' | 'ssePath' | 'clientRoute'>> & {
+  /**
+   * Where the routes outside the kinds' own paths go: liveness and readiness, metrics, the
+   * multiplexed SSE stream, my jobs, the client route (`clientRoute: true`) and the dead-letter
+   * webhook routes, each at `<routePrefix>/<name>` unless its own option moves it (or turns it
+   * off). A prefix no app commonly owns, so registering the plugin takes none of the app's paths;
+   * `''` puts them at the root, as in 0.2. The kinds' routes and the sockets stay where they are.
+   * @default '/job-progress'
+   */
+  routePrefix?: string
+  /**
+   * The multiplexed Server-Sent Events stream (`GET <ssePath>?jobs=<id>,<id>`); `false` leaves it
+   * out (each job's own `<basePath>/:jobId/events` stays).
+   * @default '<routePrefix>/events'
+   */
+  ssePath?: string | false
+  /**
+   * Serves `fastify-job-progress/client` as one ES module, for a page without a bundler: a path,
+   * or `true` for `<routePrefix>/client.js`.
+   * @default false
+   */
+  clientRoute?: boolean | string
   /**
    * The safety sweep's coverage period, in ms: every unfinished job watched on an instance is
    * re-read at least once per period, the reads spread evenly over it. A watched job costs
@@ -200,13 +223,14 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    */
   liveLogs?: { maxCatchUpLines?: number, maxBacklogBytes?: number }
   /**
-   * The caller's jobs: `GET <path>` (default `/jobs`) lists them, `GET <path>/events` and the
+   * The caller's jobs: `GET <path>` (default `<routePrefix>/jobs`; `false` adds neither route)
+   * lists them, `GET <path>/events` and the
    * `jobs` protocol's `subscribe_mine` stream their changes. `maxPerOwner` (default 1000): jobs
    * kept per owner and kind. `ttlSeconds` (default 30 days): an owner's index expires after this
    * long without a new job. `feed` (default true): publish each lifecycle event of a job to its
    * owner's channel (once per cluster; off: the list still works, the feed gets only creations).
    */
-  myJobs?: { path?: string, maxPerOwner?: number, ttlSeconds?: number, feed?: boolean }
+  myJobs?: { path?: string | false, maxPerOwner?: number, ttlSeconds?: number, feed?: boolean }
   /** How long an `Idempotency-Key` is remembered (per owner and kind), in seconds. @default 86400 */
   idempotency?: { windowSeconds?: number }
   /** Per-owner, per-kind limits on creating jobs, atomic across instances (429 with `Retry-After`). @default no limits */
@@ -223,9 +247,9 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    */
   uploads?: Partial<Resolved['uploads']>
   /**
-   * Liveness (`livePath`, default `/health`: 200 while the process serves) and readiness
-   * (`readyPath`, default `/ready`: 200 when Redis is reachable and the bridge runs, else 503)
-   * routes; `false` adds neither (an app with its own).
+   * Liveness (`livePath`, default `<routePrefix>/health`: 200 while the process serves) and
+   * readiness (`readyPath`, default `<routePrefix>/ready`: 200 when Redis is reachable and the
+   * bridge runs, else 503) routes; `false` adds neither (an app with its own).
    */
   health?: false | { livePath?: string, readyPath?: string }
   /**
@@ -259,7 +283,18 @@ export type ResolvedKind = Omit<Resolved['kinds'][string], 'queueName' | 'basePa
   uploadPath: string
 }
 
-export type ResolvedOptions = Omit<Resolved, 'webhooks' | 'kinds'> & { webhooks: ResolvedWebhooks, kinds: Record<string, ResolvedKind> }
+export type ResolvedOptions = Omit<Resolved, 'webhooks' | 'kinds' | 'health' | 'ssePath' | 'myJobs' | 'clientRoute'> & {
+  webhooks: ResolvedWebhooks
+  kinds: Record<string, ResolvedKind>
+  /** Every route path resolved against `routePrefix`, in {@link resolveOptions}. */
+  health: false | { livePath: string, readyPath: string }
+  ssePath: string | false
+  myJobs: Omit<Resolved['myJobs'], 'path'> & { path: string | false }
+  clientRoute: string | false
+}
+
+/** The plugin's routes outside the kinds' paths: each one's name under `routePrefix`, spelled once. */
+const ROUTE_NAMES = { live: 'health', ready: 'ready', metrics: 'metrics', sse: 'events', myJobs: 'jobs', client: 'client.js', webhooks: 'webhooks' } as const
 
 const FUNCTION_OPTIONS = ['getOwner', 'canAccess'] as const
 const KEPT = ['connection', 'storage', 'protocols', 'apiKeys', 'metrics', 'telemetry', ...FUNCTION_OPTIONS] as const
@@ -287,6 +322,11 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     }
   }
   const webhookProblems: string[] = []
+  // The dead-letter routes' prefix is the one path default that depends on another option.
+  const routePrefix = typeof raw.routePrefix === 'string' ? raw.routePrefix : '/job-progress'
+  if (raw.webhooks !== null && typeof raw.webhooks === 'object' && (raw.webhooks as { routePrefix?: unknown }).routePrefix === undefined) {
+    raw.webhooks = { ...raw.webhooks, routePrefix: `${routePrefix}/${ROUTE_NAMES.webhooks}` }
+  }
   const restoreWebhooks = keepWebhookFunctions(raw, webhookProblems)
   const restoreCreate = keepCreateOptions(raw, webhookProblems)
   const opts = Value.Default(OptionsSchema, Value.Clone(raw)) as Record<string, unknown>
@@ -335,6 +375,7 @@ export function resolveOptions (input: unknown): ResolvedOptions {
     k.basePath ??= `/${kind}`
     k.uploadPath ??= `${k.basePath}/upload`
   }
+  resolveRoutes(opts)
   return opts as unknown as ResolvedOptions
 }
 
@@ -363,4 +404,57 @@ function keepCreateOptions (raw: Record<string, unknown>, problems: string[]): (
   return (opts) => {
     for (const [kind, create] of kept) (opts.kinds as Record<string, Record<string, unknown>>)[kind].create = create
   }
+}
+
+/** Each route option left out gets its default under `routePrefix` (absolute paths stay as given). */
+function resolveRoutes (opts: Record<string, unknown>): void {
+  const under = (name: string): string => `${opts.routePrefix as string}/${name}`
+  const health = opts.health as false | { livePath?: string, readyPath?: string }
+  if (health !== false) {
+    health.livePath ??= under(ROUTE_NAMES.live)
+    health.readyPath ??= under(ROUTE_NAMES.ready)
+  }
+  opts.ssePath ??= under(ROUTE_NAMES.sse)
+  const myJobs = opts.myJobs as { path?: string | false }
+  myJobs.path ??= under(ROUTE_NAMES.myJobs)
+  if (opts.clientRoute === true) opts.clientRoute = under(ROUTE_NAMES.client)
+  const metrics = opts.metrics
+  if (metrics === true) opts.metrics = { path: under(ROUTE_NAMES.metrics) }
+  else if (metrics !== null && typeof metrics === 'object' && (metrics as MetricsOptions).path === undefined) {
+    opts.metrics = { ...(metrics as MetricsOptions), path: under(ROUTE_NAMES.metrics) }
+  }
+}
+
+/**
+ * The routes the plugin adds, each with the option that places it: checked against the app's
+ * before anything is opened, and named when Fastify refuses one.
+ */
+export function routePlaces (opts: ResolvedOptions): RoutePlace[] {
+  const places: RoutePlace[] = []
+  const add = (method: RoutePlace['method'], path: string, advice: string): void => { places.push({ method, path, advice }) }
+  if (opts.health !== false) {
+    add('GET', opts.health.livePath, 'set `health.livePath` to another path (or `health: false` to add neither health route)')
+    add('GET', opts.health.readyPath, 'set `health.readyPath` to another path (or `health: false` to add neither health route)')
+  }
+  const metrics = opts.metrics as MetricsOptions | boolean | undefined
+  if (metrics !== undefined && metrics !== false && metrics !== true && typeof metrics.path === 'string') {
+    add('GET', metrics.path, 'set `metrics.path` to another path (or `false` to serve no route)')
+  }
+  if (opts.ssePath !== false) add('GET', opts.ssePath, 'set `ssePath` to another path (or `false` to leave the multiplexed stream out)')
+  if (opts.myJobs.path !== false) {
+    add('GET', opts.myJobs.path, 'set `myJobs.path` to another path (or `false` to leave the my-jobs routes out)')
+    add('GET', `${opts.myJobs.path}/events`, 'set `myJobs.path` to another path (or `false` to leave the my-jobs routes out)')
+  }
+  if (opts.clientRoute !== false) add('GET', opts.clientRoute, 'set `clientRoute` to another path (or `false`)')
+  if (opts.webhooks.authorize !== undefined) add('GET', `${opts.webhooks.routePrefix}/dead`, 'set `webhooks.routePrefix` to another path')
+  for (const [kind, k] of Object.entries(opts.kinds)) {
+    add('POST', k.uploadPath, `set \`kinds.${kind}.uploadPath\` to another path`)
+    if (k.create !== undefined) add('POST', k.basePath, `set \`kinds.${kind}.basePath\` to another path`)
+    places.push({ method: 'GET', path: k.basePath, advice: `set \`kinds.${kind}.basePath\` to another path`, ahead: false })
+    places.push({ method: 'GET', path: `${opts.wsPrefix}/${kind}`, advice: 'set `wsPrefix` to another path', ahead: false })
+  }
+  for (const [i, protocol] of opts.protocols.entries()) {
+    places.push({ method: 'GET', path: protocol.path, advice: `give \`protocols[${i}]\` (${protocol.name}) another path`, ahead: protocol.perJob !== true })
+  }
+  return places
 }

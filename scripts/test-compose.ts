@@ -187,7 +187,7 @@ async function main (): Promise<void> {
     // --scale: docker-compose 1.29 ignores deploy.replicas.
     dc('up', '-d', '--scale', 'api=2', '--scale', 'worker=1')
     await until('2 ready API instances', () => containers('api').length === 2 && containers('api').every(id => health(id) === 'healthy'))
-    await until('nginx to answer /ready', async () => (await fetch(`${base}/ready`)).status === 200)
+    await until('nginx to answer /job-progress/ready', async () => (await fetch(`${base}/job-progress/ready`)).status === 200)
   })
 
   await step('upload through nginx, watch to the end over WebSocket and by polling', async () => {
@@ -206,7 +206,7 @@ async function main (): Promise<void> {
     await until('3 ready API instances', () => containers('api').length === 3 && containers('api').every(id => health(id) === 'healthy'))
     const seen = new Set<string>()
     await until('nginx to reach all 3 instances', async () => {
-      for (let i = 0; i < 6; i++) seen.add(((await (await fetch(`${base}/health`)).json()) as { instance: string }).instance)
+      for (let i = 0; i < 6; i++) seen.add(((await (await fetch(`${base}/job-progress/health`)).json()) as { instance: string }).instance)
       return seen.size === 3
     }, 30_000)
     check(seen.size === 3, `nginx spreads requests over ${seen.size} instances`)

@@ -90,7 +90,7 @@ t.test('a team member gets every route and socket; others get the not-found answ
   t.equal(stream.status, 200)
   await stream.waitFor(e => e.data?.processed === 1)
   t.equal((await sse(t, `${b.url}/batch/${running}/events`, as('carol'))).status, 404, 'carol: SSE 404')
-  const muxed = await sse(t, `${a.url}/events?jobs=${running}`, as('bob'))
+  const muxed = await sse(t, `${a.url}/job-progress/events?jobs=${running}`, as('bob'))
   await muxed.waitFor(e => e.data?.job_id === running && e.data?.processed === 1)
 
   t.equal((await call(a.url, 'POST', `/batch/${running}/cancel`, 'carol')).status, 404, 'carol cannot cancel')

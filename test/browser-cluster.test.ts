@@ -33,7 +33,7 @@ t.test('browser client through nginx, 2 instances, a worker', async (t) => {
     let serving: Api | undefined
     await eventually(async () => {
       for (const api of cluster.apis) {
-        const health = await (await fetch(`${api.url}/health`)).json() as { sockets: number }
+        const health = await (await fetch(`${api.url}/job-progress/health`)).json() as { sockets: number }
         if (health.sockets > 0) serving = api
       }
       return serving !== undefined

@@ -35,7 +35,7 @@ t.test('SSE: the instance serving the stream is killed mid-job; the client resum
   let serving: Api | undefined
   await eventually(async () => {
     for (const api of cluster.apis) {
-      const health = await (await fetch(`${api.url}/health`)).json() as { sockets: number }
+      const health = await (await fetch(`${api.url}/job-progress/health`)).json() as { sockets: number }
       if (health.sockets > 0) serving = api
     }
     return serving !== undefined

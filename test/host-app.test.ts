@@ -7,8 +7,9 @@ import fastifySecureSession from '@fastify/secure-session'
 import fastifyWebsocket from '@fastify/websocket'
 import { randomBytes } from 'node:crypto'
 import type { Redis } from 'ioredis'
-import { jobProgress } from '../lib/index'
-import { connect, lines, redisFor, startWorker, tempDir, upload, type RedisServer } from './helpers/index'
+import { errors, jobProgress, jobsProtocol } from '../lib/index'
+import { namedRouteError } from '../lib/http/route-claims'
+import { connect, lines, redisFor, startApp, startWorker, tempDir, upload, type RedisServer } from './helpers/index'
 
 // An app as it exists before the plugin arrives: its own session (secure-session), JWTs for API
 // clients, CORS for its front end, helmet, its own WebSocket route, its own error format and
@@ -183,4 +184,108 @@ t.test("the host's own WebSocket route works next to the plugin's, and close() c
   // Left: the host's connection, the probe and the test worker's connections (not the plugin's).
   const pluginLeft = after.filter(line => /cmd=(xreadgroup|subscribe|ssubscribe)/i.test(line))
   t.same(pluginLeft, [], 'no subscriber or bridge connection of the plugin is left')
+})
+
+// The routes an existing app most often owns. The plugin's defaults sit under /job-progress, so an
+// app that has all of these registers it with its documented minimal options.
+const HOST_ROUTES = ['/health', '/ready', '/metrics', '/events', '/jobs', '/jobs/events']
+
+t.test('an app that already owns /health, /ready, /metrics, /events and /jobs registers the plugin with default options; both serve', async (t) => {
+  const redis = await redisFor(t)
+  const app = Fastify({ logger: false })
+  for (const path of HOST_ROUTES) app.get(path, async () => ({ host: path }))
+  await app.register(jobProgress, { connection: redis.url, kinds: { batch: {} }, metrics: true, uploadDir: await tempDir(t, 'jp-host-uploads-'), protocols: [jobsProtocol()] })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  t.teardown(async () => await app.close())
+  const url = `http://127.0.0.1:${(app.server.address() as { port: number }).port}`
+  for (const path of HOST_ROUTES) t.same(await (await fetch(url + path)).json(), { host: path }, `the app still serves ${path}`)
+
+  t.match(await (await fetch(`${url}/job-progress/health`)).json(), { status: 'ok' }, "the plugin's liveness")
+  t.equal((await fetch(`${url}/job-progress/ready`)).status, 200, "the plugin's readiness")
+  t.match(await (await fetch(`${url}/job-progress/metrics`)).text(), /job_progress_watched_jobs/, "the plugin's metrics")
+  t.match(await (await fetch(`${url}/job-progress/events`)).json(), { message: /Name the jobs/ }, "the plugin's multiplexed SSE stream")
+  t.equal((await fetch(`${url}/job-progress/jobs`)).status, 401, "the plugin's my-jobs list")
+  const up = await upload(`${url}/batch/upload`, lines(1))
+  t.equal(up.status, 202, 'the kinds keep their paths')
+  t.equal(up.body.ws_url, `/ws/batch/${up.body.job_id}`, 'and the sockets theirs')
+})
+
+t.test('ssePath: false and myJobs.path: false leave those routes out; routePrefix moves the rest', async (t) => {
+  const redis = await redisFor(t)
+  const app = await startApp(t, redis, { routePrefix: '/ops', ssePath: false, myJobs: { path: false }, metrics: true, clientRoute: true })
+  for (const path of ['/ops/events', '/ops/jobs', '/ops/jobs/events', '/job-progress/health']) t.equal((await fetch(app.url + path)).status, 404, `no ${path}`)
+  for (const path of ['/ops/health', '/ops/ready', '/ops/metrics', '/ops/client.js']) t.equal((await fetch(app.url + path)).status, 200, `${path} is served`)
+  const root = await startApp(t, redis, { routePrefix: '' })
+  t.equal((await fetch(`${root.url}/health`)).status, 200, "routePrefix: '' puts them at the root, as before")
+})
+
+t.test("a route the app has at the plugin's path: registration fails naming the option to change, before anything is opened", async (t) => {
+  const redis = await redisFor(t)
+  const cases: Array<[string, string, Record<string, unknown>]> = [
+    ['/job-progress/health', 'health.livePath', {}],
+    ['/job-progress/ready', 'health.readyPath', {}],
+    ['/job-progress/metrics', 'metrics.path', { metrics: true }],
+    ['/job-progress/events', 'ssePath', {}],
+    ['/job-progress/jobs', 'myJobs.path', {}],
+    ['/job-progress/jobs/events', 'myJobs.path', {}],
+    ['/job-progress/client.js', 'clientRoute', { clientRoute: true }],
+    ['/ws/jobs', 'protocols[0]', { protocols: [jobsProtocol()] }]
+  ]
+  const probe = redis.client()
+  t.teardown(() => probe.disconnect())
+  const clientsBefore = (await probe.client('LIST') as string).split('\n').filter(Boolean).length
+  for (const [path, option, opts] of cases) {
+    const app = Fastify({ logger: false })
+    t.teardown(async () => await app.close())
+    app.get(path, async () => ({ host: true }))
+    void app.register(async (api) => {
+      await api.register(jobProgress, { connection: redis.url, kinds: { batch: {} }, ...opts })
+    })
+    const err = await app.ready().then(() => null, (err: unknown) => err)
+    t.ok(err instanceof errors.RouteTakenError, `${path}: the plugin's error`)
+    t.equal((err as { code?: string } | null)?.code, 'FST_JP_ROUTE_TAKEN')
+    t.match((err as Error | null)?.message, `the app already has a route GET ${path}; `, `${path}: names the route`)
+    t.match((err as Error | null)?.message, `\`${option}\``, `${path}: names ${option}`)
+  }
+  const upload = Fastify({ logger: false })
+  t.teardown(async () => await upload.close())
+  upload.post('/batch/upload', async () => ({}))
+  await upload.register(jobProgress, { connection: redis.url, kinds: { batch: {} } }).ready().then(() => t.fail('registered'), (err: Error) => {
+    t.match(err.message, 'POST /batch/upload; set `kinds.batch.uploadPath`', "a kind's upload path names its option")
+  })
+  const clientsAfter = (await probe.client('LIST') as string).split('\n').filter(Boolean).length
+  t.equal(clientsAfter, clientsBefore, 'no Redis connection was opened')
+})
+
+t.test("Fastify's duplicate-route error for a route with parameters is told the option that moves the plugin's", async (t) => {
+  const places = [
+    { method: 'GET' as const, path: '/batch', advice: 'set `kinds.batch.basePath` to another path', ahead: false },
+    { method: 'GET' as const, path: '/ws/batch', advice: 'set `wsPrefix` to another path', ahead: false },
+    { method: 'GET' as const, path: '/job-progress/events', advice: 'set `ssePath` to another path' }
+  ]
+  const duplicate = (method: string, url: string): Error => {
+    const app = Fastify()
+    app.route({ method: method as 'GET', url: url.replace(':jobId', ':id'), handler: async () => ({}) })
+    try {
+      app.route({ method: method as 'GET', url, handler: async () => ({}) })
+    } catch (err) {
+      return err as Error
+    }
+    throw new Error('no duplicate')
+  }
+  const rows: Array<[unknown, string, string | null]> = [
+    [duplicate('GET', '/batch/:jobId/status'), '', 'GET /batch/:jobId/status; set `kinds.batch.basePath`'],
+    [duplicate('GET', '/api/ws/batch/:jobId'), '/api', 'GET /api/ws/batch/:jobId; set `wsPrefix`'],
+    [duplicate('GET', '/batches/:jobId'), '', null],
+    [new Error('something else'), '', null]
+  ]
+  for (const [err, prefix, named] of rows) {
+    const out = namedRouteError(err, prefix, places)
+    if (named === null) t.equal(out, err, 'left as it is')
+    else {
+      t.ok(out instanceof errors.RouteTakenError)
+      t.match((out as Error).message, named)
+      t.equal((out as Error).cause, err, "Fastify's error is its cause")
+    }
+  }
 })

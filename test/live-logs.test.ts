@@ -262,7 +262,7 @@ t.test('on a Redis Cluster: lines relayed with SPUBLISH, the owner index in the 
   await watcher.waitFor(m => m.type === 'log' && m.offset === 2 && m.line === 'third')
   await mine.waitFor(m => m.type === 'my_job' && m.job_id === jobId && m.status === 'succeeded')
   t.same(logsOf(watcher.messages, jobId).map(m => m.line), ['first', 'second', 'third'], 'caught up, then live through the shard')
-  const res = await fetch(`${b.url}/jobs?api_key=key-alice`)
+  const res = await fetch(`${b.url}/job-progress/jobs?api_key=key-alice`)
   const body = await res.json()
   t.same(body.jobs?.map((j: any) => [j.job_id, j.status]), [[jobId, 'succeeded']], 'listed from the index in the queue\'s slot')
 })
@@ -305,7 +305,7 @@ t.test('a watcher that has the final state has every line: the last lines come b
   late.send({ action: 'subscribe', job_id: jobId, logs: { from: 2 } })
   await late.waitFor(m => m.type === 'job_update')
   t.same(order(late.messages), ['log 2', 'log 3', 'log 4', 'final'], 'after the end: the lines asked for, then the final state')
-  const stream = await sse(t, `${b.url}/events?jobs=${jobId}&logs=1&api_key=key-alice`)
+  const stream = await sse(t, `${b.url}/job-progress/events?jobs=${jobId}&logs=1&api_key=key-alice`)
   await stream.ended
   t.same(stream.events.filter(e => e.event !== 'close').map(e => e.event === 'log' ? `log ${e.data.offset as number}` : e.data.status), ['log 0', 'log 1', 'log 2', 'log 3', 'log 4', 'succeeded'], 'SSE: the same order, then the stream ends')
 })

@@ -17,7 +17,7 @@ async function query (base: string, expr: string): Promise<Array<{ metric: Recor
   return body.data.result
 }
 
-t.test('Prometheus scrapes /metrics: sockets, watched jobs, relayed events, latency, snapshot reads, uploads', async (t) => {
+t.test('Prometheus scrapes /job-progress/metrics: sockets, watched jobs, relayed events, latency, snapshot reads, uploads', async (t) => {
   const redis = await redisFor(t)
   const uploadDir = await tempDir(t)
   const { url, ws, app } = await startApp(t, redis, { uploadDir, metrics: true })
@@ -34,13 +34,13 @@ t.test('Prometheus scrapes /metrics: sockets, watched jobs, relayed events, late
   const watcher = connect(t, `${ws}/ws/dataset/${waiting.body.job_id}`, { cookie: up.cookie })
   await watcher.waitFor(m => m.status === 'processing')
 
-  const text = await (await fetch(`${url}/metrics`)).text()
+  const text = await (await fetch(`${url}/job-progress/metrics`)).text()
   t.match(text, /job_progress_events_relayed_total \d+/)
 
   const dir = await tempDir(t, 'jp-prom-')
   const port = await freePort()
   const target = new URL(url).host
-  await writeFile(join(dir, 'prometheus.yml'), `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: app\n    scrape_interval: 1s\n    static_configs:\n      - targets: ['${target}']\n`)
+  await writeFile(join(dir, 'prometheus.yml'), `global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: app\n    scrape_interval: 1s\n    metrics_path: /job-progress/metrics\n    static_configs:\n      - targets: ['${target}']\n`)
   const prom = spawnTracked('prometheus', [`--config.file=${join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`], { stdio: 'ignore' })
   t.teardown(async () => {
     if (prom.exitCode !== null) return
@@ -76,7 +76,7 @@ t.test('Prometheus scrapes /metrics: sockets, watched jobs, relayed events, late
 t.test('metrics are off by default; a user registry and a path of ones own; bad options are refused', async (t) => {
   const redis = await redisFor(t)
   const off = await startApp(t, redis)
-  t.equal((await fetch(`${off.url}/metrics`)).status, 404, 'no route unless asked for')
+  t.equal((await fetch(`${off.url}/job-progress/metrics`)).status, 404, 'no route unless asked for')
 
   const registry = new Registry()
   const own = await startApp(t, redis, { metrics: { registry, path: '/ops/metrics' } })

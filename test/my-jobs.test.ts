@@ -4,14 +4,14 @@ import { connect, eventually, JOBS_PATH, lines, redisFor, startApp, startWorker,
 import { sse } from './helpers/sse'
 import { Redis } from 'ioredis'
 
-// My jobs: GET /jobs lists the caller's jobs (kind and state filters, newest first, cursor
-// pages) from an owner index that drops jobs BullMQ removed; subscribe_mine and GET /jobs/events
+// My jobs: GET /job-progress/jobs lists the caller's jobs (kind and state filters, newest first, cursor
+// pages) from an owner index that drops jobs BullMQ removed; subscribe_mine and GET /job-progress/jobs/events
 // deliver the caller's new jobs and their state changes from any instance.
 
 const PATH = JOBS_PATH
 
 async function list (app: TestApp, query: string, auth: Record<string, string> = { authorization: 'Bearer key-alice' }): Promise<{ status: number, body: any }> {
-  const res = await fetch(`${app.url}/jobs${query}`, { headers: auth })
+  const res = await fetch(`${app.url}/job-progress/jobs${query}`, { headers: auth })
   return { status: res.status, body: await res.json() }
 }
 
@@ -96,7 +96,7 @@ t.test('subscribe_mine and GET /jobs/events: a job created on one instance and i
   await bob.waitFor(m => m.type === 'connected')
   bob.send({ action: 'subscribe_mine' })
   await bob.waitFor(m => m.type === 'subscribed')
-  const stream = await sse(t, `${b.url}/jobs/events?api_key=key-alice`)
+  const stream = await sse(t, `${b.url}/job-progress/jobs/events?api_key=key-alice`)
   t.equal(stream.status, 200)
   t.same((await stream.waitFor(e => e.event === 'subscribed')).data, { feed: 'mine' }, 'the stream starts once the feed is in effect')
 
@@ -117,7 +117,7 @@ t.test('subscribe_mine and GET /jobs/events: a job created on one instance and i
   await stream.waitFor(e => e.event === 'my_job' && e.data.job_id === later)
   t.notOk(alice.messages.some(m => m.type === 'my_job' && m.job_id === later), 'unsubscribed: no more')
 
-  const refused = await fetch(`${b.url}/jobs/events`)
+  const refused = await fetch(`${b.url}/job-progress/jobs/events`)
   t.equal(refused.status, 401, 'no credentials: 401 before the stream starts')
   await refused.body?.cancel()
 })
@@ -143,7 +143,7 @@ t.test('a change published after a newer one of the same job (two bridges, one s
 
 t.test('unsubscribe_mine right behind subscribe_mine wins: the feed is not left on', async (t) => {
   const { a, b } = await twoApps(t)
-  const watcher = await sse(t, `${a.url}/jobs/events?api_key=key-alice`)
+  const watcher = await sse(t, `${a.url}/job-progress/jobs/events?api_key=key-alice`)
   await watcher.waitFor(e => e.event === 'subscribed')
   const alice = connect(t, `${b.ws}${PATH}?api_key=key-alice`)
   await alice.waitFor(m => m.type === 'connected')
@@ -167,7 +167,7 @@ t.test('the feed\'s subscription lost and made again: every follower is told to 
   await alice.waitFor(m => m.type === 'connected')
   alice.send({ action: 'subscribe_mine' })
   await alice.waitFor(m => m.type === 'subscribed' && m.job_id === 'mine')
-  const stream = await sse(t, `${b.url}/jobs/events?api_key=key-alice`)
+  const stream = await sse(t, `${b.url}/job-progress/jobs/events?api_key=key-alice`)
   await stream.waitFor(e => e.event === 'subscribed')
   const admin = redis.client()
   t.teardown(() => admin.disconnect())
@@ -186,19 +186,19 @@ t.test('getOwner: the list and the feed follow the application\'s owner like eve
   const opts = { getOwner: (request: any) => request.headers['x-user'] ?? null }
   const a = await startApp(t, redis, opts)
   const b = await startApp(t, redis, { ...opts, uploadDir: a.uploadDir })
-  const stream = await sse(t, `${b.url}/jobs/events`, { 'x-user': 'carol' })
+  const stream = await sse(t, `${b.url}/job-progress/jobs/events`, { 'x-user': 'carol' })
   await stream.waitFor(e => e.event === 'subscribed')
   const up = await upload(`${a.url}/batch/upload`, lines(1), { headers: { 'x-user': 'carol' } })
   await stream.waitFor(e => e.event === 'my_job' && e.data.job_id === up.body.job_id)
-  const res = await fetch(`${b.url}/jobs`, { headers: { 'x-user': 'carol' } })
+  const res = await fetch(`${b.url}/job-progress/jobs`, { headers: { 'x-user': 'carol' } })
   t.same((await res.json()).jobs.map((j: any) => j.job_id), [up.body.job_id])
-  const other = await fetch(`${b.url}/jobs`, { headers: { 'x-user': 'dave' } })
+  const other = await fetch(`${b.url}/job-progress/jobs`, { headers: { 'x-user': 'dave' } })
   t.same((await other.json()).jobs, [])
 })
 
 t.test('GET /jobs/events resumes from Last-Event-ID on the instance that numbered it; an id it cannot resume from gets my_jobs_resync', async (t) => {
   const { redis, a, b } = await twoApps(t)
-  const url = `${a.url}/jobs/events?api_key=key-alice`
+  const url = `${a.url}/job-progress/jobs/events?api_key=key-alice`
   const first = await sse(t, url)
   const subscribed = await first.waitFor(e => e.event === 'subscribed')
   t.match(subscribed.id, /^[\w-]+\.\d+$/, 'subscribed carries an id too')
@@ -230,7 +230,7 @@ t.test('GET /jobs/events resumes from Last-Event-ID on the instance that numbere
   t.pass('then live again')
 
   for (const [name, app, id] of [['another instance', b, seen.id], ['an id of nobody\'s', a, 'nope.12'], ['a number from the future', a, `${(seen.id as string).replace(/\d+$/, '')}999999`]] as const) {
-    const stream = await sse(t, `${app.url}/jobs/events?api_key=key-alice`, { 'last-event-id': id })
+    const stream = await sse(t, `${app.url}/job-progress/jobs/events?api_key=key-alice`, { 'last-event-id': id })
     await stream.waitFor(e => e.event === 'subscribed')
     t.match((await stream.waitFor(e => e.event === 'my_jobs_resync')).data, { type: 'my_jobs_resync', ts: Number }, `${name}: read the list again`)
     stream.close()

@@ -99,7 +99,7 @@ t.test('multiplexed: several jobs on one stream, errors for the others, ends whe
   const b = await upload(`${url}/dataset/upload`, lines(3), { cookie })
   const theirs = await upload(`${url}/batch/upload`, lines(1))
   const ids = [a.body.job_id, b.body.job_id, theirs.body.job_id]
-  const stream = await sse(t, `${url}/events?jobs=${ids.join(',')}`, { cookie })
+  const stream = await sse(t, `${url}/job-progress/events?jobs=${ids.join(',')}`, { cookie })
   t.equal(stream.status, 200)
   const denied = await stream.waitFor(e => e.event === 'error')
   t.same(denied.data, { message: `Job not found or access denied: ${theirs.body.job_id}`, job_id: theirs.body.job_id })
@@ -114,11 +114,11 @@ t.test('multiplexed: several jobs on one stream, errors for the others, ends whe
   await stream.ended
 
   // A fourth id that is surely another one (changing a character of one of them could give the same id back).
-  const tooMany = await sse(t, `${url}/events?jobs=${[...ids, randomUUID()].join(',')}`, { cookie })
+  const tooMany = await sse(t, `${url}/job-progress/events?jobs=${[...ids, randomUUID()].join(',')}`, { cookie })
   await tooMany.ended
   t.equal(tooMany.status, 400)
   t.match(JSON.parse(tooMany.body).message, /at most 3 per stream/)
-  const none = await sse(t, `${url}/events`, { cookie })
+  const none = await sse(t, `${url}/job-progress/events`, { cookie })
   t.equal(none.status, 400)
   t.ok(UUID.test(a.body.job_id))
 })
@@ -127,7 +127,7 @@ t.test('heartbeat comments; shutdown ends the stream with a 1001 close event tha
   const redis = await redisFor(t)
   const { url, app } = await startApp(t, redis, { heartbeatIntervalMs: 100 })
   const up = await upload(`${url}/batch/upload`, lines(1))
-  const stream = await sse(t, `${url}/events?jobs=${up.body.job_id}`, { cookie: up.cookie })
+  const stream = await sse(t, `${url}/job-progress/events?jobs=${up.body.job_id}`, { cookie: up.cookie })
   await stream.waitFor(e => e.event === 'job_update')
   while (stream.comments.length === 0) await new Promise(resolve => stream.res.once('data', resolve))
   t.equal(stream.comments[0], ': heartbeat')
@@ -158,7 +158,7 @@ t.test('a paused reader gets conflated progress, monotonic, ending with the fina
   const { createJobWorker, DiskStorage } = await import('../lib/index')
   const big = await upload(`${url}/dataset/upload`, lines(1))
   const busy = await upload(`${url}/batch/upload`, lines(40), { cookie: big.cookie })
-  const stream = await sse(t, `${url}/events?jobs=${big.body.job_id},${busy.body.job_id}`, { cookie: big.cookie })
+  const stream = await sse(t, `${url}/job-progress/events?jobs=${big.body.job_id},${busy.body.job_id}`, { cookie: big.cookie })
   await stream.waitFor(e => e.data?.job_id === busy.body.job_id)
   stream.res.pause()
   // A final message larger than the kernel takes from a stopped reader: what follows waits.

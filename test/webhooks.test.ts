@@ -215,8 +215,8 @@ t.test('dead letters: listed, replayed, delivered under the same id', async (t) 
   startWorker(t, redis, 'batch', uploadDir)
   await stateOf(deliveries, 'failed')
 
-  t.equal((await fetch(`${api.url}/webhooks/dead`)).status, 403, 'not without authorization')
-  const list = await (await fetch(`${api.url}/webhooks/dead`, { headers: { 'x-admin': 'yes' } })).json() as any
+  t.equal((await fetch(`${api.url}/job-progress/webhooks/dead`)).status, 403, 'not without authorization')
+  const list = await (await fetch(`${api.url}/job-progress/webhooks/dead`, { headers: { 'x-admin': 'yes' } })).json() as any
   t.equal(list.total, 1)
   const [dead] = list.deliveries
   t.equal(dead.job_id, job.body.job_id)
@@ -225,15 +225,15 @@ t.test('dead letters: listed, replayed, delivered under the same id', async (t) 
   t.equal(dead.payload.status, 'succeeded')
   t.equal(dead.id, receiver.calls[0].headers['webhook-id'])
 
-  t.equal((await fetch(`${api.url}/webhooks/dead/msg_nope/replay`, { method: 'POST', headers: { 'x-admin': 'yes' } })).status, 404)
+  t.equal((await fetch(`${api.url}/job-progress/webhooks/dead/msg_nope/replay`, { method: 'POST', headers: { 'x-admin': 'yes' } })).status, 404)
   up = true
-  const replay = await fetch(`${api.url}/webhooks/dead/${dead.id as string}/replay`, { method: 'POST', headers: { 'x-admin': 'yes' } })
+  const replay = await fetch(`${api.url}/job-progress/webhooks/dead/${dead.id as string}/replay`, { method: 'POST', headers: { 'x-admin': 'yes' } })
   t.equal(replay.status, 202)
   const calls = await receiver.waitCalls(3)
   await stateOf(deliveries, 'completed')
   t.equal(calls[2].headers['webhook-id'], dead.id, 'the replay keeps the delivery id')
   t.ok(calls[2].verified[0])
-  const after = await (await fetch(`${api.url}/webhooks/dead`, { headers: { 'x-admin': 'yes' } })).json() as any
+  const after = await (await fetch(`${api.url}/job-progress/webhooks/dead`, { headers: { 'x-admin': 'yes' } })).json() as any
   t.equal(after.total, 0, 'no longer dead')
 })
 

@@ -2,10 +2,11 @@ import type { FastifyInstance } from 'fastify'
 import { Counter, Gauge, Histogram, Registry, type Metric } from 'prom-client'
 import { METRICS, type Labels, type MetricName, type Telemetry } from './telemetry'
 import { InvalidOptionError } from '../errors'
+import { redactedRequest } from './redact'
 
-/** The `metrics` option: `true` serves `/metrics` from a registry of the plugin's own. */
+/** The `metrics` option: `true` serves `<routePrefix>/metrics` from a registry of the plugin's own. */
 export interface MetricsOptions {
-  /** Route of the Prometheus text endpoint; `false` registers the metrics without a route. @defaultValue '/metrics' */
+  /** Route of the Prometheus text endpoint; `false` registers the metrics without a route. @defaultValue '<routePrefix>/metrics' */
   path?: string | false
   /** A prom-client registry to register into (the app's own, next to its other metrics). @defaultValue a new Registry */
   registry?: Registry
@@ -88,7 +89,8 @@ export function prometheusTelemetry (registry: Registry, prefix = 'job_progress_
 /** Serves a registry's metrics in Prometheus' text format. */
 export function metricsRoute (fastify: FastifyInstance, path: string, registry: Registry): void {
   const schema = { summary: 'Prometheus metrics', produces: ['text/plain'], response: { 200: { description: 'the text exposition format', type: 'string' } } }
-  fastify.get(path, { schema }, async (_request, reply) => {
+  // Logged without credentials in the URL, like the plugin's other routes.
+  fastify.get(path, { schema, logSerializers: { req: redactedRequest } }, async (_request, reply) => {
     return await reply.type(registry.contentType).send(await registry.metrics())
   })
 }

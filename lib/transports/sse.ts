@@ -35,6 +35,8 @@ export class SseTransport implements Transport {
   bind (events: TransportEvents): void {
     this.#res.on('close', () => events.closed())
     this.#res.on('error', () => {})
+    // Reset before the route ran: its `close` has been and gone, and the slot taken for it must go too.
+    if (this.#res.closed || this.#res.socket?.destroyed === true) queueMicrotask(() => events.closed())
   }
 
   #start (): void {
@@ -82,8 +84,8 @@ export class SseTransport implements Transport {
 
 export interface SseRouteOptions {
   kinds: Array<{ kind: string, basePath: string }>
-  /** The multiplexed stream's path. */
-  path: string
+  /** The multiplexed stream's path; false leaves it out. */
+  path: string | false
   retryMs: number
   maxSubscriptionsPerConnection: number
 }
@@ -104,7 +106,7 @@ export function lastEventId (request: FastifyRequest): string | undefined {
   return typeof query === 'string' ? query : undefined
 }
 
-/** `GET <basePath>/:jobId/events` for every kind, and `GET <path>?jobs=<id>,<id>` for several jobs. */
+/** `GET <basePath>/:jobId/events` for every kind, and `GET <path>?jobs=<id>,<id>` for several jobs (unless path is false). */
 export function registerSseRoutes (fastify: FastifyInstance, ctx: SessionContext, opts: SseRouteOptions): void {
   const perJob = sseProtocol(true)
   const multiplexed = sseProtocol(false)
@@ -126,6 +128,7 @@ export function registerSseRoutes (fastify: FastifyInstance, ctx: SessionContext
       serve(request, reply, perJob, [{ kind, jobId: (request.params as { jobId: string }).jobId }])
     })
   }
+  if (opts.path === false) return
   fastify.get(opts.path, { schema: sseSchema(false) }, (request, reply) => {
     const raw = (request.query as Record<string, unknown>)?.jobs
     const ids = [...new Set((Array.isArray(raw) ? raw.join(',') : typeof raw === 'string' ? raw : '').split(',').map(s => s.trim()).filter(s => s !== ''))]

@@ -9,8 +9,8 @@ import { adoptProcess, childPids } from './tracked'
 interface Teardown { teardown: (fn: () => unknown) => void }
 
 /**
- * nginx with deploy/nginx.conf, plus `/api/v1/ws/` and `/events` locations that answer 403 while
- * `block-ws` / `block-sse` exist. `/events` requests are logged to `sseLog`, one line each when it
+ * nginx with deploy/nginx.conf, plus `/api/v1/ws/` and `/job-progress/events` locations that answer
+ * 403 while `block-ws` / `block-sse` exist. `/job-progress/events` requests are logged to `sseLog`, one line each when it
  * ends: time, status, the instance(s) tried, the quoted Last-Event-ID header, the URI.
  */
 export async function startNginx (t: Teardown, apis: Api[]): Promise<{ url: string, flags: string, sseLog: string }> {
@@ -21,7 +21,7 @@ export async function startNginx (t: Teardown, apis: Api[]): Promise<{ url: stri
   if (body === undefined) throw new Error('deploy/nginx.conf: `location / {` not found')
   const blocking = (path: string, flag: string, extra = ''): string => `location ${path} {\n${extra}            if (-f ${join(prefix, flag)}) { return 403; }\n${body}\n        }\n\n        `
   const sseLog = join(prefix, 'sse.log')
-  conf = conf.replace('location / {', blocking('/api/v1/ws/', 'block-ws') + blocking('/events', 'block-sse', `            access_log ${sseLog} sse;\n`) + 'location / {')
+  conf = conf.replace('location / {', blocking('/api/v1/ws/', 'block-ws') + blocking('/job-progress/events', 'block-sse', `            access_log ${sseLog} sse;\n`) + 'location / {')
   conf = conf.replace(/^http \{\n/m, 'http {\n    log_format sse \'$msec $status $upstream_addr "$http_last_event_id" $request_uri\';\n')
   await mkdir(join(prefix, 'temp'), { recursive: true })
   const file = join(prefix, 'nginx.conf')
@@ -29,7 +29,7 @@ export async function startNginx (t: Teardown, apis: Api[]): Promise<{ url: stri
   const proc = new Proc('nginx', '/usr/sbin/nginx', ['-p', prefix, '-c', file, '-g', `daemon off; user root; pid ${join(prefix, 'nginx.pid')}; error_log stderr;`], { PATH: process.env.PATH })
   t.teardown(async () => await proc.stop('SIGTERM'))
   const url = `http://127.0.0.1:${port}`
-  if (!await eventually(async () => (await fetch(`${url}/health`).catch(() => null))?.status === 200, 10_000)) throw new Error(`nginx did not start:\n${proc.output}`)
+  if (!await eventually(async () => (await fetch(`${url}/job-progress/health`).catch(() => null))?.status === 200, 10_000)) throw new Error(`nginx did not start:\n${proc.output}`)
   return { url, flags: prefix, sseLog }
 }
 

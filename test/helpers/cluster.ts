@@ -96,7 +96,7 @@ export interface Api {
   port: number
   url: string
   ws: string
-  /** The instance id /health reports (the bridge consumer name). */
+  /** The instance id the liveness route reports (the bridge consumer name). */
   id: string
 }
 
@@ -195,8 +195,8 @@ export class Cluster {
   }
 
   /**
-   * Starts one API instance (`ROLE=api`) and waits until its /ready answers 200 (its Redis
-   * connections up, its bridge reading), as a load balancer's health check would. /health answers
+   * Starts one API instance (`ROLE=api`) and waits until its readiness route answers 200 (its
+   * Redis connections up, its bridge reading), as a load balancer's health check would. Liveness answers
    * as soon as the process listens; a socket sent before Redis is up waits for it, and past the
    * plugin's wait is closed with 1013 (try again later), which the tests' clients do not retry.
    */
@@ -206,7 +206,7 @@ export class Cluster {
     const proc = new Proc(name, process.execPath, ['--import', 'tsx', 'example/server.ts'], { ...this.#baseEnv(), ROLE: 'api', HOST: '127.0.0.1', PORT: String(port) })
     const api: Api = { proc, port, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, id: '' }
     this.apis.push(api)
-    api.id = (await ready(proc, `${api.url}/ready`)).instance
+    api.id = (await ready(proc, `${api.url}/job-progress/ready`)).instance
     return api
   }
 
@@ -234,7 +234,7 @@ export class Cluster {
     const proc = new Proc('nginx', '/usr/sbin/nginx', ['-p', prefix, '-c', file, '-g', `daemon off; user root; pid ${join(prefix, 'nginx.pid')}; error_log stderr;`], { PATH: process.env.PATH })
     const nginx: NginxProc = { proc, port, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}` }
     this.nginx = nginx
-    await ready(proc, `${nginx.url}/health`)
+    await ready(proc, `${nginx.url}/job-progress/health`)
     return nginx
   }
 }

@@ -466,6 +466,7 @@ class Reconnecting {
   #attempt = 0
   connects = 0
   closes: number[] = []
+  onClose: (code: number) => void = () => {}
 
   constructor (readonly url: () => string, readonly headers: Record<string, string>, readonly onOpen: (ws: WebSocket) => void, readonly onMessage: (m: any) => void, readonly wanted: () => boolean) {
     this.#open()
@@ -485,6 +486,7 @@ class Reconnecting {
     ws.on('close', (code) => {
       this.closes.push(code)
       if (this.#stopped) return
+      this.onClose(code)
       void backoff(this.#attempt++).then(() => this.#open())
     })
   }
@@ -492,6 +494,10 @@ class Reconnecting {
   /** Opens again now if it stopped for want of jobs. */
   poke (): void {
     if (this.#socket === null || this.#socket.readyState === WebSocket.CLOSED) this.#open()
+  }
+
+  get open (): boolean {
+    return this.#socket?.readyState === WebSocket.OPEN
   }
 
   send (m: unknown): void {
@@ -542,10 +548,15 @@ export class Watchers {
     const ids: string[] = []
     const unfinished = (t: Transport): string[] => ids.filter(id => this.get(t, id)?.done === false)
     const jobs = new Reconnecting(() => `${this.#ws}/api/v1/ws/jobs`, headers, () => {
-      for (const id of unfinished('jobs')) jobs.send({ action: 'subscribe', job_id: id })
+      for (const id of unfinished('jobs')) {
+        this.get('jobs', id)?.notes.push(`connection ${jobs.connects}: subscribe sent`)
+        jobs.send({ action: 'subscribe', job_id: id })
+      }
     }, (m) => {
       if (m?.type === 'job_update') this.get('jobs', m.job_id)?.push(versioned(m.status, m, m))
+      else if (m?.type === 'subscribed' || m?.type === 'error') this.get('jobs', m.job_id)?.notes.push(`${m.type}${m.message !== undefined ? ` ${String(m.message)}` : ''}`)
     }, () => true)
+    jobs.onClose = (code) => { for (const id of unfinished('jobs')) this.get('jobs', id)?.notes.push(`socket closed ${code}`) }
     const scan = new Reconnecting(() => `${this.#ws}/ws`, headers, () => {
       for (const id of unfinished('scan')) scan.send({ type: 'subscribe', run_uuid: id })
     }, (m) => {
@@ -575,7 +586,7 @@ export class Watchers {
   /** GET /jobs: the feed's repair after a resync or a reconnect. */
   async #readList (owner: Owner, ids: string[]): Promise<void> {
     try {
-      const res = await fetch(`${this.#base}/jobs?limit=100`, { headers: { authorization: `Bearer ${owner.key}` } })
+      const res = await fetch(`${this.#base}/job-progress/jobs?limit=100`, { headers: { authorization: `Bearer ${owner.key}` } })
       if (res.status !== 200) return
       const body = await res.json() as { jobs: Array<{ job_id: string, status: Status, version?: string }> }
       for (const j of body.jobs) {
@@ -612,7 +623,10 @@ export class Watchers {
     conns.ids.push(jobId)
     const headers = { authorization: `Bearer ${owner.key}` }
     for (const transport of transports) this.#add(transport, jobId)
-    if (transports.has('jobs')) conns.jobs.send({ action: 'subscribe', job_id: jobId })
+    if (transports.has('jobs')) {
+      this.get('jobs', jobId)?.notes.push(`connection ${conns.jobs.connects}: subscribe sent${conns.jobs.open ? '' : ' (socket not open: sent on reconnect)'}`)
+      conns.jobs.send({ action: 'subscribe', job_id: jobId })
+    }
     if (transports.has('scan')) { conns.scan.send({ type: 'subscribe', run_uuid: jobId }); conns.scan.poke() }
     if (transports.has('progress')) {
       const w = this.get('progress', jobId) as Watcher
@@ -698,6 +712,8 @@ export class Deployment {
   receiver!: Receiver
   admin!: Redis
   #env: Record<string, string> = {}
+  /** Every API process ever started, so teardown stops them even when a start failed midway. */
+  readonly #procs: Proc[] = []
 
   static async start (t: Teardown, opts: { apis?: number, owners: Owner[], maxConnectionsPerOwner?: number }): Promise<Deployment> {
     const d = new Deployment()
@@ -708,7 +724,7 @@ export class Deployment {
     d.admin = d.redis.client()
     t.teardown(async () => {
       d.admin.disconnect()
-      await Promise.all(d.apis.map(async a => await a.proc.stop('SIGKILL')))
+      await Promise.all(d.#procs.map(async p => await p.stop('SIGKILL')))
       await d.redis.stop()
     })
     d.#env = {
@@ -729,22 +745,24 @@ export class Deployment {
     return d
   }
 
-  /** One API instance on `port`, used once its /ready answers 200, as a load balancer would. */
+  /** One API instance on `port`, used once its readiness route answers 200, as a load balancer would. */
   async startApi (port: number, name: string): Promise<Api> {
     const proc = new Proc(name, process.execPath, ['--import', 'tsx', 'test/fixtures/history-api.ts'], { ...this.#env, PORT: String(port) })
+    this.#procs.push(proc)
     const api: Api = { proc, port, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, id: '' }
     const deadline = Date.now() + 30_000
+    let answer = 'no answer'
     for (;;) {
       if (!proc.running) throw new Error(`${name} exited before it was ready:\n${proc.output}`)
       try {
-        const res = await fetch(`${api.url}/ready`, { signal: AbortSignal.timeout(1_000) })
+        const res = await fetch(`${api.url}/job-progress/ready`, { signal: AbortSignal.timeout(1_000) })
         if (res.status === 200) {
           api.id = (await res.json() as { instance: string }).instance
           return api
         }
-        await res.body?.cancel()
+        answer = `${res.status} ${await res.text()}`
       } catch {}
-      if (Date.now() > deadline) throw new Error(`${name} not ready within 30 s:\n${proc.output}`)
+      if (Date.now() > deadline) throw new Error(`${name} not ready within 30 s (/ready answered ${answer}):\n${proc.output}`)
       await sleep(50)
     }
   }
@@ -798,6 +816,17 @@ export interface RunOptions {
   boundMs: number
   concurrency?: number
   log?: (line: string) => void
+}
+
+/** The small run of `npm test`: 2 jobs per round (14 in all), every transport on every job. */
+export const SMALL_RUN: RunOptions = {
+  jobsPerRound: 2,
+  faults: FAULTS,
+  owners: 2,
+  seed: 1,
+  stepMs: 100,
+  transports: TRANSPORTS,
+  boundMs: 15_000
 }
 
 export interface RunResult {
@@ -966,7 +995,7 @@ export function failureReport (r: RunResult, limit = 40): string {
   const bad = r.verdicts.filter(v => !v.ok)
   const lines = bad.slice(0, limit).map(v => {
     const job = r.jobs.get(v.watcher.jobId)
-    return `- ${v.watcher.name} (round "${job?.fault ?? '?'}"; plan: ${job !== undefined ? describePlan(job.plan) : '?'}): ${v.problem ?? ''}${v.watcher.notes.length > 0 ? ` [${v.watcher.notes.slice(0, 3).join('; ')}]` : ''}`
+    return `- ${v.watcher.name} (round "${job?.fault ?? '?'}"; plan: ${job !== undefined ? describePlan(job.plan) : '?'}): ${v.problem ?? ''}${v.watcher.notes.length > 0 ? ` [notes: ${v.watcher.notes.slice(-4).join('; ')}]` : ''}`
   })
   if (bad.length > limit) lines.push(`… and ${bad.length - limit} more`)
   return lines.join('\n')

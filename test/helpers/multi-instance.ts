@@ -11,7 +11,7 @@ export const processedAtLeast = (n: number) => (m: any): boolean => typeof m?.pr
 export const progressOf = (c: Client): number[] => c.messages.filter(m => typeof m?.processed === 'number').map(m => m.processed)
 
 export async function health (url: string): Promise<any> {
-  const res = await fetch(`${url}/health`)
+  const res = await fetch(`${url}/job-progress/health`)
   return await res.json()
 }
 
@@ -42,7 +42,7 @@ export function multiInstanceCases (t: Test, start: (t: Test, opts?: ClusterOpti
     const nginx = c.nginx!
     const ids = new Set<string>()
     for (let i = 0; i < 6; i++) ids.add((await health(nginx.url)).instance)
-    t.same([...ids].sort(), c.apis.map(a => a.id).sort(), '/health through nginx is answered by both instances')
+    t.same([...ids].sort(), c.apis.map(a => a.id).sort(), 'liveness through nginx is answered by both instances')
 
     // A browser-like client: uploads and sockets through nginx, Origin = the page's origin.
     const first = await upload(`${nginx.url}/batch/upload`, lines(30))
