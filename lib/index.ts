@@ -9,7 +9,7 @@ import { createBroker } from './broker/create-broker'
 import { isCluster } from './core/redis-client'
 import { randomUUID } from 'node:crypto'
 import type { WebSocket } from 'ws'
-import { Bridge, everyListener, type BridgeEvent } from './bridge/bridge'
+import { Bridge, everyListener, recordCreated, type BridgeEvent } from './bridge/bridge'
 import { ConnectionLimit } from './session/connection-limit'
 import { whenReady } from './core/redis-ready'
 import { UploadCleanup } from './http/uploads/upload-cleanup'
@@ -18,8 +18,7 @@ import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './hub/hub'
 import { clusterKeyProblem, Keys } from './core/keys'
-import { resolveOptions, routePlaces, type JobProgressOptions, type ResolvedOptions } from './options'
-import { claimRoutes, namedRouteError } from './http/route-claims'
+import { resolveOptions, type JobProgressOptions, type ResolvedOptions } from './options'
 import { Owners } from './http/auth/identity'
 import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
@@ -82,8 +81,6 @@ function isRedis (value: unknown): value is Redis {
 
 const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgress (fastify, options) {
   const opts: ResolvedOptions = resolveOptions(options)
-  // Before any connection is opened: a refusal later would leave them behind.
-  claimRoutes(fastify, routePlaces(opts))
   const log = fastify.log
   const instanceId = opts.instanceId ?? randomUUID()
   const metrics = resolveMetrics(opts.metrics)
@@ -162,7 +159,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     bridgeReady = () => blocking.status === 'ready'
     // Events this instance's bridge publishes from Node (a cluster, claimed entries) reach its own
     // sockets at once; the copy that comes back on the channel is dropped as not newer.
-    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: everyListener(bridgeListeners), progressListeners: webhooks?.wantsProgress === true })
+    bridge = new Bridge({ ...opts.bridge, redis: cmd, blocking, keys, queues: [...queues.values()].map(q => q.name), consumer: instanceId, log, telemetry, broker, local: (channel, payload) => hub.relay(channel, payload), onEvent: everyListener(bridgeListeners), progressListeners: webhooks?.wantsProgress === true, recordRetentionMs: opts.cancelTtlSeconds * 1000 })
     await bridge.start()
   }
 
@@ -196,7 +193,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const connectionLimit = new ConnectionLimit({ redis: cmd, keys, instanceId, max: opts.maxConnectionsPerOwner, heartbeatMs: opts.instanceHeartbeatMs, log })
   await connectionLimit.start()
   const canAccess = opts.canAccess ?? ownerOnly
-  const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log, onCreated: async (queue, kind, jobId, owner) => { await myJobs.created(queue, kind, jobId, owner) } }
+  const admission: AdmissionContext = { idempotency: new Idempotency(cmd, keys, opts.idempotency.windowSeconds), quotas: new Quotas(cmd, keys, opts.quotas), log, onCreated: async (queue, kind, jobId, owner) => { await Promise.all([myJobs.created(queue, kind, jobId, owner), recordCreated(cmd, keys, queue, jobId, opts.cancelTtlSeconds * 1000)]) } }
   const creators = new Map<string, CreateKind>()
   const queueOf = (kind: string): string | undefined => opts.kinds[kind]?.queueName
   const ctx: SessionContext = {
@@ -270,7 +267,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     retryMs: opts.sseRetryMs,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
   })
-  if (opts.myJobs.path !== false) registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, feed: myJobs, retryMs: opts.sseRetryMs })
+  registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, feed: myJobs, retryMs: opts.sseRetryMs })
   if (opts.clientRoute !== false) registerClientRoute(fastify, opts.clientRoute)
   webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
@@ -333,14 +330,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 }
 
 /** The plugin. Register it with `app.register(jobProgress, { kinds: { ... } })`. */
-export const jobProgress = fp(async function jobProgress (fastify, options: JobProgressOptions) {
-  try {
-    await plugin.call(fastify, fastify, options)
-  } catch (err) {
-    // A route with parameters the app also has: Fastify's error, told which option moves ours.
-    throw namedRouteError(err, fastify.prefix, routePlaces(resolveOptions(options)))
-  }
-} satisfies FastifyPluginAsync<JobProgressOptions>, { fastify: '5.x', name: 'fastify-job-progress' })
+export const jobProgress = fp(plugin, { fastify: '5.x', name: 'fastify-job-progress' })
 export default jobProgress
 
 export { errors }

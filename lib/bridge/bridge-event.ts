@@ -19,6 +19,26 @@ export interface BridgeEvent {
   final: boolean
   /** The entry's other fields as BullMQ wrote them (`returnvalue`, `failedReason`, `data` ...). */
   fields: Record<string, string>
+  /**
+   * The attempt that ended, when the event says it (a recovered final, the plugin's `cancelled`);
+   * else a listener that needs it reads the job (see {@link finalKey}).
+   */
+  attempt?: number
+  /**
+   * True for a final recovered after a stream gap (lib/bridge/final-recovery.ts): it has no
+   * entry of its own, `id` is the gap's last entry id (newer than any entry of the job read before
+   * the gap) and `t` when the job finished.
+   */
+  recovered?: true
+}
+
+/**
+ * What names a final state on every path, the stream's and a gap's recovery alike: its state
+ * and the attempt that reached it (a job retried after it ended can end again). Never the entry
+ * id: a final recovered after a gap has none.
+ */
+export function finalKey (state: string, attempt: number): string {
+  return `${state}.${attempt}`
 }
 
 /**
@@ -47,5 +67,9 @@ export function bridgeEvent (queue: string, id: string, jobId: string, raw: stri
   const fields: Record<string, string> = {}
   for (let i = 0; i < raw.length; i += 2) fields[raw[i]] = raw[i + 1]
   const event = fields.event
-  return { queue, jobId, event, id, t: Number(id.slice(0, id.indexOf('-'))), final: FINAL.has(event), fields }
+  const out: BridgeEvent = { queue, jobId, event, id, t: Number(id.slice(0, id.indexOf('-'))), final: FINAL.has(event), fields }
+  // The plugin's own `cancelled` entry says its attempt (lib/http/jobs/cancel.ts).
+  const attempt = Number(fields.attempt)
+  if (fields.attempt !== undefined && Number.isInteger(attempt) && attempt > 0) out.attempt = attempt
+  return out
 }

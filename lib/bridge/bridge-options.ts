@@ -42,6 +42,11 @@ export interface BridgeOptions {
    * return nothing when there is nothing to wait for; errors are logged.
    */
   onEvent?: (event: BridgeEvent) => void | Promise<void>
+  /**
+   * How far back the records of cancels and creations reach (the cancel mark's lifetime): a gap
+   * whose start no instance recorded (Redis came back empty) is looked for this far back.
+   */
+  recordRetentionMs?: number
   telemetry?: Telemetry
   log: FastifyBaseLogger
 }

@@ -10,7 +10,8 @@ import { RunState } from './run-state'
 import { StreamReader } from './stream-reader'
 
 export { relayMessage } from '../wire/relay'
-export { everyListener, type BridgeEvent } from './bridge-event'
+export { everyListener, finalKey, type BridgeEvent } from './bridge-event'
+export { recordCreated } from './final-recovery'
 export type { BridgeOptions } from './bridge-options'
 
 /**
@@ -38,7 +39,7 @@ export class Bridge {
   constructor (opts: BridgeOptions) {
     this.#o = opts
     const streams = opts.queues.map(q => opts.keys.queueKey(q, 'events'))
-    this.#gaps = new GapRecovery(opts, streams)
+    this.#gaps = new GapRecovery(opts, streams, this.#run)
     this.#groups = new ConsumerGroups(opts, streams, this.#gaps)
     this.#acks = new Acks(opts)
     this.#delivery = new BatchDelivery(opts, this.#acks)
@@ -69,6 +70,9 @@ export class Bridge {
       const slot = this.#o.broker?.keyGroup(stream) ?? 0
       groups.set(slot, [...(groups.get(slot) ?? []), stream])
     }
+    // A gap that opened while no bridge ran (every instance down, the stream trimmed meanwhile)
+    // is claimed before this one reads on, and its finals recovered.
+    await this.#gaps.checkTrim().catch((err: Error) => this.#o.log.debug({ err }, 'job-progress: first stream check failed; the periodic one retries'))
     const ordered = this.#groups.ordered
     if (ordered) this.#relay.define()
     this.#loops = [...groups.values()].map(async streams => ordered ? await this.#relay.run(streams) : await this.#reader.run(streams))
@@ -89,6 +93,8 @@ export class Bridge {
     // A batch whose listeners are still running (a webhook being queued) is acknowledged with the
     // rest when they finish in time; else it stays pending and another instance replays it.
     await this.#delivery.settleInFlight()
+    // A recovery stopped between pages goes on from its cursor on the next instance's check.
+    await this.#gaps.finals.settle()
     await this.#acks.flush()
     await this.#groups.leave()
   }

@@ -2,12 +2,15 @@ import { noTelemetry, type Labels } from '../core/telemetry'
 import { resyncMessage } from '../wire/relay'
 import type { BridgeOptions } from './bridge-options'
 import { queueOf, type Announcer } from './consumer-groups'
+import { FinalRecovery } from './final-recovery'
+import type { Running } from './run-state'
 
-type Options = Pick<BridgeOptions, 'redis' | 'broker' | 'keys' | 'group' | 'local' | 'telemetry'>
+type Options = Pick<BridgeOptions, 'redis' | 'broker' | 'keys' | 'group' | 'local' | 'telemetry' | 'consumer' | 'onEvent' | 'log' | 'recordRetentionMs'>
 
 /**
  * When the bridge cannot tell which events were lost (its group made again, entries trimmed
- * before the group read them), every instance re-reads the watched jobs of that queue.
+ * before the group read them), every instance re-reads the watched jobs of that queue, and the
+ * final states of the gap are recovered for the lifecycle listeners (FinalRecovery).
  */
 export class GapRecovery implements Announcer {
   readonly #o: Options
@@ -17,10 +20,12 @@ export class GapRecovery implements Announcer {
   /** Per stream: entries not yet delivered to the group, at the last check. */
   readonly #lag = new Map<string, number>()
   #faults = 0
+  readonly finals: FinalRecovery
 
-  constructor (opts: Options, streams: readonly string[]) {
+  constructor (opts: Options, streams: readonly string[], run: Running) {
     this.#o = opts
     this.#streams = streams
+    this.finals = new FinalRecovery(opts, run, streams.map(s => queueOf(opts.keys.prefix, s)))
   }
 
   /** Faults this bridge detected and announced (for tests and metrics). */
@@ -42,6 +47,12 @@ export class GapRecovery implements Announcer {
     this.#faults++
     ;(this.#o.telemetry ?? noTelemetry).count('faults', { cause })
     const { redis, keys } = this.#o
+    // Only the instance that made the group again gets here (the others are told BUSYGROUP).
+    if (cause === 'restart' && this.finals.enabled) {
+      // Logged, not thrown: the group is made already, and the watchers must still hear of it.
+      await this.finals.restarted(queueOf(keys.prefix, stream))
+        .then(() => this.finals.resume(), (err: Error) => this.#o.log.error({ err }, 'job-progress: cannot record the gap of a group made again; its final states are not recovered'))
+    }
     const payload = resyncMessage(cause)
     const pattern = keys.channel(queueOf(keys.prefix, stream), '').slice(0, -2).replace(/[*?[\]\\]/g, '\\$&') + '{*'
     const broker = this.#o.broker
@@ -65,11 +76,14 @@ export class GapRecovery implements Announcer {
    * entries the group read; entries gone from the stream's head that the group never read show
    * as `added - length - read > 0`, and stay visible after the group skipped past them. When that
    * deficit grows, the queue's watchers re-read. Two O(1) commands per queue per check.
+   * With lifecycle listeners, a third (one script over the queue's gap record) claims the lost
+   * window for FinalRecovery, once across the cluster, and tells whether windows wait.
    * Returns the streams with entries not yet delivered to the group.
    */
   async checkTrim (): Promise<string[]> {
     const { redis, group } = this.#o
     const behind: string[] = []
+    let pending = false
     for (const stream of this.#streams) {
       const pipe = redis.pipeline()
       pipe.xinfo('STREAM', stream)
@@ -83,13 +97,21 @@ export class GapRecovery implements Announcer {
       if (mine.lag !== null && Number.isFinite(lag)) this.#lag.set(stream, lag)
       // Unknown (Redis cannot count it after some trims) counts as behind.
       if (!(lag === 0)) behind.push(stream)
-      if (mine['entries-read'] === null || mine['entries-read'] === undefined) continue
-      const deficit = Math.max(0, Number(info['entries-added']) - Number(info.length) - Number(mine['entries-read']))
+      const read = mine['entries-read'] === null || mine['entries-read'] === undefined ? NaN : Number(mine['entries-read'])
+      const deficit = Math.max(0, Number(info['entries-added']) - Number(info.length) - read)
+      if (this.finals.enabled) {
+        // Trimmed entries are older than the stream's first entry, or than its last id once empty.
+        const first = info['first-entry'] as [string, unknown] | null
+        const bound = first === null || first === undefined ? String(info['last-generated-id']) : first[0]
+        const trimmed = Number(info['entries-added']) - Number(info.length)
+        if (await this.finals.checked(queueOf(this.#o.keys.prefix, stream), Number.isFinite(deficit) ? deficit : -1, trimmed, String(mine['last-delivered-id']), bound)) pending = true
+      }
       if (!Number.isFinite(deficit)) continue
       const before = this.#deficit.get(stream) ?? 0
       this.#deficit.set(stream, deficit)
       if (deficit > before) await this.announce(stream, 'trim')
     }
+    if (pending) this.finals.resume()
     return behind
   }
 }

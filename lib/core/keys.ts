@@ -121,6 +121,36 @@ export class Keys {
     return this.queueKey(queue, 'jp:webhook-progress:' + jobId)
   }
 
+  /**
+   * The jobs the plugin cancelled (sorted set, score = when, Redis's clock; member
+   * `<jobId>:<attempt>`): a cancelled job is in no BullMQ set, and a final lost to a stream gap
+   * is recovered from here. Trimmed to the cancel mark's lifetime at every cancel.
+   */
+  cancelled (queue: string): string {
+    return this.queueKey(queue, 'jp:cancelled')
+  }
+
+  /**
+   * The jobs the plugin created (sorted set, score = when): a job that BullMQ removed before a
+   * stream gap was repaired is found, and counted, from here. Trimmed like {@link cancelled}.
+   */
+  created (queue: string): string {
+    return this.queueKey(queue, 'jp:created')
+  }
+
+  /**
+   * The queue's record of stream gaps (hash): the deficit already claimed, the last entry id the
+   * group was known to have read, and each claimed window still to recover with its cursor.
+   */
+  finalGaps (queue: string): string {
+    return this.queueKey(queue, 'jp:gaps')
+  }
+
+  /** Who recovers a queue's gap windows now (a lease, with an expiry). */
+  finalGapsLease (queue: string): string {
+    return this.queueKey(queue, 'jp:gaps:lease')
+  }
+
   /** The instances alive (sorted set, score = last heartbeat), for the connection limit. */
   instances (): string {
     return `${this.channelPrefix}:instances`

@@ -17,7 +17,9 @@ export const METRICS = {
   snapshotReads: { type: 'counter', help: 'Job snapshots read from Redis', labels: ['reason'] },
   redisCommands: { type: 'counter', help: 'Redis commands issued by the plugin', labels: ['op'] },
   slowClientsClosed: { type: 'counter', help: 'Sockets closed because they did not read their messages', labels: [] },
-  uploads: { type: 'counter', help: 'Uploads, by outcome and reason', labels: ['outcome', 'reason'] }
+  uploads: { type: 'counter', help: 'Uploads, by outcome and reason', labels: ['outcome', 'reason'] },
+  finalsRecovered: { type: 'counter', help: 'Final states lost to a stream gap and recovered for the lifecycle listeners', labels: ['queue', 'state'] },
+  finalsGone: { type: 'counter', help: 'Jobs created in a stream gap whose final was lost and that BullMQ had already removed', labels: ['queue'] }
 } as const
 
 export type MetricName = keyof typeof METRICS

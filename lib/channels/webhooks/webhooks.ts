@@ -3,7 +3,7 @@ import type { FastifyBaseLogger, FastifyInstance, FastifyRequest } from 'fastify
 import type { Redis } from 'ioredis'
 import { createHash } from 'node:crypto'
 import { Webhook } from 'standardwebhooks'
-import type { BridgeEvent } from '../../bridge/bridge'
+import { finalKey, type BridgeEvent } from '../../bridge/bridge'
 import { DeliveryNotFoundError, QueueUnavailableError, WebhookForbiddenError, WebhookUrlRefusedError } from '../../errors'
 import { parseProgress, type JobEvent } from '../../core/event'
 import type { Keys } from '../../core/keys'
@@ -106,9 +106,13 @@ export function retryDelay (o: Pick<ResolvedWebhooks, 'backoffMs' | 'maxBackoffM
   return retryAfterMs === null ? delay : Math.max(delay, Math.min(retryAfterMs, o.maxRetryAfterMs))
 }
 
-/** The delivery id (`webhook-id`): the same for every handling of one stream entry to one endpoint. */
-export function deliveryId (queue: string, jobId: string, entryId: string, url: string): string {
-  return 'msg_' + createHash('sha256').update(`${queue}\n${jobId}\n${entryId}\n${url}`).digest('base64url').slice(0, 27)
+/**
+ * The delivery id (`webhook-id`): the same for every handling of one event to one endpoint.
+ * `event` is the stream entry id for progress and status events, and {@link finalKey} (state and
+ * attempt) for a final state, which a stream gap's recovery finds without its entry.
+ */
+export function deliveryId (queue: string, jobId: string, event: string, url: string): string {
+  return 'msg_' + createHash('sha256').update(`${queue}\n${jobId}\n${event}\n${url}`).digest('base64url').slice(0, 27)
 }
 
 /** The options webhooks read: each kind's rule and queue, the delivery settings, BullMQ's prefix. */
@@ -217,10 +221,17 @@ export class Webhooks {
     if (e.event === 'completed') reads.hget(keys.job(e.queue, e.jobId), 'progress')
     // A job stopped by a cancel fails: its cancellation mark tells it apart, as for the sockets.
     if (e.event === 'failed') reads.exists(keys.cancel(e.queue, e.jobId))
-    const replies = reads.length === 0 ? [] : (await reads.exec() ?? []).map(([err, value]) => err === null ? value as string | number | null : null)
+    // A final's delivery id names its attempt; an entry of BullMQ's does not say it: the job does.
+    const readAttempt = e.final && e.attempt === undefined
+    if (readAttempt) reads.hmget(keys.job(e.queue, e.jobId), 'ats', 'atm')
+    const replies = reads.length === 0 ? [] : (await reads.exec() ?? []).map(([err, value]) => err === null ? value as string | number | null | Array<string | null> : null)
     const perUpload = hook.allow !== undefined ? replies.shift() as string | null ?? null : null
     const progress = e.event === 'completed' ? replies.shift() as string | null ?? null : null
     if (e.event === 'failed' && replies.shift() === 1) e = { ...e, event: 'cancelled' }
+    // As the snapshot counts it: the attempts started or made, whichever is more. A job already
+    // removed (removeOnComplete) has none to read: 0, and a gap's recovery never finds it either.
+    const started = readAttempt ? replies.shift() as Array<string | null> | null : null
+    const attempt = e.attempt ?? (started === null || (started[0] === null && started[1] === null) ? 0 : Math.max(Number(started[0] ?? 0), Number(started[1] ?? 0), 1))
     const targets: Array<{ url: string, trusted: boolean }> = []
     if (hook.url !== undefined) targets.push({ url: hook.url, trusted: true })
     if (perUpload !== null) targets.push({ url: perUpload, trusted: false })
@@ -235,7 +246,7 @@ export class Webhooks {
     if (event === null) return
     const payload = JSON.stringify(jobUpdate(event))
     await Promise.all(targets.map(async ({ url, trusted }) => {
-      const id = deliveryId(e.queue, e.jobId, e.id, url)
+      const id = deliveryId(e.queue, e.jobId, e.final ? finalKey(e.event, attempt) : e.id, url)
       await this.queue.add('deliver', { url, trusted, kind, jobId: e.jobId, event: e.event, payload }, {
         jobId: id,
         attempts: this.#o.attempts,

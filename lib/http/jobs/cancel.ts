@@ -13,6 +13,12 @@ import type { Keys } from '../../core/keys'
  * stays answerable) and XADDs `cancelled` to the queue's event stream, trimmed like BullMQ trims
  * it; the bridge relays it like any other event. Otherwise it changes nothing and says which
  * end the job already reached. Keys and shared steps: `job-script.ts`.
+ *
+ * A cancelled job is in no BullMQ set, so the script also records it, with its attempt, in the
+ * queue's set of cancels (KEYS[14], scored by Redis's clock, trimmed to the mark's lifetime): a
+ * `cancelled` entry trimmed from the stream before the bridge read it is recovered from there
+ * (lib/bridge/final-recovery.ts). The entry carries the attempt too, so both paths give the
+ * final the same delivery id.
  */
 const SCRIPT = new JobScript(`
 if rcall("ZSCORE", KEYS[8], jobId) then return "completed" end
@@ -25,9 +31,15 @@ if ended[1] then
   return "completed"
 end
 ${takeOutLua(false)}
+local started = rcall("HMGET", jobKey, "ats", "atm")
+local attempt = math.max(tonumber(started[1]) or 0, tonumber(started[2]) or 0, 1)
 ${deleteJobLua()}
 rcall("SET", KEYS[13], ARGV[2], "EX", ARGV[3])
-${eventLua('cancelled')}
+local time = rcall("TIME")
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+rcall("ZADD", KEYS[14], now, jobId .. ":" .. attempt)
+rcall("ZREMRANGEBYSCORE", KEYS[14], "-inf", now - tonumber(ARGV[3]) * 1000)
+${eventLua('cancelled', ', "attempt", attempt')}
 return "cancelled:" .. prev
 `)
 
@@ -41,7 +53,7 @@ export type CancelOutcome =
 
 /** Runs the cancel script for one job; `owner` is kept in the mark for `cancelTtlSeconds`. */
 export async function cancelJob (redis: Redis, keys: Keys, queue: string, jobId: string, owner: string, ttlSeconds: number): Promise<CancelOutcome> {
-  const reply = await SCRIPT.run(redis, jobScriptKeys(keys, queue, jobId), [jobId, owner, String(ttlSeconds)]) as string
+  const reply = await SCRIPT.run(redis, [...jobScriptKeys(keys, queue, jobId), keys.cancelled(queue)], [jobId, owner, String(ttlSeconds)]) as string
   if (reply.startsWith('cancelled:')) return { won: true, prev: reply.slice('cancelled:'.length) }
   return { won: false, state: reply as 'completed' | 'failed' | 'cancelled' | 'gone' }
 }

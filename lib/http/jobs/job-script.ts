@@ -49,10 +49,13 @@ export function deleteJobLua (extra = ''): string {
   jobKey .. ":processed", jobKey .. ":failed", jobKey .. ":unsuccessful"${extra === '' ? '' : ', ' + extra})`
 }
 
-/** Lua that XADDs `event` for the job to the queue's event stream, trimmed like BullMQ trims it. */
-export function eventLua (event: string): string {
+/**
+ * Lua that XADDs `event` for the job to the queue's event stream, trimmed like BullMQ trims it;
+ * `extra` adds fields, written in Lua (`, "attempt", attempt`).
+ */
+export function eventLua (event: string, extra = ''): string {
   return `local maxEvents = rcall("HGET", KEYS[12], "opts.maxLenEvents") or 10000
-rcall("XADD", KEYS[11], "MAXLEN", "~", maxEvents, "*", "event", "${event}", "jobId", jobId, "prev", prev)`
+rcall("XADD", KEYS[11], "MAXLEN", "~", maxEvents, "*", "event", "${event}", "jobId", jobId, "prev", prev${extra})`
 }
 
 /** A script run by its digest, loaded on the first NOSCRIPT (a restarted or failed-over Redis). */
