@@ -18,7 +18,8 @@ import * as errors from './errors'
 import { CloseCodes } from './errors'
 import { Hub } from './hub/hub'
 import { clusterKeyProblem, Keys } from './core/keys'
-import { resolveOptions, type JobProgressOptions, type ResolvedOptions } from './options'
+import { resolveOptions, routePlaces, type JobProgressOptions, type ResolvedOptions } from './options'
+import { claimRoutes, namedRouteError } from './http/route-claims'
 import { Owners } from './http/auth/identity'
 import { progressProtocol } from './protocols/progress'
 import type { ProtocolDefinition } from './protocols/types'
@@ -81,6 +82,8 @@ function isRedis (value: unknown): value is Redis {
 
 const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgress (fastify, options) {
   const opts: ResolvedOptions = resolveOptions(options)
+  // Before any connection is opened: a refusal later would leave them behind.
+  claimRoutes(fastify, routePlaces(opts))
   const log = fastify.log
   const instanceId = opts.instanceId ?? randomUUID()
   const metrics = resolveMetrics(opts.metrics)
@@ -267,7 +270,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     retryMs: opts.sseRetryMs,
     maxSubscriptionsPerConnection: opts.maxSubscriptionsPerConnection
   })
-  registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, feed: myJobs, retryMs: opts.sseRetryMs })
+  if (opts.myJobs.path !== false) registerMyJobsRoutes(fastify, { path: opts.myJobs.path, owners, index: ownerIndex, kinds: [...queues].map(([kind, queue]) => ({ kind, queue: queue.name })), session: ctx, feed: myJobs, retryMs: opts.sseRetryMs })
   if (opts.clientRoute !== false) registerClientRoute(fastify, opts.clientRoute)
   webhooks?.registerRoutes(fastify)
   for (const protocol of protocols) {
@@ -330,7 +333,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 }
 
 /** The plugin. Register it with `app.register(jobProgress, { kinds: { ... } })`. */
-export const jobProgress = fp(plugin, { fastify: '5.x', name: 'fastify-job-progress' })
+export const jobProgress = fp(async function jobProgress (fastify, options: JobProgressOptions) {
+  try {
+    await plugin.call(fastify, fastify, options)
+  } catch (err) {
+    // A route with parameters the app also has: Fastify's error, told which option moves ours.
+    throw namedRouteError(err, fastify.prefix, routePlaces(resolveOptions(options)))
+  }
+} satisfies FastifyPluginAsync<JobProgressOptions>, { fastify: '5.x', name: 'fastify-job-progress' })
 export default jobProgress
 
 export { errors }
