@@ -8,5 +8,7 @@ const cjs = require('../dist/index.js')
 const names = Object.keys(cjs).filter(n => n !== 'default' && n !== '__esModule')
 writeFileSync(new URL('../dist/index.mjs', import.meta.url),
   `import cjs from './index.js'\nexport default cjs.default\nexport const { ${names.join(', ')} } = cjs\n`)
+// index.d.ts types a CommonJS module: an ES module importing it gets module.exports as its default,
+// so the default is typed as what the facade exports, the plugin, not re-exported from there.
 writeFileSync(new URL('../dist/index.d.mts', import.meta.url),
-  'export * from \'./index.js\'\nexport { default } from \'./index.js\'\n')
+  'import cjs from \'./index.js\'\nexport * from \'./index.js\'\ndeclare const jobProgress: typeof cjs.default\nexport default jobProgress\n')
