@@ -27,7 +27,7 @@ t.test('a second stage whose counts restart is seen in order on the per-job sock
   await jobs.waitFor(m => m.type === 'connected')
   jobs.send({ action: 'subscribe', job_id: jobId })
   await jobs.waitFor(m => m.type === 'job_update')
-  const stream = await sse(t, `${url}/events?jobs=${jobId}`, { cookie })
+  const stream = await sse(t, `${url}/job-progress/events?jobs=${jobId}`, { cookie })
   await stream.waitFor(e => e.data?.job_id === jobId)
 
   const steps = STEPS.map(() => gate())
