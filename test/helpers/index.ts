@@ -42,21 +42,29 @@ export const TEST_OPTIONS = {
 /** Builds an app with the plugin on a random port; closed at teardown. */
 export async function startApp (t: Teardown, redis: RedisServer, opts: Partial<JobProgressOptions> = {}, setup?: (app: FastifyInstance) => void | Promise<void>): Promise<TestApp> {
   const uploadDir = opts.uploadDir ?? await tempDir(t, 'jp-uploads-')
-  const app = Fastify({ logger: false })
-  if (setup !== undefined) await setup(app)
-  // The port is chosen first so that the app's public URL (and so `ws_url`) can name it.
-  const listenPort = await freePort()
-  await app.register(jobProgress, {
-    connection: redis.url,
-    publicUrl: `http://127.0.0.1:${listenPort}`,
-    ...TEST_OPTIONS,
-    ...opts,
-    uploadDir
-  })
-  await app.listen({ port: listenPort, host: '127.0.0.1' })
-  t.teardown(async () => await app.close())
-  const port = listenPort
-  return { app, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, storage: new DiskStorage(uploadDir), uploadDir }
+  for (let attempt = 1; ; attempt++) {
+    const app = Fastify({ logger: false })
+    if (setup !== undefined) await setup(app)
+    // The port is chosen first so that the app's public URL (and so `ws_url`) can name it.
+    const port = await freePort()
+    await app.register(jobProgress, {
+      connection: redis.url,
+      publicUrl: `http://127.0.0.1:${port}`,
+      ...TEST_OPTIONS,
+      ...opts,
+      uploadDir
+    })
+    try {
+      await app.listen({ port, host: '127.0.0.1' })
+    } catch (err) {
+      await app.close()
+      // Another process took the port between the draw and the listen: a new app on a new port.
+      if ((err as NodeJS.ErrnoException).code === 'EADDRINUSE' && attempt < 3) continue
+      throw err
+    }
+    t.teardown(async () => await app.close())
+    return { app, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, storage: new DiskStorage(uploadDir), uploadDir }
+  }
 }
 
 /** Items per line of an uploaded file, as the test worker reads them. */

@@ -1,19 +1,49 @@
 import type { ChildProcess } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { Redis } from 'ioredis'
 import { mkdtempTracked, removeTracked, spawnTracked } from './tracked'
 
-/** A free TCP port on 127.0.0.1. */
-export async function freePort (): Promise<number> {
-  return await new Promise((resolve, reject) => {
+/** The lowest port the kernel hands out to outgoing connections (Linux's default: 32768). */
+function ephemeralLow (): number {
+  try {
+    const low = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0])
+    return Number.isInteger(low) && low > 0 ? low : 32768
+  } catch {
+    return 32768
+  }
+}
+
+// Ports are drawn below the range the kernel picks outgoing connections' ports from: a port the
+// kernel chose for `listen(0)` came from that range, and between the probe and the server's own
+// `listen` a connection of any test process running alongside (a Redis client, a fetch) could take
+// it (EADDRINUSE). Below the range, only another test's draw could, and every draw is random. The
+// top leaves room for a Redis Cluster node's bus port (the node's port + 10000) under the range too.
+const LOW = 10_000
+const HIGH = ephemeralLow() - 10_000
+
+async function bindable (port: number): Promise<number | null> {
+  return await new Promise(resolve => {
     const server = createServer()
     server.unref()
-    server.on('error', reject)
-    server.listen(0, '127.0.0.1', () => {
+    server.once('error', () => resolve(null))
+    server.listen(port, '127.0.0.1', () => {
       const { port } = server.address() as { port: number }
       server.close(() => resolve(port))
     })
   })
+}
+
+/** A free TCP port on 127.0.0.1. */
+export async function freePort (): Promise<number> {
+  for (let tries = HIGH - LOW >= 1_000 ? 0 : 50; tries < 50; tries++) {
+    const port = await bindable(LOW + Math.floor(Math.random() * (HIGH - LOW)))
+    if (port !== null) return port
+  }
+  // A machine whose outgoing range starts low: the kernel's choice.
+  const port = await bindable(0)
+  if (port === null) throw new Error('no free port on 127.0.0.1')
+  return port
 }
 
 /** redis-server exited as soon as it started: on a free port, another process took it first. */
@@ -44,6 +74,11 @@ export async function answers (port: number, gone: () => boolean = () => false, 
 /**
  * A private redis-server on a free port, with append-only persistence so a restart keeps the
  * jobs (fault tests restart it). Never touches the machine's own Redis.
+ *
+ * `appendfsync no`: Redis writes each command to the file before it replies, so a redis-server
+ * killed outright (SIGKILL) still leaves every acknowledged write behind in the file; only a crash
+ * of the machine would lose them, which no test makes. An fsync per write (`always`) made every
+ * Redis command of the suite wait on the disk, a millisecond or more while other files run.
  */
 export class RedisServer {
   readonly port: number
@@ -78,7 +113,7 @@ export class RedisServer {
     if (this.#proc !== null && this.#proc.exitCode === null) return
     const proc = spawnTracked('redis-server', [
       '--port', String(this.port), '--bind', '127.0.0.1', '--dir', this.dir,
-      '--save', '', '--appendonly', 'yes', '--appendfsync', 'always', '--daemonize', 'no', '--loglevel', 'warning'
+      '--save', '', '--appendonly', 'yes', '--appendfsync', 'no', '--daemonize', 'no', '--loglevel', 'warning'
     ], { stdio: 'ignore' })
     this.#proc = proc
     if (await answers(this.port, () => proc.exitCode !== null || proc.pid === undefined)) return
@@ -105,7 +140,7 @@ export class RedisServer {
     this.#proc?.kill(signal)
   }
 
-  /** Kills the server without letting it flush (its append-only file is fsynced per write). */
+  /** Kills the server without letting it shut down (what it acknowledged is in its append-only file already). */
   async kill (): Promise<void> {
     const proc = this.#proc
     this.#proc = null
