@@ -33,6 +33,7 @@ export const FieldTooLargeError = createError('FST_JP_FIELD_TOO_LARGE', 'The for
 export const MalformedMultipartError = createError('FST_JP_MALFORMED_MULTIPART', 'Malformed multipart/form-data body: %s', 400)
 export const UploadIdleError = createError('FST_JP_UPLOAD_IDLE', 'The upload sent no data for %s ms: it was ended and its partial file removed; send it again', 408)
 export const UploadTimeoutError = createError('FST_JP_UPLOAD_TIMEOUT', 'The upload took longer than %s ms: it was ended and its partial file removed; send it again', 408)
+export const UploadTooSlowError = createError('FST_JP_UPLOAD_TOO_SLOW', 'The upload sent less than %s bytes per second over %s ms: it was ended and its partial file removed; send it again over a faster link', 408)
 export const UploadShutdownError = createError('FST_JP_SHUTTING_DOWN', 'The server is shutting down: the upload was ended and its partial file removed; send it again', 503)
 
 // Webhooks

@@ -13,6 +13,7 @@ import { Bridge, everyListener, recordCreated, type BridgeEvent } from './bridge
 import { ConnectionLimit } from './session/connection-limit'
 import { whenReady } from './core/redis-ready'
 import { UploadCleanup } from './http/uploads/upload-cleanup'
+import { LostUploads, removeOwnPartials } from './http/uploads/leftovers'
 import { redactedRequest } from './core/redact'
 import * as errors from './errors'
 import { CloseCodes } from './errors'
@@ -142,11 +143,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepPeriodMs: opts.sweepPeriodMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log })
+  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepPeriodMs: opts.sweepPeriodMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log, onJobLost: (target) => { lostUploads.lost(target.queue, target.jobId) } })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void | Promise<void>> = []
   const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind]?.queueName, queues: [...queues.values()].map(q => q.name), log })
   bridgeListeners.push((event) => cleanup.onEvent(event))
+  // Partial files carry their writer's id: those of an earlier run under this id are leftovers.
+  await removeOwnPartials(storage, instanceId, log)
+  const lostUploads = new LostUploads({ redis: cmd, keys, storage, release: async (queue, jobId) => { await cleanup.release(queue, jobId, Date.now()) }, log })
   cleanup.start()
   const uploadStorage = cleanup.tracked()
   const webhooks = Webhooks.create({ opts, connection: redis, cmd, connect: () => own(redis.duplicate({ enableOfflineQueue: true, maxRetriesPerRequest: null })), keys, log })
@@ -257,7 +261,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       ...creator,
       accept: k.accept ?? [],
       maxFileSize: k.maxFileSize ?? opts.limits.fileSize,
-      admission
+      admission,
+      writer: instanceId
     }, opts, owners, uploadStorage, inflightUploads))
     if (k.create !== undefined) registerCreateRoute(fastify, opts, owners, admission, creator, basePath, k.create)
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
@@ -316,6 +321,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     stopTimers()
     await connectionLimit.close()
     await bridge?.close()
+    await lostUploads.settled()
     await cleanup.close()
     await webhooks?.close()
     hub.close()

@@ -59,7 +59,11 @@ export const OptionsSchema = Type.Object({
   uploads: Type.Object({
     idleTimeoutMs: Type.Integer({ minimum: 100, default: 30_000, description: 'an upload that sends no data for this long is ended with 408' }),
     requestTimeoutMs: Type.Integer({ minimum: 100, default: 10 * 60_000, description: 'an upload still sending after this long is ended with 408' }),
-    shutdownGraceMs: Type.Integer({ minimum: 0, default: 10_000, description: 'at close, uploads still sending after this long are ended with 503' })
+    shutdownGraceMs: Type.Integer({ minimum: 0, default: 10_000, description: 'at close, uploads still sending after this long are ended with 503' }),
+    minBytesPerSecond: Type.Integer({ minimum: 0, default: 1024, description: 'an upload that sends less than this per second, averaged over minRateWindowMs, is ended with 408; 0 turns the check off' }),
+    minRateWindowMs: Type.Integer({ minimum: 100, default: 30_000, description: 'the window over which minBytesPerSecond is averaged' }),
+    refusedDrainBytes: Type.Integer({ minimum: 0, default: 16 * 1024 * 1024, description: 'of a refused upload, at most this much of the rest of the body is read (and dropped) before the answer, so the client can read it' }),
+    refusedDrainMs: Type.Integer({ minimum: 0, default: 5_000, description: 'and for at most this long; then the answer is sent and the connection closed' })
   }, { default: {}, additionalProperties: false }),
   health: Type.Union([Type.Literal(false), Type.Object({
     livePath: Type.Optional(Type.String({ pattern: '^/', description: 'default `<routePrefix>/health`' })),
@@ -243,7 +247,12 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    * file. `idleTimeoutMs` (default 30 s): no data for that long, 408. `requestTimeoutMs` (default
    * 10 min): still sending after that long, 408. `shutdownGraceMs` (default 10 s): at
    * `app.close()`, uploads still sending after that long are ended with 503 so shutdown does not
-   * wait for a slow client.
+   * wait for a slow client. `minBytesPerSecond` (@default 1024) averaged over `minRateWindowMs`
+   * (@default 30_000): a slower upload is ended with 408, so a trickle cannot hold a request and a
+   * partial file open for the whole `requestTimeoutMs`; 0 turns it off. A refused upload (401,
+   * 413, 415, 429 ...) has the rest of its body read and dropped, at most `refusedDrainBytes`
+   * (@default 16 MiB) for at most `refusedDrainMs` (@default 5_000), before it is answered and its
+   * connection closed: a client still sending then reads the answer instead of a reset.
    */
   uploads?: Partial<Resolved['uploads']>
   /**

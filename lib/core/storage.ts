@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import { createReadStream, createWriteStream } from 'node:fs'
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises'
 import { resolve, sep } from 'node:path'
@@ -10,6 +11,12 @@ export interface StoredFileInfo {
   jobId: string
   filename: string
   mimetype: string
+  /**
+   * The instance writing it (its `instanceId`). A storage that keeps partial files names them
+   * with it, so that an instance restarted under the same id can remove the partial files its
+   * previous run left behind (killed mid-upload) at once instead of after `files.orphanAgeMs`.
+   */
+  writer?: string
 }
 
 /** Where uploaded files live between the upload and the end of their job. */
@@ -45,17 +52,30 @@ export interface StoredEntry {
   /** The kind and job it was stored for, when the storage can tell. */
   kind?: string
   jobId?: string
+  /** Of a partial file: the `writer` it was written by, when the storage can tell (see {@link writerTag}). */
+  writer?: string
 }
 
-const STORED_NAME = /^(.+)-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(\.part)?$/
+/**
+ * A writer's id as a file name may carry it: itself when it is made of letters, digits, `_` and
+ * `-` (at most 64), else a digest of it. Two instances never share a tag unless they share an id.
+ */
+export function writerTag (writer: string): string {
+  return /^[A-Za-z0-9_-]{1,64}$/.test(writer) ? writer : 'h' + createHash('sha256').update(writer).digest('hex').slice(0, 32)
+}
+
+/** `<kind>-<jobId>`, and its partial file `<kind>-<jobId>.<writer tag>.part` (`.part` alone before writers were named). */
+const STORED_NAME = /^(.+)-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:(?:\.([A-Za-z0-9_-]{1,64}))?(\.part))?$/
 
 /**
- * The default storage: one file per job in a directory. A file is written as `<key>.part` and
- * renamed when complete, so a reader never sees half a file.
+ * The default storage: one file per job in a directory. A file is written as
+ * `<key>.<writer>.part` and renamed when complete, so a reader never sees half a file.
  */
 export class DiskStorage implements Storage {
   readonly dir: string
   #ready: Promise<unknown> | undefined
+  /** Partial files being written here, by key: `remove(key)` removes them too. */
+  readonly #writing = new Map<string, string>()
 
   constructor (dir: string) {
     this.dir = resolve(dir)
@@ -73,7 +93,7 @@ export class DiskStorage implements Storage {
     await this.#ready
     const key = `${info.kind}-${info.jobId}`
     const final = this.localPath(key)
-    const partial = final + '.part'
+    const partial = info.writer === undefined ? final + '.part' : `${final}.${writerTag(info.writer)}.part`
     let size = 0
     const count = new Transform({
       transform (chunk: Buffer, _enc, done) {
@@ -81,12 +101,15 @@ export class DiskStorage implements Storage {
         done(null, chunk)
       }
     })
+    this.#writing.set(key, partial)
     try {
       await pipeline(source, count, createWriteStream(partial, { flags: 'wx' }))
       await rename(partial, final)
     } catch (err) {
       await rm(partial, { force: true })
       throw err
+    } finally {
+      this.#writing.delete(key)
     }
     return { key, size }
   }
@@ -101,7 +124,8 @@ export class DiskStorage implements Storage {
 
   async remove (key: string): Promise<void> {
     const path = this.localPath(key)
-    await Promise.all([rm(path, { force: true }), rm(path + '.part', { force: true })])
+    const writing = this.#writing.get(key)
+    await Promise.all([rm(path, { force: true }), rm(path + '.part', { force: true }), ...(writing === undefined ? [] : [rm(writing, { force: true })])])
   }
 
   async * list (): AsyncIterable<StoredEntry> {
@@ -118,7 +142,10 @@ export class DiskStorage implements Storage {
       if (match === null) continue
       const info = await stat(resolve(this.dir, name)).catch(() => null)
       if (info === null || !info.isFile()) continue
-      yield { key: `${match[1]}-${match[2]}`, partial: match[3] !== undefined, modifiedMs: info.mtimeMs, kind: match[1], jobId: match[2] }
+      // A named partial file's key is its name without `.part`: `remove(key)` finds it.
+      const writer = match[3]
+      const key = `${match[1]}-${match[2]}` + (writer === undefined ? '' : `.${writer}`)
+      yield { key, partial: match[4] !== undefined, modifiedMs: info.mtimeMs, kind: match[1], jobId: match[2], ...(writer === undefined ? {} : { writer }) }
     }
   }
 

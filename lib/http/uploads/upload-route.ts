@@ -7,13 +7,14 @@ import type { Readable } from 'node:stream'
 import {
   EmptyFileError, FieldTooLargeError, FileTooLargeError, MalformedMultipartError, NoFileError, NotMultipartError,
   QueueUnavailableError, TooManyFieldsError, TooManyFilesError, TooManyPartsError, UnauthorizedError,
-  UnsupportedFileTypeError, UploadIdleError, UploadShutdownError, UploadTimeoutError
+  UnsupportedFileTypeError, UploadIdleError, UploadShutdownError, UploadTimeoutError, UploadTooSlowError
 } from '../../errors'
 import { admitJob, precheckQuota, type AdmissionContext } from '../create/admission'
 import { fingerprint, idempotencyKeyOf } from '../create/idempotency'
 import type { Owners } from '../auth/identity'
 import type { Storage } from '../../core/storage'
 import type { UploadJobData } from '../../core/job-data'
+import { drainBody, watchRate, type UploadGuardOptions } from './upload-guard'
 
 export interface UploadRoute {
   kind: string
@@ -28,13 +29,15 @@ export interface UploadRoute {
   beforeAdd?: (jobId: string, fields: Record<string, string>, owner: string) => Promise<void>
   /** Idempotency keys and quotas, shared with the other ways of creating a job. */
   admission?: AdmissionContext
+  /** Who writes the file (the instance id): its partial file carries it, so a restart finds its own. */
+  writer?: string
 }
 
 /** The options the upload routes read: the multipart limits, the upload time limits, the public URL. */
 export interface UploadOptionsSlice {
   publicUrl?: string
   limits: { fileSize: number, fields: number, fieldSize: number, parts: number }
-  uploads: { idleTimeoutMs: number, requestTimeoutMs: number, shutdownGraceMs: number }
+  uploads: { idleTimeoutMs: number, requestTimeoutMs: number, shutdownGraceMs: number } & UploadGuardOptions
 }
 
 /** The 202 answer to a created job, the same for an upload, a JSON create and a repeated request. */
@@ -132,8 +135,9 @@ function isParserError (err: unknown): err is Error {
  * Builds the upload handler of one kind: the file is streamed to storage (never buffered whole),
  * then one BullMQ job is added. Whatever goes wrong before the job exists, the stored file is
  * removed, so a failed upload leaves neither a file nor a job behind. An upload that goes idle,
- * takes too long or is still running at shutdown is ended with its own status; its connection is
- * closed after the answer, so the rest of a slow body is not waited for.
+ * sends too slowly, takes too long or is still running at shutdown is ended with its own status;
+ * its connection is closed after the answer, so the rest of a slow body is not waited for. Any
+ * other refusal reads the rest of the body first, within bounds, so the client can read why.
  */
 export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, owners: Owners, storage: Storage, inflight: InFlightUploads = new InFlightUploads()) {
   const limits = { ...opts.limits, fileSize: route.maxFileSize, files: 1 }
@@ -144,8 +148,23 @@ export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, own
     FST_PARTS_LIMIT: () => new TooManyPartsError(limits.parts),
     FST_FIELDS_LIMIT: () => new TooManyFieldsError(limits.fields)
   }
-  const { idleTimeoutMs, requestTimeoutMs } = opts.uploads
+  const { idleTimeoutMs, requestTimeoutMs, minBytesPerSecond, minRateWindowMs } = opts.uploads
   return async function upload (request: FastifyRequest, reply: FastifyReply) {
+    const connection = { cut: false }
+    try {
+      return await receive(request, reply, connection)
+    } catch (err) {
+      const raw = request.raw
+      if (!connection.cut && !raw.destroyed && !raw.complete) {
+        const whole = await drainBody(raw, opts.uploads)
+        reply.header('connection', 'close')
+        if (!whole) reply.raw.once('finish', () => raw.socket?.destroy())
+      }
+      throw err
+    }
+  }
+
+  async function receive (request: FastifyRequest, reply: FastifyReply, connection: { cut: boolean }): Promise<FastifyReply> {
     if (!request.isMultipart()) throw new NotMultipartError()
     const idempotencyKey = idempotencyKeyOf(request)
     let identity = await owners.fromRequest(request)
@@ -175,11 +194,13 @@ export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, own
     const onData = (): void => { idle.refresh() }
     raw.on('data', onData)
     const total = setTimeout(() => end(new UploadTimeoutError(requestTimeoutMs)), requestTimeoutMs)
+    const stopRate = watchRate(raw, opts.uploads, () => end(new UploadTooSlowError(minBytesPerSecond, minRateWindowMs)))
     const untrack = inflight.track(end)
     const done = (): void => {
       clearTimeout(idle)
       clearTimeout(total)
       raw.off('data', onData)
+      stopRate()
       untrack()
     }
 
@@ -217,10 +238,11 @@ export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, own
         }
         current = upload.file
         try {
-          stored = await storage.write(upload.file, { kind: route.kind, jobId, filename: upload.filename, mimetype: upload.mimetype })
+          stored = await storage.write(upload.file, { kind: route.kind, jobId, filename: upload.filename, mimetype: upload.mimetype, ...(route.writer === undefined ? {} : { writer: route.writer }) })
         } catch (err) {
-          // The file's own stream failed: the body broke off inside the file part.
-          if (upload.file.errored === err) fromParser(err)
+          // The file's own stream failed: the body broke off inside the file part. (The parser
+          // may fail the part with one error and the write with another, "Part terminated early".)
+          if (upload.file.errored !== null && upload.file.errored !== undefined) fromParser(err)
           throw err
         }
         current = null
@@ -258,8 +280,10 @@ export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, own
       done()
       if (stored !== null) await storage.remove(stored.key).catch(() => {})
       const err = ended ?? caught
-      if (ended !== null || inflight.isClosing || (!raw.complete && !raw.destroyed)) {
-        // The rest of the body is not read: the connection closes once the answer is sent.
+      if (ended !== null || inflight.isClosing) {
+        // Too slow, too long or shutting down: the rest of the body is not read, the connection
+        // closes once the answer is sent. (Other refusals read it first: see `upload`.)
+        connection.cut = true
         reply.header('connection', 'close')
         reply.raw.once('finish', () => raw.socket?.destroy())
       }
