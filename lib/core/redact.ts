@@ -18,6 +18,21 @@ export function redactUrl (url: string): string {
 }
 
 /**
+ * A webhook endpoint as logs may show it: scheme, host and path. Its query (a receiver's token
+ * often rides there, under any name) and any user or password are replaced by `[redacted]`.
+ */
+export function redactEndpoint (url: string): string {
+  let parsed: URL
+  try {
+    parsed = new URL(url)
+  } catch {
+    return '[redacted]'
+  }
+  const credentials = parsed.username !== '' || parsed.password !== '' ? '[redacted]@' : ''
+  return `${parsed.protocol}//${credentials}${parsed.host}${parsed.pathname}${parsed.search === '' ? '' : '?[redacted]'}`
+}
+
+/**
  * The request serializer of the plugin's routes: Fastify's default fields, with credentials
  * taken out of the URL. Headers (`Authorization`, `Sec-WebSocket-Protocol`, cookies) are not
  * logged at all.

@@ -1,4 +1,5 @@
 import type { FastifyInstance } from 'fastify'
+import { redactedRequest } from '../core/redact'
 
 /**
  * Liveness and readiness routes, for orchestrators and load balancers.
@@ -17,10 +18,12 @@ export function registerHealth (fastify: FastifyInstance, opts: { health: false 
 
   const state = { type: 'object', additionalProperties: true, properties: { status: { type: 'string' }, instance: { type: 'string' }, redis: { type: 'string', enum: ['up', 'down'] } } }
   const ready = { type: 'object', properties: { status: { type: 'string', enum: ['ready', 'not ready'] }, reason: { type: 'string' }, instance: { type: 'string' }, redis: { type: 'string' }, bridge: { type: 'string' } }, required: ['status'] }
-  fastify.get(opts.health.livePath, { schema: { summary: 'Liveness', response: { 200: state } } }, async () => {
+  // Probes are logged like the plugin's other routes: without credentials in the URL.
+  const logSerializers = { req: redactedRequest }
+  fastify.get(opts.health.livePath, { logSerializers, schema: { summary: 'Liveness', response: { 200: state } } }, async () => {
     return { status: 'ok', instance: jp().instanceId, redis: jp().redisReady() ? 'up' : 'down', ...jp().stats() }
   })
-  fastify.get(opts.health.readyPath, { schema: { summary: 'Readiness', response: { 200: ready, 503: ready } } }, async (_request, reply) => {
+  fastify.get(opts.health.readyPath, { logSerializers, schema: { summary: 'Readiness', response: { 200: ready, 503: ready } } }, async (_request, reply) => {
     const redis = jp().redisReady()
     const bridge = bridgeReady()
     const problems: string[] = []

@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { WebSocket } from 'ws'
 import { JobIdTooLongError } from '../errors'
 import { CloseCodes, NOT_FOUND_REASON } from '../wire/close-codes'
+import { errors } from './schemas'
 
 /**
  * Fastify's router refuses a path parameter longer than `maxParamLength` (100 by default) with a
@@ -17,7 +18,8 @@ export function registerLongIdRoutes (fastify: FastifyInstance, httpPrefixes: st
     reply.callNotFound()
   }
   for (const prefix of new Set(httpPrefixes)) {
-    fastify.route({ method: ['GET', 'POST', 'DELETE'], url: `${prefix}/*`, handler })
+    // Not an operation of its own: left out of the OpenAPI document.
+    fastify.route({ method: ['GET', 'POST', 'DELETE'], url: `${prefix}/*`, schema: { hide: true, response: errors(400, 404) }, handler })
   }
   for (const prefix of new Set(wsPrefixes)) {
     fastify.get(`${prefix}/*`, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {

@@ -87,6 +87,18 @@ export const CancelledSchema = {
   required: ['job_id', 'status']
 } as const
 
+/** `POST <basePath>/:jobId/watch-token`: a fresh token to watch one job. */
+export const WatchTokenSchema = {
+  description: 'A signed, expiring token to watch this one job without the owner\'s credentials (`?token=`)',
+  type: 'object',
+  properties: {
+    job_id: { type: 'string' },
+    watch_token: { type: 'string' },
+    expires_at: { type: 'string', format: 'date-time' }
+  },
+  required: ['job_id', 'watch_token', 'expires_at']
+} as const
+
 /** The multipart upload route: documented, not validated by Ajv (the handler streams and checks the parts). */
 export function uploadSchema (kind: string, accept: string[]): Record<string, unknown> {
   return {

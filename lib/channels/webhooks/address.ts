@@ -30,6 +30,41 @@ export function embeddedIPv4 (address: string): string | null {
   return `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`
 }
 
+/** The eight 16-bit groups of an IPv6 address (`::` expanded, a trailing dotted quad read). */
+function ipv6Groups (address: string): number[] | null {
+  let text = address.toLowerCase().split('%')[0]
+  const quad = /^(.*:)(\d+\.\d+\.\d+\.\d+)$/.exec(text)
+  if (quad !== null) {
+    if (isIP(quad[2]) !== 4) return null
+    const b = quad[2].split('.').map(Number)
+    text = `${quad[1]}${((b[0] << 8) | b[1]).toString(16)}:${((b[2] << 8) | b[3]).toString(16)}`
+  }
+  const halves = text.split('::')
+  if (halves.length > 2) return null
+  const part = (s: string): number[] => s === '' ? [] : s.split(':').map(g => parseInt(g, 16))
+  const head = part(halves[0])
+  const tail = halves.length === 2 ? part(halves[1]) : []
+  const fill = 8 - head.length - tail.length
+  if (halves.length === 1 ? fill !== 0 : fill < 0) return null
+  const groups = [...head, ...new Array<number>(Math.max(fill, 0)).fill(0), ...tail]
+  return groups.every(g => Number.isInteger(g) && g >= 0 && g <= 0xffff) ? groups : null
+}
+
+const quad = (hi: number, lo: number): string => `${hi >> 8}.${hi & 255}.${lo >> 8}.${lo & 255}`
+
+/**
+ * The IPv4 addresses a transition address leads to: 6to4 (`2002:AABB:CCDD::/48` reaches
+ * A.B.C.D through a relay) and Teredo (`2001:0:<server>:<flags>:<port>:<client, inverted>`).
+ * Each must pass the IPv4 rule, or `2002:7f00:1::` would reach 127.0.0.1.
+ */
+export function tunnelledIPv4 (address: string): string[] {
+  const g = ipv6Groups(address)
+  if (g === null) return []
+  if (g[0] === 0x2002) return [quad(g[1], g[2])]
+  if (g[0] === 0x2001 && g[1] === 0) return [quad(g[2], g[3]), quad(g[6] ^ 0xffff, g[7] ^ 0xffff)]
+  return []
+}
+
 /** Whether a per-upload endpoint may connect to this address. */
 export function isPublicAddress (address: string): boolean {
   const family = isIP(address)
@@ -37,6 +72,7 @@ export function isPublicAddress (address: string): boolean {
   if (family === 6) {
     const v4 = embeddedIPv4(address)
     if (v4 !== null) return isPublicAddress(v4)
+    if (!tunnelledIPv4(address).every(isPublicAddress)) return false
     return !BLOCKED.check(address, 'ipv6')
   }
   return !BLOCKED.check(address, 'ipv4')

@@ -10,6 +10,7 @@ import type { Keys } from '../../core/keys'
 import { jobUpdate } from '../../protocols/jobs'
 import { checkEndpointUrl, defaultLookup, RefusedEndpoint, resolveEndpoint, type Lookup } from './address'
 import { post } from './http'
+import { redactEndpoint } from '../../core/redact'
 import { kindWebhook, type KindWebhook, type KindWebhookOptions, type ResolvedWebhooks, type WebhookEvent } from './options'
 import { errors } from '../../http/schemas'
 
@@ -181,7 +182,7 @@ export class Webhooks {
       this.#worker.on('failed', (job, err) => {
         if (job === undefined) return
         const dead = err instanceof UnrecoverableError || job.attemptsMade >= (job.opts.attempts ?? 1)
-        if (dead) ctx.log.warn({ delivery: job.id, url: job.data.url, job: job.data.jobId, attempts: job.attemptsMade, reason: err.message }, 'job-progress: webhook delivery gave up; it is listed as dead and can be replayed')
+        if (dead) ctx.log.warn({ delivery: job.id, url: redactEndpoint(job.data.url), job: job.data.jobId, attempts: job.attemptsMade, reason: err.message }, 'job-progress: webhook delivery gave up; it is listed as dead and can be replayed')
       })
     }
   }
@@ -291,7 +292,7 @@ export class Webhooks {
     if (result.status >= 200 && result.status < 300) return { status: result.status }
     const said = result.body === '' ? '' : `: ${result.body.slice(0, 200)}`
     if (result.status === 410) {
-      this.#ctx.log.warn({ delivery: id, url: d.url, job: d.jobId }, 'job-progress: webhook receiver answered 410 Gone; no more attempts for this delivery')
+      this.#ctx.log.warn({ delivery: id, url: redactEndpoint(d.url), job: d.jobId }, 'job-progress: webhook receiver answered 410 Gone; no more attempts for this delivery')
       throw new UnrecoverableError(`HTTP 410 Gone${said}`)
     }
     const redirect = result.status >= 300 && result.status < 400 ? ' (redirects are not followed)' : ''

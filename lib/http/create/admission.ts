@@ -32,7 +32,8 @@ export interface JobRequest {
 /**
  * Adds a job once its request passed the idempotency key, the owner's quotas and the kind's
  * checks, in that order: a repeated request is answered with its first job before any quota is
- * counted again. Resolves with the job that answers the request: `created` false means an
+ * counted again, and of two raced with one key the key is claimed before a quota slot is taken,
+ * so the loser is answered with the winner's job, never refused for the slot the winner holds. Resolves with the job that answers the request: `created` false means an
  * earlier request with the same key made it, and the caller drops what it stored for this one.
  * Whatever refuses after a slot or a key was taken gives it back.
  */
@@ -47,9 +48,14 @@ export async function admitJob (ctx: AdmissionContext, r: JobRequest): Promise<{
   }
 }
 
-/** Refuses early, before a body is read, when the owner is already at a quota (sets `Retry-After`). */
-export async function precheckQuota (ctx: AdmissionContext, queue: string, owner: string, reply: FastifyReply): Promise<void> {
+/**
+ * Refuses early, before a body is read, when the owner is already at a quota (sets `Retry-After`).
+ * Not a request whose `Idempotency-Key` is already claimed: it is a repeat, answered with the
+ * first request's job (which may hold the owner's last slot), never refused for it.
+ */
+export async function precheckQuota (ctx: AdmissionContext, queue: string, owner: string, reply: FastifyReply, idempotencyKey?: string): Promise<void> {
   try {
+    if (idempotencyKey !== undefined && ctx.quotas.enabled && await ctx.idempotency.held(queue, owner, idempotencyKey)) return
     await ctx.quotas.check(queue, owner)
   } catch (err) {
     const retryAfter = (err as { retryAfter?: number }).retryAfter
@@ -71,23 +77,21 @@ async function admit (ctx: AdmissionContext, r: JobRequest): Promise<{ jobId: st
     const earlier = await ctx.idempotency.lookup(queue, r.owner, r.idempotencyKey, digest)
     if (earlier !== null) return { jobId: earlier, created: false }
   }
+  let claimed = false
+  if (r.idempotencyKey !== undefined && digest !== null) {
+    const holder = await ctx.idempotency.claim(queue, r.owner, r.idempotencyKey, digest, r.jobId)
+    if (holder !== r.jobId) return { jobId: holder, created: false }
+    claimed = true
+  }
   try {
     await ctx.quotas.admit(queue, r.owner, r.jobId)
   } catch (err) {
+    if (claimed) await ctx.idempotency.release(queue, r.owner, r.idempotencyKey as string, r.jobId).catch(() => {})
     const retryAfter = (err as { retryAfter?: number }).retryAfter
     if (retryAfter !== undefined) r.reply?.header('retry-after', String(retryAfter))
     throw err
   }
-  let claimed = false
   try {
-    if (r.idempotencyKey !== undefined && digest !== null) {
-      const holder = await ctx.idempotency.claim(queue, r.owner, r.idempotencyKey, digest, r.jobId)
-      if (holder !== r.jobId) {
-        await ctx.quotas.release(queue, r.owner, r.jobId)
-        return { jobId: holder, created: false }
-      }
-      claimed = true
-    }
     await r.beforeAdd?.()
     try {
       await r.queue.add(r.kind, r.data, { jobId: r.jobId })

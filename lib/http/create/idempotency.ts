@@ -104,6 +104,11 @@ export class Idempotency {
     return stored === null ? null : await this.#settled(queue, name, stored, digest)
   }
 
+  /** Whether a request already claimed this key (its job may still be being added). */
+  async held (queue: string, owner: string, key: string): Promise<boolean> {
+    return await this.#redis.exists(this.#key(queue, owner, key)) === 1
+  }
+
   /** Claims the key for `jobId`; resolves with the job that holds it (ours, or the winner's). */
   async claim (queue: string, owner: string, key: string, digest: string, jobId: string): Promise<string> {
     const name = this.#key(queue, owner, key)

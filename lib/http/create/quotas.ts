@@ -64,6 +64,13 @@ end
 return 0
 `
 
+/** Decrements a window counter that still exists and is above 0 (KEYS: window counter). */
+const GIVE_BACK = `
+local n = tonumber(redis.call("GET", KEYS[1]) or "0")
+if n > 0 then return redis.call("DECR", KEYS[1]) end
+return 0
+`
+
 /** How long an admitted job may take to appear in Redis before its slot is taken back. */
 const ADD_GRACE_MS = 60_000
 
@@ -114,8 +121,13 @@ export class Quotas {
     throw err
   }
 
-  /** Gives back the active slot of a job that could not be added. */
+  /**
+   * Gives back what {@link admit} took for a job that could not be added: its active slot and
+   * its count in the window (never below 0; a window that ended meanwhile is left alone).
+   */
   async release (queue: string, owner: string, jobId: string): Promise<void> {
-    if (this.#opts.maxActiveJobs > 0) await this.#redis.zrem(this.#names(queue, owner)[0], jobId)
+    const [active, window] = this.#names(queue, owner)
+    if (this.#opts.maxActiveJobs > 0) await this.#redis.zrem(active, jobId)
+    if (this.#opts.maxJobsPerWindow > 0) await this.#redis.eval(GIVE_BACK, 1, window)
   }
 }

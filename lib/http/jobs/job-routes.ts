@@ -9,7 +9,7 @@ import { detailedProgressMessage, progressMessage } from '../../protocols/progre
 import { readSnapshots, type Snapshot } from '../../core/snapshot'
 import type { Storage } from '../../core/storage'
 import { cancelJob, type CancelOutcome } from './cancel'
-import { CancelledSchema, errors, ProgressMessageSchema, ResultSchema } from '../schemas'
+import { CancelledSchema, errors, ProgressMessageSchema, ResultSchema, WatchTokenSchema } from '../schemas'
 import { listOutputs } from '../../core/outputs'
 import { allowed, mayRead, type CanAccess, type JobAction } from '../../core/access'
 
@@ -110,7 +110,7 @@ export function registerJobRoutes (fastify: FastifyInstance, ctx: JobRoutesConte
   // token: a token cannot extend itself).
   const tokens = ctx.owners.watchTokens
   if (tokens !== null) {
-    fastify.post(`${basePath}/:jobId/watch-token`, { schema }, async (request: Req) => {
+    fastify.post(`${basePath}/:jobId/watch-token`, { schema: doc(`A token to watch a ${kind} job`, { 200: WatchTokenSchema }) }, async (request: Req) => {
       const jobId = request.params.jobId
       // Whoever may watch the job (its owner, or whom canAccess allows) may hand out a token to
       // watch it; never by a token: a token cannot extend itself.

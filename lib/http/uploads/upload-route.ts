@@ -174,7 +174,7 @@ export function uploadHandler (route: UploadRoute, opts: UploadOptionsSlice, own
     }
     // Refuse before reading a byte when the job could not be queued anyway.
     if (!route.queueReady()) throw new QueueUnavailableError()
-    if (route.admission !== undefined) await precheckQuota(route.admission, route.queue.name, identity.owner, reply)
+    if (route.admission !== undefined) await precheckQuota(route.admission, route.queue.name, identity.owner, reply, idempotencyKey)
 
     // Ending an upload early: the file being written gets the error (storage removes its partial
     // file), and a wait for the next part is cut short.
