@@ -93,7 +93,7 @@ t.test('the periodic sweep removes uploads of jobs lost with Redis, keeps those 
 
 /** A worker in its own process that takes a job and hangs; resolves once it took one. */
 function hangingWorker (t: T, url: string, dir: string) {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(__dirname, 'helpers', 'hanging-worker.ts'), url, dir], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const child = spawn(process.execPath, ['--require', join(__dirname, 'helpers', 'register.cjs'), join(__dirname, 'helpers', 'hanging-worker.ts'), url, dir], { stdio: ['ignore', 'pipe', 'inherit'] })
   t.teardown(() => { if (child.exitCode === null) child.kill('SIGKILL') })
   const active = new Promise<string>(resolve => {
     createInterface({ input: child.stdout }).on('line', (line) => { if (line.startsWith('active ')) resolve(line.slice(7)) })

@@ -1,5 +1,5 @@
 // A worker process that takes a job and never finishes it: tests SIGKILL it mid-job.
-// Usage: node --import tsx test/helpers/hanging-worker.ts <redis-url> <upload-dir>
+// Usage: node --require ./test/helpers/register.cjs test/helpers/hanging-worker.ts <redis-url> <upload-dir>
 import { createJobWorker, DiskStorage } from '../../lib/index'
 
 const [url, dir] = process.argv.slice(2)
