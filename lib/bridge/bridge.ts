@@ -7,6 +7,7 @@ import { ConsumerSweep } from './consumer-sweep'
 import { GapRecovery } from './gap-recovery'
 import { OrderedRelay } from './ordered-relay'
 import { RunState } from './run-state'
+import { StreamFloor } from './stream-floor'
 import { StreamReader } from './stream-reader'
 
 export { relayMessage } from '../wire/relay'
@@ -39,8 +40,9 @@ export class Bridge {
   constructor (opts: BridgeOptions) {
     this.#o = opts
     const streams = opts.queues.map(q => opts.keys.queueKey(q, 'events'))
-    this.#gaps = new GapRecovery(opts, streams, this.#run)
-    this.#groups = new ConsumerGroups(opts, streams, this.#gaps)
+    const floor = new StreamFloor()
+    this.#gaps = new GapRecovery(opts, streams, this.#run, floor)
+    this.#groups = new ConsumerGroups(opts, streams, this.#gaps, floor)
     this.#acks = new Acks(opts)
     this.#delivery = new BatchDelivery(opts, this.#acks)
     this.#reader = new StreamReader(opts, this.#run, this.#groups, this.#delivery)

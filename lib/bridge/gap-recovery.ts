@@ -4,6 +4,7 @@ import type { BridgeOptions } from './bridge-options'
 import { queueOf, type Announcer } from './consumer-groups'
 import { FinalRecovery } from './final-recovery'
 import type { Running } from './run-state'
+import type { StreamFloor } from './stream-floor'
 
 type Options = Pick<BridgeOptions, 'redis' | 'broker' | 'keys' | 'group' | 'local' | 'telemetry' | 'consumer' | 'onEvent' | 'log' | 'recordRetentionMs'>
 
@@ -21,10 +22,12 @@ export class GapRecovery implements Announcer {
   readonly #lag = new Map<string, number>()
   #faults = 0
   readonly finals: FinalRecovery
+  readonly #floor: StreamFloor
 
-  constructor (opts: Options, streams: readonly string[], run: Running) {
+  constructor (opts: Options, streams: readonly string[], run: Running, floor: StreamFloor) {
     this.#o = opts
     this.#streams = streams
+    this.#floor = floor
     this.finals = new FinalRecovery(opts, run, streams.map(s => queueOf(opts.keys.prefix, s)))
   }
 
@@ -78,6 +81,9 @@ export class GapRecovery implements Announcer {
    * deficit grows, the queue's watchers re-read. Two O(1) commands per queue per check.
    * With lifecycle listeners, a third (one script over the queue's gap record) claims the lost
    * window for FinalRecovery, once across the cluster, and tells whether windows wait.
+   * The same read tells whether the stream's last id went below the highest this instance knows
+   * (restored from an older file, a replica promoted behind, with the group still there): it is
+   * raised again (StreamFloor) and the watchers re-read, as when the group is made again.
    * Returns the streams with entries not yet delivered to the group.
    */
   async checkTrim (): Promise<string[]> {
@@ -92,7 +98,14 @@ export class GapRecovery implements Announcer {
       if (replies === null || replies[0][0] !== null || replies[1][0] !== null) continue
       const info = pairs(replies[0][1] as unknown[])
       const mine = (replies[1][1] as unknown[][]).map(pairs).find(g => g.name === group)
+      // Without the group, the read loop's NOGROUP makes it again and raises the stream there.
       if (mine === undefined) continue
+      const last = String(info['last-generated-id'])
+      if (this.#floor.behind(stream, last)) {
+        if (await this.#floor.raise(redis, stream) !== null) await this.announce(stream, 'rewind')
+      } else {
+        this.#floor.note(stream, last)
+      }
       const lag = Number(mine.lag ?? NaN)
       if (mine.lag !== null && Number.isFinite(lag)) this.#lag.set(stream, lag)
       // Unknown (Redis cannot count it after some trims) counts as behind.

@@ -9,14 +9,14 @@ import { RELAY_SCRIPT } from './relay-script'
 import type { Running } from './run-state'
 import { corkOf } from './stream-reader'
 
-/** The relay script's reply: entries read, messages published, entries handed back. */
-type Relayed = [read: number, published: number, back: Entry[]]
+/** The relay script's reply: entries read, messages published, entries handed back, the last id read ('' for none). */
+type Relayed = [read: number, published: number, back: Entry[], last?: string]
 
 /** Settles a wait on a promise whether it resolved or rejected (its failure is kept elsewhere). */
 const settled = (): true => true
 
 type Options = Pick<BridgeOptions, 'redis' | 'blocking' | 'keys' | 'group' | 'consumer' | 'blockMs' | 'progressListeners' | 'onEvent' | 'telemetry' | 'log'>
-type Groups = Pick<ConsumerGroups, 'ensure' | 'wakeGroup'>
+type Groups = Pick<ConsumerGroups, 'ensure' | 'wakeGroup' | 'floor'>
 type Delivery = Pick<BatchDelivery, 'handOff' | 'settle' | 'track'>
 
 /**
@@ -149,7 +149,8 @@ export class OrderedRelay {
   }
 
   /** What one run of the relay script did: the entries it handed back go to the listeners, then are acknowledged. */
-  #relayed (stream: string, [, published, back]: Relayed): void {
+  #relayed (stream: string, [, published, back, last]: Relayed): void {
+    if (last !== undefined && last !== '') this.#groups.floor.note(stream, last)
     this.#published += published
     ;(this.#o.telemetry ?? noTelemetry).count('bridgePublished', {}, published)
     if (back.length === 0) return

@@ -22,7 +22,8 @@ const luaSet = (names: Iterable<string>): string => `{${[...names].map(n => `["$
 /**
  * KEYS[1] the stream. ARGV: group, consumer, count, wake group, channel head, channel tail, '1'
  * when listeners want every relayed event (else only lifecycle events come back).
- * Returns { entries read, messages published, entries handed back unacknowledged }.
+ * Returns { entries read, messages published, entries handed back unacknowledged, the last
+ * entry id read or '' } (the last id feeds the bridge's StreamFloor).
  */
 export const RELAY_SCRIPT = `
 local stream, group, consumer, count = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -59,5 +60,5 @@ if #entries >= count then
 elseif #entries ~= 1 then
   redis.pcall('XGROUP', 'SETID', stream, wake, '$')
 end
-return {#entries, published, back}
+return {#entries, published, back, #entries > 0 and entries[#entries][1] or ''}
 `

@@ -36,10 +36,10 @@ type Delivery = Pick<BatchDelivery, 'prepare' | 'handOff' | 'settle' | 'track' |
 export class StreamReader {
   readonly #o: Options
   readonly #run: Running
-  readonly #groups: Pick<ConsumerGroups, 'ensure'>
+  readonly #groups: Pick<ConsumerGroups, 'ensure' | 'floor'>
   readonly #delivery: Delivery
 
-  constructor (opts: Options, run: Running, groups: Pick<ConsumerGroups, 'ensure'>, delivery: Delivery) {
+  constructor (opts: Options, run: Running, groups: Pick<ConsumerGroups, 'ensure' | 'floor'>, delivery: Delivery) {
     this.#o = opts
     this.#run = run
     this.#groups = groups
@@ -71,6 +71,8 @@ export class StreamReader {
         }
         backoff = 100
         if (reply === null) continue
+        // The highest id read: a stream made again is raised to it (StreamFloor).
+        for (const [stream, entries] of reply) if (entries.length > 0) this.#groups.floor.note(stream, entries[entries.length - 1][0])
         if (withRead && size(reply) < BUSY_BATCH) batch = this.#delivery.prepare(reply)
         else await this.#delivery.publish(reply)
       } catch (err) {
