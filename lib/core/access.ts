@@ -34,6 +34,11 @@ export async function allowed (policy: CanAccess, request: FastifyRequest, job: 
   }
 }
 
+/** Why a request or connection with a session past its max age is refused, or closed. */
+export const SESSION_EXPIRED = 'session expired; upload again to start a new session'
+/** Why a connection watching with a watch token past its expiry is closed. */
+export const TOKEN_EXPIRED = 'watch token expired; ask the owner for a new one'
+
 /** Who is asking, and how we know. */
 export interface Identity {
   owner: string
@@ -43,6 +48,11 @@ export interface Identity {
    * malformed (it then allows nothing, and is answered like an unknown job).
    */
   job?: { kind: string, jobId: string } | null
+  /**
+   * When the credential stops being valid (ms since the epoch): a session past `maxAgeSeconds`,
+   * a watch token past its expiry. A connection authenticated with it is closed then.
+   */
+  expiresAt?: number
 }
 
 /** Whether `identity` may read the job `kind`/`jobId` whose recorded owner is `owner`. */

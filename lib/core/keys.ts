@@ -156,9 +156,12 @@ export class Keys {
     return `${this.channelPrefix}:instances`
   }
 
-  /** An owner's open connections per instance (hash), hash-tagged on the owner. */
+  /**
+   * An owner's open connections (hash: connection id → the instance holding it), hash-tagged on
+   * the owner. Earlier versions counted per instance under `<channelPrefix>:conns:{<owner>}`.
+   */
   connections (owner: string): string {
-    return `${this.channelPrefix}:conns:{${owner}}`
+    return `${this.channelPrefix}:conn-ids:{${owner}}`
   }
 }
 

@@ -63,6 +63,8 @@ export class Session implements TransportEvents, JobsConnection {
   /** Messages that arrived before authentication ended. */
   #early: string[] | null = null
   #authTimer: NodeJS.Timeout | null = null
+  /** The connection-limit slot it holds while ready. */
+  #slot: string | null = null
   /** Stops the caller's jobs feed, while subscribed. */
   #mine: (() => void) | null = null
   #wantsMine: boolean
@@ -93,6 +95,11 @@ export class Session implements TransportEvents, JobsConnection {
 
   get subscriptions (): number {
     return this.#jobs.size
+  }
+
+  /** Whether it follows the owner's jobs feed. */
+  get followsMine (): boolean {
+    return this.#mine !== null
   }
 
   /** Authenticated and not closed: jobs may be opened and their states sent. */
@@ -242,11 +249,13 @@ export class Session implements TransportEvents, JobsConnection {
 
   async #ready (owner: string): Promise<void> {
     if (this.#state !== 'auth') return
-    if (!await this.#ctx.connectionLimit.acquire(owner)) {
+    const slot = await this.#ctx.connectionLimit.acquire(owner)
+    if (slot === null) {
       return this.close(CloseCodes.policyViolation, `too many connections (${this.#ctx.maxConnectionsPerOwner} per owner)`)
     }
     // The client left while the slot was being taken.
-    if (this.#state !== 'auth') return this.#ctx.connectionLimit.release(owner)
+    if (this.#state !== 'auth') return this.#ctx.connectionLimit.release(owner, slot)
+    this.#slot = slot
     this.owner = owner
     this.#state = 'ready'
     this.sendControl(this.protocol.connected?.())
@@ -343,6 +352,6 @@ export class Session implements TransportEvents, JobsConnection {
     this.#mine?.()
     this.#mine = null
     this.#ctx.sessions.delete(this)
-    if (wasReady && this.owner !== null) this.#ctx.connectionLimit.release(this.owner)
+    if (wasReady && this.owner !== null && this.#slot !== null) this.#ctx.connectionLimit.release(this.owner, this.#slot)
   }
 }

@@ -96,6 +96,8 @@ export class WebSocketTransport implements Transport {
     // so that an error does not throw: one added by whoever made the socket does as well.
     if (ws.listenerCount('error') === 0) ws.on('error', ignore)
     ws.on('close', WebSocketTransport.#onClose)
+    // Closed before the route ran (a reset right after the upgrade): its `close` has been and gone.
+    if (ws.readyState === 3) queueMicrotask(() => events.closed())
   }
 
   write (data: OutboxData, done: (err?: Error | null) => void): void {

@@ -2,7 +2,7 @@ import { Signer } from '@fastify/cookie'
 import type { FastifyBaseLogger, FastifyReply, FastifyRequest } from 'fastify'
 import { randomBytes, randomUUID } from 'node:crypto'
 import { UnauthorizedError } from '../../errors'
-import type { Authenticator, Identity } from '../../core/access'
+import { SESSION_EXPIRED, type Authenticator, type Identity } from '../../core/access'
 import { WatchTokens } from './watch-token'
 
 const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
@@ -10,7 +10,7 @@ const SESSION_VALUE = new RegExp(`^(${UUID})\\.(\\d{1,12})$`)
 const UNDATED = new RegExp(`^${UUID}$`)
 /** An issue time this far in the future is still accepted (instances' clocks differ a little). */
 const CLOCK_SKEW_SECONDS = 300
-export const EXPIRED = 'session expired; upload again to start a new session'
+export const EXPIRED = SESSION_EXPIRED
 
 type KeyResolver = (key: string) => string | null | undefined | Promise<string | null | undefined>
 
@@ -76,7 +76,7 @@ export class Owners implements Authenticator {
       const token = (request.query as Record<string, unknown> | undefined)?.token
       if (token !== undefined) {
         const grant = typeof token === 'string' ? this.watchTokens.verify(token) : null
-        if (grant !== null) return { owner: grant.owner, via: 'token', job: { kind: grant.kind, jobId: grant.jobId } }
+        if (grant !== null) return { owner: grant.owner, via: 'token', job: { kind: grant.kind, jobId: grant.jobId }, expiresAt: grant.exp * 1000 }
         return await this.#credentials(request, websocket) ?? { owner: `invalid-token:${randomUUID()}`, via: 'token', job: null }
       }
     }
@@ -132,7 +132,7 @@ export class Owners implements Authenticator {
     const issuedAt = Number(match[2])
     const now = Date.now() / 1000
     if (issuedAt > now + CLOCK_SKEW_SECONDS || now - issuedAt > this.#opts.session.maxAgeSeconds) return 'expired'
-    return { owner: `session:${match[1]}`, via: 'session' }
+    return { owner: `session:${match[1]}`, via: 'session', expiresAt: (issuedAt + this.#opts.session.maxAgeSeconds) * 1000 }
   }
 
   /** Whether sessions are the fallback, so an upload without credentials may start one. */
