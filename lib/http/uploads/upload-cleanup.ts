@@ -184,12 +184,16 @@ export class UploadCleanup {
     return tracked
   }
 
-  /** Bridge listener: a job's final event (or its removal) releases its upload. */
-  onEvent (event: BridgeEvent): void {
+  /**
+   * Bridge listener: a job's final event (or its removal) releases its upload. Awaited before the
+   * stream entry is acknowledged: a removal that fails leaves the entry pending, so it is tried
+   * again when the entry is claimed, not only by the sweep an hour later.
+   */
+  async onEvent (event: BridgeEvent): Promise<void> {
     if (!event.final && event.event !== 'removed') return
-    this.release(event.queue, event.jobId, event.t).catch((err: Error) => {
-      // Left for the sweep, which finds the marker of a finished job again.
-      this.#o.log.warn({ err, jobId: event.jobId }, 'job-progress: cannot remove an upload yet')
+    await this.release(event.queue, event.jobId, event.t).catch((err: Error) => {
+      this.#o.log.warn({ err, jobId: event.jobId }, 'job-progress: cannot remove an upload yet; its event is read again')
+      throw err
     })
   }
 
