@@ -84,7 +84,10 @@ for i = 0, n - 1 do
       if tail[1] then last = tail[1][1] end
     end
     if ARGV[1] ~= '1' then data = false end
-    out[i + 1] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], o[2], where, cancel, last, owner, data}
+    -- A cancelled job's hash is gone: the attempt it was cancelled in is kept beside the mark.
+    local cancelled = false
+    if cancel then cancelled = redis.call('GET', KEYS[9 + 3 * i] .. ':attempt') end
+    out[i + 1] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], o[2], where, cancel, last, owner, data, cancelled}
   end
 end
 return out
@@ -278,7 +281,7 @@ export type Where = 'completed' | 'failed' | 'active' | 'delayed' | 'prioritized
 
 /** Maps the script's reply to the plugin's state. Pure, so the state table is tested row by row. */
 export function toSnapshot (target: SnapshotTarget, reply: Reply, withData: boolean, now: number): Snapshot | null {
-  const [progress, returnvalue, failedReason, finishedOn, processedOn, ats, atm, timestamp, rawWhere, cancelOwner, last, owner, rawData] = reply
+  const [progress, returnvalue, failedReason, finishedOn, processedOn, ats, atm, timestamp, rawWhere, cancelOwner, last, owner, rawData, cancelAttempt] = reply
   const where = (rawWhere ?? '') as Where
   const exists = timestamp !== null || processedOn !== null || finishedOn !== null || where !== ''
   if (!exists && cancelOwner === null) return null
@@ -295,7 +298,8 @@ export function toSnapshot (target: SnapshotTarget, reply: Reply, withData: bool
     if (total > 0) processed = total
   } else if (cancelOwner !== null) {
     state = 'cancelled'
-    attempt = Math.max(started, made, 1)
+    // The cancel deleted the hash (and with it ats/atm): its mark keeps the attempt it stopped.
+    attempt = Math.max(started, made, Number(cancelAttempt ?? 0) || 0, 1)
   } else if (where === 'failed' || (finishedOn !== null && where === '')) {
     state = 'failed'
     attempt = Math.max(started, made, 1)

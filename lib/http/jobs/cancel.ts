@@ -14,6 +14,11 @@ import type { Keys } from '../../core/keys'
  * it; the bridge relays it like any other event. Otherwise it changes nothing and says which
  * end the job already reached. Keys and shared steps: `job-script.ts`.
  *
+ * The job hash, which said the attempt, is gone: the mark's companion `<mark>:attempt` keeps it
+ * as long as the mark, so a snapshot of the cancelled job (a re-read after the relayed
+ * `cancelled`, the status route, a watcher that opens later) tells the attempt that was
+ * cancelled, not the first.
+ *
  * A cancelled job is in no BullMQ set, so the script also records it, with its attempt, in the
  * queue's set of cancels (KEYS[14], scored by Redis's clock, trimmed to the mark's lifetime): a
  * `cancelled` entry trimmed from the stream before the bridge read it is recovered from there
@@ -35,6 +40,7 @@ local started = rcall("HMGET", jobKey, "ats", "atm")
 local attempt = math.max(tonumber(started[1]) or 0, tonumber(started[2]) or 0, 1)
 ${deleteJobLua()}
 rcall("SET", KEYS[13], ARGV[2], "EX", ARGV[3])
+rcall("SET", KEYS[13] .. ":attempt", attempt, "EX", ARGV[3])
 local time = rcall("TIME")
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 rcall("ZADD", KEYS[14], now, jobId .. ":" .. attempt)

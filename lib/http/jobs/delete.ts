@@ -15,7 +15,7 @@ import type { Keys } from '../../core/keys'
 const SCRIPT = new JobScript(`
 if rcall("EXISTS", jobKey) == 0 and rcall("EXISTS", KEYS[13]) == 0 then return false end
 ${takeOutLua(true)}
-${deleteJobLua('KEYS[13]')}
+${deleteJobLua('KEYS[13], KEYS[13] .. ":attempt"')}
 local files = rcall("HVALS", KEYS[14])
 local upload = rcall("GET", KEYS[15])
 if upload then table.insert(files, cjson.encode({ key = upload })) end
