@@ -202,3 +202,57 @@ t.test('an event whose listener fails is not acknowledged: it stays pending and 
   }
   t.pass('acknowledged once a listener succeeded')
 })
+
+t.test('an event whose listener fails is called again as soon as the command connection is back, not after claimIdleMs', async (t) => {
+  const redis = await redisFor(t)
+  const r = redis.client()
+  const blocking = redis.client()
+  t.teardown(() => { r.disconnect(); blocking.disconnect() })
+  const keys = new Keys({ prefix: 'bull', channelPrefix: 'jp' })
+  const stream = keys.queueKey('batch', 'events')
+  const calls: number[] = []
+  let delivered!: () => void
+  const done = new Promise<void>(resolve => { delivered = resolve })
+  // No claim within the test: only the bridge's own retry can bring the event back.
+  const bridge = new Bridge({
+    redis: r,
+    blocking,
+    keys,
+    queues: ['batch'],
+    group: 'jp-bridge',
+    consumer: 'me',
+    blockMs: 50,
+    claimIdleMs: 60_000,
+    claimIntervalMs: 60_000,
+    consumerIdleMs: 60_000,
+    log: Fastify().log,
+    onEvent: async (event) => {
+      if (!event.final) return
+      calls.push(Date.now())
+      // The first call finds the command connection dropping (as after a Redis restart), the
+      // second fails on its own; the third succeeds.
+      if (calls.length === 1) {
+        r.disconnect(true)
+        throw new Error('Stream isn\'t writeable and enableOfflineQueue options is false')
+      }
+      if (calls.length === 2) throw new Error('webhook queue unavailable')
+      delivered()
+    }
+  })
+  t.teardown(async () => await bridge.close())
+  await bridge.start()
+  const added = Date.now()
+  await blocking.xadd(stream, '*', 'event', 'completed', 'jobId', 'j1', 'returnvalue', '1')
+  let timer: NodeJS.Timeout | undefined
+  const called = await Promise.race([done.then(() => true), new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(false), 10_000) })])
+  clearTimeout(timer)
+  t.ok(called, `the listener succeeded within 10 s (called ${calls.length} times)`)
+  t.equal(calls.length, 3, 'called again after each failure')
+  t.ok(calls[2] - added < 3_000, `the final reached the listener ${calls[2] - added} ms after it was written (claimIdleMs is 60 s)`)
+  for (;;) {
+    const [count] = await blocking.xpending(stream, 'jp-bridge') as [number]
+    if (count === 0) break
+    await new Promise(resolve => setTimeout(resolve, 20))
+  }
+  t.pass('acknowledged once the listener succeeded')
+})

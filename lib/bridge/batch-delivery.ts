@@ -23,6 +23,13 @@ export interface Batch {
 /** How long close() waits for listeners still running before it acknowledges what finished. */
 const SETTLE_ON_CLOSE_MS = 5000
 
+/** A failed listener is tried again after this, doubled each time up to {@link RETRY_MAX_MS}. */
+const RETRY_FIRST_MS = 100
+/** The longest wait between two tries of a failed listener while the command connection is up. */
+export const RETRY_MAX_MS = 2_000
+/** Most events kept for a retry here; beyond, an entry waits for the claim (claimIdleMs). */
+const MAX_OWED = 10_000
+
 /** PUBLISHes on a plain connection: one command alone, several in one pipeline. */
 async function publishOn (redis: Commands, messages: Array<[string, string]>): Promise<void> {
   if (messages.length === 1) {
@@ -40,6 +47,13 @@ type Options = Pick<BridgeOptions, 'redis' | 'broker' | 'keys' | 'local' | 'onEv
  * What becomes of relayed entries: their messages go to the job's channels and to this
  * instance's own subscribers, their events to the listeners (upload cleanup, webhooks, my jobs),
  * and the entries are acknowledged once those listeners succeeded.
+ *
+ * A listener that failed (its Redis connection not back yet: after a restart the bridge's own
+ * connection often reconnects first) is called again here, as soon as the command connection is
+ * ready and then after a backoff of 100 ms doubling to 2 s, until it succeeds; only then is the
+ * entry acknowledged. Left to the claim of pending entries, a final would reach webhooks and the
+ * feed only `claimIdleMs` (10 s) plus up to `claimIntervalMs` (5 s) later; the claim still covers
+ * an instance that dies meanwhile.
  */
 export class BatchDelivery {
   readonly #o: Options
@@ -47,6 +61,13 @@ export class BatchDelivery {
   /** Batches published with a read whose listeners have not all finished: close() waits for them. */
   readonly #settling = new Set<Promise<void>>()
   #published = 0
+  /** Events whose listener failed, by stream and entry id: called again until it succeeds. */
+  readonly #owed = new Map<string, [stream: string, event: BridgeEvent]>()
+  #retryTimer: NodeJS.Timeout | null = null
+  #retryBackoff = RETRY_FIRST_MS
+  #retrying = false
+  #waitingReady = false
+  #closed = false
 
   constructor (opts: Options, acks: Pick<Acks, 'ack'>) {
     this.#o = opts
@@ -134,6 +155,75 @@ export class BatchDelivery {
     }
     const failed = batch.failed
     for (const [stream, ids] of batch.done) this.#acks.ack(stream, failed === null ? ids : ids.filter(id => !failed.has(id)))
+    if (failed !== null) {
+      for (const event of batch.events) if (failed.has(event.id)) this.#owe(event)
+    }
+  }
+
+  /** Events whose listeners failed and are being tried again (for tests). */
+  get owed (): number {
+    return this.#owed.size
+  }
+
+  #owe (event: BridgeEvent): void {
+    if (this.#closed || this.#o.onEvent === undefined || this.#owed.size >= MAX_OWED) return
+    const stream = this.#o.keys.queueKey(event.queue, 'events')
+    this.#owed.set(`${stream}\0${event.id}`, [stream, event])
+    this.#scheduleRetry(this.#retryBackoff)
+  }
+
+  #scheduleRetry (ms: number): void {
+    if (this.#closed || this.#retrying || this.#owed.size === 0) return
+    const { redis } = this.#o
+    // While the connection is down its 'ready' brings the retry; the timer is the fallback.
+    if (redis.status !== 'ready' && !this.#waitingReady) {
+      this.#waitingReady = true
+      redis.once('ready', () => {
+        this.#waitingReady = false
+        if (this.#retryTimer !== null) clearTimeout(this.#retryTimer)
+        this.#retryTimer = null
+        this.#retryBackoff = RETRY_FIRST_MS
+        this.#scheduleRetry(0)
+      })
+    }
+    if (this.#retryTimer !== null) return
+    this.#retryTimer = setTimeout(() => {
+      this.#retryTimer = null
+      void this.#retry()
+    }, ms).unref()
+  }
+
+  /** Calls the listeners of every owed event again; acknowledges the entries of those that succeed. */
+  async #retry (): Promise<void> {
+    const { onEvent, redis } = this.#o
+    if (this.#closed || this.#retrying || onEvent === undefined) return
+    if (redis.status !== 'ready') {
+      this.#retryBackoff = Math.min(this.#retryBackoff * 2, RETRY_MAX_MS)
+      this.#scheduleRetry(this.#retryBackoff)
+      return
+    }
+    this.#retrying = true
+    let ok = true
+    try {
+      const owed = [...this.#owed]
+      const results = await Promise.allSettled(owed.map(async ([, [, event]]) => { await onEvent(event) }))
+      const acks = new Map<string, string[]>()
+      results.forEach((result, i) => {
+        const [key, [stream, event]] = owed[i]
+        if (result.status === 'rejected') {
+          ok = false
+          this.#o.log.debug({ err: result.reason, jobId: event.jobId, event: event.event }, 'job-progress: a bridge event listener failed again; tried again until it succeeds')
+          return
+        }
+        this.#owed.delete(key)
+        acks.set(stream, [...(acks.get(stream) ?? []), event.id])
+      })
+      for (const [stream, ids] of acks) this.#acks.ack(stream, ids)
+    } finally {
+      this.#retrying = false
+    }
+    this.#retryBackoff = ok ? RETRY_FIRST_MS : Math.min(this.#retryBackoff * 2, RETRY_MAX_MS)
+    this.#scheduleRetry(this.#retryBackoff)
   }
 
   /** Keeps a batch's settling in view until it ends, for close() to wait on. */
@@ -143,8 +233,15 @@ export class BatchDelivery {
     settled.then(forget, forget)
   }
 
-  /** Waits for the batches still settling, at most SETTLE_ON_CLOSE_MS. */
+  /**
+   * Waits for the batches still settling, at most SETTLE_ON_CLOSE_MS, and stops the retries:
+   * entries still owed stay pending for another instance to claim.
+   */
   async settleInFlight (): Promise<void> {
+    this.#closed = true
+    if (this.#retryTimer !== null) clearTimeout(this.#retryTimer)
+    this.#retryTimer = null
+    this.#owed.clear()
     if (this.#settling.size > 0) {
       let timer: NodeJS.Timeout | undefined
       await Promise.race([

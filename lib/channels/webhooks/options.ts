@@ -56,8 +56,8 @@ export const WebhooksSchema = Type.Object({
   keepDeliveredSeconds: Type.Integer({ minimum: 1, default: 24 * 3600 }),
   keepDeadSeconds: Type.Integer({ minimum: 1, default: 30 * 24 * 3600 }),
   urlTtlSeconds: Type.Integer({ minimum: 1, default: 7 * 24 * 3600 }),
-  lockDurationMs: Type.Integer({ minimum: 100, default: 30_000 }),
-  stalledIntervalMs: Type.Integer({ minimum: 100, default: 30_000 }),
+  lockDurationMs: Type.Integer({ minimum: 100, default: 10_000 }),
+  stalledIntervalMs: Type.Integer({ minimum: 100, default: 5_000 }),
   routePrefix: Type.String({ pattern: '^/', default: '/webhooks' })
 }, { default: {}, additionalProperties: false })
 
@@ -128,9 +128,13 @@ export interface WebhooksOptions {
   keepDeadSeconds?: number
   /** How long a per-upload endpoint is kept for a job that has not ended. @default 604800 (7 days) */
   urlTtlSeconds?: number
-  /** A delivery whose instance died is taken over after about this. @default 30000 */
+  /**
+   * A delivery whose instance died is taken over once its lock lapsed, at most this plus
+   * {@link stalledIntervalMs} after the death (the lock is renewed every half of it while the
+   * delivery runs). @default 10000
+   */
   lockDurationMs?: number
-  /** How often deliveries of dead instances are looked for. @default 30000 */
+  /** How often deliveries of dead instances are looked for (one script per instance). @default 5000 */
   stalledIntervalMs?: number
   /** Prefix of the dead-letter routes. @default '/webhooks' */
   routePrefix?: string

@@ -63,6 +63,8 @@ class DeliveryFailed extends Error {
 }
 
 const STATUS_EVENTS = new Set(['waiting', 'delayed', 'active', 'stalled'])
+/** How soon the delivery worker tries again after a connection error (BullMQ's `runRetryDelay`). */
+export const RUN_RETRY_DELAY_MS = 500
 const MAX_URL_LENGTH = 2048
 
 /** The internal event of a stream entry, read from the entry alone: the job may be gone already. */
@@ -176,6 +178,10 @@ export class Webhooks {
         lockDuration: this.#o.lockDurationMs,
         stalledInterval: this.#o.stalledIntervalMs,
         maxStalledCount: 3,
+        // After a lost connection (Redis restarted or paused) BullMQ waits this long before it
+        // fetches again or records a finished delivery: by default 15 s, on top of the fault,
+        // for every delivery queued meanwhile.
+        runRetryDelay: RUN_RETRY_DELAY_MS,
         settings: { backoffStrategy: (attemptsMade, _type, err) => retryDelay(this.#o, attemptsMade, (err as DeliveryFailed | undefined)?.retryAfterMs ?? null) }
       })
       this.#worker.on('error', (err: Error) => ctx.log.debug({ err }, 'job-progress: webhook worker error'))
@@ -225,7 +231,13 @@ export class Webhooks {
     // A final's delivery id names its attempt; an entry of BullMQ's does not say it: the job does.
     const readAttempt = e.final && e.attempt === undefined
     if (readAttempt) reads.hmget(keys.job(e.queue, e.jobId), 'ats', 'atm')
-    const replies = reads.length === 0 ? [] : (await reads.exec() ?? []).map(([err, value]) => err === null ? value as string | number | null | Array<string | null> : null)
+    // A read Redis refused fails the listener (the bridge calls it again) instead of passing for
+    // "nothing there": a final sent with no counts, or a cancel taken for a failure.
+    const read = reads.length === 0 ? [] : await reads.exec() ?? []
+    const replies = read.map(([err, value]) => {
+      if (err !== null) throw err
+      return value as string | number | null | Array<string | null>
+    })
     const perUpload = hook.allow !== undefined ? replies.shift() as string | null ?? null : null
     const progress = e.event === 'completed' ? replies.shift() as string | null ?? null : null
     if (e.event === 'failed' && replies.shift() === 1) e = { ...e, event: 'cancelled' }
