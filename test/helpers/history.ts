@@ -734,7 +734,8 @@ export class Deployment {
       SESSION_SECRET,
       UPLOAD_DIR: d.uploadDir,
       API_KEYS: opts.owners.map(o => `${o.key}:${o.name}`).join(','),
-      LOG_LEVEL: 'error',
+      // HISTORY_LOG_LEVEL=warn shows the instances' warnings in RunResult.output, to diagnose a failure.
+      LOG_LEVEL: process.env.HISTORY_LOG_LEVEL ?? 'error',
       WEBHOOK_URL: `${d.receiver.url}/hook`,
       WEBHOOK_SECRET: secret,
       MAX_CONNECTIONS_PER_OWNER: String(opts.maxConnectionsPerOwner ?? 50)
@@ -765,6 +766,11 @@ export class Deployment {
       if (Date.now() > deadline) throw new Error(`${name} not ready within 30 s (/ready answered ${answer}):\n${proc.output}`)
       await sleep(50)
     }
+  }
+
+  /** The tail of every API process's output, oldest process first. */
+  output (): string[] {
+    return this.#procs.map(p => `${p.name}:\n${p.output}`)
   }
 
   /** The local ports of this process's connections to Redis: the test's own, which faults spare. */
@@ -837,6 +843,8 @@ export interface RunResult {
   truth: Map<string, TrueState[]>
   watchers: number
   durationMs: number
+  /** The tail of each API process's output (its logs at HISTORY_LOG_LEVEL, else errors only). */
+  output: string[]
 }
 
 /**
@@ -925,7 +933,7 @@ export async function runHistory (t: Teardown, o: RunOptions): Promise<RunResult
   if (missing !== null && missing !== 0) throw new Error(`harness: the stream recorder missed ${missing} entries; the true history is incomplete`)
   const truth = new Map(ids.map(id => [id, recorder.truth(id)]))
   const verdicts = watchers.all.map(w => check(w, truth.get(w.jobId) as TrueState[], faults, o.boundMs))
-  return { verdicts, faults, jobs, truth, watchers: watchers.all.length, durationMs: Date.now() - started }
+  return { verdicts, faults, jobs, truth, watchers: watchers.all.length, durationMs: Date.now() - started, output: d.output() }
 }
 
 async function uploadWithRetry (url: string, content: string, owner: Owner): Promise<string> {
