@@ -43,6 +43,7 @@ import { Quotas } from './http/create/quotas'
 import { registerHealth } from './http/health'
 import { registerLongIdRoutes } from './http/long-ids'
 import { noTelemetry, type Telemetry } from './core/telemetry'
+import { createTracing, noTracing } from './core/tracing'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './core/metrics'
 import { Webhooks } from './channels/webhooks/webhooks'
 import { LiveLogs } from './channels/logs/live-logs'
@@ -92,6 +93,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   if (opts.telemetry !== undefined) backends.push(opts.telemetry)
   if (metrics !== null) backends.push(prometheusTelemetry(metrics.registry, metrics.prefix))
   const telemetry = backends.length === 0 ? noTelemetry : teeTelemetry(backends)
+  const tracing = opts.tracing ? createTracing() : noTracing
 
   // Connections: the caller's command client is used as it is and left open at close; every
   // other connection is ours. One connection only SUBSCRIBEs, one only blocks on the bridge.
@@ -132,7 +134,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   const owners = new Owners(opts, log)
   const queues = new Map<string, Queue>()
   for (const [kind, k] of Object.entries(opts.kinds)) {
-    const queue = new Queue(k.queueName, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions } })
+    const queue = new Queue(k.queueName, { connection: redis, prefix: opts.prefix, defaultJobOptions: { ...opts.defaultJobOptions, ...k.jobOptions }, telemetry: tracing.bullmq })
     queue.on('error', (err: Error) => log.debug({ err }, 'job-progress: queue error'))
     // The owner gets a field of its own, so ownership checks read it alone (not the job's data).
     queue.on('waiting', (job: { id?: string, data?: { owner?: unknown } }) => {
@@ -143,7 +145,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     queues.set(kind, queue)
   }
 
-  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepPeriodMs: opts.sweepPeriodMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, log, onJobLost: (target) => { lostUploads.lost(target.queue, target.jobId) } })
+  const hub = new Hub({ redis: cmd, broker, keys, throttleMs: opts.throttleMs, sweepPeriodMs: opts.sweepPeriodMs, sweepReadsPerSecond: opts.sweepReadsPerSecond, telemetry, tracing, log, onJobLost: (target) => { lostUploads.lost(target.queue, target.jobId) } })
   // Parts that act once per job event across the cluster (upload cleanup, webhooks) listen here.
   const bridgeListeners: Array<(event: BridgeEvent) => void | Promise<void>> = []
   const cleanup = new UploadCleanup({ ...opts.files, redis: cmd, keys, storage, queueOf: (kind) => opts.kinds[kind]?.queueName, queues: [...queues.values()].map(q => q.name), log })

@@ -122,6 +122,7 @@ export const OptionsSchema = Type.Object({
   pubsub: Type.Optional(Type.Union([Type.Literal('classic'), Type.Literal('sharded')], { description: 'pub/sub style; default sharded on a Cluster connection, classic otherwise' })),
   metrics: Type.Optional(Type.Unsafe<boolean | MetricsOptions>(Type.Any({ description: 'serve Prometheus metrics: true, or { path, registry, prefix }' }))),
   telemetry: Type.Optional(Type.Unsafe<Telemetry>(Type.Any({ description: 'a telemetry backend of your own' }))),
+  tracing: Type.Boolean({ default: true, description: 'OpenTelemetry traces from the upload to the socket write, through the app\'s registered SDK (a no-op without one)' }),
   webhooks: WebhooksSchema,
   liveLogs: Type.Object({
     maxCatchUpLines: Type.Integer({ minimum: 1, default: 1000, description: 'most log lines one catch-up sends a watcher; older ones are named in a logs_truncated marker' }),
@@ -181,7 +182,7 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'sweepPeriodMs' | 'sweepReadsPerSecond' | 'routePrefix' | 'ssePath' | 'clientRoute'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'sweepPeriodMs' | 'sweepReadsPerSecond' | 'routePrefix' | 'ssePath' | 'clientRoute' | 'tracing'>> & {
   /**
    * Where the routes outside the kinds' own paths go: liveness and readiness, metrics, the
    * multiplexed SSE stream, my jobs, the client route (`clientRoute: true`) and the dead-letter
@@ -219,6 +220,16 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    * @default no cap
    */
   sweepReadsPerSecond?: number
+  /**
+   * OpenTelemetry traces through the SDK the app registered (see docs/tracing.md): the job's
+   * queue adds it with BullMQ's producer span under the active span (the request's, with
+   * `@fastify/otel`) and keeps the context in the job (`tm`); each relayed report of a sampled
+   * trace gets a delivery span on every instance that writes it to a socket or an SSE stream.
+   * Without an SDK it is a no-op: no context is written and nothing is added per message.
+   * `false` turns it off even with one.
+   * @default true
+   */
+  tracing?: boolean
   /**
    * Live log lines (`logs` on subscribe, `?logs=1` on SSE). `maxCatchUpLines` (default 1000):
    * most lines one catch-up sends, older ones are named in a `logs_truncated` marker.

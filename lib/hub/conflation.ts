@@ -1,6 +1,7 @@
 import { entryOf, isFinal, sameState, supersedes, type JobEvent } from '../core/event'
 import type { Snapshot } from '../core/snapshot'
 import type { Telemetry } from '../core/telemetry'
+import { noTracing, type Tracing } from '../core/tracing'
 import type { Watch } from './watch'
 
 /**
@@ -12,12 +13,14 @@ export class Conflation {
   readonly #t: Telemetry
 
   readonly #onRead: (watch: Watch) => void
+  readonly #tracing: Tracing
 
   /** `onRead` learns of every read of a job applied (the sweep's clock). */
-  constructor (throttleMs: number, telemetry: Telemetry, onRead: (watch: Watch) => void = () => {}) {
+  constructor (throttleMs: number, telemetry: Telemetry, onRead: (watch: Watch) => void = () => {}, tracing: Tracing = noTracing) {
     this.#throttleMs = throttleMs
     this.#t = telemetry
     this.#onRead = onRead
+    this.#tracing = tracing
   }
 
   /** Applies a read of the job; true when it changed what watchers see. */
@@ -70,6 +73,19 @@ export class Conflation {
     watch.emitted = event
     watch.lastEmitAt = Date.now()
     if (watch.sinks.size > 0) this.#t.count('eventsRelayed')
-    for (const sink of watch.sinks) sink.deliver(event)
+    // A state from a sampled report is written inside its delivery span; any other costs a lookup.
+    const delivery = this.#tracing.delivery(event, watch.target.queue, watch.sinks.size)
+    if (delivery === null) {
+      for (const sink of watch.sinks) sink.deliver(event)
+      return
+    }
+    try {
+      for (const sink of watch.sinks) {
+        sink.deliver(event)
+        delivery.written()
+      }
+    } finally {
+      delivery.end()
+    }
   }
 }

@@ -1,11 +1,12 @@
 import type { FastifyBaseLogger } from 'fastify'
 import type { Redis } from 'ioredis'
-import { eta, isFinal, parseProgress } from '../core/event'
+import { eta, isFinal, parseProgress, type JobEvent } from '../core/event'
 import { progressDetails, type Clipped } from '../core/progress-details'
 import type { Keys } from '../core/keys'
 import type { Broker } from '../broker/broker'
 import { createBroker } from '../broker/create-broker'
 import { noTelemetry, type Telemetry } from '../core/telemetry'
+import { noTracing, type Tracing } from '../core/tracing'
 import type { Commands, Snapshot, SnapshotTarget } from '../core/snapshot'
 import { LOG_PREFIX, parseRelay, relayEntryId, RESYNC, type RelayMessage } from '../wire/relay'
 import { compareEntryIds, formatVersion, NO_ENTRY } from '../wire/version'
@@ -45,6 +46,8 @@ export interface HubOptions {
   /** @deprecated ignored: convergence is paid per event and per fault, not on a timer. */
   reconcileIntervalMs?: number
   telemetry?: Telemetry
+  /** Delivery spans of sampled reports (see lib/core/tracing.ts). @defaultValue none */
+  tracing?: Tracing
   log: FastifyBaseLogger
   /**
    * Told of each watched job found lost (gone without an end, e.g. Redis came back empty), once
@@ -72,6 +75,7 @@ export class Hub {
   readonly #conflation: Conflation
   readonly #convergence: Convergence
   readonly #sweep: Sweep
+  readonly #tracing: Tracing
 
   constructor (opts: HubOptions) {
     this.#opts = opts
@@ -79,7 +83,8 @@ export class Hub {
     if (opts.broker === undefined && opts.subscriber === undefined) throw new TypeError('Hub needs a broker or a subscriber connection')
     const broker = opts.broker ?? createBroker(opts.redis as Redis, opts.subscriber as Redis, 'classic')
     this.#watches = new Watches({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, onDrop: (watch) => this.#sweep.forget(watch) })
-    this.#conflation = new Conflation(opts.throttleMs, this.#t, (watch) => this.#sweep.read(watch))
+    this.#tracing = opts.tracing ?? noTracing
+    this.#conflation = new Conflation(opts.throttleMs, this.#t, (watch) => this.#sweep.read(watch), this.#tracing)
     this.#convergence = new Convergence({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, watches: this.#watches, conflation: this.#conflation, onJobLost: opts.onJobLost })
     broker.onMessage((channel, message) => this.#onMessage(channel, message))
     // After a reconnect the subscriptions are made again, but what was published meanwhile is gone.
@@ -210,7 +215,7 @@ export class Hub {
     // entry id moves only if the conflation takes the state.
     const at = attempt ?? last.attempt
     if (Number.isFinite(ts)) this.#t.observe('relayLatency', Math.max(0, Date.now() - ts) / 1000)
-    this.#conflation.offer(watch, {
+    const event: JobEvent = {
       kind: watch.target.kind,
       jobId: watch.target.jobId,
       state: 'active',
@@ -222,7 +227,9 @@ export class Hub {
       // A message without an entry id (an older instance's) has no version: ordered as before.
       ...(message.i !== undefined ? { version: formatVersion(at, message.i) } : {}),
       ...details
-    })
+    }
+    this.#tracing.tag(event, message.d)
+    this.#conflation.offer(watch, event)
   }
 
   /**

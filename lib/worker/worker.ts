@@ -5,9 +5,11 @@ import { appendLog, cutLine } from '../channels/logs/job-logs'
 import { scriptRelay } from '../broker/create-broker'
 import { Keys } from '../core/keys'
 import { progressDetails, type Clipped, type ProgressDetails } from '../core/progress-details'
+import { TRACEPARENT_FIELD } from '../core/tracing'
 import { putOutput, type OutputFile } from '../core/outputs'
 import { DiskStorage, type Storage } from '../core/storage'
 import type { UploadJobData } from '../core/job-data'
+import { jobTrace, noJobTrace } from './tracing'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -83,6 +85,14 @@ export interface JobWorkerOptions {
    * connection, classic otherwise
    */
   pubsub?: 'classic' | 'sharded'
+  /**
+   * OpenTelemetry traces through the SDK the process registered (see docs/tracing.md): a
+   * `process <queue>` span under the context the job was added with (BullMQ's own when
+   * `workerOptions.telemetry` is given), a `report <queue>` span per report, and a sampled
+   * report's traceparent in the progress value for the plugin's delivery spans. A no-op without
+   * an SDK. @default true
+   */
+  tracing?: boolean
 }
 
 /**
@@ -117,7 +127,8 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
     const { fields } = job.data
     const file = job.data.file ?? NO_FILE
     if (await cancelled(jobId)) throw new JobCancelledError()
-    return await handler({
+    const traces = opts.tracing === false ? noJobTrace : jobTrace(job, queue, opts.workerOptions?.telemetry !== undefined)
+    return await traces.run(async () => await handler({
       job,
       file,
       fields: fields ?? {},
@@ -158,9 +169,11 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
         // other failure is Redis away (a restart, the queue's master failing over): the report
         // waits for it, up to the lock's duration, instead of failing a job that still runs.
         const deadline = Date.now() + (opts.workerOptions?.lockDuration ?? 30_000)
+        const span = traces.report(processed, total)
+        const tp = span.traceparent === undefined ? undefined : { [TRACEPARENT_FIELD]: span.traceparent }
         for (let delay = 100; ; delay = Math.min(2 * delay, 2_000)) {
           try {
-            await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1), ...extra })
+            await job.updateProgress({ processed, total, attempt: Math.max(job.attemptsStarted, 1), ...extra, ...tp })
             break
           } catch (err) {
             if (/^Missing key for job/.test((err as Error)?.message) || Date.now() + delay > deadline || abort.signal.aborted) {
@@ -170,13 +183,14 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
             await new Promise(resolve => setTimeout(resolve, delay))
           }
         }
+        span.end(gone)
         if (await cancelled(jobId)) {
           abort.abort(new JobCancelledError())
           throw new JobCancelledError()
         }
         if (gone !== null) throw gone
       }
-    })
+    }))
   }
 
   worker = new Worker<UploadJobData, R>(queue, processor, { ...opts.workerOptions, connection: connection as never, prefix: opts.prefix ?? 'bull' })
