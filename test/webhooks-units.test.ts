@@ -6,6 +6,7 @@ import { checkEndpointUrl, embeddedIPv4, hostAllowed, isPublicAddress, resolveEn
 import { parseRetryAfter } from '../lib/channels/webhooks/http'
 import { deliveryId, eventOf, retryDelay, Webhooks } from '../lib/channels/webhooks/webhooks'
 import { Keys } from '../lib/core/keys'
+import { parseVersion } from '../lib/wire/version'
 import { eventually, redisFor } from './helpers/index'
 import { newSecret, Receiver } from './helpers/receiver'
 
@@ -104,5 +105,27 @@ t.test('a stream entry handled twice (a bridge takeover) makes one delivery', as
     return Object.values(counts).reduce((a, b) => a + b, 0) === 1
   }), 'one delivery job in all, also after a third handling')
   t.equal(receiver.calls.length, 1)
-  t.same(JSON.parse(call.body), { type: 'job_update', job_id: event.jobId, status: 'succeeded', result: { ok: true }, error: null, progress: 100, processed: 0, total: 0, eta_seconds: 0, ts: 1700000000 })
+  // The job is not in Redis: its attempt cannot be read, and the version says 1.
+  t.same(JSON.parse(call.body), { type: 'job_update', job_id: event.jobId, status: 'succeeded', result: { ok: true }, error: null, progress: 100, processed: 0, total: 0, eta_seconds: 0, ts: 1700000000, version: '1.1700000000000-0' })
+})
+
+t.test('payload versions: a final recovered after a gap, a progress event, each `<attempt>.<entry id>`', async (t) => {
+  const redis = await redisFor(t)
+  const secret = newSecret()
+  const receiver = await Receiver.start(t, [secret])
+  const opts = resolveOptions({ connection: redis.url, kinds: { batch: { webhook: { url: receiver.url, events: ['final', 'progress'] } } }, webhooks: { secret, backoffMs: 100 } })
+  const conns: Redis[] = []
+  const open = (): Redis => { const r = new Redis(redis.url, { maxRetriesPerRequest: null }); conns.push(r); return r }
+  t.teardown(() => { for (const r of conns) r.disconnect() })
+  const webhooks = Webhooks.create({ opts, connection: open(), cmd: open(), connect: open, keys: new Keys(opts), log: Fastify().log }) as Webhooks
+  t.teardown(async () => await webhooks.close())
+  const jobId = '6b1f8e5e-2222-4a4a-9a9a-123456789abc'
+  // As lib/bridge/final-recovery.ts hands it: the attempt from the job, the gap's last entry id.
+  void webhooks.onEvent({ queue: 'batch', jobId, event: 'failed', id: '1700000005000-0', t: 1700000004000, final: true, fields: { failedReason: 'boom' }, attempt: 2, recovered: true })
+  void webhooks.onEvent({ queue: 'batch', jobId: '6b1f8e5e-3333-4a4a-9a9a-123456789abc', event: 'progress', id: '1700000001000-4', t: 1700000001000, final: false, fields: { data: '{"processed":1,"total":2,"attempt":3}' } })
+  const calls = await receiver.waitCalls(2)
+  const bodies = new Map(calls.map(c => [JSON.parse(c.body).job_id as string, JSON.parse(c.body)]))
+  t.equal(bodies.get(jobId).version, '2.1700000005000-0', 'the recovered final: its attempt and the gap\'s end')
+  t.same(parseVersion(bodies.get(jobId).version), { attempt: 2, ms: 1700000005000, seq: 0 }, 'and it parses')
+  t.equal(bodies.get('6b1f8e5e-3333-4a4a-9a9a-123456789abc').version, '3.1700000001000-4', 'progress: the attempt it reports and its entry id')
 })

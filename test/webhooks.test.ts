@@ -2,6 +2,7 @@ import t, { type Test } from 'tap'
 import { Queue } from 'bullmq'
 import type { LookupAddress } from 'node:dns'
 import { errors, type JobProgressOptions } from '../lib/index'
+import { parseVersion } from '../lib/wire/version'
 import { eventually, gate, jobKeys, lines, redisFor, startApp, startWorker, tempDir, upload, type RedisServer } from './helpers/index'
 import { newSecret, Receiver, selfSigned } from './helpers/receiver'
 
@@ -49,7 +50,14 @@ t.test('a receiver that fails 3 times then answers 200: 4 signed tries, spaced p
   t.ok(gaps[0] >= 280 && gaps[1] >= 580 && gaps[2] >= 1180, `spaced per the backoff (300, 600, 1200 ms): ${gaps.join(', ')}`)
   t.ok(gaps[2] < 4000, 'and not much more')
   const body = JSON.parse(calls[3].body)
-  t.same(body, { type: 'job_update', job_id: up.body.job_id, status: 'succeeded', result: { lines: 3 }, error: null, progress: 100, processed: 3, total: 3, eta_seconds: 0, ts: body.ts })
+  t.same(body, { type: 'job_update', job_id: up.body.job_id, status: 'succeeded', result: { lines: 3 }, error: null, progress: 100, processed: 3, total: 3, eta_seconds: 0, ts: body.ts, version: body.version })
+  // The version is the final's: its attempt and the entry id of its `completed` in the event stream.
+  const probe = redis.client()
+  const entries = await probe.xrange(api.app.jobProgress.keys.queueKey('batch', 'events'), '-', '+')
+  probe.disconnect()
+  const completed = entries.find(([, f]) => f[f.indexOf('event') + 1] === 'completed' && f[f.indexOf('jobId') + 1] === up.body.job_id)
+  t.ok(parseVersion(body.version) !== null, `the version parses: ${String(body.version)}`)
+  t.equal(body.version, `1.${completed?.[0] ?? '?'}`, 'and is the final\'s: attempt 1, its entry id')
   t.ok(Math.abs(body.ts - Date.now() / 1000) < 30, 'ts is Unix seconds, as in the jobs protocol')
   t.equal(calls[3].path, '/hook')
 })
@@ -69,6 +77,7 @@ t.test('a failed job is delivered as failed with its error; status and progress 
   t.ok(bodies.some(b => b.status === 'running' && b.processed === 0), 'running (status)')
   t.equal(bodies.filter(b => b.status === 'running' && b.processed > 0).length, 1, 'progress at most once per interval')
   t.equal(new Set(receiver.calls.map(c => c.headers['webhook-id'])).size, receiver.calls.length, 'each event its own delivery id')
+  t.ok(bodies.every(b => parseVersion(b.version)?.attempt === 1), `every payload carries a version: ${bodies.map(b => String(b.version)).join(', ')}`)
 })
 
 t.test('a job cancelled while it runs is delivered as cancelled, as the jobs protocol says', async (t) => {

@@ -8,6 +8,7 @@ import { DeliveryNotFoundError, QueueUnavailableError, WebhookForbiddenError, We
 import { parseProgress, type JobEvent } from '../../core/event'
 import type { Keys } from '../../core/keys'
 import { jobUpdate } from '../../protocols/jobs'
+import { formatVersion } from '../../wire/version'
 import { checkEndpointUrl, defaultLookup, RefusedEndpoint, resolveEndpoint, type Lookup } from './address'
 import { post } from './http'
 import { redactEndpoint } from '../../core/redact'
@@ -257,6 +258,11 @@ export class Webhooks {
     }
     const event = eventOf(kind, e, progress)
     if (event === null) return
+    // Every payload carries the job's version: a final's attempt is the one its delivery id names
+    // (read above, or carried by a recovered or cancelled entry); other events' is the one their
+    // entry says (1 when it says none). The entry id is the event's own.
+    if (e.final && attempt > 0) event.attempt = attempt
+    event.version ??= formatVersion(event.attempt, e.id)
     const payload = JSON.stringify(jobUpdate(event))
     await Promise.all(targets.map(async ({ url, trusted }) => {
       const id = deliveryId(e.queue, e.jobId, e.final ? finalKey(e.event, attempt) : e.id, url)
