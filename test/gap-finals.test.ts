@@ -80,7 +80,7 @@ t.test('finals trimmed from the stream while no bridge ran reach webhooks, uploa
     t.equal(await probe.exists(keys.upload(batch.name, jobId)), 0, 'with its marker')
   }
   t.ok(await eventually(() => [completed, failed, cancelled].every(id => feedSeen.some(m => m.job_id === id && ['succeeded', 'failed', 'cancelled'].includes(m.status))), 5_000), 'the feed tells each final')
-  t.ok(await eventually(async () => /job_progress_finals_gone_total\{queue="dataset"\} 1/.test(await (await fetch(`${second.url}/job-progress/metrics`)).text()), 5_000), 'the removed job is counted')
+  t.ok(await eventually(async () => /job_progress_finals_gone_total\{queue="dataset"\} 1/.test(await (await fetch(`${second.url}/metrics`)).text()), 5_000), 'the removed job is counted')
   t.ok(await eventually(async () => (await probe.hkeys(keys.finalGaps(batch.name))).every(f => !f.startsWith('w:')), 5_000), 'the window leaves the record once recovered')
 
   // Deliveries settle; then nothing more comes: one delivery per final, by id.

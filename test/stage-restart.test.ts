@@ -16,7 +16,7 @@ const STEPS: Array<[stage: string, processed: number, total: number]> = [
 
 t.test('a second stage whose counts restart is seen in order on the per-job socket, `jobs`, SSE and polling', async (t) => {
   const redis = await redisFor(t)
-  const { url, ws, uploadDir } = await startApp(t, redis, { ssePath: '/events', protocols: [jobsProtocol({ path: JOBS_PATH })] })
+  const { url, ws, uploadDir } = await startApp(t, redis, { protocols: [jobsProtocol({ path: JOBS_PATH })] })
   const up = await upload(`${url}/batch/upload`, lines(1))
   const jobId: string = up.body.job_id
   const cookie = up.cookie as string
