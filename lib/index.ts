@@ -225,6 +225,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     maxPayload: opts.maxPayload,
     maxBufferedBytes: opts.maxBufferedBytes,
     firstMessageTimeoutMs: opts.firstMessageTimeoutMs,
+    inbound: opts.inbound,
     log,
     canAccess,
     ownerOf: async (target) => await readOwner(cmd, keys, target),

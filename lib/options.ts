@@ -14,6 +14,7 @@ import type { ProtocolDefinition } from './protocols/types'
 import type { MetricsOptions } from './core/metrics'
 import type { RoutePlace } from './http/route-claims'
 import type { Telemetry } from './core/telemetry'
+import { INBOUND_DEFAULTS } from './session/inbound'
 import { keepWebhookFunctions, KindWebhookSchema, WebhooksSchema, type KindWebhookOptions, type ResolvedWebhooks, type WebhooksOptions } from './channels/webhooks/options'
 
 /** A function-valued option: TypeBox checks it is a function, TypeScript gives its signature. */
@@ -93,6 +94,11 @@ export const OptionsSchema = Type.Object({
   sweepPeriodMs: Type.Integer({ minimum: 0, default: 600_000, description: 'safety sweep: every unfinished watched job re-read at least once per period, spread evenly; 0 turns it off' }),
   sweepReadsPerSecond: Type.Optional(Type.Number({ minimum: 0, description: 'deprecated, use sweepPeriodMs: 0 turns the sweep off, a positive value caps its reads per second per instance' })),
   maxSubscriptionsPerConnection: Type.Integer({ minimum: 1, default: 100 }),
+  inbound: Type.Object({
+    maxInFlight: Type.Integer({ minimum: 1, default: INBOUND_DEFAULTS.maxInFlight, description: 'actions (subscribe, unsubscribe) a socket may have asked for and not yet had answered; one more closes it with 1008' }),
+    messagesPerSecond: Type.Number({ exclusiveMinimum: 0, default: INBOUND_DEFAULTS.messagesPerSecond, description: 'messages per second a socket may send on average; faster, once its burst is spent, closes it with 1008' }),
+    burst: Type.Integer({ minimum: 1, default: INBOUND_DEFAULTS.burst, description: 'messages a socket may send at once above the average' })
+  }, { default: {}, additionalProperties: false }),
   maxConnectionsPerOwner: Type.Integer({ minimum: 1, default: 50 }),
   instanceHeartbeatMs: Type.Integer({ minimum: 100, default: 5_000, description: 'how often an instance tells the others it is alive (the connection limit across instances); a killed instance\'s connections stop counting after 3 of these' }),
   firstMessageTimeoutMs: Type.Integer({ minimum: 100, default: 5_000 }),
@@ -182,7 +188,7 @@ export interface FilesOptions {
   sweepIntervalMs?: number
 }
 
-export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'sweepPeriodMs' | 'sweepReadsPerSecond' | 'routePrefix' | 'ssePath' | 'clientRoute' | 'tracing'>> & {
+export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'session' | 'bridge' | 'uploads' | 'health' | 'webhooks' | 'files' | 'idempotency' | 'quotas' | 'watchTokens' | 'liveLogs' | 'myJobs' | 'inbound' | 'sweepPeriodMs' | 'sweepReadsPerSecond' | 'routePrefix' | 'ssePath' | 'clientRoute' | 'tracing'>> & {
   /**
    * Where the routes outside the kinds' own paths go: liveness and readiness, metrics, the
    * multiplexed SSE stream, my jobs, the client route (`clientRoute: true`) and the dead-letter
@@ -246,6 +252,19 @@ export type JobProgressOptions = Partial<Omit<Resolved, 'kinds' | 'limits' | 'se
    * owner's channel (once per cluster; off: the list still works, the feed gets only creations).
    */
   myJobs?: { path?: string | false, maxPerOwner?: number, ttlSeconds?: number, feed?: boolean }
+  /**
+   * What a socket's own messages may make the server do; past either bound it is closed with
+   * `1008` and a reason that names the bound (clients do not reconnect after 1008). Both fit a
+   * client that subscribes 100 jobs at once (a dashboard).
+   */
+  inbound?: {
+    /** Actions (subscribe, unsubscribe, the jobs feed) asked for and not yet answered. @default 256 */
+    maxInFlight?: number
+    /** Messages per second on average, every frame counted (a token bucket's refill). @default 50 */
+    messagesPerSecond?: number
+    /** Messages at once above the average (the bucket's size). @default 256 */
+    burst?: number
+  }
   /** How long an `Idempotency-Key` is remembered (per owner and kind), in seconds. @default 86400 */
   idempotency?: { windowSeconds?: number }
   /** Per-owner, per-kind limits on creating jobs, atomic across instances (429 with `Retry-After`). @default no limits */

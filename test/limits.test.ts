@@ -18,6 +18,9 @@ const PATH = '/ws/jobs'
 setFlagsFromString('--expose-gc')
 const gc = runInNewContext('gc') as () => void
 
+/** Inbound bounds no flood here reaches, for the tests of what a client leaves unread. */
+const UNBOUNDED_INBOUND = { maxInFlight: 1_000_000, messagesPerSecond: 1_000_000, burst: 1_000_000 }
+
 function pause (client: Client): void {
   (client.socket as unknown as { _socket: { pause: () => void } })._socket.pause()
 }
@@ -55,7 +58,8 @@ t.test('a frame over maxPayload closes 1009 with a reason, though ws itself refu
 t.test('repeated finals a client never reads: closed 4008 at the byte limit, with its reason; memory back after close', async (t) => {
   const redis = await redisFor(t)
   const maxBufferedBytes = 256 * 1024
-  const { url, ws, app, uploadDir } = await startApp(t, redis, { maxBufferedBytes, protocols: [jobsProtocol({ path: PATH })] })
+  // The inbound bounds (inbound-limits.test.ts) would close it first: this is about the bytes it leaves unread.
+  const { url, ws, app, uploadDir } = await startApp(t, redis, { maxBufferedBytes, protocols: [jobsProtocol({ path: PATH })], inbound: UNBOUNDED_INBOUND })
   const up = await upload(`${url}/batch/upload`, lines(1))
   const worker = createJobWorker({ kind: 'batch', connection: redis.url, storage: new DiskStorage(uploadDir) }, async () => ({ text: 'r'.repeat(8 * 1024) }))
   worker.on('error', () => {})
@@ -95,7 +99,7 @@ t.test('repeated finals a client never reads: closed 4008 at the byte limit, wit
 
 t.test('pings a client never reads count too', async (t) => {
   const redis = await redisFor(t)
-  const { ws, app } = await startApp(t, redis, { apiKeys: { k: 'alice' }, maxBufferedBytes: 64 * 1024, protocols: [jobsProtocol({ path: PATH })] })
+  const { ws, app } = await startApp(t, redis, { apiKeys: { k: 'alice' }, maxBufferedBytes: 64 * 1024, protocols: [jobsProtocol({ path: PATH })], inbound: UNBOUNDED_INBOUND })
   const client = connect(t, `${ws}${PATH}?api_key=k`)
   await client.waitFor(m => m.type === 'connected')
   pause(client)

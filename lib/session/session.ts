@@ -10,6 +10,7 @@ import type { LogsRequest } from '../channels/logs/live-logs'
 import type { MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 import { serialize } from './render'
 import { SessionJobs, type JobsConnection, type JobsContext } from './session-jobs'
+import { InboundLimit, type InboundOptions } from './inbound'
 
 export type { LogsContext } from './session-jobs'
 
@@ -27,6 +28,8 @@ export interface SessionContext extends JobsContext {
   maxConnectionsPerOwner: number
   maxPayload: number
   firstMessageTimeoutMs: number
+  /** What a connection's own messages may make the server do (`inbound` option). */
+  inbound: InboundOptions
   mine?: MineContext
 }
 
@@ -72,6 +75,8 @@ export class Session implements TransportEvents, JobsConnection {
   #jobChains: Map<string, Promise<void>> | null = null
   /** The last unsubscribe: steps asked after it wait for it. */
   #barrier: Promise<void> | null = null
+  /** Its message rate and its actions in flight. */
+  readonly #inbound: InboundLimit
 
   /** Call synchronously from the route handler: messages that arrive before auth ends are kept. */
   constructor (ctx: SessionContext, protocol: ProtocolDefinition, transport: Transport, request: FastifyRequest, jobs: InitialJob[] = [], mine = false) {
@@ -82,6 +87,7 @@ export class Session implements TransportEvents, JobsConnection {
     this.#request = request
     this.outbox = new Outbox(transport, { maxBytes: ctx.maxBufferedBytes, owner: this })
     this.#jobs = new SessionJobs(ctx, this)
+    this.#inbound = new InboundLimit(ctx.inbound)
     ctx.sessions.add(this)
     transport.bind(this)
     if (protocol.auth === 'first-message') {
@@ -266,6 +272,9 @@ export class Session implements TransportEvents, JobsConnection {
 
   #onFrame (data: Buffer | string, isBinary: boolean, size: number): void {
     if (this.#state === 'closed') return
+    // Every frame counts, read or ignored, before authentication too: parsing is work as well.
+    const tooFast = this.#inbound.message()
+    if (tooFast !== null) return this.#abuse(tooFast)
     // ws enforces maxPayload when the plugin made the server; a host-owned server may allow more.
     if (size > this.#ctx.maxPayload) return this.close(CloseCodes.tooBig, `message larger than ${this.#ctx.maxPayload} bytes`)
     if (isBinary) {
@@ -291,23 +300,32 @@ export class Session implements TransportEvents, JobsConnection {
   #onText (text: string): void {
     const action: ClientAction = this.protocol.parse?.(text) ?? { type: 'ignore' }
     switch (action.type) {
-      case 'subscribe':
+      case 'subscribe': {
+        const step = this.#counted(() => this.#jobs.subscribe(action.jobId, undefined, true, action.logs))
+        if (step === null) return
         this.#jobs.expect(1)
-        this.#enqueueFor(action.jobId, () => this.#jobs.subscribe(action.jobId, undefined, true, action.logs))
+        this.#enqueueFor(action.jobId, step)
         break
-      case 'subscribe_mine':
-        this.#enqueue(() => this.#subscribeMine())
+      }
+      case 'subscribe_mine': {
+        const step = this.#counted(() => this.#subscribeMine())
+        if (step !== null) this.#enqueue(step)
         break
-      case 'unsubscribe_mine':
+      }
+      case 'unsubscribe_mine': {
         // Behind a subscribe_mine still in progress, so it cannot be undone by it.
-        this.#enqueue(() => {
+        const step = this.#counted(() => {
           this.#mine?.()
           this.#mine = null
         })
+        if (step !== null) this.#enqueue(step)
         break
-      case 'unsubscribe':
-        this.#enqueueFor(action.jobId, () => this.#jobs.unsubscribe(action.jobId), true)
+      }
+      case 'unsubscribe': {
+        const step = this.#counted(() => this.#jobs.unsubscribe(action.jobId))
+        if (step !== null) this.#enqueueFor(action.jobId, step, true)
         break
+      }
       case 'ping':
         this.sendControl(this.protocol.pong?.())
         break
@@ -315,6 +333,35 @@ export class Session implements TransportEvents, JobsConnection {
         this.error(action.message)
         break
     }
+  }
+
+  /**
+   * A client action counted in flight until it is answered, or null (and the connection closed)
+   * when the client already waits for as many answers as it may.
+   */
+  #counted (step: () => Promise<void> | void): (() => Promise<void>) | null {
+    const over = this.#inbound.begin()
+    if (over !== null) {
+      this.#abuse(over)
+      return null
+    }
+    return async () => {
+      try {
+        await step()
+      } finally {
+        this.#inbound.end()
+      }
+    }
+  }
+
+  /**
+   * Closes a client that asks for more than it may: 1008, which tells clients not to reconnect
+   * (a client that retried would do it again). What it still sends is not read: ws ends the
+   * connection when the client does not answer the close.
+   */
+  #abuse (reason: string): void {
+    this.#ctx.log.info({ owner: this.owner, reason }, 'job-progress: closing a client that sends more than it may')
+    this.close(CloseCodes.policyViolation, reason)
   }
 
   /** Sends an error the protocol renders, for a job or the connection. */
