@@ -10,6 +10,7 @@ import { putOutput, type OutputFile } from '../core/outputs'
 import { DiskStorage, type Storage } from '../core/storage'
 import type { UploadJobData } from '../core/job-data'
 import { jobTrace, noJobTrace } from './tracing'
+import { jobStream, STREAM_LIMITS, type JobStream, type StreamLimits } from './stream'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -61,6 +62,12 @@ export interface JobContext {
    * nothing) when the job was cancelled or deleted meanwhile.
    */
   putOutput: (name: string, source: Readable, type?: string) => Promise<OutputFile>
+  /**
+   * A named stream of the job (model tokens, rows ...): `write(chunk)`, `pipe(source)`, `end()`;
+   * chunks are stored with absolute offsets and relayed live (docs/guide/streams.md). The same
+   * object for the same name.
+   */
+  stream: (name: string) => JobStream
 }
 
 export interface JobWorkerOptions {
@@ -93,6 +100,8 @@ export interface JobWorkerOptions {
    * an SDK. @default true
    */
   tracing?: boolean
+  /** Limits of `ctx.stream()`: `maxBytes`, `maxChunks`, `maxChunkBytes`, `retentionSeconds`. @default {@link STREAM_LIMITS} */
+  streams?: Partial<StreamLimits>
 }
 
 /**
@@ -127,6 +136,7 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
     const { fields } = job.data
     const file = job.data.file ?? NO_FILE
     if (await cancelled(jobId)) throw new JobCancelledError()
+    const streams = new Map<string, JobStream>()
     const traces = opts.tracing === false ? noJobTrace : jobTrace(job, queue, opts.workerOptions?.telemetry !== undefined)
     return await traces.run(async () => await handler({
       job,
@@ -139,6 +149,11 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
       },
       path: file.key === '' ? null : storage.localPath?.(file.key) ?? null,
       signal: abort.signal,
+      stream (name) {
+        let s = streams.get(name)
+        if (s === undefined) streams.set(name, s = jobStream(client, keys, queue, jobId, name, { ...STREAM_LIMITS, ...opts.streams }, opts.pubsub))
+        return s
+      },
       async log (line) {
         const redis = await client()
         const cut = cutLine(String(line))
