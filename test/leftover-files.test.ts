@@ -5,6 +5,7 @@ import { readdir, rm, writeFile } from 'node:fs/promises'
 import { connect as netConnect } from 'node:net'
 import { join } from 'node:path'
 import { connect, eventually, filesIn, lines, redisFor, startApp, tempDir, upload } from './helpers/index'
+import { LOAD_TS } from './helpers/cluster'
 
 // What an instance leaves on disk when it is killed or its jobs are lost: its own partial files
 // are removed when it starts again under its id, and a lost job's upload when the loss is found.
@@ -26,7 +27,7 @@ void (async () => {
   process.stdout.write('port ' + (app.server.address() as { port: number }).port + '\\n')
 })()
 `)
-  const proc = spawn(process.execPath, ['--import', 'tsx', child, redis.url, uploadDir], { stdio: ['ignore', 'pipe', 'inherit'], cwd: join(__dirname, '..') })
+  const proc = spawn(process.execPath, [...LOAD_TS, child, redis.url, uploadDir], { stdio: ['ignore', 'pipe', 'inherit'], cwd: join(__dirname, '..') })
   t.teardown(() => { if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL') })
   let out = ''
   proc.stdout.on('data', (chunk: Buffer) => { out += chunk.toString() })

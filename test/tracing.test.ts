@@ -3,7 +3,7 @@ import { createServer, type Server } from 'node:http'
 import { Redis } from 'ioredis'
 import type { AddressInfo } from 'node:net'
 import { connect, lines, redisFor, tempDir, upload } from './helpers/index'
-import { Proc } from './helpers/cluster'
+import { LOAD_TS, Proc } from './helpers/cluster'
 import { freePort } from './helpers/redis'
 import { sse } from './helpers/sse'
 
@@ -79,7 +79,7 @@ t.test('one trace: upload request → BullMQ add → worker processing → each 
     OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: rx.url,
     ...extra
   })
-  const args = (fixture: string): string[] => ['--import', 'tsx', '--import', './test/fixtures/otel-sdk.ts', fixture]
+  const args = (fixture: string): string[] => [...LOAD_TS, '--require', './test/fixtures/otel-sdk.ts', fixture]
   const procs: Proc[] = []
   t.teardown(async () => { await Promise.all(procs.map(async p => await p.stop())) })
   const api = async (name: string): Promise<{ url: string, ws: string }> => {

@@ -6,7 +6,7 @@ import WebSocket from 'ws'
 import { createJobWorker, DiskStorage } from '../../lib/index'
 import { compareEntryIds, parseVersion } from '../../lib/wire/version'
 import { browserPage, startNginx } from './browser'
-import { Proc, SESSION_SECRET, type Api } from './cluster'
+import { LOAD_TS, Proc, SESSION_SECRET, type Api } from './cluster'
 import { tempDir, upload } from './index'
 import { freePort, RedisServer } from './redis'
 import { newSecret, Receiver } from './receiver'
@@ -748,7 +748,7 @@ export class Deployment {
 
   /** One API instance on `port`, used once its readiness route answers 200, as a load balancer would. */
   async startApi (port: number, name: string): Promise<Api> {
-    const proc = new Proc(name, process.execPath, ['--import', 'tsx', 'test/fixtures/history-api.ts'], { ...this.#env, PORT: String(port) })
+    const proc = new Proc(name, process.execPath, [...LOAD_TS, 'test/fixtures/history-api.ts'], { ...this.#env, PORT: String(port) })
     this.#procs.push(proc)
     const api: Api = { proc, port, url: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}`, id: '' }
     const deadline = Date.now() + 30_000
