@@ -11,6 +11,7 @@ import { DiskStorage, type Storage } from '../core/storage'
 import type { UploadJobData } from '../core/job-data'
 import { jobTrace, noJobTrace } from './tracing'
 import { jobStream, STREAM_LIMITS, type JobStream, type StreamLimits } from './stream'
+import { AFTER_FORCE_MS, boundClose, closeTimeout, quitWithin } from '../core/bounded-close'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -102,6 +103,13 @@ export interface JobWorkerOptions {
   tracing?: boolean
   /** Limits of `ctx.stream()`: `maxBytes`, `maxChunks`, `maxChunkBytes`, `retentionSeconds`. @default {@link STREAM_LIMITS} */
   streams?: Partial<StreamLimits>
+  /**
+   * `close()` resolves within this long (plus at most 1 s): past it, the worker's own Redis
+   * connections are ended at once, so a close during a Redis outage does not wait for Redis to
+   * come back (a connection passed in `connection` is left open). A job still running then is
+   * not waited for; its lock expires and another worker takes it. @default 5_000
+   */
+  closeTimeoutMs?: number
 }
 
 /**
@@ -115,6 +123,7 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
   const keys = new Keys({ prefix: opts.prefix ?? 'bull', channelPrefix: opts.channelPrefix ?? 'jp' })
   const storage = opts.storage ?? new DiskStorage(join(tmpdir(), 'fastify-job-progress'))
   const warn = opts.warn ?? ((message: string) => process.emitWarning(message, 'JobProgressWarning'))
+  const closeTimeoutMs = closeTimeout(opts.closeTimeoutMs)
   // A URL becomes a client of ours, closed with the worker; BullMQ workers block, hence null retries.
   const fromUrl = typeof opts.connection === 'string' || opts.connection === undefined
     ? new IORedis(opts.connection ?? 'redis://127.0.0.1:6379', { maxRetriesPerRequest: null })
@@ -209,9 +218,10 @@ export function createJobWorker<R> (opts: JobWorkerOptions, handler: (ctx: JobCo
   }
 
   worker = new Worker<UploadJobData, R>(queue, processor, { ...opts.workerOptions, connection: connection as never, prefix: opts.prefix ?? 'bull' })
+  boundClose(worker, { timeoutMs: closeTimeoutMs, keep: fromUrl === null ? opts.connection : undefined, own: fromUrl === null ? [] : [fromUrl] })
   if (fromUrl !== null) {
     fromUrl.on('error', () => {})
-    worker.on('closed', () => { fromUrl.quit().catch(() => fromUrl.disconnect()) })
+    worker.on('closed', () => { void quitWithin(fromUrl, AFTER_FORCE_MS) })
   }
   return worker
 }

@@ -12,6 +12,7 @@ import { formatVersion } from '../../wire/version'
 import { checkEndpointUrl, defaultLookup, RefusedEndpoint, resolveEndpoint, type Lookup } from './address'
 import { post } from './http'
 import { redactEndpoint } from '../../core/redact'
+import { boundClose } from '../../core/bounded-close'
 import { kindWebhook, type KindWebhook, type KindWebhookOptions, type ResolvedWebhooks, type WebhookEvent } from './options'
 import { errors } from '../../http/schemas'
 
@@ -66,6 +67,11 @@ class DeliveryFailed extends Error {
 const STATUS_EVENTS = new Set(['waiting', 'delayed', 'active', 'stalled'])
 /** How soon the delivery worker tries again after a connection error (BullMQ's `runRetryDelay`). */
 export const RUN_RETRY_DELAY_MS = 500
+/**
+ * At `app.close()`, how long the delivery worker is waited for (a delivery in flight finishing)
+ * before its connections are ended: a close during a Redis outage would otherwise wait for Redis.
+ */
+export const WORKER_CLOSE_MS = 2_000
 const MAX_URL_LENGTH = 2048
 
 /** The internal event of a stream entry, read from the entry alone: the job may be gone already. */
@@ -172,8 +178,9 @@ export class Webhooks {
     this.queue = new Queue<DeliveryData>(this.#o.queueName, { connection: ctx.connection, prefix: ctx.opts.prefix })
     this.queue.on('error', (err: Error) => ctx.log.debug({ err }, 'job-progress: webhook queue error'))
     if (this.#o.worker) {
+      const connection = ctx.connect()
       this.#worker = new Worker<DeliveryData>(this.#o.queueName, async (job) => await this.#deliver(job), {
-        connection: ctx.connect(),
+        connection,
         prefix: ctx.opts.prefix,
         concurrency: this.#o.concurrency,
         lockDuration: this.#o.lockDurationMs,
@@ -185,6 +192,7 @@ export class Webhooks {
         runRetryDelay: RUN_RETRY_DELAY_MS,
         settings: { backoffStrategy: (attemptsMade, _type, err) => retryDelay(this.#o, attemptsMade, (err as DeliveryFailed | undefined)?.retryAfterMs ?? null) }
       })
+      boundClose(this.#worker, { timeoutMs: WORKER_CLOSE_MS, own: [connection] })
       this.#worker.on('error', (err: Error) => ctx.log.debug({ err }, 'job-progress: webhook worker error'))
       this.#worker.on('failed', (job, err) => {
         if (job === undefined) return
