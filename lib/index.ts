@@ -32,7 +32,7 @@ import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './http/client-route'
 import { releaseUpgrade, socketErrorHandler, WebSocketTransport } from './transports/websocket'
-import { readOwner, readSnapshots, writeOwner, type Snapshot } from './core/snapshot'
+import { readOwner, readOwners, readSnapshots, writeOwner, type Snapshot } from './core/snapshot'
 import { DiskStorage, type Storage } from './core/storage'
 import { acceptedBody, uploadHandler, uploadShutdown } from './http/uploads/upload-route'
 import { ownerOnly } from './core/access'
@@ -48,9 +48,6 @@ import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from 
 import { Webhooks } from './channels/webhooks/webhooks'
 import { LiveLogs } from './channels/logs/live-logs'
 import { readLogs } from './channels/logs/job-logs'
-import { LiveStreams, STREAM_BACKLOG_BYTES } from './channels/streams/live-streams'
-import { readStream } from './channels/streams/stream-store'
-import { registerStreamRoutes } from './http/jobs/stream-routes'
 import { MyJobs, registerMyJobsRoutes } from './channels/my-jobs/my-jobs'
 import { OwnerIndex } from './channels/my-jobs/owner-index'
 
@@ -212,15 +209,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     hub,
     owners,
     queueOf,
-    async findKind (jobId) {
-      const kinds = [...queues.keys()]
-      if (kinds.length === 1) return kinds[0]
-      const pipe = cmd.pipeline()
-      for (const kind of kinds) pipe.exists(keys.job(queueOf(kind) as string, jobId), keys.cancel(queueOf(kind) as string, jobId))
-      const replies = await pipe.exec() ?? []
-      const i = replies.findIndex(([err, n]) => err === null && (n as number) > 0)
-      return i < 0 ? null : kinds[i]
-    },
+    kinds: [...queues.keys()].map(kind => ({ kind, queue: queueOf(kind) as string })),
+    ownersOf: async (targets) => await readOwners(cmd, keys, targets),
     sessions,
     connectionLimit,
     maxConnectionsPerOwner: opts.maxConnectionsPerOwner,
@@ -237,12 +227,6 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       channel: (target) => keys.channel(target.queue, target.jobId),
       read: async (target, from, limit) => await readLogs(cmd, keys, target.queue, target.jobId, from, limit),
       ...opts.liveLogs
-    },
-    streams: {
-      feeds: new LiveStreams(broker),
-      channel: (target) => keys.channel(target.queue, target.jobId),
-      read: async (target, name, from, limit) => await readStream(cmd, keys, target.queue, target.jobId, name, from, limit),
-      maxBacklogBytes: STREAM_BACKLOG_BYTES
     },
     mine: { watch: async (owner, receive) => await myJobs.watch(owner, receive) }
   }
@@ -279,7 +263,6 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     if (k.create !== undefined) registerCreateRoute(fastify, opts, owners, admission, creator, basePath, k.create)
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
     registerManageRoutes(fastify, routeCtx, { kind, queue, basePath, uploads: uploadStorage })
-    registerStreamRoutes(fastify, routeCtx, { kind, queue: queue.name, basePath })
   }
   registerLongIdRoutes(fastify, [...queues.keys()].map(kind => opts.kinds[kind].basePath), [...queues.keys()].map(kind => `${opts.wsPrefix}/${kind}`))
   registerSseRoutes(fastify, ctx, {
@@ -375,8 +358,6 @@ export type { LogLineMessage, LogsTruncatedMessage, LogMessage, MyJobMessage, My
 export type { ListedJob } from './channels/my-jobs/owner-index'
 export { defineProtocol, type ProtocolDefinition, type ClientAction, type ServerMessage } from './protocols/types'
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker/worker'
-export { openJobStream, StreamLimitError, STREAM_LIMITS, type JobStream, type OpenJobStreamOptions, type StreamLimits } from './worker/stream'
-export type { StreamMessage, StreamChunkMessage, StreamEndMessage, StreamTruncatedMessage } from './wire/streams'
 export { Keys, isJobId } from './core/keys'
 export type { BridgeEvent } from './bridge/bridge'
 export type { KindWebhookOptions, WebhooksOptions } from './channels/webhooks/options'

@@ -10,8 +10,6 @@ import { CloseCodes, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport } from './transport'
 import { LogFeed, type LiveLogs, type LogsRequest } from '../channels/logs/live-logs'
 import type { LogsRead } from '../channels/logs/job-logs'
-import type { StreamsRequest } from '../channels/streams/live-streams'
-import { StreamFeeds, type StreamsContext } from './stream-feed'
 import { logBytes, renderOnce, serialize } from './render'
 import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
 
@@ -29,8 +27,10 @@ export interface JobsContext {
   hub: Hub
   /** The queue of a kind, or undefined for a kind we do not serve. */
   queueOf: (kind: string) => string | undefined
-  /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
-  findKind: (jobId: string) => Promise<string | null>
+  /** Every kind served, with its queue: a bare job id (multiplexed protocols name no kind) is looked for in each. */
+  kinds: Array<{ kind: string, queue: string }>
+  /** The owners of jobs in one round trip, in order: null for a job that does not exist, an Error for a read Redis refused. */
+  ownersOf: (targets: SnapshotTarget[]) => Promise<Array<string | null | Error>>
   maxSubscriptionsPerConnection: number
   /** Bytes a connection may leave unread (queued and unflushed) before it is closed. */
   maxBufferedBytes: number
@@ -40,7 +40,6 @@ export interface JobsContext {
   /** A job's owner, read alone; null when the job does not exist. */
   ownerOf: (target: SnapshotTarget) => Promise<string | null>
   logs?: LogsContext
-  streams?: StreamsContext
 }
 
 /** What a session's jobs need of the connection they belong to: the session, read only. */
@@ -87,9 +86,9 @@ export class SessionJobs implements Deliveries {
     this.#pending += count
   }
 
-  async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
+  async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest): Promise<void> {
     try {
-      await this.#open(jobId, kind, logs, streams)
+      await this.#open(jobId, kind, logs)
     } finally {
       if (counted) this.#pending--
       this.#closeIfDone()
@@ -102,7 +101,7 @@ export class SessionJobs implements Deliveries {
     this.#c.error(`Job not found or access denied: ${id}`, id)
   }
 
-  async #open (jobId: unknown, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
+  async #open (jobId: unknown, kind?: string, logs?: LogsRequest): Promise<void> {
     if (!this.#c.serving) return
     if (!isJobId(jobId)) return this.#notFound(jobId)
     const existing = this.#subs.get(jobId)
@@ -113,7 +112,6 @@ export class SessionJobs implements Deliveries {
       if (data !== undefined && existing.last !== null) this.#c.outbox.send(data, jobId, isFinal(existing.last.state))
       // Asked again with logs: they start over from the offset now asked for.
       if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
-      if (streams !== undefined) await this.#restartStreams(existing, streams)
       return
     }
     if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
@@ -121,30 +119,46 @@ export class SessionJobs implements Deliveries {
     }
     this.#opening++
     try {
-      await this.#openNew(jobId, kind, logs, streams)
+      await this.#openNew(jobId, kind, logs)
     } finally {
       this.#opening--
     }
   }
 
-  async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
-    const found = kind ?? await this.#ctx.findKind(jobId)
-    const queue = found === null ? undefined : this.#ctx.queueOf(found)
-    if (found === null || queue === undefined) return this.#notFound(jobId)
-    const target: SnapshotTarget = { kind: found, queue, jobId }
+  /**
+   * Where the job is and whose it must be for the hub to open it, or null (not found). A job of
+   * somebody else and one that does not exist cost the same Redis commands: with one kind to look
+   * in and the default policy, none here (the hub's read checks the owner before it reads the
+   * job); else one round trip, each kind's owner read alone, the kind found only where the owner
+   * is the requester (or, with a policy of the application's, where the policy lets them in).
+   */
+  async #locate (jobId: string, kind: string | undefined, requester: string): Promise<{ target: SnapshotTarget, expected: string } | null> {
+    const identity = this.#c.identity
+    const token = identity?.via === 'token'
+    // A watch token grants its one job and nothing else, whatever the job.
+    if (token && (identity?.job === null || identity?.job === undefined || (kind !== undefined && identity.job.kind !== kind) || identity.job.jobId !== jobId)) return null
+    const named = kind ?? (token ? identity?.job?.kind : undefined)
+    const candidates = named === undefined ? this.#ctx.kinds : [{ kind: named, queue: this.#ctx.queueOf(named) }]
+    const served = candidates.filter((c): c is { kind: string, queue: string } => c.queue !== undefined)
+    if (served.length === 0) return null
+    const policy = !token && this.#ctx.canAccess !== ownerOnly
+    if (served.length === 1 && !policy) return { target: { ...served[0], jobId }, expected: requester }
+    const targets = served.map(c => ({ kind: c.kind, queue: c.queue, jobId }))
+    const owners = await this.#ctx.ownersOf(targets)
+    for (const owner of owners) if (owner instanceof Error) throw owner
+    const i = policy ? owners.findIndex(o => typeof o === 'string') : owners.indexOf(requester)
+    if (i < 0) return null
+    const owner = owners[i] as string
+    if (policy && !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: targets[i].kind, jobId, owner, data: null }, 'watch', requester)) return null
+    return { target: targets[i], expected: owner }
+  }
+
+  async #openNew (jobId: string, kind?: string, logs?: LogsRequest): Promise<void> {
     const requester = this.#c.owner
     if (requester === null) return this.#notFound(jobId)
-    // A watch token grants its one job and nothing else; the hub checks the owner it names.
-    const identity = this.#c.identity
-    if (identity?.via === 'token' && (identity.job === null || identity.job === undefined || identity.job.kind !== found || identity.job.jobId !== jobId)) return this.#notFound(jobId)
-    // The owner is read alone first, so a job the requester may not watch costs no subscription.
-    // With the default policy the hub checks it; a policy of the application's is asked here.
-    let expected: string | undefined = requester
-    if (identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: found, jobId, owner, data: null }, 'watch', requester)) return this.#notFound(jobId)
-      expected = owner
-    }
+    const located = await this.#locate(jobId, kind, requester)
+    if (located === null) return this.#notFound(jobId)
+    const { target, expected } = located
     const opened = await this.#ctx.hub.open(target, expected)
     if (opened === null) return this.#notFound(jobId)
     if (!this.#c.serving) {
@@ -152,7 +166,6 @@ export class SessionJobs implements Deliveries {
       return
     }
     const withLogs = logs !== undefined && await this.#logsAllowed(target)
-    const withStreams = streams !== undefined && await this.#streamsAllowed(target)
     if (!this.#c.serving) {
       opened.detach({ deliver () {} })
       return
@@ -163,7 +176,6 @@ export class SessionJobs implements Deliveries {
     // The feed is in place before the current state is delivered: a job that has ended sends
     // its lines first, then its final state.
     if (withLogs) this.#feed(sub, target, logs)
-    if (withStreams && streams !== undefined) sub.streams = this.#streamFeeds(target, streams)
     opened.attach(sub.sink)
     if (!sub.final && sub.logs !== undefined) {
       sub.logs.feed.start()
@@ -171,49 +183,6 @@ export class SessionJobs implements Deliveries {
       // in a loop gets one log read at a time, not one per message.
       await sub.logs.feed.idle()
     }
-    if (!sub.final && sub.streams !== undefined) {
-      sub.streams.start()
-      await sub.streams.idle()
-    }
-  }
-
-  /** Whether this connection may have a job's streams (the `logs` action of a policy); says why not when it may not. */
-  async #streamsAllowed (target: SnapshotTarget): Promise<boolean> {
-    if (this.#ctx.streams === undefined || this.#c.protocol.streams === undefined) {
-      this.#c.error('This connection serves no streams', target.jobId)
-      return false
-    }
-    const requester = this.#c.owner
-    if (this.#c.identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && requester !== null) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', requester)) {
-        this.#c.error(`Streams not available: ${target.jobId}`, target.jobId)
-        return false
-      }
-    }
-    return true
-  }
-
-  #streamFeeds (target: SnapshotTarget, request: StreamsRequest): StreamFeeds {
-    return new StreamFeeds(this.#ctx.streams as StreamsContext, target, request, this.#c, this.#ctx.maxBufferedBytes, this.#ctx.log)
-  }
-
-  /** A subscription asked for streams again: they start over from the offsets now asked for. */
-  async #restartStreams (sub: Subscription, request: StreamsRequest): Promise<void> {
-    if (!await this.#streamsAllowed(sub.target) || this.#subs.get(sub.target.jobId) !== sub) return
-    await sub.streams?.idle()
-    if (this.#subs.get(sub.target.jobId) !== sub) return
-    sub.streams?.stop()
-    const feeds = sub.streams = this.#streamFeeds(sub.target, request)
-    if (!sub.final) {
-      feeds.start()
-      return await feeds.idle()
-    }
-    this.#pending++
-    feeds.finish().finally(() => {
-      this.#pending--
-      this.#closeIfDone()
-    })
   }
 
   /** Whether this connection may have a job's lines; says why not when it may not. */
@@ -285,12 +254,12 @@ export class SessionJobs implements Deliveries {
     if (sub.final) return
     sub.last = event
     const final = isFinal(event.state)
-    if (final && (sub.logs !== undefined || sub.streams !== undefined)) {
-      // A job's last lines and chunks can be relayed after its final state: what is left of its
-      // log and streams is read and sent first, so a watcher that has the final state has them all.
+    if (final && sub.logs !== undefined) {
+      // A job's last lines can be relayed after its final state: what is left of its log is
+      // read and sent first, so a watcher that has the final state has every line.
       sub.final = true
       this.#pending++
-      Promise.all([sub.logs?.feed.finish(), sub.streams?.finish()]).finally(() => {
+      sub.logs.feed.finish().finally(() => {
         this.#pending--
         this.#send(sub, event, true)
         this.#closeIfDone()
@@ -330,7 +299,6 @@ export class SessionJobs implements Deliveries {
     if (sub !== undefined) {
       this.#subs.delete(jobId)
       sub.logs?.stop()
-      sub.streams?.stop()
       sub.opened.detach(sub.sink)
     }
     this.#c.sendControl(this.#c.protocol.unsubscribed?.(jobId))
@@ -341,7 +309,6 @@ export class SessionJobs implements Deliveries {
   close (): void {
     for (const sub of this.#subs.values()) {
       sub.logs?.stop()
-      sub.streams?.stop()
       sub.opened.detach(sub.sink)
     }
     this.#subs.clear()
