@@ -92,8 +92,8 @@ module.exports = {
       'Channels deliver beside sockets on the API side; the worker helper runs in other processes.',
       LAYERS.channels, '^lib/worker/'),
     forbid('worker-imports-only-core',
-      'The worker helper runs inside BullMQ processors, without the plugin: it imports only the core, the broker, the wire, errors and the log channel.',
-      LAYERS.worker, '^lib/(?!worker/|core/|broker/|wire/|errors\\.ts$|channels/logs/)')
+      'The worker helper runs inside BullMQ processors, without the plugin: it imports only the core, the broker, the wire, errors and the log and stream channels.',
+      LAYERS.worker, '^lib/(?!worker/|core/|broker/|wire/|errors\\.ts$|channels/(logs|streams)/)')
   ],
   options: {
     doNotFollow: { path: 'node_modules' },

@@ -48,6 +48,9 @@ import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from 
 import { Webhooks } from './channels/webhooks/webhooks'
 import { LiveLogs } from './channels/logs/live-logs'
 import { readLogs } from './channels/logs/job-logs'
+import { LiveStreams, STREAM_BACKLOG_BYTES } from './channels/streams/live-streams'
+import { readStream } from './channels/streams/stream-store'
+import { registerStreamRoutes } from './http/jobs/stream-routes'
 import { MyJobs, registerMyJobsRoutes } from './channels/my-jobs/my-jobs'
 import { OwnerIndex } from './channels/my-jobs/owner-index'
 
@@ -228,6 +231,12 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
       read: async (target, from, limit) => await readLogs(cmd, keys, target.queue, target.jobId, from, limit),
       ...opts.liveLogs
     },
+    streams: {
+      feeds: new LiveStreams(broker),
+      channel: (target) => keys.channel(target.queue, target.jobId),
+      read: async (target, name, from, limit) => await readStream(cmd, keys, target.queue, target.jobId, name, from, limit),
+      maxBacklogBytes: STREAM_BACKLOG_BYTES
+    },
     mine: { watch: async (owner, receive) => await myJobs.watch(owner, receive) }
   }
 
@@ -263,6 +272,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     if (k.create !== undefined) registerCreateRoute(fastify, opts, owners, admission, creator, basePath, k.create)
     registerJobRoutes(fastify, routeCtx, { kind, queue, basePath })
     registerManageRoutes(fastify, routeCtx, { kind, queue, basePath, uploads: uploadStorage })
+    registerStreamRoutes(fastify, routeCtx, { kind, queue: queue.name, basePath })
   }
   registerLongIdRoutes(fastify, [...queues.keys()].map(kind => opts.kinds[kind].basePath), [...queues.keys()].map(kind => `${opts.wsPrefix}/${kind}`))
   registerSseRoutes(fastify, ctx, {
@@ -358,6 +368,8 @@ export type { LogLineMessage, LogsTruncatedMessage, LogMessage, MyJobMessage, My
 export type { ListedJob } from './channels/my-jobs/owner-index'
 export { defineProtocol, type ProtocolDefinition, type ClientAction, type ServerMessage } from './protocols/types'
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker/worker'
+export { openJobStream, StreamLimitError, STREAM_LIMITS, type JobStream, type OpenJobStreamOptions, type StreamLimits } from './worker/stream'
+export type { StreamMessage, StreamChunkMessage, StreamEndMessage, StreamTruncatedMessage } from './wire/streams'
 export { Keys, isJobId } from './core/keys'
 export type { BridgeEvent } from './bridge/bridge'
 export type { KindWebhookOptions, WebhooksOptions } from './channels/webhooks/options'

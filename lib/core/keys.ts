@@ -71,6 +71,16 @@ export class Keys {
     return `${this.job(queue, jobId)}:logs`
   }
 
+  /**
+   * A named stream of a job (list of chunks as JSON, the index is the offset) and its meta hash
+   * (`bytes`, and `end`, `at`, `m` once ended). In the job's slot; each expires on its own, since
+   * neither BullMQ's removal nor the cancel and delete scripts know them.
+   */
+  stream (queue: string, jobId: string, name: string): { chunks: string, meta: string } {
+    const base = `${this.job(queue, jobId)}:jp-stream:${name}`
+    return { chunks: base, meta: `${base}:meta` }
+  }
+
   /** The mark a deleted job leaves for a while, so its worker stops at its next report. */
   deleted (queue: string, jobId: string): string {
     return this.queueKey(queue, `jp:deleted:${jobId}`)

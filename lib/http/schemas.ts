@@ -135,7 +135,8 @@ export function sseSchema (perJob: boolean): Record<string, unknown> {
         ...(perJob ? {} : { jobs: { ...stringOrList, description: 'job ids, comma-separated (or the parameter repeated)' } }),
         lastEventId: { ...stringOrList, description: 'resume after this event (instead of the Last-Event-ID header)' },
         logs: { type: 'string', enum: ['1', 'true'], description: 'also stream the job\'s log lines (`log` events), from the oldest line kept' },
-        logs_from: { type: 'integer', minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'also stream the job\'s log lines from this absolute offset' }
+        logs_from: { type: 'integer', minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'also stream the job\'s log lines from this absolute offset' },
+        streams_from: { type: 'string', maxLength: 4096, description: 'also stream named streams (`stream` events): `<name>:<offset>` for every job, or `<jobId>@<name>:<offset>` for one, comma-separated' }
       }
     },
     response: {

@@ -9,6 +9,7 @@ import { noTelemetry, type Telemetry } from '../core/telemetry'
 import { noTracing, type Tracing } from '../core/tracing'
 import type { Commands, Snapshot, SnapshotTarget } from '../core/snapshot'
 import { LOG_PREFIX, parseRelay, relayEntryId, RESYNC, type RelayMessage } from '../wire/relay'
+import { STREAM_PREFIX } from '../wire/streams'
 import { compareEntryIds, formatVersion, NO_ENTRY } from '../wire/version'
 import { Conflation } from './conflation'
 import { Convergence } from './convergence'
@@ -159,7 +160,8 @@ export class Hub {
 
   #onMessage (channel: string, raw: string): void {
     // Log lines are the live logs' (lib/channels/logs/live-logs.ts), not a change of state.
-    if (raw.startsWith(LOG_PREFIX)) return
+    // So are a stream's chunks (lib/channels/streams/).
+    if (raw.startsWith(LOG_PREFIX) || raw.startsWith(STREAM_PREFIX)) return
     const watch = this.#watches.get(channel)
     // A message can arrive after its last watcher left; it is nobody's now.
     if (watch !== undefined) this.#receive(watch, raw)

@@ -2,6 +2,7 @@ import { percent, type JobEvent } from '../core/event'
 import { detailFields } from '../core/progress-details'
 import type { JobUpdateMessage } from '../wire/messages'
 import { parseLogsRequest } from '../channels/logs/live-logs'
+import { parseStreamsRequest } from '../channels/streams/live-streams'
 import type { ClientAction, ProtocolDefinition } from './types'
 
 export type { JobUpdateMessage }
@@ -34,7 +35,7 @@ export function jobUpdate (event: JobEvent): JobUpdateMessage {
   }
 }
 
-const USAGE = 'send {"action": "subscribe" | "unsubscribe", "job_id": "<uuid>"} (subscribe takes "logs": true | {"from": <offset>}), {"action": "subscribe_mine" | "unsubscribe_mine"} or {"action": "ping"}'
+const USAGE = 'send {"action": "subscribe" | "unsubscribe", "job_id": "<uuid>"} (subscribe takes "logs": true | {"from": <offset>} and "streams": {"<name>": <offset>}), {"action": "subscribe_mine" | "unsubscribe_mine"} or {"action": "ping"}'
 
 function parseJobsAction (text: string): ClientAction {
   let message: unknown
@@ -44,13 +45,15 @@ function parseJobsAction (text: string): ClientAction {
     return { type: 'invalid', message: `Invalid JSON: ${USAGE}` }
   }
   if (message === null || typeof message !== 'object' || Array.isArray(message)) return { type: 'invalid', message: `Messages must be JSON objects: ${USAGE}` }
-  const { action, job_id: jobId, logs } = message as Record<string, unknown>
+  const { action, job_id: jobId, logs, streams } = message as Record<string, unknown>
   switch (action) {
     case 'subscribe': {
       if (typeof jobId !== 'string' || jobId === '') return { type: 'invalid', message: `Missing job_id for ${action}` }
       const asked = parseLogsRequest(logs)
       if (asked === null) return { type: 'invalid', message: 'logs must be true or {"from": <offset, an integer from 0>}' }
-      return asked === undefined ? { type: action, jobId } : { type: action, jobId, logs: asked }
+      const named = parseStreamsRequest(streams)
+      if (named === null) return { type: 'invalid', message: 'streams must be {"<name>": <offset, an integer from 0>}, at most 16 names' }
+      return { type: action, jobId, ...(asked !== undefined ? { logs: asked } : {}), ...(named !== undefined ? { streams: named } : {}) }
     }
     case 'subscribe_mine':
     case 'unsubscribe_mine':
@@ -92,6 +95,7 @@ export function jobsProtocol (opts: JobsProtocolOptions = {}): ProtocolDefinitio
     error: (message, jobId) => ({ type: 'error', message, ...(jobId !== undefined ? { job_id: jobId } : {}), ts: ts() }),
     heartbeat: () => ({ type: 'heartbeat', ts: ts() }),
     logs: (message) => message,
+    streams: (message) => message,
     mine: (message) => message,
     pong: () => ({ type: 'pong', ts: ts() })
   }

@@ -1,5 +1,6 @@
 import type { JobEvent } from '../core/event'
 import { sseEventId, sseFrame } from '../wire/sse-frame'
+import { streamEventId } from '../wire/streams'
 import { jobUpdate } from './jobs'
 import type { ProtocolDefinition } from './types'
 
@@ -44,6 +45,9 @@ export function sseProtocol (perJob: boolean): ProtocolDefinition {
     // A line's id names its offset: a browser that reconnects by itself sends it back as
     // Last-Event-ID, and the stream resumes after that line.
     logs: (message) => sseFrame(message.type, message, message.type === 'log' ? sseEventId(message.job_id, `${LOG_ID}${message.offset}`) : undefined),
+    // A chunk's id names its stream and offset in a namespace of its own (`stream.`), so a
+    // stream named `log` cannot be taken for a log line.
+    streams: (message) => sseFrame(message.type, message, message.type === 'stream' ? sseEventId(message.job_id, streamEventId(message.name, message.offset)) : undefined),
     mine: (message) => sseFrame(message.type === 'my_job' ? 'my_job' : 'my_jobs_resync', message)
   }
 }

@@ -1,10 +1,12 @@
 import type { JobEvent } from '../core/event'
 import type { LogsRequest } from '../channels/logs/live-logs'
+import type { StreamsRequest } from '../channels/streams/live-streams'
+import type { StreamMessage } from '../wire/streams'
 import type { LogMessage, MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 
 /** What a client message asks for, once a protocol has parsed it. */
 export type ClientAction =
-  | { type: 'subscribe', jobId: unknown, logs?: LogsRequest }
+  | { type: 'subscribe', jobId: unknown, logs?: LogsRequest, streams?: StreamsRequest }
   | { type: 'subscribe_mine' }
   | { type: 'unsubscribe_mine' }
   | { type: 'unsubscribe', jobId: unknown }
@@ -68,6 +70,11 @@ export interface ProtocolDefinition {
    * Without it a protocol's subscriptions get no log lines.
    */
   logs?: (message: LogMessage) => ServerMessage
+  /**
+   * Renders a stream chunk, `stream_end` or `stream_truncated` for a subscription that asked for
+   * streams. Without it a protocol's subscriptions get no streams.
+   */
+  streams?: (message: StreamMessage) => ServerMessage
   /** Renders a message of the caller's jobs feed (`subscribe_mine`). Without it the feed is refused. */
   mine?: (message: MyJobMessage | MyJobsResyncMessage) => ServerMessage
   /** The answer to a `{ type: 'ping' }` action. */

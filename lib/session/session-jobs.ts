@@ -10,6 +10,8 @@ import { CloseCodes, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport } from './transport'
 import { LogFeed, type LiveLogs, type LogsRequest } from '../channels/logs/live-logs'
 import type { LogsRead } from '../channels/logs/job-logs'
+import type { StreamsRequest } from '../channels/streams/live-streams'
+import { StreamFeeds, type StreamsContext } from './stream-feed'
 import { logBytes, renderOnce, serialize } from './render'
 import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
 
@@ -40,6 +42,7 @@ export interface JobsContext {
   /** A job's owner, read alone; null when the job does not exist. */
   ownerOf: (target: SnapshotTarget) => Promise<string | null>
   logs?: LogsContext
+  streams?: StreamsContext
 }
 
 /** What a session's jobs need of the connection they belong to: the session, read only. */
@@ -86,9 +89,9 @@ export class SessionJobs implements Deliveries {
     this.#pending += count
   }
 
-  async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest): Promise<void> {
+  async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     try {
-      await this.#open(jobId, kind, logs)
+      await this.#open(jobId, kind, logs, streams)
     } finally {
       if (counted) this.#pending--
       this.#closeIfDone()
@@ -101,7 +104,7 @@ export class SessionJobs implements Deliveries {
     this.#c.error(`Job not found or access denied: ${id}`, id)
   }
 
-  async #open (jobId: unknown, kind?: string, logs?: LogsRequest): Promise<void> {
+  async #open (jobId: unknown, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     if (!this.#c.serving) return
     if (!isJobId(jobId)) return this.#notFound(jobId)
     const existing = this.#subs.get(jobId)
@@ -112,6 +115,7 @@ export class SessionJobs implements Deliveries {
       if (data !== undefined && existing.last !== null) this.#c.outbox.send(data, jobId, isFinal(existing.last.state))
       // Asked again with logs: they start over from the offset now asked for.
       if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
+      if (streams !== undefined) await this.#restartStreams(existing, streams)
       return
     }
     if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
@@ -119,7 +123,7 @@ export class SessionJobs implements Deliveries {
     }
     this.#opening++
     try {
-      await this.#openNew(jobId, kind, logs)
+      await this.#openNew(jobId, kind, logs, streams)
     } finally {
       this.#opening--
     }
@@ -153,7 +157,7 @@ export class SessionJobs implements Deliveries {
     return { target: targets[i], expected: owner }
   }
 
-  async #openNew (jobId: string, kind?: string, logs?: LogsRequest): Promise<void> {
+  async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     const requester = this.#c.owner
     if (requester === null) return this.#notFound(jobId)
     const located = await this.#locate(jobId, kind, requester)
@@ -166,6 +170,7 @@ export class SessionJobs implements Deliveries {
       return
     }
     const withLogs = logs !== undefined && await this.#logsAllowed(target)
+    const withStreams = streams !== undefined && await this.#streamsAllowed(target)
     if (!this.#c.serving) {
       opened.detach({ deliver () {} })
       return
@@ -176,6 +181,7 @@ export class SessionJobs implements Deliveries {
     // The feed is in place before the current state is delivered: a job that has ended sends
     // its lines first, then its final state.
     if (withLogs) this.#feed(sub, target, logs)
+    if (withStreams && streams !== undefined) sub.streams = this.#streamFeeds(target, streams)
     opened.attach(sub.sink)
     if (!sub.final && sub.logs !== undefined) {
       sub.logs.feed.start()
@@ -183,6 +189,49 @@ export class SessionJobs implements Deliveries {
       // in a loop gets one log read at a time, not one per message.
       await sub.logs.feed.idle()
     }
+    if (!sub.final && sub.streams !== undefined) {
+      sub.streams.start()
+      await sub.streams.idle()
+    }
+  }
+
+  /** Whether this connection may have a job's streams (the `logs` action of a policy); says why not when it may not. */
+  async #streamsAllowed (target: SnapshotTarget): Promise<boolean> {
+    if (this.#ctx.streams === undefined || this.#c.protocol.streams === undefined) {
+      this.#c.error('This connection serves no streams', target.jobId)
+      return false
+    }
+    const requester = this.#c.owner
+    if (this.#c.identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && requester !== null) {
+      const owner = await this.#ctx.ownerOf(target)
+      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', requester)) {
+        this.#c.error(`Streams not available: ${target.jobId}`, target.jobId)
+        return false
+      }
+    }
+    return true
+  }
+
+  #streamFeeds (target: SnapshotTarget, request: StreamsRequest): StreamFeeds {
+    return new StreamFeeds(this.#ctx.streams as StreamsContext, target, request, this.#c, this.#ctx.maxBufferedBytes, this.#ctx.log)
+  }
+
+  /** A subscription asked for streams again: they start over from the offsets now asked for. */
+  async #restartStreams (sub: Subscription, request: StreamsRequest): Promise<void> {
+    if (!await this.#streamsAllowed(sub.target) || this.#subs.get(sub.target.jobId) !== sub) return
+    await sub.streams?.idle()
+    if (this.#subs.get(sub.target.jobId) !== sub) return
+    sub.streams?.stop()
+    const feeds = sub.streams = this.#streamFeeds(sub.target, request)
+    if (!sub.final) {
+      feeds.start()
+      return await feeds.idle()
+    }
+    this.#pending++
+    feeds.finish().finally(() => {
+      this.#pending--
+      this.#closeIfDone()
+    })
   }
 
   /** Whether this connection may have a job's lines; says why not when it may not. */
@@ -254,12 +303,12 @@ export class SessionJobs implements Deliveries {
     if (sub.final) return
     sub.last = event
     const final = isFinal(event.state)
-    if (final && sub.logs !== undefined) {
-      // A job's last lines can be relayed after its final state: what is left of its log is
-      // read and sent first, so a watcher that has the final state has every line.
+    if (final && (sub.logs !== undefined || sub.streams !== undefined)) {
+      // A job's last lines and chunks can be relayed after its final state: what is left of its
+      // log and streams is read and sent first, so a watcher that has the final state has them all.
       sub.final = true
       this.#pending++
-      sub.logs.feed.finish().finally(() => {
+      Promise.all([sub.logs?.feed.finish(), sub.streams?.finish()]).finally(() => {
         this.#pending--
         this.#send(sub, event, true)
         this.#closeIfDone()
@@ -299,6 +348,7 @@ export class SessionJobs implements Deliveries {
     if (sub !== undefined) {
       this.#subs.delete(jobId)
       sub.logs?.stop()
+      sub.streams?.stop()
       sub.opened.detach(sub.sink)
     }
     this.#c.sendControl(this.#c.protocol.unsubscribed?.(jobId))
@@ -309,6 +359,7 @@ export class SessionJobs implements Deliveries {
   close (): void {
     for (const sub of this.#subs.values()) {
       sub.logs?.stop()
+      sub.streams?.stop()
       sub.opened.detach(sub.sink)
     }
     this.#subs.clear()

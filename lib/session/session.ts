@@ -7,6 +7,7 @@ import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protoco
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport, TransportEvents } from './transport'
 import type { LogsRequest } from '../channels/logs/live-logs'
+import type { StreamsRequest } from '../channels/streams/live-streams'
 import type { MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 import { serialize } from './render'
 import { SessionJobs, type JobsConnection, type JobsContext } from './session-jobs'
@@ -34,7 +35,7 @@ export interface SessionContext extends JobsContext {
 }
 
 /** A job a session starts with (named by the route, not by a client message). */
-export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest }
+export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest, streams?: StreamsRequest }
 
 const RESOLVED = Promise.resolve()
 
@@ -233,7 +234,7 @@ export class Session implements TransportEvents, JobsConnection {
     this.#identity = identity
     await this.#ready(identity.owner)
     if (this.#wantsMine) await this.#subscribeMine()
-    for (const job of jobs) await this.#jobs.subscribe(job.jobId, job.kind, true, job.logs)
+    for (const job of jobs) await this.#jobs.subscribe(job.jobId, job.kind, true, job.logs, job.streams)
   }
 
   async #authenticateWith (text: string): Promise<void> {
@@ -301,7 +302,7 @@ export class Session implements TransportEvents, JobsConnection {
     const action: ClientAction = this.protocol.parse?.(text) ?? { type: 'ignore' }
     switch (action.type) {
       case 'subscribe': {
-        const step = this.#counted(() => this.#jobs.subscribe(action.jobId, undefined, true, action.logs))
+        const step = this.#counted(() => this.#jobs.subscribe(action.jobId, undefined, true, action.logs, action.streams))
         if (step === null) return
         this.#jobs.expect(1)
         this.#enqueueFor(action.jobId, step)

@@ -2,6 +2,7 @@ import type { JobEvent } from '../core/event'
 import type { OpenedJob, Sink } from '../hub/hub'
 import type { SnapshotTarget } from '../core/snapshot'
 import type { LogFeed } from '../channels/logs/live-logs'
+import type { StreamFeeds } from './stream-feed'
 
 /** Where a subscription's events go: its session's jobs, one object per session. */
 export interface Deliveries {
@@ -23,6 +24,8 @@ export class Subscription implements Sink {
   sent?: string
   /** Its log lines, when asked for. */
   logs?: { feed: LogFeed, stop: () => void }
+  /** Its named streams, when asked for. */
+  streams?: StreamFeeds
 
   constructor (opened: OpenedJob, target: SnapshotTarget, to: Deliveries) {
     this.opened = opened

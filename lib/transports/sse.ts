@@ -2,6 +2,8 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { ServerResponse } from 'node:http'
 import { logResume, sseProtocol } from '../protocols/sse-protocol'
 import type { LogsRequest } from '../channels/logs/live-logs'
+import { MAX_STREAMS_PER_JOB, type StreamsRequest } from '../channels/streams/live-streams'
+import { isStreamName, streamResume } from '../wire/streams'
 import { Session, type InitialJob, type SessionContext } from '../session/session'
 import type { OutboxData, Transport, TransportEvents } from '../session/transport'
 import { CloseCodes, httpStatus } from '../wire/close-codes'
@@ -98,6 +100,30 @@ function logsAsked (request: FastifyRequest): LogsRequest | undefined {
   return undefined
 }
 
+/**
+ * `?streams_from=<name>:<offset>,<jobId>@<name>:<offset>`: one SSE connection resends a single
+ * Last-Event-ID, so the offsets of several streams or jobs come in the URL; the Last-Event-ID,
+ * when it names a chunk, moves its one stream on past it. Undefined for a job that asked for none.
+ */
+export function streamsAsked (request: FastifyRequest, jobId: string, last: string | undefined): StreamsRequest | undefined {
+  const raw = (request.query as Record<string, unknown> | undefined)?.streams_from
+  let out: StreamsRequest | undefined
+  for (const entry of typeof raw === 'string' ? raw.split(',') : []) {
+    const at = entry.indexOf('@')
+    if (at >= 0 && entry.slice(0, at) !== jobId) continue
+    const spec = entry.slice(at + 1)
+    const colon = spec.lastIndexOf(':')
+    const name = spec.slice(0, colon)
+    const from = Number(spec.slice(colon + 1))
+    if (colon <= 0 || !isStreamName(name) || !Number.isSafeInteger(from) || from < 0) continue
+    out ??= {}
+    if (Object.keys(out).length < MAX_STREAMS_PER_JOB || name in out) out[name] = from
+  }
+  const resumed = streamResume(last, jobId)
+  if (resumed !== null && out !== undefined && resumed.name in out && resumed.from > out[resumed.name]) out[resumed.name] = resumed.from
+  return out
+}
+
 export function lastEventId (request: FastifyRequest): string | undefined {
   const header = request.headers['last-event-id']
   if (typeof header === 'string') return header
@@ -119,6 +145,7 @@ export function registerSseRoutes (fastify: FastifyInstance, ctx: SessionContext
     }
     const logs = logsAsked(request)
     if (logs !== undefined) for (const job of jobs) job.logs = { from: logResume(last, job.jobId) ?? logs.from }
+    for (const job of jobs) job.streams = streamsAsked(request, job.jobId, last)
     reply.hijack()
     // eslint-disable-next-line no-new
     new Session(ctx, protocol, new SseTransport(reply, opts.retryMs), request, jobs)
