@@ -258,6 +258,8 @@ export class JobProgressClient {
         else if (type === 'close') end(closeError(m.code, m.reason))
         // `log` and `logs_truncated`.
         else if (/^log/.test(type)) watches.get(m.job_id)?._log(m)
+        // `stream`, `stream_end` and `stream_truncated`.
+        else if (/^stream/.test(type)) watches.get(m.job_id)?._stream(m)
       }
       this.connections++
       if (probing) probe = c
@@ -278,7 +280,7 @@ export class JobProgressClient {
         // A watch that wants log lines resumes after the last one it has.
         const send = (action: string) => (jobId: string): void => {
           const w = watches.get(jobId)
-          if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId, logs: w?.logs ? { from: w.next } : undefined }))
+          if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId, logs: w?.logs ? { from: w.next } : undefined, streams: w?.streams }))
         }
         added = send('subscribe')
         removed = send('unsubscribe')
@@ -308,6 +310,9 @@ export class JobProgressClient {
           url.searchParams.set('jobs', [...watched.keys()].join(','))
           // Lines from the oldest kept: the watches drop those they have.
           if (active().some(w => w.logs)) url.searchParams.set('logs', '1')
+          // Each stream from the next chunk its watch needs.
+          const from = active().flatMap(w => Object.entries(w.streams ?? {}).map(([n, o]) => `${w.jobId}@${n}:${o}`))
+          if (from.length) url.searchParams.set('streams_from', from + '')
           const last = lastEventId
           let res: Response
           try {

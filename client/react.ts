@@ -94,3 +94,45 @@ export function useUpload (kind: string, client?: JobProgressClient): UploadStat
   const abort = useCallback(() => controller.current?.abort(), [])
   return { ...state, upload, abort }
 }
+
+export interface JobStreamState {
+  /** The chunks so far, in order. */
+  chunks: unknown[]
+  /** The string chunks so far, joined (a model's answer token by token). */
+  text: string
+  /** Whether the stream ended (or the job did). */
+  done: boolean
+}
+
+/** Follows a job's named stream while the component is mounted, resuming after reconnects; `jobId` null follows nothing. */
+export function useJobStream (kind: string, jobId: string | null | undefined, name: string, client?: JobProgressClient): JobStreamState {
+  const shared = useJobProgressClient()
+  const c = client ?? shared
+  const [state, setState] = useState<JobStreamState>({ chunks: [], text: '', done: false })
+  useEffect(() => {
+    setState({ chunks: [], text: '', done: false })
+    if (jobId === null || jobId === undefined) return
+    const watch = c.watch(kind, jobId)
+    users.set(watch, (users.get(watch) ?? 0) + 1)
+    const chunks = watch.stream(name)
+    let mounted = true
+    void (async () => {
+      const got: unknown[] = []
+      let text = ''
+      for await (const chunk of chunks) {
+        got.push(chunk)
+        if (typeof chunk === 'string') text += chunk
+        if (mounted) setState({ chunks: got, text, done: false })
+      }
+      if (mounted) setState({ chunks: got, text, done: true })
+    })()
+    return () => {
+      mounted = false
+      void chunks.return?.()
+      const left = (users.get(watch) as number) - 1
+      users.set(watch, left)
+      if (left === 0 && !watch.ended) watch.stop()
+    }
+  }, [c, kind, jobId, name])
+  return state
+}

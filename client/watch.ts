@@ -2,6 +2,7 @@ import { compareVersions } from '../lib/wire/version'
 import { JobFailedError } from './errors'
 import type { JobUpdate } from './types'
 import type { LogMessage } from '../lib/wire/messages'
+import type { StreamMessage } from '../lib/wire/streams'
 
 type Listener<T> = (value: T) => void
 
@@ -23,6 +24,9 @@ export class Watch implements AsyncIterable<JobUpdate> {
   logs = false
   next = 0
   #logFns = new Set<Listener<LogMessage>>()
+  /** @internal the streams asked for: the offset of the next chunk of each */
+  streams?: Record<string, number>
+  #streamFns = new Set<Listener<StreamMessage>>()
   #askLogs: () => void
 
   constructor (kind: string, jobId: string, stop: () => void, askLogs: () => void) {
@@ -70,6 +74,36 @@ export class Watch implements AsyncIterable<JobUpdate> {
     for (const fn of this.#logFns) fn(m)
   }
 
+  /**
+   * The chunks of the job's stream `name`, in order, each once, from offset `from` (on the first
+   * call for that name): after a reconnect, WebSocket or SSE, the server is asked for them from the
+   * next offset. Ends after the stream's end, or once the job has ended.
+   */
+  stream (name: string, from = 0): AsyncIterableIterator<unknown> {
+    const s = this.streams ??= {}
+    if (!(name in s)) {
+      s[name] = from
+      this.#askLogs()
+    }
+    return iterate(this, (push, stop) => {
+      const fn = (m: StreamMessage): void => { if (m.name === name) m.type === 'stream' ? push(m.chunk) : stop() }
+      this.#streamFns.add(fn)
+      return () => this.#streamFns.delete(fn)
+    })
+  }
+
+  /** @internal */
+  _stream (m: StreamMessage): void {
+    const s = this.streams as Record<string, number>
+    const next = s?.[m.name]
+    if (next === undefined) return
+    // Chunks skipped for a slow reader: asked for again from the first missing one.
+    if (m.type === 'stream_truncated') return this.#askLogs()
+    if (m.offset !== next) return
+    if (m.type === 'stream') s[m.name]++
+    for (const fn of this.#streamFns) fn(m)
+  }
+
   /** Stops watching (the connection unsubscribes); `done` stays pending. */
   stop (): void {
     this.#stop()
@@ -99,22 +133,32 @@ export class Watch implements AsyncIterable<JobUpdate> {
   }
 
   async * [Symbol.asyncIterator] (): AsyncIterator<JobUpdate> {
-    const queue: JobUpdate[] = []
-    let wake: (() => void) | undefined
-    const off = this.onUpdate((u) => { if (u && queue.at(-1) !== u) queue.push(u); wake?.() })
+    let last: JobUpdate | undefined
+    yield * iterate<JobUpdate>(this, push => this.onUpdate((u) => { if (u && u !== last) push(last = u) }))
+    const error = this.#ended
+    if (error && !(error instanceof JobFailedError)) throw error
+  }
+}
+
+/** What `listen` pushes, in order, until it calls stop or the watch ends. */
+function iterate<T> (w: Watch, listen: (push: (value: T) => void, stop: () => void) => () => void): AsyncIterableIterator<T> {
+  const queue: T[] = []
+  let wake = (): void => {}
+  let done = false
+  const off = listen((value) => { queue.push(value); wake() }, () => { done = true; wake() })
+  const offEnd = w.onUpdate(() => wake())
+  return (async function * () {
     try {
       for (;;) {
-        const u = queue.shift()
-        if (u) yield u
-        else if (this.ended) break
+        if (queue.length) yield queue.shift() as T
+        else if (done || w.ended) return
         else await new Promise<void>(resolve => { wake = resolve })
       }
-      const error = this.#ended
-      if (error && !(error instanceof JobFailedError)) throw error
     } finally {
       off()
+      offEnd()
     }
-  }
+  })()
 }
 
 export interface UploadedJob {

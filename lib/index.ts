@@ -32,7 +32,7 @@ import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './http/client-route'
 import { releaseUpgrade, socketErrorHandler, WebSocketTransport } from './transports/websocket'
-import { readOwner, readOwners, readSnapshots, writeOwner, type Snapshot } from './core/snapshot'
+import { readOwner, readSnapshots, writeOwner, type Snapshot } from './core/snapshot'
 import { DiskStorage, type Storage } from './core/storage'
 import { acceptedBody, uploadHandler, uploadShutdown } from './http/uploads/upload-route'
 import { ownerOnly } from './core/access'
@@ -212,8 +212,15 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     hub,
     owners,
     queueOf,
-    kinds: [...queues.keys()].map(kind => ({ kind, queue: queueOf(kind) as string })),
-    ownersOf: async (targets) => await readOwners(cmd, keys, targets),
+    async findKind (jobId) {
+      const kinds = [...queues.keys()]
+      if (kinds.length === 1) return kinds[0]
+      const pipe = cmd.pipeline()
+      for (const kind of kinds) pipe.exists(keys.job(queueOf(kind) as string, jobId), keys.cancel(queueOf(kind) as string, jobId))
+      const replies = await pipe.exec() ?? []
+      const i = replies.findIndex(([err, n]) => err === null && (n as number) > 0)
+      return i < 0 ? null : kinds[i]
+    },
     sessions,
     connectionLimit,
     maxConnectionsPerOwner: opts.maxConnectionsPerOwner,

@@ -1,5 +1,7 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
+import WebSocket from 'ws'
+import { JobProgressClient } from '../client/index'
 import { createJobWorker, DiskStorage, openJobStream, StreamLimitError } from '../lib/index'
 import { connect, eventually, gate, JOBS_PATH, twoApps, uploadAs, type Client, type TestApp } from './helpers/index'
 import { sse } from './helpers/sse'
@@ -125,3 +127,43 @@ t.test('a limit reached: the writer gets an error, readers the limit marker; a c
   await t.rejects(bytes.write('0123456789'), /maxBytes \(20/)
   t.ok(await eventually(async () => (await r.hget(`bull:batch:${jobId}:jp-stream:bytes:meta`, 'end')) === 'limit'))
 })
+
+for (const transport of ['websocket', 'sse'] as const) {
+  t.test(`client over ${transport}: watch.stream(name) yields every chunk in order across a forced reconnect`, async (t) => {
+    const { redis, a } = await twoApps(t)
+    const jobId = await uploadAs(a, 'key-alice')
+    const batches = [gate(), gate()]
+    const worker = createJobWorker({ kind: 'batch', connection: redis.url, storage: new DiskStorage(a.uploadDir) }, async (ctx) => {
+      const out = ctx.stream('out')
+      for (let batch = 0; batch < 3; batch++) {
+        if (batch > 0) await batches[batch - 1].promise
+        for (let i = 0; i < 20; i++) await out.write(chunk(batch * 20 + i))
+      }
+      await out.end()
+      return { ok: true }
+    })
+    worker.on('error', () => {})
+    t.teardown(async () => await worker.close())
+    const c = new JobProgressClient({ baseUrl: a.url, apiKey: 'key-alice', wsPath: JOBS_PATH, transports: [transport], WebSocket: WebSocket as unknown as typeof globalThis.WebSocket, backoff: { minMs: 50, maxMs: 200 } })
+    t.teardown(() => c.close())
+    const got: unknown[] = []
+    const reading = (async () => { for await (const value of c.watch('batch', jobId).stream('out')) got.push(value) })()
+    const cut = async (): Promise<void> => {
+      const before = c.connections
+      for (const ws of (a.app as any).websocketServer?.clients ?? []) ws.terminate()
+      a.app.server.closeAllConnections()
+      t.ok(await eventually(() => c.connections > before, 5_000), 'reconnected')
+    }
+    t.ok(await eventually(() => got.length === 20, 10_000))
+    await cut()
+    batches[0].open()
+    t.ok(await eventually(() => got.length >= 40, 10_000))
+    await cut()
+    batches[1].open()
+    await reading
+    t.same(got, range(0, 60).map(chunk), 'every chunk once, in order')
+    // Closed here, client first: a close from the teardown waits for the client's stream to end.
+    c.close()
+    await a.app.close()
+  })
+}
