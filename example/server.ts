@@ -21,6 +21,9 @@ const UPLOAD_DIR = env.UPLOAD_DIR ?? join(tmpdir(), 'fastify-job-progress')
 // BullMQ notices a job whose worker died after its lock expires and the next stall check runs
 // (30 s each by default); a shorter interval (the lock lasts twice as long) retries it sooner.
 const STALLED_INTERVAL_MS = env.STALLED_INTERVAL_MS === undefined ? undefined : Number(env.STALLED_INTERVAL_MS)
+// At SIGTERM, uploads still sending after this long are answered 503 and every connection of the
+// plugin's routes still open is closed (the plugin's `uploads.shutdownGraceMs`, 10 s by default).
+const SHUTDOWN_GRACE_MS = env.SHUTDOWN_GRACE_MS === undefined ? undefined : Number(env.SHUTDOWN_GRACE_MS)
 
 function fail (message: string): never {
   process.stderr.write(message.trimEnd() + '\n')
@@ -75,6 +78,7 @@ function redisCluster (): Cluster | undefined {
 async function main (): Promise<void> {
   if (!['all', 'api', 'worker'].includes(ROLE)) fail(`ROLE must be all, api or worker (got "${ROLE}")`)
   if (STALLED_INTERVAL_MS !== undefined && !(STALLED_INTERVAL_MS >= 100)) fail(`STALLED_INTERVAL_MS must be a number of milliseconds, at least 100 (got "${env.STALLED_INTERVAL_MS}")`)
+  if (SHUTDOWN_GRACE_MS !== undefined && !(Number.isInteger(SHUTDOWN_GRACE_MS) && SHUTDOWN_GRACE_MS >= 0)) fail(`SHUTDOWN_GRACE_MS must be a whole number of milliseconds (got "${env.SHUTDOWN_GRACE_MS}")`)
   const cluster = redisCluster()
   const url = cluster === undefined ? await redisUrl() : ''
   const closers: Array<() => Promise<unknown>> = []
@@ -83,7 +87,7 @@ async function main (): Promise<void> {
     const sessionSecret = env.SESSION_SECRET
     // WEBHOOK_URL and WEBHOOK_SECRET (whsec_...): final states of every kind are POSTed there.
     const webhooks = { ...(STALLED_INTERVAL_MS !== undefined ? { stalledIntervalMs: STALLED_INTERVAL_MS, lockDurationMs: 2 * STALLED_INTERVAL_MS } : {}), ...(env.WEBHOOK_BACKOFF_MS !== undefined ? { backoffMs: Number(env.WEBHOOK_BACKOFF_MS) } : {}) }
-    const app = await buildApp({ redisUrl: url, redisCluster: cluster, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, publicUrl: env.PUBLIC_URL, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks })
+    const app = await buildApp({ redisUrl: url, redisCluster: cluster, sessionSecret, uploadDir: UPLOAD_DIR, apiKeys: env.API_KEYS, publicUrl: env.PUBLIC_URL, logger: { level: env.LOG_LEVEL ?? 'info' }, webhookUrl: env.WEBHOOK_URL, webhookSecret: env.WEBHOOK_SECRET, webhooks, ...(SHUTDOWN_GRACE_MS !== undefined ? { plugin: { uploads: { shutdownGraceMs: SHUTDOWN_GRACE_MS } } } : {}) })
     if (sessionSecret === undefined) app.log.warn('SESSION_SECRET is not set: using a random one. Sessions break across restarts and across instances; set it in production.')
     try {
       await app.listen({ port: PORT, host: HOST })

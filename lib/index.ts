@@ -32,7 +32,7 @@ import { startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './http/client-route'
 import { releaseUpgrade, socketErrorHandler, WebSocketTransport } from './transports/websocket'
-import { readOwner, readSnapshots, writeOwner, type Snapshot } from './core/snapshot'
+import { readOwner, readOwners, readSnapshots, writeOwner, type Snapshot } from './core/snapshot'
 import { DiskStorage, type Storage } from './core/storage'
 import { acceptedBody, uploadHandler, uploadShutdown } from './http/uploads/upload-route'
 import { ownerOnly } from './core/access'
@@ -42,6 +42,8 @@ import { Idempotency } from './http/create/idempotency'
 import { Quotas } from './http/create/quotas'
 import { registerHealth } from './http/health'
 import { registerLongIdRoutes } from './http/long-ids'
+import { trackConnections } from './http/connections'
+import { quitWithin, REDIS_WAIT_MS, settlesWithin } from './core/bounded-close'
 import { noTelemetry, type Telemetry } from './core/telemetry'
 import { createTracing, noTracing } from './core/tracing'
 import { metricsRoute, prometheusTelemetry, resolveMetrics, teeTelemetry } from './core/metrics'
@@ -196,10 +198,14 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   if (!fastify.hasRequestDecorator('isMultipart')) await fastify.register(fastifyMultipart)
   if (!fastify.hasRequestDecorator('cookies')) await fastify.register(fastifyCookie)
 
-  // Every route the plugin adds below logs its request without credentials (`?api_key=` ...).
+  // Every route the plugin adds below logs its request without credentials (`?api_key=` ...),
+  // and at close its connections still open after the grace are ended (see Connections).
+  const connections = trackConnections(fastify, opts.uploads.shutdownGraceMs)
   let ownRoutes = true
   fastify.addHook('onRoute', (route) => {
-    if (ownRoutes) route.logSerializers = { ...route.logSerializers, req: redactedRequest }
+    if (!ownRoutes) return
+    route.logSerializers = { ...route.logSerializers, req: redactedRequest }
+    connections.adopt(route)
   })
 
   const connectionLimit = new ConnectionLimit({ redis: cmd, keys, instanceId, max: opts.maxConnectionsPerOwner, heartbeatMs: opts.instanceHeartbeatMs, log })
@@ -212,15 +218,8 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
     hub,
     owners,
     queueOf,
-    async findKind (jobId) {
-      const kinds = [...queues.keys()]
-      if (kinds.length === 1) return kinds[0]
-      const pipe = cmd.pipeline()
-      for (const kind of kinds) pipe.exists(keys.job(queueOf(kind) as string, jobId), keys.cancel(queueOf(kind) as string, jobId))
-      const replies = await pipe.exec() ?? []
-      const i = replies.findIndex(([err, n]) => err === null && (n as number) > 0)
-      return i < 0 ? null : kinds[i]
-    },
+    kinds: [...queues.keys()].map(kind => ({ kind, queue: queueOf(kind) as string })),
+    ownersOf: async (targets) => await readOwners(cmd, keys, targets),
     sessions,
     connectionLimit,
     maxConnectionsPerOwner: opts.maxConnectionsPerOwner,
@@ -332,22 +331,20 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
 
   fastify.addHook('onClose', async () => {
     stopTimers()
-    await connectionLimit.close()
-    await bridge?.close()
-    await lostUploads.settled()
-    await cleanup.close()
+    // A paused Redis answers nothing: what it is asked here (slots given back, the consumer group
+    // left, removals) is waited for a bounded time; the connections are ended below anyway.
+    await settlesWithin((async () => {
+      await connectionLimit.close()
+      await bridge?.close()
+      await lostUploads.settled()
+      await cleanup.close()
+    })(), REDIS_WAIT_MS)
     await webhooks?.close()
     hub.close()
     myJobs.close()
     await Promise.all([...queues.values()].map(async q => await q.close().catch(() => {})))
-    await Promise.all(owned.map(async r => {
-      if (r.status === 'end') return
-      // A QUIT to a node that died (a failed-over cluster master) would wait for ever.
-      let timer: NodeJS.Timeout | undefined
-      await Promise.race([r.quit().catch(() => {}), new Promise(resolve => { timer = setTimeout(resolve, 2_000) })])
-      clearTimeout(timer)
-      r.disconnect()
-    }))
+    // A QUIT to a node that died (a failed-over cluster master) or is paused would wait for ever.
+    await Promise.all(owned.map(async r => { await quitWithin(r, REDIS_WAIT_MS) }))
   })
 }
 

@@ -1,0 +1,76 @@
+import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
+import type { Socket } from 'node:net'
+
+/**
+ * After the grace, how long answers still being written (an upload's 503) get before their
+ * connections are destroyed anyway.
+ */
+export const ANSWER_MS = 1_000
+
+type OnRequest = (request: FastifyRequest, reply: FastifyReply, done: () => void) => void
+
+/**
+ * The connections serving the plugin's routes, so that `app.close()` ends within its grace
+ * whatever clients do. The server's close waits for every open connection: an upload still
+ * trickling, a socket whose client never answers the close frame (ws waits 30 s for it), an SSE
+ * stream whose client stopped reading, a read waiting on a paused Redis. Uploads are answered 503
+ * at the grace (see InFlightUploads); `ANSWER_MS` later, whatever is still open here is destroyed.
+ * Connections of the app's own routes are not touched.
+ */
+export class Connections {
+  readonly #open = new Set<Socket>()
+  #timer: NodeJS.Timeout | null = null
+
+  /** Tracks the connections of `route` (a route of the plugin's own, from an `onRoute` hook). */
+  adopt (route: RouteOptions): void {
+    const hooks = route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest]
+    route.onRequest = [...hooks, this.#track] as RouteOptions['onRequest']
+  }
+
+  get size (): number {
+    return this.#open.size
+  }
+
+  /** A request to one of the plugin's routes: its connection counts until its answer is done. */
+  readonly #track: OnRequest = (request, reply, done) => {
+    const socket = request.raw.socket as Socket | null
+    if (socket !== null && !socket.destroyed && !this.#open.has(socket)) {
+      this.#open.add(socket)
+      const forget = (): void => { this.#open.delete(socket) }
+      socket.once('close', forget)
+      // A socket upgraded to a WebSocket counts until it closes; a kept-alive HTTP connection
+      // only until this answer is done (it may serve the app's own routes next).
+      if (request.raw.headers.upgrade === undefined) {
+        reply.raw.once('close', () => {
+          socket.off('close', forget)
+          forget()
+        })
+      }
+    }
+    done()
+  }
+
+  /** Starts the grace: connections still open `graceMs` + `ANSWER_MS` later are destroyed. */
+  closing (graceMs: number): void {
+    this.#timer = setTimeout(() => {
+      this.#timer = null
+      for (const socket of this.#open) socket.destroy()
+      this.#open.clear()
+    }, graceMs + ANSWER_MS)
+    // Open connections keep the process alive anyway; without them there is nothing to end.
+    this.#timer.unref()
+  }
+
+  closed (): void {
+    if (this.#timer !== null) clearTimeout(this.#timer)
+    this.#timer = null
+  }
+}
+
+/** Ties the plugin's connections to the app's close: a line in the plugin, the rest here. */
+export function trackConnections (fastify: FastifyInstance, graceMs: number): Connections {
+  const connections = new Connections()
+  fastify.addHook('preClose', async () => { connections.closing(graceMs) })
+  fastify.addHook('onClose', async () => { connections.closed() })
+  return connections
+}
