@@ -1,10 +1,10 @@
 import type { Redis } from 'ioredis'
 import { scriptRelay } from '../broker/create-broker'
 import { Keys } from '../core/keys'
-import { APPENDED, STREAM_LIMITS, appendChunk, endStream, type StreamLimits } from '../channels/streams/stream-store'
+import { APPENDED, STREAM_LIMITS, appendChunk, endStream, readStream, type StreamLimits, type StreamRead } from '../channels/streams/stream-store'
 import { isStreamName } from '../wire/streams'
 
-export { STREAM_LIMITS, type StreamLimits }
+export { STREAM_LIMITS, type StreamLimits, type StreamRead }
 
 /** Thrown to a stream's writer when a limit is reached; readers get a `stream_end` with reason `limit`. */
 export class StreamLimitError extends Error {
@@ -44,6 +44,16 @@ export interface OpenJobStreamOptions {
 export function openJobStream (redis: Redis, opts: OpenJobStreamOptions): JobStream {
   const keys = new Keys({ prefix: opts.prefix ?? 'bull', channelPrefix: opts.channelPrefix ?? 'jp' })
   return jobStream(async () => redis, keys, opts.queue, opts.jobId, opts.name, { ...STREAM_LIMITS, ...opts.limits }, opts.pubsub)
+}
+
+/**
+ * Reads a page of a job's stream from server code of your own (a resume route): chunks from
+ * `from` (default 0), at most `limit` (default 1000), the count so far and how it ended. It checks
+ * no ownership: the route serving it must.
+ */
+export async function readJobStream (redis: Redis, opts: Omit<OpenJobStreamOptions, 'pubsub' | 'limits'> & { from?: number, limit?: number }): Promise<StreamRead> {
+  const keys = new Keys({ prefix: opts.prefix ?? 'bull', channelPrefix: opts.channelPrefix ?? 'jp' })
+  return await readStream(redis, keys, opts.queue, opts.jobId, opts.name, opts.from ?? 0, opts.limit ?? 1000)
 }
 
 export function jobStream (client: () => Promise<Redis>, keys: Keys, queue: string, jobId: string, name: string, limits: StreamLimits, pubsub?: 'classic' | 'sharded'): JobStream {
