@@ -5,6 +5,8 @@ import { JobProgressClient } from '../client/index'
 import { createJobWorker, DiskStorage, openJobStream, StreamLimitError } from '../lib/index'
 import { connect, eventually, gate, JOBS_PATH, twoApps, uploadAs, type Client, type TestApp } from './helpers/index'
 import { sse } from './helpers/sse'
+import { StreamFeed } from '../lib/channels/streams/live-streams'
+import type { StreamMessage } from '../lib/wire/streams'
 import type { RedisServer } from './helpers/redis'
 
 // Named streams: chunks a worker writes with ctx.stream(name) reach watchers in order, each once,
@@ -167,3 +169,32 @@ for (const transport of ['websocket', 'sse'] as const) {
     await a.app.close()
   })
 }
+
+t.test('a watcher that does not read: chunks are skipped, then one stream_truncated names them; memory does not grow', async (t) => {
+  const stored = range(0, 10).map(i => `c${i}`)
+  const sent: StreamMessage[] = []
+  let backlog = 0
+  const feed = new StreamFeed({
+    jobId: 'j',
+    name: 'out',
+    from: 0,
+    read: async (from, limit) => ({ from, total: stored.length, chunks: stored.slice(from, from + limit), end: null }),
+    send: (m) => { sent.push(m) },
+    backlog: () => backlog,
+    maxBacklogBytes: 1000,
+    onError: (err) => { throw err }
+  })
+  t.teardown(() => feed.close())
+  feed.start()
+  await feed.idle()
+  t.same(sent.map(m => m.type === 'stream' ? m.offset : -1), range(0, 10), 'caught up')
+  backlog = 5000
+  for (let i = 10; i < 15; i++) { stored.push(`c${i}`); feed.live(i, `c${i}`) }
+  t.equal(sent.length, 10, 'nothing more while the watcher does not read')
+  backlog = 0
+  t.ok(await eventually(() => sent.length === 11))
+  t.match(sent[10], { type: 'stream_truncated', name: 'out', from: 10, next: 15 })
+  stored.push('c15')
+  feed.live(15, 'c15')
+  t.match(sent[11], { type: 'stream', offset: 15 }, 'then live again')
+})
