@@ -9,7 +9,12 @@ export interface AccessJob {
   jobId: string
   /** Who created it (`data.owner`). */
   owner: string
-  /** The job's data as stored at creation, when it was read (null for a cancelled or deleted job). */
+  /**
+   * Always null: the policy decides on the owner alone, so nothing of somebody else's job is read
+   * before it did (a job of somebody else and a missing one then cost the same). Kept so that
+   * policies written for earlier versions still compile.
+   * @deprecated read what the policy needs from the request, or keep it with the owner's name.
+   */
   data: Record<string, unknown> | null
 }
 

@@ -41,12 +41,13 @@ const JOBS_PER_SCRIPT = 100
  *
  * KEYS: the queue's completed, failed, delayed, prioritized, waiting-children and events keys,
  * then for each job its hash, its lock and its cancellation mark. ARGV: '1' to read `data`, then
- * for each job its id and the owner expected after a '=' (or '' to read it whoever owns it).
+ * for each job its id and the owner expected after a '=' (or '' to read it whoever owns it); after
+ * a '?' instead, a job of somebody else answers its owner alone (for an access policy to decide).
  *
  * Each job's owner is read first, alone from its own field; only jobs written before that field
  * existed pay for decoding their data. When owners are checked, a job of somebody else and one
  * that does not exist stop right there, after the same reads as {@link OWNER_SCRIPT}'s, and both
- * answer nil: nothing of the job leaves Redis.
+ * answer nil: nothing of the job leaves Redis, and its data is read only once the check passed.
  */
 const SNAPSHOT_SCRIPT = `
 local last = nil
@@ -58,16 +59,17 @@ for i = 0, n - 1 do
   local cancel = redis.call('GET', KEYS[9 + 3 * i])
   local owner = o[1]
   local data = false
-  if ARGV[1] == '1' or (not owner and o[2]) then data = redis.call('HGET', job, 'data') end
-  if not owner and data then
-    local ok, decoded = pcall(cjson.decode, data)
+  if not owner and o[2] then
+    data = redis.call('HGET', job, 'data')
+    local ok, decoded = pcall(cjson.decode, data or '')
     if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
   end
   if not owner then owner = cancel end
   local want = ARGV[3 + 2 * i]
-  if want ~= '' and (not owner or owner == '' or '=' .. owner ~= want) then
-    out[i + 1] = false
+  if want ~= '' and (not owner or owner == '' or string.sub(want, 2) ~= owner) then
+    if string.sub(want, 1, 1) == '?' and owner and owner ~= '' then out[i + 1] = owner else out[i + 1] = false end
   else
+    if ARGV[1] == '1' and not data then data = redis.call('HGET', job, 'data') end
     local id = ARGV[2 + 2 * i]
     local h = redis.call('HMGET', job, 'progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm')
     local where = ''
@@ -149,7 +151,7 @@ export async function readSnapshots (redis: Commands, keys: Keys, targets: Snaps
   const read = await readJobs(redis, keys, targets, withData, undefined)
   return read.map(r => {
     if (r instanceof Error) throw r
-    return r
+    return typeof r === 'string' ? null : r
   })
 }
 
@@ -161,14 +163,29 @@ export async function readSnapshots (redis: Commands, keys: Keys, targets: Snaps
  * every job of that call (up to a hundred of one queue).
  */
 export async function readOpens (redis: Commands, keys: Keys, targets: SnapshotTarget[], owners: Array<string | undefined>): Promise<Array<Snapshot | null | Error>> {
-  return await readJobs(redis, keys, targets, false, owners)
+  const read = await readJobs(redis, keys, targets, false, owners.map(owner => owner === undefined ? '' : `=${owner}`))
+  // Never asked for an owner alone ('?'): a string cannot come back.
+  return read.map(r => typeof r === 'string' ? null : r)
+}
+
+/**
+ * A job read for `requester`, in one script that checks the owner before it reads anything else:
+ * its snapshot when `requester` owns it; null when it does not exist or, alike (the same reads,
+ * the same reply), belongs to somebody else. With `others`, somebody else's job answers its
+ * owner alone instead, so an access policy can decide on it; nothing else of it is read.
+ * Throws when Redis refused the read.
+ */
+export async function readOwned (redis: Commands, keys: Keys, target: SnapshotTarget, requester: string, withData: boolean, others: boolean): Promise<Snapshot | string | null> {
+  const [read] = await readJobs(redis, keys, [target], withData, [`${others ? '?' : '='}${requester}`])
+  if (read instanceof Error) throw read
+  return read
 }
 
 /**
  * Reads jobs with one script call per queue and {@link JOBS_PER_SCRIPT} jobs, the calls pipelined
  * (a queue's keys share a slot: on a cluster, one pipeline per slot, run side by side).
  */
-async function readJobs (redis: Commands, keys: Keys, targets: SnapshotTarget[], withData: boolean, owners: Array<string | undefined> | undefined): Promise<Array<Snapshot | null | Error>> {
+async function readJobs (redis: Commands, keys: Keys, targets: SnapshotTarget[], withData: boolean, owners: string[] | undefined): Promise<Array<Snapshot | string | null | Error>> {
   if (targets.length === 0) return []
   withScripts(redis)
   const now = Date.now()
@@ -192,10 +209,7 @@ async function readJobs (redis: Commands, keys: Keys, targets: SnapshotTarget[],
       keys.queueKey(queue, 'prioritized'), keys.queueKey(queue, 'waiting-children'), keys.queueKey(queue, 'events')]
     for (const i of call) args.push(keys.job(queue, targets[i].jobId), keys.lock(queue, targets[i].jobId), keys.cancel(queue, targets[i].jobId))
     args.push(withData ? '1' : '0')
-    for (const i of call) {
-      const owner = owners?.[i]
-      args.push(targets[i].jobId, owner === undefined ? '' : `=${owner}`)
-    }
+    for (const i of call) args.push(targets[i].jobId, owners?.[i] ?? '')
     return args
   }
   let replies: unknown[]
@@ -208,14 +222,15 @@ async function readJobs (redis: Commands, keys: Keys, targets: SnapshotTarget[],
   } else {
     replies = await pipelined(redis, keys, calls.map(call => targets[call[0]]), (pipe, c) => { void pipe.jpSnapshots(...argsOf(calls[c])) })
   }
-  const out: Array<Snapshot | null | Error> = new Array(targets.length)
+  const out: Array<Snapshot | string | null | Error> = new Array(targets.length)
   calls.forEach((call, c) => {
     const reply = replies[c]
     call.forEach((i, j) => {
       if (reply instanceof Error) out[i] = reply
       else {
-        const row = (reply as Array<Reply | null>)[j]
-        out[i] = row === null || row === undefined ? null : toSnapshot(targets[i], row, withData, now)
+        const row = (reply as Array<Reply | string | null>)[j]
+        // A string: the owner alone of somebody else's job ('?').
+        out[i] = row === null || row === undefined ? null : typeof row === 'string' ? row : toSnapshot(targets[i], row, withData, now)
       }
     })
   })

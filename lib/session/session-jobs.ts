@@ -29,8 +29,10 @@ export interface JobsContext {
   hub: Hub
   /** The queue of a kind, or undefined for a kind we do not serve. */
   queueOf: (kind: string) => string | undefined
-  /** Finds which kind a bare job id belongs to (multiplexed protocols name no kind). */
-  findKind: (jobId: string) => Promise<string | null>
+  /** Every kind served, with its queue: a bare job id (multiplexed protocols name no kind) is looked for in each. */
+  kinds: Array<{ kind: string, queue: string }>
+  /** The owners of jobs in one round trip, in order: null for a job that does not exist, an Error for a read Redis refused. */
+  ownersOf: (targets: SnapshotTarget[]) => Promise<Array<string | null | Error>>
   maxSubscriptionsPerConnection: number
   /** Bytes a connection may leave unread (queued and unflushed) before it is closed. */
   maxBufferedBytes: number
@@ -127,24 +129,40 @@ export class SessionJobs implements Deliveries {
     }
   }
 
+  /**
+   * Where the job is and whose it must be for the hub to open it, or null (not found). A job of
+   * somebody else and one that does not exist cost the same Redis commands: with one kind to look
+   * in and the default policy, none here (the hub's read checks the owner before it reads the
+   * job); else one round trip, each kind's owner read alone, the kind found only where the owner
+   * is the requester (or, with a policy of the application's, where the policy lets them in).
+   */
+  async #locate (jobId: string, kind: string | undefined, requester: string): Promise<{ target: SnapshotTarget, expected: string } | null> {
+    const identity = this.#c.identity
+    const token = identity?.via === 'token'
+    // A watch token grants its one job and nothing else, whatever the job.
+    if (token && (identity?.job === null || identity?.job === undefined || (kind !== undefined && identity.job.kind !== kind) || identity.job.jobId !== jobId)) return null
+    const named = kind ?? (token ? identity?.job?.kind : undefined)
+    const candidates = named === undefined ? this.#ctx.kinds : [{ kind: named, queue: this.#ctx.queueOf(named) }]
+    const served = candidates.filter((c): c is { kind: string, queue: string } => c.queue !== undefined)
+    if (served.length === 0) return null
+    const policy = !token && this.#ctx.canAccess !== ownerOnly
+    if (served.length === 1 && !policy) return { target: { ...served[0], jobId }, expected: requester }
+    const targets = served.map(c => ({ kind: c.kind, queue: c.queue, jobId }))
+    const owners = await this.#ctx.ownersOf(targets)
+    for (const owner of owners) if (owner instanceof Error) throw owner
+    const i = policy ? owners.findIndex(o => typeof o === 'string') : owners.indexOf(requester)
+    if (i < 0) return null
+    const owner = owners[i] as string
+    if (policy && !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: targets[i].kind, jobId, owner, data: null }, 'watch', requester)) return null
+    return { target: targets[i], expected: owner }
+  }
+
   async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
-    const found = kind ?? await this.#ctx.findKind(jobId)
-    const queue = found === null ? undefined : this.#ctx.queueOf(found)
-    if (found === null || queue === undefined) return this.#notFound(jobId)
-    const target: SnapshotTarget = { kind: found, queue, jobId }
     const requester = this.#c.owner
     if (requester === null) return this.#notFound(jobId)
-    // A watch token grants its one job and nothing else; the hub checks the owner it names.
-    const identity = this.#c.identity
-    if (identity?.via === 'token' && (identity.job === null || identity.job === undefined || identity.job.kind !== found || identity.job.jobId !== jobId)) return this.#notFound(jobId)
-    // The owner is read alone first, so a job the requester may not watch costs no subscription.
-    // With the default policy the hub checks it; a policy of the application's is asked here.
-    let expected: string | undefined = requester
-    if (identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: found, jobId, owner, data: null }, 'watch', requester)) return this.#notFound(jobId)
-      expected = owner
-    }
+    const located = await this.#locate(jobId, kind, requester)
+    if (located === null) return this.#notFound(jobId)
+    const { target, expected } = located
     const opened = await this.#ctx.hub.open(target, expected)
     if (opened === null) return this.#notFound(jobId)
     if (!this.#c.serving) {

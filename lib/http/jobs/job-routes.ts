@@ -6,12 +6,12 @@ import { isFinal } from '../../core/event'
 import { isJobId, type Keys } from '../../core/keys'
 import { EXPIRED, type Owners } from '../auth/identity'
 import { detailedProgressMessage, progressMessage } from '../../protocols/progress'
-import { readSnapshots, type Snapshot } from '../../core/snapshot'
+import { readOwned, type Snapshot } from '../../core/snapshot'
 import type { Storage } from '../../core/storage'
 import { cancelJob, type CancelOutcome } from './cancel'
 import { CancelledSchema, errors, ProgressMessageSchema, ResultSchema, WatchTokenSchema } from '../schemas'
 import { listOutputs } from '../../core/outputs'
-import { allowed, mayRead, type CanAccess, type JobAction } from '../../core/access'
+import { allowed, mayRead, ownerOnly, type CanAccess, type JobAction } from '../../core/access'
 
 export interface JobRoutesContext {
   redis: Redis
@@ -42,25 +42,33 @@ const JobParams = {
 
 /**
  * Reads a job for a request and checks the access policy lets the request take `action` on it.
- * A missing job and one the policy refuses answer the same 404, so job ids leak nothing.
+ * A missing job and one the policy refuses answer the same 404 after the same Redis commands, so
+ * job ids leak nothing: the owner is checked inside the read, before anything else of the job is
+ * read. Somebody else's job goes to an application's policy with its owner alone, and is read
+ * (a second time) only once the policy let the request in.
  */
 export async function loadOwned (ctx: JobRoutesContext, kind: string, queue: string, jobId: string, request: FastifyRequest, action: JobAction, tokens = TOKEN_ACTIONS.has(action)): Promise<Snapshot> {
   const identity = await ctx.owners.fromRequest(request, false, tokens)
   if (identity === null) throw new UnauthorizedError(ctx.owners.expiredSession(request) ? EXPIRED : 'no session or API key')
-  // A bad watch token is answered like an unknown job, before any Redis read.
-  if (!isJobId(jobId) || identity.job === null) throw new JobNotFoundError()
-  let snapshot: Snapshot | null
-  try {
-    [snapshot] = await readSnapshots(ctx.redis, ctx.keys, [{ kind, queue, jobId }], true)
-  } catch (err) {
-    request.log.warn({ err }, 'job-progress: cannot read the job')
-    throw new QueueUnavailableError()
+  // A bad watch token, or one for another job, is answered like an unknown job, before any Redis
+  // read (it says nothing about the job). A token grants its one job; the policy is for the rest.
+  const token = identity.via === 'token'
+  if (!isJobId(jobId) || identity.job === null || (token && !mayRead(identity, kind, jobId, identity.owner))) throw new JobNotFoundError()
+  const target = { kind, queue, jobId }
+  const read = async (owner: string, others: boolean): Promise<Snapshot | string | null> => {
+    try {
+      return await readOwned(ctx.redis, ctx.keys, target, owner, false, others)
+    } catch (err) {
+      request.log.warn({ err }, 'job-progress: cannot read the job')
+      throw new QueueUnavailableError()
+    }
   }
-  if (snapshot === null || snapshot.owner === null) throw new JobNotFoundError()
-  // A watch token grants its one job to whoever holds it; the access policy is for the rest.
-  if (identity.via === 'token') {
-    if (!mayRead(identity, kind, jobId, snapshot.owner)) throw new JobNotFoundError()
-  } else if (!await allowed(ctx.canAccess, request, { kind, jobId, owner: snapshot.owner, data: snapshot.data }, action, identity.owner)) throw new JobNotFoundError()
+  let snapshot = await read(identity.owner, !token && ctx.canAccess !== ownerOnly)
+  if (typeof snapshot === 'string') {
+    if (!await allowed(ctx.canAccess, request, { kind, jobId, owner: snapshot, data: null }, action, identity.owner)) throw new JobNotFoundError()
+    snapshot = await read(snapshot, false)
+  }
+  if (snapshot === null || typeof snapshot === 'string' || snapshot.owner === null) throw new JobNotFoundError()
   return snapshot
 }
 
