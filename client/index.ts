@@ -6,7 +6,7 @@
  */
 import { shouldRetry } from '../lib/wire/close-codes'
 import type { JobStatus, JobUpdateMessage, ProgressMessage } from '../lib/wire/messages'
-import { AuthError, ConnectionError, HttpError, JobProgressError, NotFoundError } from './errors'
+import { AuthError, ConnectionError, HttpError, NotFoundError } from './errors'
 import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
 import { Watch, type UploadedJob } from './watch'
 
@@ -253,13 +253,9 @@ export class JobProgressClient {
       const dispatch = (type: string, m: any): void => {
         if (!m) return
         if (type === 'job_update') onUpdate(m)
-        // The server names the job in its errors: not found, or a limit such as subscriptions.
-        else if (type === 'error' && m.job_id) watches.get(m.job_id)?._end(/not found/i.test(m.message) ? new NotFoundError(m.job_id, m.message) : new JobProgressError(m.message))
         else if (type === 'close') end(closeError(m.code, m.reason))
-        // `log` and `logs_truncated`.
-        else if (/^log/.test(type)) watches.get(m.job_id)?._log(m)
-        // `stream`, `stream_end` and `stream_truncated`.
-        else if (/^stream/.test(type)) watches.get(m.job_id)?._stream(m)
+        // An error naming a job, its log lines and its stream chunks: its watch reads them.
+        else watches.get(m.job_id)?._msg(type, m)
       }
       this.connections++
       if (probing) probe = c

@@ -1,5 +1,4 @@
-import { compareVersions } from '../lib/wire/version'
-import { JobFailedError } from './errors'
+import { JobFailedError, JobProgressError, NotFoundError } from './errors'
 import type { JobUpdate } from './types'
 import type { LogMessage } from '../lib/wire/messages'
 import type { StreamMessage } from '../lib/wire/streams'
@@ -7,6 +6,20 @@ import type { StreamMessage } from '../lib/wire/streams'
 type Listener<T> = (value: T) => void
 
 const FINAL = new Set(['succeeded', 'failed', 'cancelled'])
+
+/** A version's numbers (`<attempt>.<ms>-<seq>`: at 1, 2 and 3), or undefined when it is not one. */
+const parts = (v: string): number[] | undefined => /^(\d+)\.(\d+)-(\d+)$/.exec(v)?.map(Number)
+
+/**
+ * Whether version `a` is older than `b`, in the order of lib/wire/version's compareVersions: the
+ * stream entry id decides, the attempt only between equal ids; an unparsable version is older
+ * than every valid one.
+ */
+const older = (a: string, b: string): boolean => {
+  const x = parts(a)
+  const y = parts(b)
+  return x && y ? (x[2] - y[2] || x[3] - y[3] || x[1] - y[1]) < 0 : !x && !!y
+}
 
 /** One watched job: an async iterable of its updates, its current state, and how it ended. */
 export class Watch implements AsyncIterable<JobUpdate> {
@@ -64,16 +77,6 @@ export class Watch implements AsyncIterable<JobUpdate> {
     return () => this.#logFns.delete(fn)
   }
 
-  /** @internal */
-  _log (m: LogMessage): void {
-    const next = this.next
-    if (m.type === 'log' ? m.offset < next : m.next <= next) return
-    // A gap starts at the first line this watch does not have.
-    if (m.type !== 'log' && m.from < next) m.from = next
-    this.next = m.type === 'log' ? m.offset + 1 : m.next
-    for (const fn of this.#logFns) fn(m)
-  }
-
   /**
    * The chunks of the job's stream `name`, in order, each once, from offset `from` (on the first
    * call for that name): after a reconnect, WebSocket or SSE, the server is asked for them from the
@@ -92,15 +95,29 @@ export class Watch implements AsyncIterable<JobUpdate> {
     })
   }
 
-  /** @internal */
-  _stream (m: StreamMessage): void {
-    const s = this.streams as Record<string, number>
+  /**
+   * @internal A message of the `jobs` protocol or an SSE event (`type`) for this job: an error
+   * naming it (not found, or a limit such as subscriptions), log lines or stream chunks.
+   */
+  _msg (type: string, m: any): void {
+    if (type === 'error') return this._end(/not found/i.test(m.message) ? new NotFoundError(this.jobId, m.message) : new JobProgressError(m.message))
+    // `log` and `logs_truncated`.
+    if (/^log/.test(type)) {
+      const next = this.next
+      if (m.type === 'log' ? m.offset < next : m.next <= next) return
+      // A gap starts at the first line this watch does not have.
+      if (m.type !== 'log' && m.from < next) m.from = next
+      this.next = m.type === 'log' ? m.offset + 1 : m.next
+      for (const fn of this.#logFns) fn(m)
+    }
+    // `stream`, `stream_end` and `stream_truncated`.
+    const s = this.streams
     const next = s?.[m.name]
-    if (next === undefined) return
+    if (!/^stream/.test(type) || next === undefined) return
     // Chunks skipped for a slow reader: asked for again from the first missing one.
-    if (m.type === 'stream_truncated') return this.#askLogs()
+    if (type === 'stream_truncated') return this.#askLogs()
     if (m.offset !== next) return
-    if (m.type === 'stream') s[m.name]++
+    if (type === 'stream') (s as Record<string, number>)[m.name]++
     for (const fn of this.#streamFns) fn(m)
   }
 
@@ -116,7 +133,7 @@ export class Watch implements AsyncIterable<JobUpdate> {
       // The version orders states across transports and instances (a retry is a newer attempt);
       // without one, progress within a status only goes forward.
       u.version && last.version
-        ? compareVersions(u.version, last.version) < 0
+        ? older(u.version, last.version)
         : !FINAL.has(u.status) && u.status === last.status && u.processed < last.processed))) return false
     this.current = u
     for (const fn of this.#listeners) fn(u)
