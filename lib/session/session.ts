@@ -12,6 +12,7 @@ import type { MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 import { serialize } from './render'
 import { SessionJobs, type JobsConnection, type JobsContext } from './session-jobs'
 import { InboundLimit, type InboundOptions } from './inbound'
+import { mineReceiver } from './mine-feed'
 
 export type { LogsContext } from './session-jobs'
 
@@ -378,14 +379,7 @@ export class Session implements TransportEvents, JobsConnection {
     const render = this.protocol.mine
     // A watch token grants its one job, not the owner's list.
     if (mine === undefined || render === undefined || this.#identity?.via === 'token') return this.error('This connection serves no jobs feed')
-    const stop = await mine.watch(this.owner, (message) => {
-      const data = serialize(render(message))
-      if (data === undefined) return
-      // Keyed per job: a slow client gets each job's latest state; finals and resyncs are never replaced.
-      if (message.type === 'my_jobs_resync') this.outbox.send(data, '\u0001', true)
-      // A creation is never replaced either: its `created` flag would be lost.
-      else this.outbox.send(data, `\u0001${message.job_id}`, message.created === true || (message.status !== 'queued' && message.status !== 'running'))
-    })
+    const stop = await mine.watch(this.owner, mineReceiver(this.outbox, render))
     if (this.#state !== 'ready' || this.#mine !== null) return stop()
     this.#mine = stop
     this.sendControl(this.protocol.subscribed?.('mine'))
