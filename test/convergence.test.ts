@@ -26,7 +26,10 @@ async function commandCalls (redis: RedisServer): Promise<Record<string, number>
 t.test('idle watched jobs cost no Redis reads: 40 active jobs, each watched, nothing reporting', async (t) => {
   const redis = await redisFor(t)
   const uploadDir = await tempDir(t)
-  const { url, ws } = await startApp(t, redis, { uploadDir, ...NO_SWEEP, bridge: { claimIntervalMs: 5_000 } })
+  // The per-instance periodic work (the bridge's claim and gap check, the instance heartbeat) is
+  // pushed past the window: it runs per queue and per instance, not per watched job, and in the
+  // 3 s window below it would be counted or not depending on where its timer falls.
+  const { url, ws } = await startApp(t, redis, { uploadDir, ...NO_SWEEP, instanceHeartbeatMs: 60_000, bridge: { claimIntervalMs: 60_000 } })
   const hold = gate()
   let started = 0
   startWorker(t, redis, 'batch', uploadDir, { beforeItem: async () => { started++; await hold.promise } }, { workerOptions: { concurrency: 40 } })
@@ -44,9 +47,9 @@ t.test('idle watched jobs cost no Redis reads: 40 active jobs, each watched, not
   await new Promise(resolve => setTimeout(resolve, 3_000))
   const after = await commandCalls(redis)
   const delta = (name: string): number => (after[name] ?? 0) - (before[name] ?? 0)
-  // The bridge's relay script runs after each of its wake-ups, which time out every 2 s when idle;
-  // a snapshot read per watched job would be 40 scripts or more.
-  t.ok(delta('evalsha') + delta('eval') <= 2, `no snapshot read of an idle job: ${delta('evalsha') + delta('eval')} scripts, the bridge's`)
+  // The bridge's relay script runs after each of its wake-ups, which time out every 2 s when idle
+  // (2, or 3 when a loaded machine delays one); a snapshot read per watched job would be 40 or more.
+  t.ok(delta('evalsha') + delta('eval') <= 3, `no snapshot read of an idle job: ${delta('evalsha') + delta('eval')} scripts, the bridge's`)
   t.equal(delta('lpos'), 0, 'no LPOS')
   t.equal(delta('hmget'), 0, 'no job hash read')
   const total = Object.keys(after).reduce((n, k) => n + delta(k), 0)
