@@ -161,7 +161,9 @@ t.test('the sweep covers every watched job once per period, spread evenly, at 1/
     for (let i = 1; i < points.length; i++) worstGap = Math.max(worstGap, points[i] - points[i - 1])
     t.ok(times.length >= 2, `job ${id.slice(0, 8)} read ${times.length} times in ${WINDOW} ms`)
   }
-  t.ok(worstGap <= PERIOD + 150, `no job waits more than the period for a read: worst gap ${worstGap} ms (period ${PERIOD} ms)`)
+  // Half a period of slack: a loaded machine delays timers by hundreds of ms; a sweep that
+  // missed a job for a round would show a gap of two periods.
+  t.ok(worstGap <= PERIOD * 1.5, `no job waits much more than the period for a read: worst gap ${worstGap} ms (period ${PERIOD} ms)`)
   const perJobPerSecond = total / N / (WINDOW / 1000)
   t.ok(perJobPerSecond <= 1.2 * (1000 / PERIOD), `reads per watched job per second: ${perJobPerSecond.toFixed(3)} (1/period = ${(1000 / PERIOD).toFixed(3)})`)
   t.ok(scripts <= total, `script calls ${scripts} for ${total} job reads`)
@@ -172,7 +174,9 @@ t.test('the sweep covers every watched job once per period, spread evenly, at 1/
     while (all[i] - all[j] > PERIOD / 10) j++
     burst = Math.max(burst, i - j + 1)
   }
-  t.ok(burst <= Math.ceil(N / 10) + 3, `at most ${burst} reads in any ${PERIOD / 10} ms (share ${N / 10})`)
+  // Spread, not all at once: a sweep reading every job in one go would put all N in one slice;
+  // a stalled event loop can bunch a few slices' reads together, hence up to half of N.
+  t.ok(burst <= Math.ceil(N / 2), `at most ${burst} reads in any ${PERIOD / 10} ms (share ${N / 10}, limit ${Math.ceil(N / 2)} of ${N})`)
   // The same sweep at the default period costs each watched job 1/600 reads per second.
   const atDefault = perJobPerSecond * PERIOD / 600_000
   t.ok(atDefault <= 0.01, `at the default period: ${atDefault.toFixed(5)} commands per second per watched job (budget 0.01)`)
