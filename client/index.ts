@@ -9,11 +9,14 @@ import type { JobStatus, JobUpdateMessage, ProgressMessage } from '../lib/wire/m
 import { AuthError, ConnectionError, HttpError, NotFoundError } from './errors'
 import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
 import { Watch, type UploadedJob } from './watch'
+import { MyJobs, type MyJobsFilter } from './my-jobs'
 
 export * from './errors'
 export type * from './types'
 export { Watch }
 export type { UploadedJob } from './watch'
+export { MyJobs }
+export type { MyJob, MyJobsFilter } from './my-jobs'
 export { CloseCodes, shouldRetry, CLOSE_ADVICE } from '../lib/wire/close-codes'
 
 type Listener<T> = (value: T) => void
@@ -21,7 +24,7 @@ type Timer = ReturnType<typeof setTimeout> | undefined
 
 /** One connection, whatever its transport. */
 interface Conn {
-  /** Watch this job too (`again`: it asks for more now, its log lines). */
+  /** Watch this job too (`again`: it asks for more now, its log lines); `''` is the caller's jobs feed. */
   add: (kind: string, jobId: string, again?: boolean) => void
   remove: (jobId: string) => void
   /** Ends the connection without reporting it down. */
@@ -51,6 +54,7 @@ export class JobProgressClient {
   readonly #watch: (kind: string, jobId: string) => Watch
   readonly #upload: (kind: string, file: Blob, opts: UploadOptions) => Promise<UploadedJob>
   readonly #cancel: (kind: string, jobId: string) => Promise<void>
+  readonly #myJobs: (filter: MyJobsFilter) => MyJobs
   readonly #close: () => void
   readonly #state: () => ConnectionEvent
   readonly #stateListeners = new Set<Listener<ConnectionEvent>>()
@@ -73,6 +77,7 @@ export class JobProgressClient {
       upgradeIntervalMs = 30_000,
       heartbeatTimeoutMs = 75_000,
       pollIntervalMs = 2000,
+      myJobsPath = '/job-progress/jobs',
       fetch: fetchFn = g.fetch.bind(g),
       WebSocket: Ws = g.WebSocket
     } = options
@@ -81,6 +86,8 @@ export class JobProgressClient {
     const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {}
     const order = transports.filter(t => t !== 'websocket' || Ws)
     const watches = new Map<string, Watch>()
+    /** The open lists of the caller's jobs: while there is one, the connection follows the feed. */
+    const feeds = new Set<MyJobs>()
     const listeners = this.#stateListeners
     let level = 0
     let failures = 0
@@ -101,6 +108,8 @@ export class JobProgressClient {
     let firstUpload: Promise<unknown> = Promise.resolve()
 
     const active = (): Watch[] => [...watches.values()].filter(w => !w.ended)
+    /** What a connection carries: each active watch's job and kind, and the feed (`''`) while a list follows it. */
+    const want = (): Array<[string, string]> => active().map((w): [string, string] => [w.jobId, w.kind]).concat(feeds.size ? [['', '']] : [])
 
     const setState = (name: ConnectionEvent['state'], transport: Transport | null = null, extra?: { retryInMs?: number, error?: Error }): void => {
       // Each wait before a reconnect is reported, even when the state stays `reconnecting`.
@@ -129,7 +138,7 @@ export class JobProgressClient {
     /** A job ended or was dropped: with nothing left to watch, no connection is held. */
     const settle = (jobId: string): void => {
       if (watches.get(jobId)?.ended) watches.delete(jobId)
-      if (!active().length) {
+      if (!want().length) {
         teardown()
         setState('idle')
       }
@@ -149,7 +158,7 @@ export class JobProgressClient {
       if (error instanceof AuthError) sessionStarted = false
       if ((error as ConnectionError).code === 1008 || (error as ConnectionError).code === 429) pausedUntil = Date.now() + minMs + backoffDelay()
       setState('offline', null, { error })
-      for (const id of jobIds) watches.get(id)?._end(error)
+      for (const id of jobIds) id ? watches.get(id)?._end(error) : feeds.forEach(f => f._end(error))
       // Watches made since the connection opened were not refused yet: they try on their own.
       connectNow()
     }
@@ -182,7 +191,7 @@ export class JobProgressClient {
      * new request; or the status route of each job every `pollIntervalMs`, which always works.
      */
     const connect = (transport: Transport, probing: boolean): void => {
-      const watched = new Map(active().map(w => [w.jobId, w.kind]))
+      const watched = new Map(want())
       let ended = false
       let wentLive = false
       let timer: Timer
@@ -215,11 +224,11 @@ export class JobProgressClient {
           conn = c
           level = 0
           // Jobs watched since the probe opened were given to the old connection only.
-          for (const w of active()) {
-            if (!watched.has(w.jobId)) {
-              watched.set(w.jobId, w.kind)
+          for (const [jobId, kind] of want()) {
+            if (!watched.has(jobId)) {
+              watched.set(jobId, kind)
               // The WebSocket subscribes every watched job once live (below); SSE needs a new request.
-              if (transport !== 'websocket') added(w.jobId)
+              if (transport !== 'websocket') added(jobId)
             }
           }
         }
@@ -240,7 +249,7 @@ export class JobProgressClient {
         }
         dropConn()
         if (error) return fail(error, watched.keys())
-        if (!active().length) return
+        if (!want().length) return
         if (!wentLive && ++failures >= fallbackAfter && level < order.length - 1) {
           level++
           failures = 0
@@ -254,8 +263,12 @@ export class JobProgressClient {
         if (!m) return
         if (type === 'job_update') onUpdate(m)
         else if (type === 'close') end(closeError(m.code, m.reason))
-        // An error naming a job, its log lines and its stream chunks: its watch reads them.
-        else watches.get(m.job_id)?._msg(type, m)
+        // An error naming a job, its log lines and its stream chunks: its watch reads them; the
+        // feed's changes, resyncs and subscription: the lists of the caller's jobs.
+        else {
+          watches.get(m.job_id)?._msg(type, m)
+          for (const f of feeds) f._msg(type, m)
+        }
       }
       this.connections++
       if (probing) probe = c
@@ -276,7 +289,7 @@ export class JobProgressClient {
         // A watch that wants log lines resumes after the last one it has.
         const send = (action: string) => (jobId: string): void => {
           const w = watches.get(jobId)
-          if (wentLive) ws.send(JSON.stringify({ action, job_id: jobId, logs: w?.logs ? { from: w.next } : undefined, streams: w?.streams }))
+          if (wentLive) ws.send(JSON.stringify(jobId ? { action, job_id: jobId, logs: w?.logs ? { from: w.next } : undefined, streams: w?.streams } : { action: action + '_mine' }))
         }
         added = send('subscribe')
         removed = send('unsubscribe')
@@ -298,33 +311,27 @@ export class JobProgressClient {
           try { ws.close(1000) } catch {}
         }
       } else if (transport === 'sse') {
-        let controller: AbortController | undefined
-        const start = async (): Promise<void> => {
-          controller?.abort()
-          const abort = controller = new AbortController()
-          const url = new URL(ssePath, baseUrl)
-          url.searchParams.set('jobs', [...watched.keys()].join(','))
-          // Lines from the oldest kept: the watches drop those they have.
-          if (active().some(w => w.logs)) url.searchParams.set('logs', '1')
-          // Each stream from the next chunk its watch needs.
-          const from = active().flatMap(w => Object.entries(w.streams ?? {}).map(([n, o]) => `${w.jobId}@${n}:${o}`))
-          if (from.length) url.searchParams.set('streams_from', from + '')
-          const last = lastEventId
+        // One stream for the watched jobs (`j`), one for the caller's jobs feed (`''`), each replaced by a newer request.
+        const controllers: Record<string, AbortController | undefined> = {}
+        const open = async (key: string, url: URL, last?: string): Promise<void> => {
+          controllers[key]?.abort()
+          const abort = controllers[key] = new AbortController()
+          const current = (): boolean => abort === controllers[key]
+          // The jobs' stream ends by itself once its jobs have ended: while a feed goes on, no reason to reconnect.
+          const over = (error: Error | null): void => { if (current() && (error || !key || active().length)) end(error) }
           let res: Response
           try {
             res = await request(url, { headers: { accept: 'text/event-stream', ...headers, ...(last && { 'last-event-id': last }) }, signal: abort.signal })
           } catch {
             // A stream replaced by a newer request ends quietly.
-            if (abort === controller) end(null)
-            return
+            return over(null)
           }
-          if (abort !== controller) return
+          if (!current()) return
           const { status, body } = res
           if (status !== 200 || !body || !/^text\/event-stream/.test(res.headers.get('content-type') as string)) {
             // 204: every job had ended already; 401, 400 and 429: the request is refused as it is, and its body says why.
             const why = status > 399 ? parse(await res.text().catch(() => ''))?.message : body?.cancel().catch(() => {})
-            if (abort !== controller) return
-            return end(status === 401 ? authError(why) : status === 400 || status === 429 ? new ConnectionError(status, why || 'request refused') : null)
+            return over(status === 401 ? authError(why) : status === 400 || status === 429 ? new ConnectionError(status, why || 'request refused') : null)
           }
           live()
           const reader = body.pipeThrough(new TextDecoderStream()).getReader()
@@ -346,24 +353,53 @@ export class JobProgressClient {
               }
             }
           } catch {}
-          if (abort === controller) end(null)
+          over(null)
+        }
+        const start = (): void => {
+          const jobs = [...watched.keys()].filter(Boolean)
+          if (!jobs.length) return
+          const url = new URL(ssePath, baseUrl)
+          url.searchParams.set('jobs', jobs + '')
+          // Lines from the oldest kept: the watches drop those they have.
+          if (active().some(w => w.logs)) url.searchParams.set('logs', '1')
+          // Each stream from the next chunk its watch needs.
+          const from = active().flatMap(w => Object.entries(w.streams ?? {}).map(([n, o]) => `${w.jobId}@${n}:${o}`))
+          if (from.length) url.searchParams.set('streams_from', from + '')
+          void open('j', url, lastEventId)
         }
         // Jobs watched in one go (a page opening with 50) make one request, not 50 in a row. The
         // stream ends by itself once the jobs it names have ended; a job no longer wanted is only
-        // ignored, so removing one costs no new request.
-        added = () => {
+        // ignored, so removing one costs no new request. The feed has its own stream, from the
+        // start: every list is read again once it is in effect (`subscribed`).
+        added = (jobId) => {
+          if (!jobId) {
+            void open('', new URL(`${myJobsPath}/events`, baseUrl))
+            return
+          }
           clearTimeout(timer)
           timer = setTimeout(start)
         }
-        added('')
+        removed = (jobId) => {
+          const abort = controllers[jobId]
+          controllers[jobId] = undefined
+          abort?.abort()
+        }
+        if (watched.has('')) added('')
+        added('j')
         stop = () => {
           clearTimeout(timer)
-          controller?.abort()
+          for (const abort of Object.values(controllers)) abort?.abort()
         }
       } else {
         const round = async (): Promise<void> => {
           for (const [jobId, kind] of [...watched]) {
             if (ended) return
+            if (!jobId) {
+              // No feed here: each round reads the lists again.
+              live()
+              feeds.forEach(f => f._sync())
+              continue
+            }
             let res: Response
             try { res = await request(route('status', kind, jobId)) } catch { return end(null) }
             if (ended) return
@@ -395,7 +431,7 @@ export class JobProgressClient {
 
     const connectNow = (): void => {
       const transport = order[level]
-      if (closed || !active().length || !transport) return
+      if (closed || !want().length || !transport) return
       // One connection at a time: a pending retry or a live one (the browser said it is back online) gives way.
       clearTimeout(retryTimer)
       retryTimer = undefined
@@ -491,6 +527,26 @@ export class JobProgressClient {
       answer(res.status, await res.text(), jobId)
     }
 
+    this.#myJobs = (filter) => {
+      const f: MyJobs = new MyJobs(filter, async (query) => {
+        const res = await request(new URL(`${myJobsPath}?${query}`, baseUrl))
+        return answer(res.status, await res.text()).jobs
+      }, () => {
+        feeds.delete(f)
+        if (feeds.size) return
+        conn?.remove('')
+        settle('')
+      })
+      feeds.add(f)
+      // The first list subscribes the connection to the feed, and is read once that is in effect;
+      // the next ones are read at once when it already is.
+      if (feeds.size > 1) {
+        if (isLive) f._sync()
+      } else if (conn) conn.add('', '')
+      else if (!retryTimer) connectNow()
+      return f
+    }
+
     this.#watch = (kind, jobId) => {
       let watch = watches.get(jobId)
       if (watch) return watch
@@ -533,6 +589,15 @@ export class JobProgressClient {
   /** Watches a job; watching the same job twice returns the same Watch. */
   watch (kind: string, jobId: string): Watch {
     return this.#watch(kind, jobId)
+  }
+
+  /**
+   * The caller's jobs, newest first, kept current from the feed of their changes and read again
+   * after every reconnect, on any transport. Close it when done: while a list is open, the
+   * connection stays.
+   */
+  myJobs (filter: MyJobsFilter = {}): MyJobs {
+    return this.#myJobs(filter)
   }
 
   /** Uploads a file to a kind's upload route; resolves once the job is queued. */

@@ -2,7 +2,7 @@
  * fastify-job-progress/react: hooks over the client. React is a peer dependency.
  */
 import { createContext, createElement, useCallback, useContext, useEffect, useRef, useState, type ReactNode } from 'react'
-import { JobProgressClient, type ClientOptions, type UploadOptions, type UploadedJob, type Watch } from './index'
+import { JobProgressClient, type ClientOptions, type MyJob, type MyJobsFilter, type UploadOptions, type UploadedJob, type Watch } from './index'
 import type { ConnectionEvent, JobUpdate } from './types'
 
 const ClientContext = createContext<JobProgressClient | null>(null)
@@ -134,5 +134,36 @@ export function useJobStream (kind: string, jobId: string | null | undefined, na
       if (left === 0 && !watch.ended) watch.stop()
     }
   }, [c, kind, jobId, name])
+  return state
+}
+
+export interface MyJobsState {
+  /** The caller's jobs, newest first (empty until read). */
+  jobs: MyJob[]
+  /** Whether the list was read (it then follows the feed). */
+  ready: boolean
+  /** Set once the list ended with an error (credentials, a refused filter, a server without the feed). */
+  error: Error | null
+  connection: ConnectionEvent
+}
+
+/** The caller's jobs while the component is mounted, kept current by the feed and read again after reconnects. */
+export function useMyJobs (filter: MyJobsFilter = {}, client?: JobProgressClient): MyJobsState {
+  const shared = useJobProgressClient()
+  const c = client ?? shared
+  const [state, setState] = useState<MyJobsState>({ jobs: [], ready: false, error: null, connection: c.state })
+  // A filter written inline is a new object each render: what it says decides, not its identity.
+  const key = JSON.stringify(filter)
+  useEffect(() => {
+    const list = c.myJobs(JSON.parse(key))
+    const offState = c.onState((connection) => setState(s => ({ ...s, connection })))
+    const off = list.onUpdate((jobs) => setState(s => ({ ...s, jobs, ready: list.ready, error: list.error })))
+    setState({ jobs: [], ready: false, error: null, connection: c.state })
+    return () => {
+      off()
+      offState()
+      list.close()
+    }
+  }, [c, key])
   return state
 }

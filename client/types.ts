@@ -60,6 +60,8 @@ export interface ClientOptions {
   wsPath?: string
   /** The multiplexed SSE stream's path (the plugin's `ssePath`). @default '/job-progress/events' */
   ssePath?: string
+  /** The caller's jobs (the plugin's `myJobs.path`); its feed is `<myJobsPath>/events`. @default '/job-progress/jobs' */
+  myJobsPath?: string
   /** Routes of a kind. @default `/<kind>/upload`, `/<kind>/<id>/status`, `/result`, `/cancel` */
   paths?: Partial<{
     upload: (kind: string) => string
