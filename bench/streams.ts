@@ -11,7 +11,9 @@
  *    chunk's write before the next of the same job (a worker's loop), jobs in parallel; a chunk
  *    carries its send time. Systems take turns in rounds (the order alternating); the figures are
  *    the medians of the rounds' p50 and p99, with server, writer and Redis CPU per 10,000 chunks.
- * 2. Redis memory per 1 MB streamed: MEMORY USAGE of the keys holding the chunks and the
+ * 2. Write capacity: chunks per second 100 jobs store writing back-to-back (no watcher), with the
+ *    writer's and Redis's CPU per chunk: the write path alone, which the latency depends on.
+ * 3. Redis memory per 1 MB streamed: MEMORY USAGE of the keys holding the chunks and the
  *    used_memory delta, for 2 MB written in 64-byte and 1 KB chunks: the plugin's list (and its
  *    meta hash) against the floor's stream entries.
  *
@@ -283,6 +285,22 @@ async function main (): Promise<void> {
     process.stdout.write(table(`Chunk latency, writer's call to receipt (median of ${ROUNDS} rounds; CPU seconds per 10,000 chunks)`,
       ['workload', 'system', 'p50 ms', 'p99 ms', 'max ms', 'write p99', 'lost', 'server CPU', 'writer CPU', 'Redis CPU', 'cmds/chunk', 'plugin/floor p50 / p99'], rows) + '\n')
 
+    // The write path alone: how many chunks per second 100 jobs store writing back-to-back.
+    const capacity: Array<{ system: System, round: number, chunksPerSecond: number, writerCpuPerChunkUs: number, redisCpuPerChunkUs: number }> = []
+    for (let r = 0; r < 2; r++) {
+      for (const system of r % 2 === 0 ? SYSTEMS : [...SYSTEMS].reverse()) {
+        const jobs = system === 'plugin' ? await servers.plugin.call<string[]>('enqueue', { n: 100, owner: OWNER }) : Array.from({ length: 100 }, (_, i) => `cap-${r}-${i}`)
+        const c0 = cpuSeconds()
+        const r0 = await redis.snapshot()
+        const n = await backToBack(system, w, jobs, quick ? 1 : 3)
+        const r1 = await redis.snapshot()
+        capacity.push({ system, round: r, chunksPerSecond: Math.round(n / (quick ? 1 : 3)), writerCpuPerChunkUs: round((cpuSeconds() - c0) / n * 1e6, 1), redisCpuPerChunkUs: round((r1.cpu - r0.cpu) / n * 1e6, 1) })
+      }
+    }
+    const best = (system: System): typeof capacity[number] => capacity.filter(c => c.system === system).sort((a, b) => b.chunksPerSecond - a.chunksPerSecond)[0]
+    process.stdout.write(table(`Write capacity: 100 jobs writing back-to-back for ${quick ? 1 : 3} s, no watcher (best of 2 rounds)`, ['system', 'chunks/s', 'writer CPU µs/chunk', 'Redis CPU µs/chunk', 'plugin/floor'],
+      SYSTEMS.map(system => [system, best(system).chunksPerSecond, fmt(best(system).writerCpuPerChunkUs, 1), fmt(best(system).redisCpuPerChunkUs, 1), system === 'plugin' ? fmt(best('plugin').chunksPerSecond / best('floor').chunksPerSecond, 2) : ''])) + '\n')
+
     const memory = await memoryPerMB(redis, servers.plugin, w)
     process.stdout.write(table(`Redis memory per 1 MB of chunks (${MEMORY_BYTES / 1024 / 1024} MB written; MEMORY USAGE of the keys, used_memory delta)`,
       ['chunk', 'system', 'chunks', 'keys B/MB', 'used_memory B/MB', 'ratio (keys)'],
@@ -297,6 +315,7 @@ async function main (): Promise<void> {
       loadavg: { start: load0, end: load1 },
       config: { seconds: SECONDS, rounds: ROUNDS, chunkBytes: BYTES, quick },
       latency: summary,
+      capacity,
       memory,
       rounds
     }, null, 2) + '\n')
@@ -305,6 +324,23 @@ async function main (): Promise<void> {
     await Promise.all([...Object.values(servers), clients].map(async c => await c.stop()))
     await redis.stop()
   }
+}
+
+/** Chunks stored in `seconds` by one loop per job, each awaiting its write before the next. */
+async function backToBack (system: System, redis: Redis, jobs: string[], seconds: number): Promise<number> {
+  const end = performance.now() + seconds * 1000
+  const counts = await Promise.all(jobs.map(async (jobId) => {
+    const stream = system === 'plugin' ? openJobStream(redis, { queue: QUEUE, jobId, name: 'cap' }) : null
+    let n = 0
+    while (performance.now() < end) {
+      const chunk = chunkAt(nowMs())
+      if (stream !== null) await stream.write(chunk)
+      else await redis.xadd(FLOOR_KEY, '*', 'j', jobId, 'o', String(n), 'c', JSON.stringify(chunk))
+      n++
+    }
+    return n
+  }))
+  return counts.reduce((a, b) => a + b, 0)
 }
 
 interface MemoryRow { chunkBytes: number, chunks: number, payload: number, plugin: { keys: number, used: number, keysPerMB: number, usedPerMB: number }, floor: { keys: number, used: number, keysPerMB: number, usedPerMB: number }, ratio: number }
