@@ -1,9 +1,10 @@
 /**
  * Client bundle size: each client's main entry bundled for the browser by the same esbuild call
  * (ESM, minified, tree-shaken to what importing its main export keeps), then gzipped at level 9.
- * The first row (the client class and everything it uses) is the one compared; the second is the
- * whole module as `clientRoute` serves it (every export, the close-code table included), for
- * reference.
+ * Ours is built with the options that build what ships (scripts/build-client.mjs: `clientBuild`,
+ * its internal properties renamed). The first row (the client class and everything it uses) is
+ * the one compared; the second is the whole module as `clientRoute` serves it (every export, the
+ * close-code table included), for reference.
  *
  *   npx tsx bench/client-size.ts    # prints the table, writes bench/results/client-size.json
  */
@@ -27,9 +28,11 @@ function version (name: string): string {
 }
 
 async function main (): Promise<void> {
+  const { clientBuild } = await import(join(root, 'scripts', 'build-client.mjs')) as { clientBuild: Record<string, unknown> }
   const rows: Array<{ name: string, version: string, minBytes: number, gzipBytes: number }> = []
   for (const [name, source] of clients) {
     const out = await build({
+      ...(name.startsWith('fastify-job-progress') ? { mangleProps: clientBuild.mangleProps as RegExp } : {}),
       stdin: { contents: source, resolveDir: root, loader: 'ts' },
       bundle: true,
       minify: true,

@@ -4,12 +4,12 @@
  * up when the better transport works again; full-jitter backoff; every watched job resubscribed
  * after a reconnect, so no final state is lost; typed errors instead of retry loops.
  */
-import { shouldRetry } from '../lib/wire/close-codes'
-import type { JobStatus, JobUpdateMessage, ProgressMessage } from '../lib/wire/messages'
-import { AuthError, ConnectionError, HttpError, NotFoundError } from './errors'
-import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
-import { Watch, type UploadedJob } from './watch'
+import { AuthError, HttpError, NotFoundError, type ConnectionError } from './errors'
 import { MyJobs, type MyJobsFilter } from './my-jobs'
+import { authError, closeError, parse, transports, type Env, type Link } from './transports'
+import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
+import { post } from './upload'
+import { Watch, type UploadedJob } from './watch'
 
 export * from './errors'
 export type * from './types'
@@ -22,53 +22,50 @@ export { CloseCodes, shouldRetry, CLOSE_ADVICE } from '../lib/wire/close-codes'
 type Listener<T> = (value: T) => void
 type Timer = ReturnType<typeof setTimeout> | undefined
 
-/** One connection, whatever its transport. */
-interface Conn {
-  /** Watch this job too (`again`: it asks for more now, its log lines); `''` is the caller's jobs feed. */
-  add: (kind: string, jobId: string, again?: boolean) => void
-  remove: (jobId: string) => void
+/** A connection, as the client holds it. */
+interface Conn extends Link {
+  /** Carry this job too (`again`: it asks for more now, its log lines); `''` is the caller's jobs feed. */
+  put_: (kind: string, jobId: string, again?: boolean) => void
+  drop_: (jobId: string) => void
   /** Ends the connection without reporting it down. */
-  close: () => void
+  shut_: () => void
 }
-
-/** JSON text to a value; null when it is not JSON. */
-const parse = (text: string): any => {
-  try { return JSON.parse(text) } catch { return null }
-}
-
-const authError = (reason?: string): AuthError => new AuthError(reason || 'authentication required')
-
-/** What a close code means for the client: null to reconnect, else the error that ends the connection's watches. */
-const closeError = (code: number, reason: string): Error | null =>
-  code === 4001 ? authError(reason) : shouldRetry(code) || code === 1000 ? null : new ConnectionError(code, reason)
-
-/** The status route's seed statuses in the `jobs` protocol's words (`failed` and `cancelled` are the same). */
-const POLL_STATUS: Record<string, JobStatus> = { processing: 'running', complete: 'succeeded' }
 
 /**
  * The client. Create one per page (or process) and share it.
  *
- * Its state lives in the constructor's closure, where names minify; the methods call into it.
+ * Its state lives in the constructor's closure, where names minify, and so do its methods.
  */
 export class JobProgressClient {
-  readonly #watch: (kind: string, jobId: string) => Watch
-  readonly #upload: (kind: string, file: Blob, opts: UploadOptions) => Promise<UploadedJob>
-  readonly #cancel: (kind: string, jobId: string) => Promise<void>
-  readonly #myJobs: (filter: MyJobsFilter) => MyJobs
-  readonly #close: () => void
-  readonly #state: () => ConnectionEvent
-  readonly #stateListeners = new Set<Listener<ConnectionEvent>>()
+  /** The connection's state now. */
+  declare readonly state: ConnectionEvent
+  /** Calls `fn` on every connection state change; returns the unsubscribe. */
+  declare readonly onState: (fn: Listener<ConnectionEvent>) => () => void
+  /** Watches a job; watching the same job twice returns the same Watch. */
+  declare readonly watch: (kind: string, jobId: string) => Watch
+  /**
+   * The caller's jobs, newest first, kept current by the feed of their changes and read again
+   * after every reconnect, on any transport. Close it when done: while a list is open, the
+   * connection stays.
+   */
+  declare readonly myJobs: (filter?: MyJobsFilter) => MyJobs
+  /** Uploads a file to a kind's upload route; resolves once the job is queued. */
+  declare readonly upload: (kind: string, file: Blob, opts?: UploadOptions) => Promise<UploadedJob>
+  /** Cancels a job. Rejects with HttpError 409 when it already ended, NotFoundError when not found. */
+  declare readonly cancel: (kind: string, jobId: string) => Promise<void>
+  /** Closes the connection and stops every timer; watches stay as they are. */
+  declare readonly close: () => void
   /** Connections opened so far (for tests and diagnostics). */
   connections = 0
 
   constructor (options: ClientOptions = {}) {
-    const g = globalThis as unknown as { location?: { origin: string }, WebSocket?: typeof WebSocket, XMLHttpRequest?: typeof XMLHttpRequest, addEventListener?: (n: string, f: () => void) => void, fetch: typeof fetch }
+    const g = globalThis as unknown as { location?: { origin: string }, WebSocket?: typeof WebSocket, addEventListener?: (n: string, f: () => void) => void, fetch: typeof fetch }
     const {
       baseUrl = g.location?.origin,
       apiKey,
       apiKeyVia = 'subprotocol',
       credentials = 'same-origin',
-      transports = ['websocket', 'sse', 'polling'],
+      transports: wanted = ['websocket', 'sse', 'polling'],
       wsPath = '/ws/jobs',
       ssePath = '/job-progress/events',
       paths = {},
@@ -82,13 +79,14 @@ export class JobProgressClient {
       WebSocket: Ws = g.WebSocket
     } = options
     if (!baseUrl) throw new TypeError('baseUrl required')
+    const self = this as { -readonly [K in keyof JobProgressClient]: JobProgressClient[K] }
     const route = (name: 'status' | 'result' | 'cancel', kind: string, id: string): URL => new URL(paths[name]?.(kind, id) ?? `/${kind}/${id}/${name}`, baseUrl)
     const headers: Record<string, string> = apiKey ? { authorization: `Bearer ${apiKey}` } : {}
-    const order = transports.filter(t => t !== 'websocket' || Ws)
+    const order = wanted.filter(t => t !== 'websocket' || Ws)
     const watches = new Map<string, Watch>()
     /** The open lists of the caller's jobs: while there is one, the connection follows the feed. */
     const feeds = new Set<MyJobs>()
-    const listeners = this.#stateListeners
+    const listeners = new Set<Listener<ConnectionEvent>>()
     let level = 0
     let failures = 0
     let attempt = 0
@@ -101,8 +99,6 @@ export class JobProgressClient {
     let lastSeen = 0
     /** After a refusal for too many connections, no new one before this time. */
     let pausedUntil = 0
-    let state: ConnectionEvent = { state: 'idle', transport: null }
-    let lastEventId: string | undefined
     let closed = false
     let sessionStarted = false
     let firstUpload: Promise<unknown> = Promise.resolve()
@@ -112,11 +108,13 @@ export class JobProgressClient {
     const want = (): Array<[string, string]> => active().map((w): [string, string] => [w.jobId, w.kind]).concat(feeds.size ? [['', '']] : [])
 
     const setState = (name: ConnectionEvent['state'], transport: Transport | null = null, extra?: { retryInMs?: number, error?: Error }): void => {
+      const state = self.state
       // Each wait before a reconnect is reported, even when the state stays `reconnecting`.
-      if (name === state.state && transport === state.transport && !extra) return
-      state = { state: name, transport, ...extra }
-      for (const fn of listeners) fn(state)
+      if (name === state?.state && transport === state.transport && !extra) return
+      self.state = { state: name, transport, ...extra }
+      for (const fn of listeners) fn(self.state)
     }
+    setState('idle')
 
     /** The connection is gone (the watchdog with it). */
     const dropConn = (): void => {
@@ -129,13 +127,13 @@ export class JobProgressClient {
       clearTimeout(retryTimer)
       clearTimeout(upgradeTimer)
       retryTimer = undefined
-      conn?.close()
-      probe?.close()
+      conn?.shut_()
+      probe?.shut_()
       dropConn()
       probe = null
     }
 
-    /** A job ended or was dropped: with nothing left to watch, no connection is held. */
+    /** A job ended or was dropped (`''`: the last list closed): with nothing left to watch, no connection is held. */
     const settle = (jobId: string): void => {
       if (watches.get(jobId)?.ended) watches.delete(jobId)
       if (!want().length) {
@@ -168,276 +166,134 @@ export class JobProgressClient {
       retryTimer = setTimeout(() => { retryTimer = undefined; connectNow() }, delay)
     }
 
-    const touch = (): void => { lastSeen = Date.now() }
-
     /** A request with the client's credentials. */
     const request = async (url: URL, init?: RequestInit): Promise<Response> => await fetchFn(url, { headers, credentials, ...init })
 
-    const onUpdate = (m: JobUpdateMessage): void => {
-      const watch = watches.get(m.job_id)
-      if (!watch) return
-      // The message's fields under the client's names; any field a newer server adds passes through.
-      const { type, ts, job_id: jobId, eta_seconds: etaSeconds, ...fields } = m
-      // The last event id moves with the state held, never to one refused as older.
-      if (watch._update({ kind: watch.kind, jobId, ...fields, result: fields.result ?? null, error: fields.error ?? null, etaSeconds }) && m.version) lastEventId = `${m.job_id}@${m.version}`
+    const env: Env = {
+      base_: baseUrl,
+      key_: apiKey,
+      via_: apiKeyVia,
+      Ws_: Ws,
+      wsPath_: wsPath,
+      ssePath_: ssePath,
+      mine_: myJobsPath,
+      headers_: headers,
+      pollMs_: pollIntervalMs,
+      request_: request,
+      route_: route,
+      watches_: watches,
+      feeds_: feeds,
+      active_: active,
+      update_: (m) => {
+        const watch = watches.get(m.job_id)
+        if (!watch) return
+        // The message's fields under the client's names; any field a newer server adds passes through.
+        const { type, ts, job_id: jobId, eta_seconds: etaSeconds, ...fields } = m
+        // The last event id moves with the state held, never to one refused as older.
+        if (watch._update({ kind: watch.kind, jobId, ...fields, result: fields.result ?? null, error: fields.error ?? null, etaSeconds }) && m.version) env.last_ = `${m.job_id}@${m.version}`
+      }
     }
 
     /**
-     * Opens `transport` for every active watch; as a probe (trying the best transport while on a
-     * fallback) it takes over only once it is live. The transports share the watched jobs, the
-     * end of a connection and the reading of a message; each adds only how it carries them: the
-     * `jobs` protocol over one WebSocket; one multiplexed Server-Sent Events stream read with
-     * fetch (so it can carry an API key header and runs in Node too), where adding a job means a
-     * new request; or the status route of each job every `pollIntervalMs`, which always works.
+     * Opens `transport` (client/transports.ts) for every active watch and the feed; as a probe
+     * (trying the best transport while on a fallback) it takes over only once it is live. The
+     * transports share the watched jobs, the end of a connection and the reading of a message;
+     * each adds only how it carries them.
      */
     const connect = (transport: Transport, probing: boolean): void => {
       const watched = new Map(want())
-      let ended = false
-      let wentLive = false
-      let timer: Timer
-      // What the transport does when a job is added or removed, and when the connection ends.
-      let added = (_jobId: string): void => {}
-      let removed = added
-      let stop = (): void => { clearTimeout(timer) }
       const c: Conn = {
-        add (kind, jobId, again) {
-          if (again || !watched.has(jobId)) { watched.set(jobId, kind); added(jobId) }
+        w_: watched,
+        ended_: false,
+        up_: false,
+        put_ (kind, jobId, again) {
+          if (again || !watched.has(jobId)) { watched.set(jobId, kind); c.add_(jobId) }
         },
-        remove (jobId) {
-          if (watched.delete(jobId)) removed(jobId)
+        drop_ (jobId) {
+          if (watched.delete(jobId)) c.rm_(jobId)
         },
-        close () {
-          ended = true
-          stop()
-        }
-      }
-      const live = (): void => {
-        if (wentLive) return
-        wentLive = true
-        if (probing) {
-          // The better transport works: it takes over, and the fallback goes.
-          probing = false
-          probe = null
-          conn?.close()
-          clearTimeout(retryTimer)
-          retryTimer = undefined
-          conn = c
-          level = 0
-          // Jobs watched since the probe opened were given to the old connection only.
-          for (const [jobId, kind] of want()) {
-            if (!watched.has(jobId)) {
-              watched.set(jobId, kind)
-              // The WebSocket subscribes every watched job once live (below); SSE needs a new request.
-              if (transport !== 'websocket') added(jobId)
+        shut_ () {
+          c.ended_ = true
+          c.stop_()
+        },
+        add_: () => {},
+        rm_: () => {},
+        stop_: () => {},
+        touch_: () => { lastSeen = Date.now() },
+        live_: () => {
+          if (c.up_) return
+          c.up_ = true
+          if (probing) {
+            // The better transport works: it takes over, and the fallback goes.
+            probing = false
+            probe = null
+            conn?.shut_()
+            clearTimeout(retryTimer)
+            retryTimer = undefined
+            conn = c
+            level = 0
+            // Jobs watched since the probe opened were given to the old connection only.
+            for (const [jobId, kind] of want()) {
+              if (!watched.has(jobId)) {
+                watched.set(jobId, kind)
+                // The WebSocket subscribes every watched job once live; SSE needs a new request.
+                if (transport !== 'websocket') c.add_(jobId)
+              }
             }
           }
-        }
-        isLive = true
-        failures = attempt = 0
-        touch()
-        setState(transport === 'websocket' ? 'live' : 'fallback', transport)
-        startWatchdog()
-        if (level) scheduleUpgrade()
-      }
-      const end = (error: Error | null): void => {
-        if (ended) return
-        ended = true
-        stop()
-        if (probing) {
-          probe = null
-          return scheduleUpgrade()
-        }
-        dropConn()
-        if (error) return fail(error, watched.keys())
-        if (!want().length) return
-        if (!wentLive && ++failures >= fallbackAfter && level < order.length - 1) {
-          level++
-          failures = 0
-          // A new transport is tried at once: the old one's failure says nothing about it.
-          return connectNow()
-        }
-        retryLater()
-      }
-      /** A message of the `jobs` protocol, or an SSE event (its `event:` as the type). */
-      const dispatch = (type: string, m: any): void => {
-        if (!m) return
-        if (type === 'job_update') onUpdate(m)
-        else if (type === 'close') end(closeError(m.code, m.reason))
-        // An error naming a job, its log lines and its stream chunks: its watch reads them; the
-        // feed's changes, resyncs and subscription: the lists of the caller's jobs.
-        else {
-          watches.get(m.job_id)?._msg(type, m)
-          for (const f of feeds) f._msg(type, m)
+          isLive = true
+          failures = attempt = 0
+          c.touch_()
+          setState(transport === 'websocket' ? 'live' : 'fallback', transport)
+          startWatchdog()
+          if (level) scheduleUpgrade()
+        },
+        end_: (error) => {
+          if (c.ended_) return
+          c.shut_()
+          if (probing) {
+            probe = null
+            return scheduleUpgrade()
+          }
+          dropConn()
+          if (error) return fail(error, watched.keys())
+          if (!want().length) return
+          if (!c.up_ && ++failures >= fallbackAfter && level < order.length - 1) {
+            level++
+            failures = 0
+            // A new transport is tried at once: the old one's failure says nothing about it.
+            return connectNow()
+          }
+          retryLater()
+        },
+        msg_: (type, m) => {
+          if (!m) return
+          if (type === 'job_update') env.update_(m)
+          else if (type === 'close') c.end_(closeError(m.code, m.reason))
+          // An error naming a job, its log lines and its stream chunks: its watch reads them; the
+          // feed's changes, resyncs and subscription: the lists of the caller's jobs.
+          else {
+            watches.get(m.job_id)?._msg(type, m)
+            for (const f of feeds) f._msg(type, m)
+          }
         }
       }
       this.connections++
       if (probing) probe = c
       else conn = c
-
-      if (transport === 'websocket') {
-        const url = new URL(wsPath, baseUrl)
-        url.protocol = url.protocol.replace('http', 'ws')
-        if (apiKey && apiKeyVia === 'query') url.searchParams.set('api_key', apiKey)
-        let ws: WebSocket
-        try {
-          ws = new (Ws as typeof WebSocket)(url, apiKey && apiKeyVia === 'subprotocol' ? [apiKey] : undefined)
-        } catch {
-          // A key a browser refuses as a subprotocol (`=` or `/` in it): counts as a failure, so the next transport is tried.
-          return end(null)
-        }
-        // Sending on a closing socket does nothing.
-        // A watch that wants log lines resumes after the last one it has.
-        const send = (action: string) => (jobId: string): void => {
-          const w = watches.get(jobId)
-          if (wentLive) ws.send(JSON.stringify(jobId ? { action, job_id: jobId, logs: w?.logs ? { from: w.next } : undefined, streams: w?.streams } : { action: action + '_mine' }))
-        }
-        added = send('subscribe')
-        removed = send('unsubscribe')
-        // A close event follows every error; an error without a listener would throw in Node's `ws`.
-        ws.onerror = () => {}
-        ws.onopen = () => {
-          if (apiKey && apiKeyVia === 'first-message') ws.send(JSON.stringify({ token: apiKey }))
-        }
-        ws.onmessage = (e: MessageEvent) => {
-          touch()
-          const m = parse(e.data)
-          if (m?.type !== 'connected') return dispatch(m?.type, m)
-          live()
-          for (const jobId of watched.keys()) added(jobId)
-        }
-        ws.onclose = (e: CloseEvent) => end(closeError(e.code, e.reason))
-        stop = () => {
-          ws.onclose = null
-          try { ws.close(1000) } catch {}
-        }
-      } else if (transport === 'sse') {
-        // One stream for the watched jobs (`j`), one for the caller's jobs feed (`''`), each replaced by a newer request.
-        const controllers: Record<string, AbortController | undefined> = {}
-        const open = async (key: string, url: URL, last?: string): Promise<void> => {
-          controllers[key]?.abort()
-          const abort = controllers[key] = new AbortController()
-          const current = (): boolean => abort === controllers[key]
-          // The jobs' stream ends by itself once its jobs have ended: while a feed goes on, no reason to reconnect.
-          const over = (error: Error | null): void => { if (current() && (error || !key || active().length)) end(error) }
-          let res: Response
-          try {
-            res = await request(url, { headers: { accept: 'text/event-stream', ...headers, ...(last && { 'last-event-id': last }) }, signal: abort.signal })
-          } catch {
-            // A stream replaced by a newer request ends quietly.
-            return over(null)
-          }
-          if (!current()) return
-          const { status, body } = res
-          if (status !== 200 || !body || !/^text\/event-stream/.test(res.headers.get('content-type') as string)) {
-            // 204: every job had ended already; 401, 400 and 429: the request is refused as it is, and its body says why.
-            const why = status > 399 ? parse(await res.text().catch(() => ''))?.message : body?.cancel().catch(() => {})
-            return over(status === 401 ? authError(why) : status === 400 || status === 429 ? new ConnectionError(status, why || 'request refused') : null)
-          }
-          live()
-          const reader = body.pipeThrough(new TextDecoderStream()).getReader()
-          let buffer = ''
-          try {
-            for (;;) {
-              const { done, value } = await reader.read()
-              if (done) break
-              touch()
-              const blocks = (buffer + value).split(/\r?\n\r?\n/)
-              buffer = blocks.pop() as string
-              for (const block of blocks) {
-                // The server writes one `data:` line per event (its JSON holds no raw newline).
-                // Comments (heartbeats), `id:` and `retry:` are not needed: the client keeps its own
-                // last event id (from versions) and its own backoff.
-                // Not `.`: it stops at U+2028 and U+2029, which JSON leaves unescaped.
-                const [, event, data] = /^event: ?([^\r\n]*)\r?\ndata: ?([^\r\n]*)/m.exec(block) ?? []
-                dispatch(event as string, parse(data as string))
-              }
-            }
-          } catch {}
-          over(null)
-        }
-        const start = (): void => {
-          const jobs = [...watched.keys()].filter(Boolean)
-          if (!jobs.length) return
-          const url = new URL(ssePath, baseUrl)
-          url.searchParams.set('jobs', jobs + '')
-          // Lines from the oldest kept: the watches drop those they have.
-          if (active().some(w => w.logs)) url.searchParams.set('logs', '1')
-          // Each stream from the next chunk its watch needs.
-          const from = active().flatMap(w => Object.entries(w.streams ?? {}).map(([n, o]) => `${w.jobId}@${n}:${o}`))
-          if (from.length) url.searchParams.set('streams_from', from + '')
-          void open('j', url, lastEventId)
-        }
-        // Jobs watched in one go (a page opening with 50) make one request, not 50 in a row. The
-        // stream ends by itself once the jobs it names have ended; a job no longer wanted is only
-        // ignored, so removing one costs no new request. The feed has its own stream, from the
-        // start: every list is read again once it is in effect (`subscribed`).
-        added = (jobId) => {
-          if (!jobId) {
-            void open('', new URL(`${myJobsPath}/events`, baseUrl))
-            return
-          }
-          clearTimeout(timer)
-          timer = setTimeout(start)
-        }
-        removed = (jobId) => {
-          const abort = controllers[jobId]
-          controllers[jobId] = undefined
-          abort?.abort()
-        }
-        if (watched.has('')) added('')
-        added('j')
-        stop = () => {
-          clearTimeout(timer)
-          for (const abort of Object.values(controllers)) abort?.abort()
-        }
-      } else {
-        const round = async (): Promise<void> => {
-          for (const [jobId, kind] of [...watched]) {
-            if (ended) return
-            if (!jobId) {
-              // No feed here: each round reads the lists again.
-              live()
-              feeds.forEach(f => f._sync())
-              continue
-            }
-            let res: Response
-            try { res = await request(route('status', kind, jobId)) } catch { return end(null) }
-            if (ended) return
-            if (res.status === 404) {
-              watched.delete(jobId)
-              watches.get(jobId)?._end(new NotFoundError(jobId))
-              continue
-            }
-            if (res.status !== 200) return end(res.status === 401 ? authError() : null)
-            let p: ProgressMessage
-            try { p = await res.json() } catch { return end(null) }
-            let result: unknown = null
-            if (p.status === 'complete') {
-              try {
-                result = (await (await request(route('result', kind, jobId))).json()).result ?? null
-              } catch {}
-            }
-            if (ended) return
-            live()
-            touch()
-            onUpdate({ ...p, status: POLL_STATUS[p.status] ?? p.status, result, error: p.error ?? null } as unknown as JobUpdateMessage)
-            if (p.status !== 'processing') watched.delete(jobId)
-          }
-          if (!ended) timer = setTimeout(round, pollIntervalMs)
-        }
-        void round()
-      }
+      transports[transport](c, env)
     }
 
     const connectNow = (): void => {
       const transport = order[level]
+      const state = self.state
       if (closed || !want().length || !transport) return
       // One connection at a time: a pending retry or a live one (the browser said it is back online) gives way.
       clearTimeout(retryTimer)
       retryTimer = undefined
       const wait = pausedUntil - Date.now()
       if (wait > 0) return retryLater(wait)
-      conn?.close()
+      conn?.shut_()
       setState(state.state === 'idle' || state.error ? 'connecting' : state.state, transport)
       connect(transport, false)
     }
@@ -447,7 +303,7 @@ export class JobProgressClient {
       watchdog = setInterval(() => {
         // Silent for too long: the connection is dead without having said so.
         if (Date.now() - lastSeen <= heartbeatTimeoutMs || !conn) return
-        conn.close()
+        conn.shut_()
         dropConn()
         retryLater()
       }, Math.min(5_000, heartbeatTimeoutMs / 2))
@@ -464,7 +320,7 @@ export class JobProgressClient {
     }
 
     /** Checks an HTTP answer; its JSON body, or the error it means. */
-    const answer = (status: number, text: string, jobId?: string): any => {
+    const answer = ([status, text]: [number, string], jobId?: string): any => {
       const body = parse(text)
       if (status === 401) {
         sessionStarted = false
@@ -474,46 +330,18 @@ export class JobProgressClient {
       if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `HTTP ${status}`, body)
       return body
     }
+    const read = async (url: URL, init?: RequestInit, jobId?: string): Promise<any> => {
+      const res = await request(url, init)
+      return answer([res.status, await res.text()], jobId)
+    }
 
     const send = async (kind: string, file: Blob, opts: UploadOptions): Promise<UploadedJob> => {
-      opts.signal?.throwIfAborted()
-      const form = new FormData()
-      for (const [k, v] of Object.entries(opts.fields ?? {})) form.append(k, v)
-      form.append('file', file, opts.filename ?? (file as { name?: string }).name ?? 'upload')
-      const url = new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl)
-      const XHR = g.XMLHttpRequest
-      const progress = opts.onUploadProgress
-      let status: number
-      let text: string
-      if (XHR && progress) {
-        // Only XMLHttpRequest reports upload progress in browsers.
-        const xhr = new XHR()
-        await new Promise((resolve, reject) => {
-          xhr.open('POST', url)
-          xhr.withCredentials = credentials === 'include'
-          for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v)
-          xhr.upload.onprogress = (e) => progress(e.loaded, e.lengthComputable ? e.total : file.size)
-          // Loaded, failed or aborted: a status of 0 means no answer.
-          xhr.onloadend = () => xhr.status ? resolve(0) : reject(opts.signal?.aborted ? opts.signal.reason : new HttpError(0, 'network error'))
-          // An AbortSignal fires once: the listener needs no removing.
-          opts.signal?.addEventListener('abort', () => xhr.abort())
-          xhr.send(form)
-        })
-        status = xhr.status
-        text = xhr.responseText
-      } else {
-        progress?.(0, file.size)
-        const res = await request(url, { method: 'POST', body: form, signal: opts.signal })
-        status = res.status
-        text = await res.text()
-        progress?.(file.size, file.size)
-      }
-      const body = answer(status, text)
+      const body = answer(await post(new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl), file, opts, headers, credentials, request))
       const jobId: string = body.job_id
       return { kind, jobId, statusUrl: body.status_url, watch: () => this.watch(kind, jobId) }
     }
 
-    this.#upload = (kind, file, opts) => {
+    self.upload = (kind, file, opts = {}) => {
       // With cookie sessions the first upload starts the session: several first uploads at once
       // would start several, and the page would own only the last one's jobs. Until one upload
       // went through, they go one at a time.
@@ -522,19 +350,15 @@ export class JobProgressClient {
       return job
     }
 
-    this.#cancel = async (kind, jobId) => {
-      const res = await request(route('cancel', kind, jobId), { method: 'POST' })
-      answer(res.status, await res.text(), jobId)
+    self.cancel = async (kind, jobId) => {
+      await read(route('cancel', kind, jobId), { method: 'POST' }, jobId)
     }
 
-    this.#myJobs = (filter) => {
-      const f: MyJobs = new MyJobs(filter, async (query) => {
-        const res = await request(new URL(`${myJobsPath}?${query}`, baseUrl))
-        return answer(res.status, await res.text()).jobs
-      }, () => {
+    self.myJobs = (filter = {}) => {
+      const f: MyJobs = new MyJobs(filter, async (query) => (await read(new URL(`${myJobsPath}?${query}`, baseUrl))).jobs, () => {
         feeds.delete(f)
         if (feeds.size) return
-        conn?.remove('')
+        conn?.drop_('')
         settle('')
       })
       feeds.add(f)
@@ -542,77 +366,40 @@ export class JobProgressClient {
       // the next ones are read at once when it already is.
       if (feeds.size > 1) {
         if (isLive) f._sync()
-      } else if (conn) conn.add('', '')
+      } else if (conn) conn.put_('', '')
       else if (!retryTimer) connectNow()
       return f
     }
 
-    this.#watch = (kind, jobId) => {
+    self.watch = (kind, jobId) => {
       let watch = watches.get(jobId)
       if (watch) return watch
       watch = new Watch(kind, jobId, () => {
         watches.delete(jobId)
-        conn?.remove(jobId)
+        conn?.drop_(jobId)
         settle(jobId)
-      }, () => conn?.add(kind, jobId, true))
+      }, () => conn?.put_(kind, jobId, true))
       watches.set(jobId, watch)
       const ended = (): void => settle(jobId)
       void watch.done.then(ended, ended)
-      if (conn) conn.add(kind, jobId)
+      if (conn) conn.put_(kind, jobId)
       else if (!retryTimer) connectNow()
       return watch
     }
 
-    this.#close = () => {
+    self.close = () => {
       closed = true
       teardown()
       setState('idle')
     }
 
-    this.#state = () => state
+    self.onState = (fn) => {
+      listeners.add(fn)
+      return () => listeners.delete(fn)
+    }
     // The browser knows when the network is gone and back: no point in backing off meanwhile.
     g.addEventListener?.('offline', () => setState('offline'))
     g.addEventListener?.('online', () => { if (!conn) connectNow() })
-  }
-
-  /** The connection's state now. */
-  get state (): ConnectionEvent {
-    return this.#state()
-  }
-
-  /** Calls `fn` on every connection state change; returns the unsubscribe. */
-  onState (fn: Listener<ConnectionEvent>): () => void {
-    this.#stateListeners.add(fn)
-    return () => this.#stateListeners.delete(fn)
-  }
-
-  /** Watches a job; watching the same job twice returns the same Watch. */
-  watch (kind: string, jobId: string): Watch {
-    return this.#watch(kind, jobId)
-  }
-
-  /**
-   * The caller's jobs, newest first, kept current from the feed of their changes and read again
-   * after every reconnect, on any transport. Close it when done: while a list is open, the
-   * connection stays.
-   */
-  myJobs (filter: MyJobsFilter = {}): MyJobs {
-    return this.#myJobs(filter)
-  }
-
-  /** Uploads a file to a kind's upload route; resolves once the job is queued. */
-  upload (kind: string, file: Blob, opts: UploadOptions = {}): Promise<UploadedJob> {
-    return this.#upload(kind, file, opts)
-  }
-
-  /** Cancels a job. Rejects with HttpError 409 when it already ended, NotFoundError when not found. */
-  cancel (kind: string, jobId: string): Promise<void> {
-    return this.#cancel(kind, jobId)
-  }
-
-  /** Closes the connection and stops every timer; watches stay as they are. */
-  close (): void {
-    this.#close()
   }
 }
 

@@ -1,5 +1,6 @@
 import { JobProgressError } from './errors'
 import type { JobStatus } from './types'
+import { iterate } from './watch'
 
 type Listener<T> = (value: T) => void
 
@@ -30,9 +31,8 @@ export interface MyJobsFilter {
   limit?: number
 }
 
-/** The list route's query for a filter. */
-export const listQuery = (f: MyJobsFilter): string =>
-  new URLSearchParams(Object.entries({ kind: f.kind, state: f.state, limit: f.limit }).filter(([, v]) => v !== undefined).map(([k, v]) => [k, [v].flat() + ''])) + ''
+/** The list route's query for a filter (a list as its items joined with commas). */
+const listQuery = (f: MyJobsFilter): string => Object.entries(f).map(([k, v]) => `${k}=${encodeURIComponent([v].flat() + '')}`).join('&')
 
 /**
  * The caller's jobs, newest first: the list route read once the feed is in effect, then kept
@@ -134,18 +134,8 @@ export class MyJobs implements AsyncIterable<MyJob[]> {
 
   /** Yields the list each time it changes (the latest one), until closed; throws the error it ended with. */
   async * [Symbol.asyncIterator] (): AsyncIterator<MyJob[]> {
-    let seen: MyJob[] | undefined
-    let wake = (): void => {}
-    const off = this.onUpdate(() => wake())
-    try {
-      for (;;) {
-        if (this.ready && this.jobs !== seen) yield seen = this.jobs
-        else if (this.ended) break
-        else await new Promise<void>(resolve => { wake = resolve })
-      }
-    } finally {
-      off()
-    }
+    let last: MyJob[] | undefined
+    yield * iterate<MyJob[]>(this, push => this.onUpdate(jobs => { if (jobs !== last) push(last = jobs) }), true)
     if (this.error) throw this.error
   }
 }

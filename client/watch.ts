@@ -157,12 +157,15 @@ export class Watch implements AsyncIterable<JobUpdate> {
   }
 }
 
-/** What `listen` pushes, in order, until it calls stop or the watch ends. */
-function iterate<T> (w: Watch, listen: (push: (value: T) => void, stop: () => void) => () => void): AsyncIterableIterator<T> {
+/**
+ * What `listen` pushes, in order (`latest`: only the newest not yet read), until it calls stop or
+ * `w` (a watch, a list of the caller's jobs) ends.
+ */
+export function iterate<T> (w: { ended: boolean, onUpdate: (fn: () => void) => () => void }, listen: (push: (value: T) => void, stop: () => void) => () => void, latest?: boolean): AsyncIterableIterator<T> {
   const queue: T[] = []
   let wake = (): void => {}
   let done = false
-  const off = listen((value) => { queue.push(value); wake() }, () => { done = true; wake() })
+  const off = listen((value) => { if (latest) queue.length = 0; queue.push(value); wake() }, () => { done = true; wake() })
   const offEnd = w.onUpdate(() => wake())
   return (async function * () {
     try {

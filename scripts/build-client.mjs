@@ -1,19 +1,29 @@
 // Builds fastify-job-progress/client and /react as ES modules (dist/client/*.mjs) with esbuild,
 // and their declarations with tsc. The client has no runtime dependencies; React stays external.
+// bench/client-size.ts measures the client with `clientBuild`, the options used here.
 import { build } from 'esbuild'
 import { execFileSync } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
 const root = fileURLToPath(new URL('..', import.meta.url))
-const common = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2022', absWorkingDir: root, legalComments: 'none' }
-await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.mjs' })
-await build({ ...common, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.min.mjs', minify: true })
-await build({
-  ...common,
-  entryPoints: ['client/react.ts'],
-  outfile: 'dist/client/react.mjs',
-  external: ['react'],
-  // The hooks use the one client module, not a copy of it.
-  plugins: [{ name: 'client-external', setup (b) { b.onResolve({ filter: /^\.\/index$/ }, () => ({ path: './index.mjs', external: true })) } }]
-})
-if (!process.argv.includes('--js-only')) execFileSync(process.execPath, [fileURLToPath(new URL('../node_modules/typescript/bin/tsc', import.meta.url)), '-p', 'client'], { cwd: root, stdio: 'inherit' })
+
+/**
+ * The options every client file is built with. Internal properties (a leading `_`, as Watch's
+ * `_update`, or a trailing one, as the transports' `w_`) are renamed to short names: no public
+ * name and no name of the wire format has either.
+ */
+export const clientBuild = { bundle: true, format: 'esm', platform: 'neutral', target: 'es2022', absWorkingDir: root, legalComments: 'none', mangleProps: /^_|_$/ }
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  await build({ ...clientBuild, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.mjs' })
+  await build({ ...clientBuild, entryPoints: ['client/index.ts'], outfile: 'dist/client/index.min.mjs', minify: true })
+  await build({
+    ...clientBuild,
+    entryPoints: ['client/react.ts'],
+    outfile: 'dist/client/react.mjs',
+    external: ['react'],
+    // The hooks use the one client module, not a copy of it.
+    plugins: [{ name: 'client-external', setup (b) { b.onResolve({ filter: /^\.\/index$/ }, () => ({ path: './index.mjs', external: true })) } }]
+  })
+  if (!process.argv.includes('--js-only')) execFileSync(process.execPath, [fileURLToPath(new URL('../node_modules/typescript/bin/tsc', import.meta.url)), '-p', 'client'], { cwd: root, stdio: 'inherit' })
+}
