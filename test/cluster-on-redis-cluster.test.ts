@@ -1,5 +1,5 @@
 import t from 'tap'
-import { Cluster } from './helpers/cluster'
+import { Cluster, sharedCluster } from './helpers/cluster'
 import { connect, lines, upload } from './helpers/index'
 import { isFinal, multiInstanceCases } from './helpers/multi-instance'
 import { RedisCluster } from './helpers/redis-cluster'
@@ -11,10 +11,12 @@ import { RedisCluster } from './helpers/redis-cluster'
 
 t.test('on a Redis Cluster', async (t) => {
   const redisCluster = await RedisCluster.start(t)
-  multiInstanceCases(t, async (t, opts) => await Cluster.start(t, { ...opts, redisCluster }))
+  // The cases that kill nothing and need no settings of their own share one set of processes.
+  const shared = sharedCluster(t, { nginx: true, redisCluster })
+  multiInstanceCases(t, async (t, opts) => await Cluster.start(t, { ...opts, redisCluster }), shared)
 
   t.test("the cluster's view: a watched job's channel is subscribed on its own shard only, sharded, by the watching instance", async (t) => {
-    const c = await Cluster.start(t, { redisCluster })
+    const c = await shared()
     const [a, b] = c.apis
     const up = await upload(`${a.url}/batch/upload`, lines(100))
     const channel = `jp:batch:{${String(up.body.job_id)}}`

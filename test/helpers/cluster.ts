@@ -246,6 +246,16 @@ export class Cluster {
 }
 
 /**
+ * One set of processes (as `Cluster.start(t, opts)` makes) for the cases of a file that leave them
+ * running: started at the first call, stopped when `t` ends. Each API instance or worker costs
+ * about a second of CPU to start, and a file of such cases started a set of three or four per case.
+ */
+export function sharedCluster (t: Teardown, opts: ClusterOptions = {}): () => Promise<Cluster> {
+  let cluster: Promise<Cluster> | undefined
+  return async () => await (cluster ??= Cluster.start(t, opts))
+}
+
+/**
  * The test's copy of deploy/nginx.conf (the mechanism is described at the top of that file):
  * local upstream servers between the markers, a local port for `listen 80;`, temp paths and no
  * access log under the temp prefix. Throws when the conf no longer has what is replaced, so the

@@ -15,10 +15,14 @@ export async function health (url: string): Promise<any> {
   return await res.json()
 }
 
-/** Registers the cases on `t`; `start` makes the processes on the topology under test. */
-export function multiInstanceCases (t: Test, start: (t: Test, opts?: ClusterOptions) => Promise<Cluster>): void {
+/**
+ * Registers the cases on `t`; `start` makes the processes on the topology under test, and `shared`
+ * gives the file's set of processes with nginx (2 API instances, a worker), which the cases that
+ * kill nothing and need no settings of their own use in turn.
+ */
+export function multiInstanceCases (t: Test, start: (t: Test, opts?: ClusterOptions) => Promise<Cluster>, shared: () => Promise<Cluster>): void {
   t.test('uploaded through instance A, watched through instance B: every step, the final message, 1000', async (t) => {
-    const c = await start(t)
+    const c = await shared()
     const [a, b] = c.apis
     t.not(a.id, b.id, 'two instances, two ids')
     const up = await upload(`${a.url}/batch/upload`, lines(40))
@@ -38,7 +42,7 @@ export function multiInstanceCases (t: Test, start: (t: Test, opts?: ClusterOpti
   })
 
   t.test('through nginx: round robin over both instances, Host kept for the Origin check, large uploads stream', async (t) => {
-    const c = await start(t, { nginx: true })
+    const c = await shared()
     const nginx = c.nginx!
     const ids = new Set<string>()
     for (let i = 0; i < 6; i++) ids.add((await health(nginx.url)).instance)
