@@ -4,11 +4,11 @@
  * up when the better transport works again; full-jitter backoff; every watched job resubscribed
  * after a reconnect, so no final state is lost; typed errors instead of retry loops.
  */
-import { AuthError, HttpError, NotFoundError, type ConnectionError } from './errors'
+import { AuthError, type ConnectionError } from './errors'
 import { MyJobs, type MyJobsFilter } from './my-jobs'
-import { authError, closeError, parse, transports, type Env, type Link } from './transports'
+import { closeError, transports, type Env, type Link } from './transports'
 import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
-import { post } from './upload'
+import { check, post } from './upload'
 import { Watch, type UploadedJob } from './watch'
 
 export * from './errors'
@@ -319,17 +319,8 @@ export class JobProgressClient {
       ;(upgradeTimer as { unref?: () => void }).unref?.()
     }
 
-    /** Checks an HTTP answer; its JSON body, or the error it means. */
-    const answer = ([status, text]: [number, string], jobId?: string): any => {
-      const body = parse(text)
-      if (status === 401) {
-        sessionStarted = false
-        throw authError(body?.message)
-      }
-      if (status === 404 && jobId) throw new NotFoundError(jobId)
-      if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `HTTP ${status}`, body)
-      return body
-    }
+    // An expired session: the next uploads start a new one, one at a time again.
+    const answer = (reply: [number, string], jobId?: string): any => check(reply, () => { sessionStarted = false }, jobId)
     const read = async (url: URL, init?: RequestInit, jobId?: string): Promise<any> => {
       const res = await request(url, init)
       return answer([res.status, await res.text()], jobId)

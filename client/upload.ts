@@ -1,5 +1,18 @@
-import { HttpError } from './errors'
+import { HttpError, NotFoundError } from './errors'
+import { authError, parse } from './transports'
 import type { UploadOptions } from './types'
+
+/** Checks an HTTP answer (status and text): its JSON body, or the error it means (`unauthorized` is told of a 401). */
+export function check ([status, text]: [number, string], unauthorized: () => void, jobId?: string): any {
+  const body = parse(text)
+  if (status === 401) {
+    unauthorized()
+    throw authError(body?.message)
+  }
+  if (status === 404 && jobId) throw new NotFoundError(jobId)
+  if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `HTTP ${status}`, body)
+  return body
+}
 
 /**
  * Posts a file (after `opts.fields`) to an upload route; resolves with the answer's status and
