@@ -155,10 +155,10 @@ export function useMyJobs (filter: MyJobsFilter = {}, client?: JobProgressClient
   // A filter written inline is a new object each render: what it says decides, not its identity.
   const key = JSON.stringify(filter)
   useEffect(() => {
+    setState({ jobs: [], ready: false, error: null, connection: c.state })
     const list = c.myJobs(JSON.parse(key))
     const offState = c.onState((connection) => setState(s => ({ ...s, connection })))
     const off = list.onUpdate((jobs) => setState(s => ({ ...s, jobs, ready: list.ready, error: list.error })))
-    setState({ jobs: [], ready: false, error: null, connection: c.state })
     return () => {
       off()
       offState()

@@ -9,7 +9,7 @@
  */
 import { shouldRetry } from '../lib/wire/close-codes'
 import type { JobStatus, JobUpdateMessage, ProgressMessage } from '../lib/wire/messages'
-import { AuthError, ConnectionError, NotFoundError } from './errors'
+import { AuthError, ConnectionError, HttpError, NotFoundError } from './errors'
 import type { MyJobs } from './my-jobs'
 import type { Watch } from './watch'
 
@@ -134,6 +134,8 @@ export const transports: Record<'websocket' | 'sse' | 'polling', (l: Link, o: En
       if (status !== 200 || !body || !/^text\/event-stream/.test(res.headers.get('content-type') as string)) {
         // 204: every job had ended already; 401, 400 and 429: the request is refused as it is, and its body says why.
         const why = status > 399 ? parse(await res.text().catch(() => ''))?.message : body?.cancel().catch(() => {})
+        // No feed on this server: the lists end, the connection goes on.
+        if (!key && status === 404) return o.feeds_.forEach(f => f._end(new HttpError(status, why || 'no jobs feed')))
         return over(status === 401 ? authError(why) : status === 400 || status === 429 ? new ConnectionError(status, why || 'request refused') : null)
       }
       l.live_()

@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
 import WebSocket from 'ws'
-import { AuthError, JobProgressClient, type MyJob, type MyJobs } from '../client/index'
+import { AuthError, HttpError, JobProgressClient, type MyJob, type MyJobs } from '../client/index'
 import { jobsProtocol } from '../lib/index'
 import { eventually, gate, lines, redisFor, startApp, startWorker, uploadAs } from './helpers/index'
 
@@ -105,4 +105,17 @@ t.test('wrong credentials: the list ends with AuthError, its iterator throws it'
   const list = c.myJobs()
   await t.rejects((async () => { for await (const _ of list) void _ })(), AuthError)
   t.ok(list.error instanceof AuthError)
+})
+
+t.test('a server without my jobs: the list ends with HttpError 404 on every transport, and no connection is held for it', async (t) => {
+  const redis = await redisFor(t)
+  const s = await startApp(t, redis, { apiKeys: { 'key-alice': 'alice' }, protocols: [jobsProtocol()], myJobs: { path: false } })
+  for (const transport of ['websocket', 'sse', 'polling'] as const) {
+    const c = new JobProgressClient({ baseUrl: s.url, apiKey: 'key-alice', transports: [transport], WebSocket: WebSocket as unknown as typeof globalThis.WebSocket, backoff: { minMs: 50, maxMs: 200 } })
+    t.teardown(() => c.close())
+    const list = c.myJobs()
+    const error = await (async () => { for await (const _ of list) void _ })().catch((e: unknown) => e)
+    t.ok(error instanceof HttpError || (transport === 'websocket' && error instanceof Error && /feed/.test(error.message)), `${transport}: ${String(error)}`)
+    t.ok(await eventually(() => c.state.state === 'idle'), `${transport}: idle`)
+  }
 })
