@@ -3,7 +3,8 @@ import { execFileSync } from 'node:child_process'
 import { request } from 'node:http'
 import { cpus, loadavg, tmpdir, totalmem } from 'node:os'
 import { dirname, join } from 'node:path'
-import { randomBytes } from 'node:crypto'
+import { randomBytes, randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
 import { benchPids, Child, killAll, machineBusySeconds, openFileLimit, procCounters, procCpuSeconds, ROOT } from './lib/proc'
 import { BenchRedis, redisDelta, type RedisCounters, type RedisDelta } from './lib/redis'
 import { fmt, percentiles, round, table } from './lib/stats'
@@ -21,7 +22,7 @@ import { fmt, percentiles, round, table } from './lib/stats'
  *   npm run bench -- --quick    smaller run (about 1 minute)
  *   npm run bench -- --profile  also writes a CPU profile of every server over each measured
  *                               step to bench/results/*.cpuprofile (read with bench/profile.ts)
- *   npm run bench -- --only=fanout,tail,redis,idle,upload   run some workloads only
+ *   npm run bench -- --only=fanout,tail,few,redis,idle,upload   run some workloads only
  *   npm run bench -- --instances=1   instance count of the comparison (default 2)
  */
 const argv = process.argv.slice(2)
@@ -30,13 +31,28 @@ const PROFILE = argv.includes('--profile')
 const ONLY = argv.find(a => a.startsWith('--only='))?.slice(7).split(',')
 // --instances=N: the instance count of the comparison (fan-out in --quick, saturation, targets).
 const INSTANCES = Number(argv.find(a => a.startsWith('--instances='))?.slice(12) ?? 2)
+// --few=1,2: sockets per job of the few-watchers workload (default both).
+const FEW = argv.find(a => a.startsWith('--few='))?.slice(6).split(',').map(Number)
+// --sat=plugin,limit: the systems that climb the saturation ramp (default: see CFG.satSystems).
+const SAT = argv.find(a => a.startsWith('--sat='))?.slice(6).split(',')
+// --few-instances=1: instance counts of the few-watchers workload (default 1,2).
+const FEW_INSTANCES = argv.find(a => a.startsWith('--few-instances='))?.slice(16).split(',').map(Number)
 
 // BENCH_CANDIDATE=/path/to/lib/index.ts adds a "candidate" system: the plugin loaded from another
 // copy of lib/, measured in the same rounds as the others (to try a change before making it).
 const CANDIDATE = process.env.BENCH_CANDIDATE
-type System = 'plugin' | 'candidate' | 'floor' | 'sio' | 'sioRelay'
+// BENCH_PLUGIN=/path/to/lib/index.ts: the "plugin" system from another copy of lib/ (a commit's
+// lib/, when the checkout holds uncommitted work that is not under test).
+const PLUGIN = process.env.BENCH_PLUGIN ?? join(ROOT, 'lib', 'index.ts')
+type System = 'plugin' | 'candidate' | 'floor' | 'sio' | 'sioRelay' | 'limit'
 const SYSTEMS: System[] = CANDIDATE === undefined ? ['plugin', 'floor', 'sio', 'sioRelay'] : ['plugin', 'candidate', 'floor', 'sio', 'sioRelay']
-const NAMES: Record<System | 'none', string> = { plugin: 'plugin', candidate: 'plugin candidate', floor: 'floor (QueueEvents→ws)', sio: 'socket.io+redis-adapter', sioRelay: 'socket.io+QueueEvents relay', none: 'driver only' }
+const NAMES: Record<System | 'none', string> = { plugin: 'plugin', candidate: 'plugin candidate', floor: 'floor (QueueEvents→ws)', sio: 'socket.io+redis-adapter', sioRelay: 'socket.io+QueueEvents relay', limit: 'limit (prebuilt frames)', none: 'driver only' }
+/**
+ * The saturation ramp's ceiling (bench/servers/limit.ts): the floor's read with one prebuilt
+ * frame per event written to its sockets, once per socket and turn. Up in the fan-out at the
+ * saturation's instance count only, and climbs with the others.
+ */
+const LIMIT: System[] = ['limit']
 /**
  * Systems whose memory and Redis work per event are measured. `sioRelay` runs the servers of
  * `sio` (same sockets, same memory), and its relay's Redis work is the floor's one QueueEvents.
@@ -51,11 +67,11 @@ const CFG = QUICK
       rate: 10,
       fanoutMs: 1_500,
       rounds: 3,
-      fanout: [{ instances: INSTANCES, systems: SYSTEMS }],
+      fanout: [{ instances: INSTANCES, systems: [...SYSTEMS, ...LIMIT] }],
       satInstances: INSTANCES,
       satRates: [40, 80, 160, 320, 640, 1280],
       satMs: 1_000,
-      satSystems: SYSTEMS.filter(s => s !== 'floor'),
+      satSystems: SAT ?? [...SYSTEMS.filter(s => s !== 'floor'), ...LIMIT],
       redisInstances: [1, 4],
       redisMs: 1_200,
       redisJobs: 20,
@@ -70,7 +86,13 @@ const CFG = QUICK
       tailRate: 10,
       tailMs: 1_500,
       tailRounds: 5,
-      tailInstances: [1, 2]
+      tailInstances: [1, 2],
+      fewJobs: 1_000,
+      fewPerJob: FEW ?? [1, 2],
+      fewRate: 5,
+      fewMs: 1_500,
+      fewRounds: 3,
+      fewInstances: FEW_INSTANCES ?? [1, 2]
     }
   : {
       jobs: 20,
@@ -78,11 +100,11 @@ const CFG = QUICK
       rate: 10,
       fanoutMs: 2_000,
       rounds: 6,
-      fanout: [...new Set([1, 2, 4, INSTANCES])].sort().map(instances => ({ instances, systems: SYSTEMS })),
+      fanout: [...new Set([1, 2, 4, INSTANCES])].sort().map(instances => ({ instances, systems: instances === INSTANCES ? [...SYSTEMS, ...LIMIT] : SYSTEMS })),
       satInstances: INSTANCES,
       satRates: [20, 40, 80, 160, 320, 640, 1280],
       satMs: 1_500,
-      satSystems: SYSTEMS,
+      satSystems: SAT ?? [...SYSTEMS, ...LIMIT],
       redisInstances: [1, 2, 4],
       redisMs: 2_500,
       redisJobs: 20,
@@ -97,7 +119,13 @@ const CFG = QUICK
       tailRate: 10,
       tailMs: 3_000,
       tailRounds: 7,
-      tailInstances: [1, 2]
+      tailInstances: [1, 2],
+      fewJobs: 1_000,
+      fewPerJob: FEW ?? [1, 2],
+      fewRate: 5,
+      fewMs: 3_000,
+      fewRounds: 5,
+      fewInstances: FEW_INSTANCES ?? [1, 2]
     }
 /**
  * Unmeasured load at the step's rate before each measured step: a server idle during its peers'
@@ -113,11 +141,13 @@ const FIRST_WARM_MS = QUICK ? 1_000 : 3_000
 const CLIENT_PROCS = 4
 const FANOUT_CLIENT_PROCS = 2
 const P99_LIMIT_MS = 100
+/** The saturation ramp's last rate per job, past which a system that never failed is reported as a lower bound. */
+const SAT_MAX_RATE = 10_240
 /** Share of a saturation step's messages a system may fail to deliver and still pass it. */
 const MAX_LOSS_PCT = 0.1
 /** A round in which other processes kept more than this share of the machine busy is "disturbed". */
 const OTHER_CPU_LIMIT_PCT = 15
-const DEADLINE_MS = QUICK ? 480_000 : 960_000
+const DEADLINE_MS = QUICK ? 900_000 : 1_800_000
 
 const tmp = mkdtempSync(join(tmpdir(), 'jp-bench-'))
 const resultsDir = join(ROOT, 'bench', 'results')
@@ -178,6 +208,7 @@ function spawnServer (system: System | 'plain' | 'relay', label: string, extra: 
     plugin: 'bench/servers/plugin.ts',
     candidate: 'bench/servers/plugin.ts',
     floor: 'bench/servers/floor.ts',
+    limit: 'bench/servers/limit.ts',
     sio: 'bench/servers/sio.ts',
     sioRelay: 'bench/servers/sio.ts',
     relay: 'bench/servers/sio-relay.ts',
@@ -190,19 +221,19 @@ function spawnServer (system: System | 'plain' | 'relay', label: string, extra: 
     manyFiles: true,
     env: {
       BENCH_CONFIG: JSON.stringify({ redisUrl: redis?.url, uploadDir: join(tmp, `up-${label}`), fileSize: 512 * 1024 * 1024, ...extra }),
-      ...(system === 'plugin' || system === 'candidate' ? { BENCH_LIB: compiled(system === 'candidate' ? CANDIDATE as string : join(ROOT, 'lib', 'index.ts')) } : {})
+      ...(system === 'plugin' || system === 'candidate' ? { BENCH_LIB: compiled(system === 'candidate' ? CANDIDATE as string : PLUGIN) } : {})
     }
   })
 }
 
 function socketUrl (system: System, port: number, jobId: string): string {
   if (system === 'plugin' || system === 'candidate') return `ws://127.0.0.1:${port}/ws/bench/${jobId}`
-  if (system === 'floor') return `ws://127.0.0.1:${port}/ws/${jobId}`
+  if (system === 'floor' || system === 'limit') return `ws://127.0.0.1:${port}/ws/${jobId}`
   return `http://127.0.0.1:${port}`
 }
 
-/** The kind of client socket a system's clients open: `sioRelay` has the servers of `sio`. */
-const clientKind = (system: System): Exclude<System, 'sioRelay'> => system === 'sioRelay' ? 'sio' : system
+/** The kind of client socket a system's clients open: `sioRelay` has the servers of `sio`, `limit` the sockets of the floor. */
+const clientKind = (system: System): Exclude<System, 'sioRelay' | 'limit'> => system === 'sioRelay' ? 'sio' : system === 'limit' ? 'floor' : system
 
 interface SetupSpec { system: System | 'none', instances: number, topology: 'spread' | 'one', jobs: number, perJob: number, label: string }
 
@@ -528,6 +559,73 @@ async function tail (): Promise<void> {
 }
 
 /**
+ * Per-event cost with few watchers per job: 1,000 jobs × 1 (then 2) sockets × 5 updates/s, at 1
+ * and 2 instances, the plugin, the floor and Socket.IO fed by its relay taking turns. The figures
+ * are server CPU and Redis CPU per 10k delivered messages: with one watcher a job's event is one
+ * message, so the per-event work (the bridge's Redis commands, the subscriber's parse) dominates.
+ */
+async function few (): Promise<void> {
+  results.few = []
+  const systems = SYSTEMS.filter(s => s !== 'sio')
+  for (const perJob of CFG.fewPerJob) {
+    for (const n of CFG.fewInstances) {
+      const specs = systems.map(system => ({ system, instances: n, topology: 'spread' as const, jobs: CFG.fewJobs, perJob, label: `few${perJob}-${system}-${n}` }))
+      for (const r of await takeTurns(`few ×${perJob}`, specs, CFG.fewRate, CFG.fewMs, CFG.fewRounds)) {
+        results.few.push({ ...r, perJob })
+        log(`few ×${perJob} ${NAMES[r.system as System]} ×${n}: Redis CPU ${fmt(r.cpuPer10k.redis, 3)} s/10k, ${fmt(r.redis.commandsPerEvent, 2)} commands/event`)
+      }
+    }
+  }
+  results.publishAlone = await publishAlone()
+}
+
+/**
+ * What one PUBLISH per event costs Redis on its own, in this run: the floor reads the stream in
+ * its own process and publishes nothing, while a relay to per-job channels publishes each event
+ * once. A script PUBLISHes a relay message (the plugin's size) to each of the layout's job
+ * channels in turn, at its rate, in batches of 10 ms as the relay script does under that load,
+ * one subscriber connection holding every channel; Redis CPU per 10k messages, median of rounds.
+ */
+async function publishAlone (): Promise<{ cpuPer10k: number, rounds: number[], messages: number }> {
+  const url = (redis as BenchRedis).url
+  const pub = new Redis(url)
+  const sub = new Redis(url)
+  try {
+    const channels = Array.from({ length: CFG.fewJobs }, () => `jp:bench:{${randomUUID()}}`)
+    await sub.subscribe(...channels)
+    let received = 0
+    sub.on('message', () => { received++ })
+    const t = Date.now()
+    const payload = `{"v":1,"e":"progress","t":${t},"i":"${t}-0","d":{"processed":12,"total":100,"sentAt":${t}.123}}`
+    const lua = "for i = 1, #KEYS do redis.call('PUBLISH', KEYS[i], ARGV[1]) end return #KEYS"
+    const perTick = CFG.fewJobs * CFG.fewRate / 100
+    const rounds: number[] = []
+    let next = 0
+    for (let round = 0; round < CFG.fewRounds; round++) {
+      const before = await (redis as BenchRedis).snapshot()
+      const from = received
+      const end = Date.now() + CFG.fewMs
+      while (Date.now() < end) {
+        const keys = Array.from({ length: perTick }, () => channels[next++ % channels.length])
+        await pub.eval(lua, keys.length, ...keys, payload)
+        await sleep(10)
+      }
+      // Until the subscriber has every message of the round.
+      while (received - from < Math.floor(CFG.fewMs / 10) * perTick * 0.99) await sleep(20)
+      await sleep(100)
+      const after = await (redis as BenchRedis).snapshot()
+      rounds.push((after.cpu - before.cpu) / (received - from) * 10_000)
+    }
+    const r = { cpuPer10k: median(rounds), rounds, messages: received }
+    log(`one PUBLISH per event alone (${CFG.fewJobs} channels, one subscriber, ${CFG.fewJobs * CFG.fewRate}/s): Redis CPU ${fmt(r.cpuPer10k, 3)} s/10k (rounds ${rounds.map(x => fmt(x, 3)).join('/')})`)
+    return r
+  } finally {
+    pub.disconnect()
+    sub.disconnect()
+  }
+}
+
+/**
  * Raises R for every system in turn until its p99 passes the limit. A step over the limit is
  * run once more before the system counts as saturated, so that one burst of background load
  * does not end a system's climb early.
@@ -565,8 +663,9 @@ async function saturation (setups: Setup[]): Promise<void> {
       if (!within(st)) b.fail = rate
       else b.pass = rate
       if (b.fail === null) {
+        // Past the listed rates the ramp goes on doubling until the system fails (up to SAT_MAX_RATE).
         const i = CFG.satRates.indexOf(rate)
-        b.next = i >= 0 && i + 1 < CFG.satRates.length ? CFG.satRates[i + 1] : null
+        b.next = i >= 0 && i + 1 < CFG.satRates.length ? CFG.satRates[i + 1] : rate * 2 <= SAT_MAX_RATE ? rate * 2 : null
       } else if (b.bisections < 2 && b.pass > 0 && b.fail - b.pass > 1) {
         b.bisections++
         b.next = Math.round((b.pass + b.fail) / 2)
@@ -752,6 +851,10 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
       ...(sat[who].disturbed === true || sat.sio.disturbed === true ? [`deciding steps disturbed by other load (> ${OTHER_CPU_LIMIT_PCT}% of the machine): run again on a quiet machine`] : [])
     ]
     out.push({ name: `saturation msgs/s with p99 ≤ ${P99_LIMIT_MS} ms, ≥ ${100 - MAX_LOSS_PCT}% delivered, at ${N} instances`, ours: sat[who].bestDeliveredPerSec, peer: sat.sio.bestDeliveredPerSec, ratio, limit: '≥ 1.5 × socket.io', pass: ratio >= 1.5, note: notes.length > 0 ? notes.join('; ') : undefined })
+    if (sat.limit !== undefined) {
+      const vsLimit = sat[who].bestDeliveredPerSec / sat.limit.bestDeliveredPerSec
+      out.push({ name: `saturation msgs/s at ${N} instances, next to the limit (prebuilt frames, batched per turn)`, ours: sat[who].bestDeliveredPerSec, peer: sat.limit.bestDeliveredPerSec, ratio: vsLimit, limit: 'report', pass: true, note: sat.limit.limitReached === true ? undefined : 'the limit did not fail in the rates tried: a lower bound' })
+    }
     if (sat.floor !== undefined) {
       const vsFloor = sat[who].bestDeliveredPerSec / sat.floor.bestDeliveredPerSec
       out.push({ name: `saturation msgs/s at ${N} instances, next to the floor`, ours: sat[who].bestDeliveredPerSec, peer: sat.floor.bestDeliveredPerSec, ratio: vsFloor, limit: '≥ 0.9 × floor', pass: vsFloor >= 0.9 })
@@ -781,6 +884,15 @@ function targets (who: 'plugin' | 'candidate' = 'plugin'): Target[] {
     if (peer !== undefined) out.push({ name, ours: r.p99Median, peer: peer.p99Median, ratio: r.p99Median / peer.p99Median, limit: '≤ 1 × socket.io', pass: r.p99Median <= peer.p99Median, note: note(peer) })
     const relayed = results.tail.find((x: any) => x.system === 'sioRelay' && x.instances === r.instances)
     if (relayed !== undefined) out.push({ name, ours: r.p99Median, peer: relayed.p99Median, ratio: r.p99Median / relayed.p99Median, limit: '≤ 1 × socket.io+relay', pass: r.p99Median <= relayed.p99Median, note: note(relayed) })
+  }
+  for (const r of (results.few ?? []).filter((x: any) => x.system === who)) {
+    const floor = results.few.find((x: any) => x.system === 'floor' && x.instances === r.instances && x.perJob === r.perJob)
+    if (floor === undefined) continue
+    const layout = `${CFG.fewJobs} jobs × ${r.perJob as number} socket(s) × ${CFG.fewRate}/s, ${r.instances as number} instance(s)`
+    const cpu = r.cpuPer10k.servers / floor.cpuPer10k.servers
+    out.push({ name: `server CPU s per 10k delivered (${layout})`, ours: r.cpuPer10k.servers, peer: floor.cpuPer10k.servers, ratio: cpu, limit: '≤ 1.0 × floor', pass: cpu <= 1.0 })
+    const rc = r.cpuPer10k.redis / floor.cpuPer10k.redis
+    out.push({ name: `Redis CPU s per 10k delivered (${layout})`, ours: r.cpuPer10k.redis, peer: floor.cpuPer10k.redis, ratio: rc, limit: '≤ 1.1 × floor', pass: rc <= 1.1 })
   }
   if (results.idle?.[who] !== undefined && results.idle?.sio !== undefined) {
     const ratio = results.idle[who].rssPerSocketKB / results.idle.sio.rssPerSocketKB
@@ -824,14 +936,26 @@ function report (): string {
       ['system', 'inst', 'msgs/s', 'p50 ms', 'p99 rounds (* disturbed)', 'p99 median', 'p99 clean', 'max ms', 'delivered', 'srv CPU s/10k', 'of it relay', 'redis CPU s/10k', 'other CPU %'],
       results.tail.map((r: any) => [NAMES[r.system as System], r.instances, fmt(r.deliveredPerSec, 0), fmt(r.p50, 2), r.p99Rounds.map((x: number, i: number) => fmt(x, 1) + (r.roundsDisturbed[i] === true ? '*' : '')).join('/'), fmt(r.p99Median, 2), fmt(r.p99Clean, 2), fmt(r.max, 1), `${r.received}/${r.expected}`, fmt(r.cpuPer10k.servers, 3), relayShare(r), fmt(r.cpuPer10k.redis, 3), fmt(r.otherCpuPct, 0)])))
   }
+  if (results.few !== undefined) {
+    const floorOf = (r: any): any => results.few.find((x: any) => x.system === 'floor' && x.instances === r.instances && x.perJob === r.perJob)
+    parts.push(table(`Few watchers per job: ${CFG.fewJobs} jobs × 1 or 2 sockets, ${CFG.fewRate} updates/s per job; systems take turns, ${CFG.fewRounds} rounds × ${CFG.fewMs / 1000} s; "× floor" = ratio to the floor at the same layout and instance count; ${RELAY_CPU}`,
+      ['system', 'sockets/job', 'inst', 'msgs/s', 'p50 ms', 'p99 median', 'delivered', 'srv CPU s/10k', 'of it relay', '× floor', 'redis CPU s/10k', '× floor', 'redis cmd/ev', 'other CPU %', 'commands per event'],
+      results.few.map((r: any) => [NAMES[r.system as System], r.perJob, r.instances, fmt(r.deliveredPerSec, 0), fmt(r.p50, 2), fmt(r.p99Median, 2), `${r.received}/${r.expected}`, fmt(r.cpuPer10k.servers, 3), relayShare(r), fmt(r.cpuPer10k.servers / floorOf(r)?.cpuPer10k.servers, 2), fmt(r.cpuPer10k.redis, 3), fmt(r.cpuPer10k.redis / floorOf(r)?.cpuPer10k.redis, 2), fmt(r.redis.commandsPerEvent, 2), fmt(r.otherCpuPct, 0),
+        Object.entries<number>(r.redis.byCommand).sort((a, b) => b[1] - a[1]).filter(([, n]) => n / r.events >= 0.02).map(([c, n]) => `${c}:${fmt(n / r.events, 2)}`).join(' ')])))
+  }
+  if (results.publishAlone !== undefined) {
+    const pa = results.publishAlone
+    const one = results.few.find((x: any) => x.system === 'floor' && x.instances === 1 && x.perJob === 1)
+    parts.push(`One PUBLISH per event alone (${CFG.fewJobs} channels, one subscriber, ${CFG.fewJobs * CFG.fewRate} msgs/s, from a script in 10 ms batches): Redis CPU ${fmt(pa.cpuPer10k, 3)} s per 10k (rounds ${pa.rounds.map((x: number) => fmt(x, 3)).join('/')})${one !== undefined ? `; the floor at 1 socket per job plus it: ${fmt(one.cpuPer10k.redis + pa.cpuPer10k, 3)} s (${fmt((one.cpuPer10k.redis + pa.cpuPer10k) / one.cpuPer10k.redis, 2)} × the floor), the least a relay to per-job channels can cost` : ''}`)
+  }
   if (results.saturation !== undefined && Object.keys(results.saturation).length > 0) {
     const rows: Array<Array<string | number>> = []
     for (const [system, s] of Object.entries<any>(results.saturation)) {
-      for (const st of s.steps) rows.push([NAMES[system as System], st.rate, fmt(st.targetMsgsPerSec, 0), fmt(st.deliveredPerSec, 0), fmt(st.p50, 2), fmt(st.p99, 1), fmt(st.lossPct, 1), fmt(st.cpuPer10k.servers, 3), relayShare(st), fmt(st.otherCpuPct, 0), within(st) ? '' : '> limit'])
-      rows.push([`  → ${NAMES[system as System]} best`, s.bestRate ?? '-', '', fmt(s.bestDeliveredPerSec, 0), '', '', '', '', '', '', [s.limitReached === true ? '' : '(limit not reached)', s.disturbed === true ? '(disturbed)' : ''].join(' ').trim()])
+      for (const st of s.steps) rows.push([NAMES[system as System], st.rate, fmt(st.targetMsgsPerSec, 0), fmt(st.deliveredPerSec, 0), fmt(st.p50, 2), fmt(st.p99, 1), fmt(st.lossPct, 1), fmt(st.cpuPer10k.servers, 3), relayShare(st), fmt(st.driverLateMs, 0), fmt(st.otherCpuPct, 0), within(st) ? '' : '> limit'])
+      rows.push([`  → ${NAMES[system as System]} best`, s.bestRate ?? '-', '', fmt(s.bestDeliveredPerSec, 0), '', '', '', '', '', '', '', [s.limitReached === true ? '' : '(limit not reached)', s.disturbed === true ? '(disturbed)' : ''].join(' ').trim()])
     }
     parts.push(table(`Saturation at ${CFG.satInstances} instances: R doubles until p99 > ${P99_LIMIT_MS} ms, then two bisections (${CFG.satMs / 1000} s per step, systems take turns); ${RELAY_CPU}`,
-      ['system', 'R/job', 'target msgs/s', 'delivered/s', 'p50 ms', 'p99 ms', 'loss %', 'srv CPU s/10k', 'of it relay', 'other CPU %', ''], rows))
+      ['system', 'R/job', 'target msgs/s', 'delivered/s', 'p50 ms', 'p99 ms', 'loss %', 'srv CPU s/10k', 'of it relay', 'driver late ms', 'other CPU %', ''], rows))
   }
   if (results.redisWork !== undefined) {
     parts.push(table(`Redis work per progress event, all sockets on ONE instance (${CFG.redisJobs} jobs, ${CFG.redisRate}/s each, ${CFG.redisMs / 1000} s); "consumer" = minus the driver-only run`,
@@ -901,6 +1025,7 @@ async function main (): Promise<void> {
   const want = (name: string): boolean => ONLY === undefined || ONLY.includes(name)
   if (want('fanout')) await fanout()
   if (want('tail')) await tail()
+  if (want('few')) await few()
   if (want('redis')) await redisWork()
   if (want('idle')) await idle()
   if (want('upload')) await upload()
