@@ -11,9 +11,9 @@ import { RedisCluster } from './helpers/redis-cluster'
 
 t.test('on a Redis Cluster', async (t) => {
   const redisCluster = await RedisCluster.start(t)
-  // The cases that kill nothing and need no settings of their own share one set of processes.
+  // The cases that kill nothing and need no settings of their own share one set of processes; it
+  // stops before a case starts processes of its own, whose jobs its worker would otherwise take.
   const shared = sharedCluster(t, { nginx: true, redisCluster })
-  multiInstanceCases(t, async (t, opts) => await Cluster.start(t, { ...opts, redisCluster }), shared)
 
   t.test("the cluster's view: a watched job's channel is subscribed on its own shard only, sharded, by the watching instance", async (t) => {
     const c = await shared()
@@ -38,4 +38,9 @@ t.test('on a Redis Cluster', async (t) => {
     t.ok(counts.every(n => n.classic === 0), 'no classic subscription anywhere (nothing goes over the cluster bus)')
     t.match(await watcher.waitFor(isFinal), { status: 'complete', processed: 100 })
   })
+
+  multiInstanceCases(t, async (t, opts) => {
+    await shared.stop()
+    return await Cluster.start(t, { ...opts, redisCluster })
+  }, shared)
 })

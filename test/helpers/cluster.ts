@@ -170,12 +170,7 @@ export class Cluster {
     const env = { ...(nginxPort !== undefined ? { PUBLIC_URL: `http://127.0.0.1:${nginxPort}` } : {}), ...opts.env }
     const cluster = new Cluster(t, redis, uploadDir, { ...opts, env })
     cluster.#nginxPort = nginxPort
-    // One teardown, in order: the front first, then the apps and workers, Redis last.
-    t.teardown(async () => {
-      await cluster.nginx?.proc.stop('SIGTERM')
-      await Promise.all([...cluster.apis.map(a => a.proc), ...cluster.workers].map(async p => await p.stop('SIGKILL')))
-      await redis?.stop()
-    })
+    t.teardown(async () => await cluster.stop())
     // Start everything at once: each process takes about a second to load.
     await Promise.all([
       ...Array.from({ length: opts.apis ?? 2 }, async () => await cluster.startApi()),
@@ -183,6 +178,13 @@ export class Cluster {
     ])
     if (opts.nginx === true) await cluster.startNginx()
     return cluster
+  }
+
+  /** Stops everything it started, in order: the front first, then the apps and workers, Redis last. */
+  async stop (): Promise<void> {
+    await this.nginx?.proc.stop('SIGTERM')
+    await Promise.all([...this.apis.map(a => a.proc), ...this.workers].map(async p => await p.stop('SIGKILL')))
+    await this.#redis?.stop()
   }
 
   #baseEnv (): NodeJS.ProcessEnv {
@@ -245,14 +247,28 @@ export class Cluster {
   }
 }
 
+/** The processes of `sharedCluster`: call it for the set, `stop()` to end it before `t` ends. */
+export interface SharedCluster {
+  (): Promise<Cluster>
+  stop: () => Promise<void>
+}
+
 /**
  * One set of processes (as `Cluster.start(t, opts)` makes) for the cases of a file that leave them
- * running: started at the first call, stopped when `t` ends. Each API instance or worker costs
- * about a second of CPU to start, and a file of such cases started a set of three or four per case.
+ * running: started at the first call, stopped when `t` ends or at `stop()`. Each API instance or
+ * worker costs about a second of CPU to start, and a file of such cases started a set of three or
+ * four per case. Sets on one Redis share its queues: a worker of one takes the jobs of another,
+ * whose files are in another upload directory, so the shared set is stopped before another starts.
  */
-export function sharedCluster (t: Teardown, opts: ClusterOptions = {}): () => Promise<Cluster> {
+export function sharedCluster (t: Teardown, opts: ClusterOptions = {}): SharedCluster {
   let cluster: Promise<Cluster> | undefined
-  return async () => await (cluster ??= Cluster.start(t, opts))
+  const get = async (): Promise<Cluster> => await (cluster ??= Cluster.start(t, opts))
+  const stop = async (): Promise<void> => {
+    const running = cluster
+    cluster = undefined
+    if (running !== undefined) await (await running).stop()
+  }
+  return Object.assign(get, { stop })
 }
 
 /**
