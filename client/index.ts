@@ -6,10 +6,10 @@
  */
 import { AuthError, type ConnectionError } from './errors'
 import { MyJobs, type MyJobsFilter } from './my-jobs'
-import { closeError, transports, type Env, type Link } from './transports'
+import { closeError, type Conn, type Env } from './link'
 import type { ClientOptions, ConnectionEvent, Transport, UploadOptions } from './types'
-import { check, post } from './upload'
 import { Watch, type UploadedJob } from './watch'
+import { websocket } from './websocket'
 
 export * from './errors'
 export type * from './types'
@@ -21,15 +21,6 @@ export { CloseCodes, shouldRetry, CLOSE_ADVICE } from '../lib/wire/close-codes'
 
 type Listener<T> = (value: T) => void
 type Timer = ReturnType<typeof setTimeout> | undefined
-
-/** A connection, as the client holds it. */
-interface Conn extends Link {
-  /** Carry this job too (`again`: it asks for more now, its log lines); `''` is the caller's jobs feed. */
-  put_: (kind: string, jobId: string, again?: boolean) => void
-  drop_: (jobId: string) => void
-  /** Ends the connection without reporting it down. */
-  shut_: () => void
-}
 
 /**
  * The client. Create one per page (or process) and share it.
@@ -195,7 +186,7 @@ export class JobProgressClient {
     }
 
     /**
-     * Opens `transport` (client/transports.ts) for every active watch and the feed; as a probe
+     * Opens `transport` (client/websocket.ts, sse.ts, polling.ts) for every active watch and the feed; as a probe
      * (trying the best transport while on a fallback) it takes over only once it is live. The
      * transports share the watched jobs, the end of a connection and the reading of a message;
      * each adds only how it carries them.
@@ -281,7 +272,11 @@ export class JobProgressClient {
       this.connections++
       if (probing) probe = c
       else conn = c
-      transports[transport](c, env)
+      if (transport === 'websocket') return websocket(c, env)
+      // The fallbacks are loaded when first needed (a bundler makes each a chunk of its own).
+      ;(transport === 'sse' ? import('./sse').then(m => m.sse) : import('./polling').then(m => m.polling)).then(open => {
+        if (!c.ended_) open(c, env)
+      }, () => c.end_(null))
     }
 
     const connectNow = (): void => {
@@ -320,14 +315,15 @@ export class JobProgressClient {
     }
 
     // An expired session: the next uploads start a new one, one at a time again.
-    const answer = (reply: [number, string], jobId?: string): any => check(reply, () => { sessionStarted = false }, jobId)
+    const unauthorized = (): void => { sessionStarted = false }
     const read = async (url: URL, init?: RequestInit, jobId?: string): Promise<any> => {
       const res = await request(url, init)
-      return answer([res.status, await res.text()], jobId)
+      return (await import('./upload')).check([res.status, await res.text()], unauthorized, jobId)
     }
 
     const send = async (kind: string, file: Blob, opts: UploadOptions): Promise<UploadedJob> => {
-      const body = answer(await post(new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl), file, opts, headers, credentials, request))
+      const { post, check } = await import('./upload')
+      const body = check(await post(new URL(paths.upload?.(kind) ?? `/${kind}/upload`, baseUrl), file, opts, headers, credentials, request), unauthorized)
       const jobId: string = body.job_id
       return { kind, jobId, statusUrl: body.status_url, watch: () => this.watch(kind, jobId) }
     }

@@ -1,38 +1,10 @@
 import { JobProgressError } from './errors'
-import type { JobStatus } from './types'
+import type { MyJob, MyJobsFilter } from './my-jobs-list'
 import { iterate } from './watch'
 
+export type { MyJob, MyJobsFilter }
+
 type Listener<T> = (value: T) => void
-
-/** One of the caller's jobs, as the list route gives it and the feed keeps it current. */
-export interface MyJob {
-  kind: string
-  jobId: string
-  /** Followed live from the feed. */
-  status: JobStatus
-  /** Percent done, counts, ETA, stage and message: as of the last read of the list (watch the job for its progress). */
-  progress: number
-  processed: number
-  total: number
-  etaSeconds: number | null
-  /** Why it ended, on `failed` and `cancelled` (as of the last read). */
-  error: string | null
-  /** Milliseconds since the epoch (for a job the feed added: when the message was sent, to the second). */
-  createdAt: number
-  stage?: string
-  message?: string
-}
-
-/** Which of the caller's jobs to follow: kinds, states (a job that leaves them leaves the list), at most `limit` (1 to 100). */
-export interface MyJobsFilter {
-  kind?: string | string[]
-  state?: JobStatus | JobStatus[]
-  /** @default 20 */
-  limit?: number
-}
-
-/** The list route's query for a filter (a list as its items joined with commas). */
-const listQuery = (f: MyJobsFilter): string => Object.entries(f).map(([k, v]) => `${k}=${encodeURIComponent([v].flat() + '')}`).join('&')
 
 /**
  * The caller's jobs, newest first: the list route read once the feed is in effect, then kept
@@ -54,6 +26,8 @@ export class MyJobs implements AsyncIterable<MyJob[]> {
   #filter: MyJobsFilter
   #read: (query: string) => Promise<any[]>
   #drop: () => void
+  /** The list's code (client/my-jobs-list.ts), once loaded. */
+  #l?: typeof import('./my-jobs-list')
 
   constructor (filter: MyJobsFilter, read: (query: string) => Promise<any[]>, drop: () => void) {
     this.#filter = filter
@@ -78,9 +52,12 @@ export class MyJobs implements AsyncIterable<MyJob[]> {
     const n = ++this.#reads
     // Whatever came before this read is in its answer.
     this.#pending = []
-    this.#read(listQuery(this.#filter)).then((rows) => {
+    import('./my-jobs-list').then(async (l) => {
+      this.#l = l
+      return l.rows(await this.#read(l.query(this.#filter)))
+    }).then((jobs) => {
       if (n !== this.#reads || this.ended) return
-      this.jobs = rows.map(({ job_id: jobId, eta_seconds: etaSeconds, created_at: createdAt, ...j }) => ({ ...j, jobId, etaSeconds, createdAt }))
+      this.jobs = jobs
       for (const m of this.#pending as any[]) this.#apply(m)
       this.#pending = undefined
       this.ready = true
@@ -116,16 +93,8 @@ export class MyJobs implements AsyncIterable<MyJob[]> {
     this.#emit()
   }
 
-  #apply ({ job_id: jobId, kind, status, ts }: any): void {
-    const { kind: kinds = kind, state = status, limit = 20 } = this.#filter
-    if (![kinds].flat().includes(kind)) return
-    const jobs = [...this.jobs]
-    const i = jobs.findIndex(j => j.jobId === jobId)
-    const keep = status !== 'removed' && [state].flat().includes(status)
-    if (!keep) i < 0 || jobs.splice(i, 1)
-    else if (i < 0) jobs.unshift({ kind, jobId, status, progress: 0, processed: 0, total: 0, etaSeconds: null, error: null, createdAt: ts * 1000 })
-    else jobs[i] = { ...jobs[i], status }
-    this.jobs = jobs.slice(0, limit)
+  #apply (m: any): void {
+    this.jobs = this.#l!.apply(this.jobs, m, this.#filter)
   }
 
   #emit (): void {

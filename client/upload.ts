@@ -1,5 +1,5 @@
 import { HttpError, NotFoundError } from './errors'
-import { authError, parse } from './transports'
+import { authError, parse } from './link'
 import type { UploadOptions } from './types'
 
 /** Checks an HTTP answer (status and text): its JSON body, or the error it means (`unauthorized` is told of a 401). */
@@ -13,6 +13,11 @@ export function check ([status, text]: [number, string], unauthorized: () => voi
   if (status < 200 || status > 299) throw new HttpError(status, body?.message ?? `HTTP ${status}`, body)
   return body
 }
+
+/**
+ * The client's HTTP requests besides its connection: the upload's post, and how an answer is
+ * read. Loaded when first used (a bundler makes it a chunk of its own).
+ */
 
 /**
  * Posts a file (after `opts.fields`) to an upload route; resolves with the answer's status and
