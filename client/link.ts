@@ -1,7 +1,7 @@
 /**
  * What a transport (client/websocket.ts, client/sse.ts, client/polling.ts) and the connection
  * (client/index.ts) share: how a connection looks to its transport, what every connection of a
- * client shares, and how an answer or a close code is read.
+ * client shares, and how a message or a close code is read.
  *
  * Internal names end with `_`: the build shortens them (scripts/build-client.mjs).
  */
