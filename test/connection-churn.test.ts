@@ -3,6 +3,7 @@ import { request as httpRequest, type ClientRequest } from 'node:http'
 import type { Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import WebSocket from 'ws'
+import { Redis } from 'ioredis'
 import { jobsProtocol } from '../lib/index'
 import { Client, eventually, lines, redisFor, startApp, upload, type RedisServer, type TestApp } from './helpers/index'
 
@@ -138,6 +139,22 @@ async function openAll (target: Target, n: number): Promise<{ opened: number, re
   return { opened: outcomes.filter(o => o === 'connected').length, refused: outcomes.filter(o => o !== 'connected'), clients }
 }
 
+/**
+ * Whether every one of `clients` holds its slot across instances too: a connection starts on this
+ * instance's count and is closed if Redis then says the owner is full, so `connected` alone does
+ * not tell.
+ */
+async function allConfirmed (redis: RedisServer, target: Target, clients: Client[]): Promise<boolean> {
+  const direct = new Redis(redis.url)
+  try {
+    const owner = `session:${decodeURIComponent(target.cookie.split('=')[1]).split('.')[0]}`
+    await eventually(async () => await direct.hlen(`jp:conn-ids:{${owner}}`) === clients.length, 5_000).catch(() => {})
+    return clients.every(c => c.socket.readyState === WebSocket.OPEN)
+  } finally {
+    direct.disconnect()
+  }
+}
+
 /** Two instances of one app on one Redis, and an owner (a session) with a job. */
 async function setUp (t: { teardown: (fn: () => unknown) => void }, redis: RedisServer): Promise<Target> {
   const opts = { maxConnectionsPerOwner: MAX, instanceHeartbeatMs: 200, protocols: [jobsProtocol({ path: JOBS_PATH })] }
@@ -159,6 +176,7 @@ t.test(`${CYCLES} connect/close cycles on 4 kinds of connection, ended 3 ways: t
   t.teardown(() => { for (const c of clients) c.close() })
   t.comment(`after the churn: ${opened} of ${MAX} sockets opened; refused: ${refused.slice(0, 3).join('; ')}`)
   t.equal(opened, MAX, `all ${MAX} new sockets open`)
+  t.ok(await allConfirmed(redis, target, clients), 'and hold their places across instances')
 })
 
 t.test('the same churn with Redis paused (SIGSTOP) for a while in the middle, while the owner\'s open sockets drop: all places free once it is back', async (t) => {
@@ -186,4 +204,5 @@ t.test('the same churn with Redis paused (SIGSTOP) for a while in the middle, wh
   t.teardown(() => { for (const c of clients) c.close() })
   t.comment(`after the churn with a pause: ${opened} of ${MAX} sockets opened; refused: ${refused.slice(0, 3).join('; ')}`)
   t.equal(opened, MAX, `all ${MAX} new sockets open`)
+  t.ok(await allConfirmed(redis, target, clients), 'and hold their places across instances')
 })

@@ -4,7 +4,7 @@ import type { Keys } from '../core/keys'
 import type { Broker } from '../broker/broker'
 import type { Telemetry } from '../core/telemetry'
 import { readOpens, type Commands, type Snapshot, type SnapshotTarget } from '../core/snapshot'
-import { Batcher } from './batcher'
+import { BATCH, Batcher } from './batcher'
 import { Watch } from './watch'
 
 /** How long a socket may wait for the subscriber connection to come back. */
@@ -138,8 +138,21 @@ export class Watches implements WatchedJobs {
     this.#map.delete(watch.channel)
     this.#opts.onDrop?.(watch)
     if (watch.timer !== null) clearTimeout(watch.timer)
-    if (!this.#closed) {
-      this.#opts.broker.unsubscribe([watch.channel]).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))
+    if (this.#closed) return
+    if (this.#leaving.length === 0) setImmediate(this.#unsubscribe)
+    this.#leaving.push(watch.channel)
+  }
+
+  /** Channels let go in this turn: one UNSUBSCRIBE for them all (a storm's closes are thousands). */
+  #leaving: string[] = []
+
+  readonly #unsubscribe = (): void => {
+    // A channel watched again since (in the same turn) stays: its SUBSCRIBE is its new watch's.
+    const channels = this.#leaving.filter(channel => !this.#map.has(channel))
+    this.#leaving = []
+    if (this.#closed || channels.length === 0) return
+    for (let i = 0; i < channels.length; i += BATCH) {
+      this.#opts.broker.unsubscribe(channels.slice(i, i + BATCH)).catch((err: Error) => this.#opts.log.debug({ err }, 'job-progress: unsubscribe failed'))
     }
   }
 

@@ -16,36 +16,54 @@ export interface ConnectionLimitOptions {
 }
 
 /**
- * Takes a slot, by the connection's id, on the owner's key only (one slot, so it runs on a Redis
- * Cluster too). The owner's hash maps each open connection's id to the instance holding it; the
- * count is the number of ids held by instances known alive (ARGV[5..]) or by this one (ARGV[2]).
- * Ids of instances known dead are removed when ARGV[4] is '1'. Idempotent: an id already there
- * (a command sent again after a reconnect) is not counted twice. Returns 1 (taken), 0 (full), or
- * the list of instances it does not know (the caller reads who is alive and asks again).
+ * Takes slots, by the connections' ids, on the owner's key only (one slot, so it runs on a Redis
+ * Cluster too): every connection of one owner that opened on this instance in one turn of the
+ * event loop, in one call. The owner's hash maps each open connection's id to the instance
+ * holding it; the count is the number of ids held by this instance (ARGV[1]), by instances known
+ * alive (ARGV[5 + k ..]), and by instances this one has not heard of (a new one, or a dead one:
+ * counted until the caller has read who is alive, so a new instance's connections count at
+ * once). With ARGV[3] = '1' (who is alive was just read) ids of instances not alive are removed
+ * instead. ARGV[4] is k, the number of ids (ARGV[5 .. 4 + k]). Idempotent: an id already there (a
+ * call sent again after a reconnect) is not counted twice. Returns each id's answer (1 taken, 0
+ * full), then the instances it did not know.
  */
 const ACQUIRE = `
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 1 end
+local k = tonumber(ARGV[4])
 local ids = redis.call('HGETALL', KEYS[1])
 local alive = {}
-for i = 5, #ARGV do alive[ARGV[i]] = true end
+for i = 5 + k, #ARGV do alive[ARGV[i]] = true end
 local total = 0
 local unknown = {}
 local seen = {}
 for i = 1, #ids, 2 do
   local instance = ids[i + 1]
-  if instance == ARGV[2] or alive[instance] then
+  if instance == ARGV[1] or alive[instance] then
     total = total + 1
-  elseif ARGV[4] == '1' then
+  elseif ARGV[3] == '1' then
     redis.call('HDEL', KEYS[1], ids[i])
-  elseif not seen[instance] then
-    seen[instance] = true
-    unknown[#unknown + 1] = instance
+  else
+    total = total + 1
+    if not seen[instance] then
+      seen[instance] = true
+      unknown[#unknown + 1] = instance
+    end
   end
 end
-if #unknown > 0 then return unknown end
-if total >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
+local max = tonumber(ARGV[2])
+local answers = {}
+for j = 1, k do
+  local id = ARGV[4 + j]
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    answers[j] = 1
+  elseif total < max then
+    redis.call('HSET', KEYS[1], id, ARGV[1])
+    total = total + 1
+    answers[j] = 1
+  else
+    answers[j] = 0
+  end
+end
+return {answers, unknown}
 `
 
 /**
@@ -66,6 +84,12 @@ end
 return removed
 `
 
+interface Take {
+  id: string
+  refused: () => void
+  confirmed?: () => void
+}
+
 interface Scripts {
   jpConnTake: (...args: string[]) => Promise<unknown>
   jpConnRepair: (...args: string[]) => Promise<unknown>
@@ -79,8 +103,9 @@ interface Scripts {
  * or a give-back that races a take, cannot make the count drift.
  *
  * Instances say they are alive in a sorted set (`<channelPrefix>:instances`, score = last
- * heartbeat) from one timer per instance. A connection costs one script call when it opens and
- * one HDEL when it closes; the heartbeat costs two commands per interval per instance, plus one
+ * heartbeat) from one timer per instance. Connections cost one script call per owner and turn of
+ * the event loop when they open (not awaited by the connection: see {@link take}) and one HDEL
+ * each when they close; the heartbeat costs two commands per interval per instance, plus one
  * repair call per owner whose slot could not be given back (Redis away), whatever the number of
  * connections. So:
  * - a slot goes with its connection however that ends (the session gives it back on close);
@@ -167,34 +192,85 @@ export class ConnectionLimit {
    * {@link release}), or null when the owner is at the limit on all instances together.
    */
   async acquire (owner: string): Promise<string | null> {
+    return await new Promise(resolve => {
+      const id = this.take(owner, () => resolve(null), () => resolve(id))
+      if (id === null) resolve(null)
+    })
+  }
+
+  /**
+   * Takes a slot for `owner` at once, on this instance's count, and confirms it across instances
+   * in the background: the slot's id (give it to {@link release}), or null when this instance
+   * alone holds the limit already. `refused` is called if the owner turns out to be at the limit
+   * on all instances together (the id is then given back already), `confirmed` once it is not.
+   *
+   * A connection does not wait on Redis to start: the confirmation is one script call for every
+   * connection of the owner that opened in the same turn, sent before any read of theirs. On one
+   * Redis, the command connection answers in order, so a refusal arrives before any job data
+   * read for that connection after it opened.
+   */
+  take (owner: string, refused: () => void, confirmed?: () => void): string | null {
     let held = this.#held.get(owner)
     if ((held?.size ?? 0) >= this.#o.max) return null
-    // Held from now on, before any await: this instance's count is exact whatever runs meanwhile.
+    // Held from now on: this instance's count is exact whatever runs meanwhile.
     const id = `${this.#o.instanceId}:${(this.#next++).toString(36)}`
     if (held === undefined) this.#held.set(owner, held = new Set())
     held.add(id)
-    let taken: boolean
+    let batch = this.#takes.get(owner)
+    if (batch === undefined) {
+      if (this.#takes.size === 0) setImmediate(this.#flush)
+      this.#takes.set(owner, batch = [])
+    }
+    batch.push({ id, refused, confirmed })
+    return id
+  }
+
+  /** Takes of one turn, per owner, sent as one script call each. */
+  readonly #takes = new Map<string, Take[]>()
+
+  readonly #flush = (): void => {
+    const takes = [...this.#takes]
+    this.#takes.clear()
+    for (const [owner, batch] of takes) {
+      // Given back before the call went out (the client left at once): nothing to take.
+      const live = batch.filter(t => this.#held.get(owner)?.has(t.id) === true)
+      if (live.length > 0) void this.#confirm(owner, live)
+    }
+  }
+
+  async #confirm (owner: string, batch: Take[]): Promise<void> {
+    let answers: boolean[]
     try {
-      taken = await this.#take(owner, id)
+      answers = await this.#take(owner, batch.map(t => t.id))
     } catch (err) {
       this.#o.log.warn({ err }, 'job-progress: cannot count connections across instances (Redis); counting this instance only')
       // The take may still reach Redis (sent again after a reconnect): the next heartbeat checks.
       this.#dirty.add(owner)
-      taken = true
+      answers = batch.map(() => true)
     }
-    if (!taken) this.#forget(owner, id)
-    return taken ? id : null
+    batch.forEach((t, i) => {
+      if (answers[i]) t.confirmed?.()
+      else if (this.#forget(owner, t.id)) t.refused()
+    })
   }
 
-  async #take (owner: string, id: string): Promise<boolean> {
-    const call = async (forget: boolean): Promise<unknown> => await this.#scripts.jpConnTake(this.#key(owner), id, this.#o.instanceId, String(this.#o.max), forget ? '1' : '0', ...this.#alive)
-    let reply = await call(false)
-    if (Array.isArray(reply)) {
-      // Ids of an instance this one has not heard of yet: a new instance, or a dead one.
-      await this.#readAlive()
-      reply = await call(true)
+  async #take (owner: string, ids: string[]): Promise<boolean[]> {
+    const call = async (forget: boolean, asked: string[]): Promise<[number[], string[]]> => await this.#scripts.jpConnTake(this.#key(owner), this.#o.instanceId, String(this.#o.max), forget ? '1' : '0', String(asked.length), ...asked, ...this.#alive) as [number[], string[]]
+    const [answers, unknown] = await call(false, ids)
+    const out = answers.map(a => a === 1)
+    if (unknown.length === 0 || out.every(Boolean)) {
+      // Ids of an instance this one has not heard of: a new instance, or a dead one. Counted
+      // for now; who is alive is read again off the connection's path.
+      if (unknown.length > 0) this.#readAlive().catch(() => {})
+      return out
     }
-    return reply === 1
+    // Refused while counting instances it did not know: read who is alive, and ask again for
+    // the refused ones with the ids of dead instances removed.
+    await this.#readAlive()
+    const again = ids.filter((_, i) => !out[i])
+    const [second] = await call(true, again)
+    let j = 0
+    return out.map(ok => ok || second[j++] === 1)
   }
 
   #forget (owner: string, id: string): boolean {

@@ -1,7 +1,7 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import { allowed, ownerOnly, type CanAccess, type Identity } from '../core/access'
 import { isFinal, type JobEvent } from '../core/event'
-import type { Hub } from '../hub/hub'
+import type { Hub, OpenedJob, Sink } from '../hub/hub'
 import { isJobId } from '../core/keys'
 import type { Outbox } from './outbox'
 import type { ProtocolDefinition, ServerMessage } from '../protocols/types'
@@ -14,6 +14,9 @@ import type { StreamsRequest } from '../channels/streams/live-streams'
 import { StreamFeeds, type StreamsContext } from './stream-feed'
 import { logBytes, renderOnce, serialize } from './render'
 import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
+
+/** What an open that attaches nothing hands back when it lets go. */
+const NO_SINK: Sink = { deliver () {} }
 
 /** Live logs, as every session of one plugin instance reaches them. */
 export interface LogsContext {
@@ -130,13 +133,15 @@ export class SessionJobs implements Deliveries {
   }
 
   /**
-   * Where the job is and whose it must be for the hub to open it, or null (not found). A job of
-   * somebody else and one that does not exist cost the same Redis commands: with one kind to look
-   * in and the default policy, none here (the hub's read checks the owner before it reads the
-   * job); else one round trip, each kind's owner read alone, the kind found only where the owner
-   * is the requester (or, with a policy of the application's, where the policy lets them in).
+   * Where the job may be and whose it must be for the hub to open it, or null (not found). A job
+   * of somebody else and one that does not exist cost the same Redis commands. With the default
+   * policy, nothing is read here: every kind the job may be of is opened at once (the hub's read
+   * checks the owner before it reads the job), so a bare job id on several kinds costs the
+   * SUBSCRIBE and the batched read of any open, not a lookup before them. With a policy of the
+   * application's, one round trip first: each kind's owner read alone, the kind found where the
+   * policy lets the requester in.
    */
-  async #locate (jobId: string, kind: string | undefined, requester: string): Promise<{ target: SnapshotTarget, expected: string } | null> {
+  async #locate (jobId: string, kind: string | undefined, requester: string): Promise<{ targets: SnapshotTarget[], expected: string } | null> {
     const identity = this.#c.identity
     const token = identity?.via === 'token'
     // A watch token grants its one job and nothing else, whatever the job.
@@ -145,16 +150,40 @@ export class SessionJobs implements Deliveries {
     const candidates = named === undefined ? this.#ctx.kinds : [{ kind: named, queue: this.#ctx.queueOf(named) }]
     const served = candidates.filter((c): c is { kind: string, queue: string } => c.queue !== undefined)
     if (served.length === 0) return null
-    const policy = !token && this.#ctx.canAccess !== ownerOnly
-    if (served.length === 1 && !policy) return { target: { ...served[0], jobId }, expected: requester }
     const targets = served.map(c => ({ kind: c.kind, queue: c.queue, jobId }))
+    const policy = !token && this.#ctx.canAccess !== ownerOnly
+    if (!policy) return { targets, expected: requester }
     const owners = await this.#ctx.ownersOf(targets)
     for (const owner of owners) if (owner instanceof Error) throw owner
-    const i = policy ? owners.findIndex(o => typeof o === 'string') : owners.indexOf(requester)
+    const i = owners.findIndex(o => typeof o === 'string')
     if (i < 0) return null
     const owner = owners[i] as string
-    if (policy && !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: targets[i].kind, jobId, owner, data: null }, 'watch', requester)) return null
-    return { target: targets[i], expected: owner }
+    if (!await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: targets[i].kind, jobId, owner, data: null }, 'watch', requester)) return null
+    return { targets: [targets[i]], expected: owner }
+  }
+
+  /**
+   * Opens the job in each place it may be, side by side (one batch of the hub's): the first one
+   * found is kept, the others let go. Null when it is in none of them (or not the caller's).
+   */
+  async #openAny (targets: SnapshotTarget[], expected: string): Promise<{ target: SnapshotTarget, opened: OpenedJob } | null> {
+    const hub = this.#ctx.hub
+    if (targets.length === 1) {
+      const opened = await hub.open(targets[0], expected)
+      return opened === null ? null : { target: targets[0], opened }
+    }
+    const tried = await Promise.allSettled(targets.map(async target => await hub.open(target, expected)))
+    let found: { target: SnapshotTarget, opened: OpenedJob } | null = null
+    let failed: unknown = null
+    tried.forEach((r, i) => {
+      if (r.status === 'rejected') failed ??= r.reason
+      else if (r.value !== null) {
+        if (found === null) found = { target: targets[i], opened: r.value }
+        else r.value.detach(NO_SINK)
+      }
+    })
+    if (found === null && failed !== null) throw failed
+    return found
   }
 
   async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
@@ -162,17 +191,17 @@ export class SessionJobs implements Deliveries {
     if (requester === null) return this.#notFound(jobId)
     const located = await this.#locate(jobId, kind, requester)
     if (located === null) return this.#notFound(jobId)
-    const { target, expected } = located
-    const opened = await this.#ctx.hub.open(target, expected)
-    if (opened === null) return this.#notFound(jobId)
+    const found = await this.#openAny(located.targets, located.expected)
+    if (found === null) return this.#notFound(jobId)
+    const { target, opened } = found
     if (!this.#c.serving) {
-      opened.detach({ deliver () {} })
+      opened.detach(NO_SINK)
       return
     }
     const withLogs = logs !== undefined && await this.#logsAllowed(target)
     const withStreams = streams !== undefined && await this.#streamsAllowed(target)
     if (!this.#c.serving) {
-      opened.detach({ deliver () {} })
+      opened.detach(NO_SINK)
       return
     }
     this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))

@@ -233,7 +233,7 @@ export class Session implements TransportEvents, JobsConnection {
     // A bad watch token on a one-job route: the same close as an unknown job, before anything else.
     if (identity.job === null && this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
     this.#identity = identity
-    await this.#ready(identity.owner)
+    this.#ready(identity.owner)
     if (this.#wantsMine) await this.#subscribeMine()
     for (const job of jobs) await this.#jobs.subscribe(job.jobId, job.kind, true, job.logs, job.streams)
   }
@@ -245,7 +245,7 @@ export class Session implements TransportEvents, JobsConnection {
     } catch {}
     const owner = typeof token === 'string' ? await this.#ctx.owners.ownerOfKey(token) : null
     if (owner === null) return this.#refuse('Could not validate credentials.')
-    await this.#ready(owner)
+    this.#ready(owner)
   }
 
   #refuse (reason: string): void {
@@ -255,14 +255,17 @@ export class Session implements TransportEvents, JobsConnection {
     this.close(CloseCodes.unauthorized, reason)
   }
 
-  async #ready (owner: string): Promise<void> {
+  #ready (owner: string): void {
     if (this.#state !== 'auth') return
-    const slot = await this.#ctx.connectionLimit.acquire(owner)
-    if (slot === null) {
-      return this.close(CloseCodes.policyViolation, `too many connections (${this.#ctx.maxConnectionsPerOwner} per owner)`)
-    }
-    // The client left while the slot was being taken.
-    if (this.#state !== 'auth') return this.#ctx.connectionLimit.release(owner, slot)
+    // Counted on this instance at once; confirmed across instances in the background (one call
+    // per owner and turn, answered before any job read sent after it), so a storm of sockets does
+    // not wait a round trip each before its first subscription.
+    const slot = this.#ctx.connectionLimit.take(owner, () => {
+      if (this.#slot !== slot) return
+      this.#slot = null
+      this.#tooMany()
+    })
+    if (slot === null) return this.#tooMany()
     this.#slot = slot
     this.owner = owner
     this.#state = 'ready'
@@ -270,6 +273,10 @@ export class Session implements TransportEvents, JobsConnection {
     const early = this.#early
     this.#early = null
     if (early !== null) for (const text of early) this.#onText(text)
+  }
+
+  #tooMany (): void {
+    this.close(CloseCodes.policyViolation, `too many connections (${this.#ctx.maxConnectionsPerOwner} per owner)`)
   }
 
   #onFrame (data: Buffer | string, isBinary: boolean, size: number): void {
