@@ -58,6 +58,12 @@ require.extensions['.ts'] = function compileTs (module, filename) {
   module._compile(compile(readFileSync(filename, 'utf8'), filename), filename)
 }
 
+// tap's first run after an install still loads its own TypeScript plugin (see
+// scripts/ensure-tools.mjs): it would compile the files a second way, at other lines.
+if (process.execArgv.some(arg => arg.includes('@tapjs/typescript'))) {
+  process.stderr.write("tap's TypeScript plugin is loaded (its build predates package.json's plugin list): this run's coverage is wrong; `npx tap build` or `npm test` fixes it\n")
+}
+
 // tap starts each test file through the ES module loader, which does not know `.ts`: this hook
 // says such a file is CommonJS, so the loader hands it to require() and the hook above.
 register('data:text/javascript,' + encodeURIComponent(
