@@ -41,6 +41,8 @@ export class Watch implements AsyncIterable<JobUpdate> {
   streams?: Record<string, number>
   #streamFns = new Set<Listener<StreamMessage>>()
   #askLogs: () => void
+  /** The offset each stream was last asked for again from, after a gap. */
+  #asked: Record<string, number> = {}
 
   constructor (kind: string, jobId: string, stop: () => void, askLogs: () => void) {
     this.kind = kind
@@ -114,9 +116,14 @@ export class Watch implements AsyncIterable<JobUpdate> {
     const s = this.streams
     const next = s?.[m.name]
     if (!/^stream/.test(type) || next === undefined) return
-    // Chunks skipped for a slow reader: asked for again from the first missing one.
-    if (type === 'stream_truncated') return this.#askLogs()
-    if (m.offset !== next) return
+    // Chunks skipped for a slow reader, or one past the next expected (those before it were
+    // lost): asked for again from the first missing one, once per gap.
+    if (type === 'stream_truncated' || m.offset > next) {
+      if (type === 'stream_truncated' || this.#asked[m.name] !== next) this.#askLogs()
+      this.#asked[m.name] = next
+      return
+    }
+    if (m.offset < next) return
     if (type === 'stream') (s as Record<string, number>)[m.name]++
     for (const fn of this.#streamFns) fn(m)
   }
