@@ -7,7 +7,7 @@
 //
 // The output is kept on disk (node_modules/.cache/ts-register/, one entry per source file, named by
 // its path, checked against a hash of the source, esbuild's version and the options): the suite
-// starts some 200 processes that each load about 100 files, and esbuild's service process spent
+// starts well over a hundred processes that each load about 100 files, and esbuild's service process spent
 // 0.3 s of CPU on them per process (not counted in the test process's own time) plus 0.15 s in the
 // process itself. An entry is written to a temporary name and renamed, so processes that load the
 // same file at once never read half an entry.
