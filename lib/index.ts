@@ -372,7 +372,7 @@ export type { LogLineMessage, LogsTruncatedMessage, LogMessage, MyJobMessage, My
 export type { ListedJob } from './channels/my-jobs/owner-index'
 export { defineProtocol, type ProtocolDefinition, type ClientAction, type ServerMessage } from './protocols/types'
 export { createJobWorker, type JobWorkerOptions, type JobContext, JobCancelledError } from './worker/worker'
-export { openJobStream, readJobStream, StreamLimitError, STREAM_LIMITS, type JobStream, type OpenJobStreamOptions, type StreamLimits, type StreamRead } from './worker/stream'
+export { openJobStream, readJobStream, StreamBackpressureError, StreamLimitError, STREAM_LIMITS, type JobStream, type OpenJobStreamOptions, type StreamLimits, type StreamRead } from './worker/stream'
 export type { StreamMessage, StreamChunkMessage, StreamEndMessage, StreamTruncatedMessage } from './wire/streams'
 export { Keys, isJobId } from './core/keys'
 export type { BridgeEvent } from './bridge/bridge'
