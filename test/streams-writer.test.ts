@@ -35,24 +35,26 @@ async function rpushCalls (r: Redis): Promise<number> {
 const range = (from: number, to: number): number[] => Array.from({ length: to - from }, (_, i) => from + i)
 const offsetsOf = (messages: any[], name = 'out'): number[] => messages.filter(m => m.type === 'stream' && m.name === name).map(m => m.offset)
 
-t.test('writes not awaited go in batches: offsets in call order, every chunk relayed, a few script calls', async (t) => {
-  const { redis, a } = await twoApps(t)
-  const jobId = await uploadAs(a, 'key-alice')
-  const r = redisClient(t, redis)
-  const watcher = await jobsClient(t, a, 'key-alice')
-  watcher.send({ action: 'subscribe', job_id: jobId, streams: { out: 0 } })
-  await watcher.waitFor(m => m.type === 'subscribed')
-  const s = openJobStream(r, { queue: 'batch', jobId, name: 'out' })
-  const before = await rpushCalls(r)
-  const offsets = await Promise.all(range(0, 300).map(async i => await s.write(i % 2 === 0 ? `c${i}` : { i })))
-  t.same(offsets, range(0, 300), 'each write resolves with its offset, in the order of the calls')
-  const pushes = await rpushCalls(r) - before
-  t.ok(pushes <= 10, `300 chunks stored in ${pushes} script calls`)
-  t.same(await r.lrange(`bull:batch:${jobId}:jp-stream:out`, 0, -1), range(0, 300).map(i => JSON.stringify(i % 2 === 0 ? `c${i}` : { i })), 'stored in order')
-  await s.end()
-  await watcher.waitFor(m => m.type === 'stream_end')
-  t.same(offsetsOf(watcher.messages), range(0, 300), 'the watcher got each chunk once, in order')
-})
+for (const pubsub of ['classic', 'sharded'] as const) {
+  t.test(`${pubsub} pub/sub: writes not awaited go in batches: offsets in call order, every chunk relayed, a few script calls`, async (t) => {
+    const { redis, a } = await twoApps(t, { pubsub })
+    const jobId = await uploadAs(a, 'key-alice')
+    const r = redisClient(t, redis)
+    const watcher = await jobsClient(t, a, 'key-alice')
+    watcher.send({ action: 'subscribe', job_id: jobId, streams: { out: 0 } })
+    await watcher.waitFor(m => m.type === 'subscribed')
+    const s = openJobStream(r, { queue: 'batch', jobId, name: 'out', pubsub })
+    const before = await rpushCalls(r)
+    const offsets = await Promise.all(range(0, 300).map(async i => await s.write(i % 2 === 0 ? `c${i}` : { i })))
+    t.same(offsets, range(0, 300), 'each write resolves with its offset, in the order of the calls')
+    const pushes = await rpushCalls(r) - before
+    t.ok(pushes <= 10, `300 chunks stored in ${pushes} script calls`)
+    t.same(await r.lrange(`bull:batch:${jobId}:jp-stream:out`, 0, -1), range(0, 300).map(i => JSON.stringify(i % 2 === 0 ? `c${i}` : { i })), 'stored in order')
+    await s.end()
+    await watcher.waitFor(m => m.type === 'stream_end')
+    t.same(offsetsOf(watcher.messages), range(0, 300), 'the watcher got each chunk once, in order')
+  })
+}
 
 t.test('a batch that crosses a limit: the chunks before it stored, that one gets the limit error, the next ones find the stream ended', async (t) => {
   const { redis, a } = await twoApps(t)
