@@ -1,0 +1,185 @@
+/**
+ * Open sockets on ONE instance: N WebSocket connections (default 19,500, what the machine's
+ * 20,000 open files per process allow the server), opened from C client processes (default 4)
+ * over A loopback source addresses (127.0.0.2 ..., default 4), each socket watching its own job on
+ * the `jobs` protocol with the plugin's defaults (pings and heartbeats every 30 s). The floor in
+ * the same run: a bare `ws` server (no pings, no heartbeats, no Redis) with as many sockets.
+ *
+ * Per system: the server's RSS per socket (after a full GC, before and after the sockets
+ * opened), its CPU while every socket is open and idle (over `--idle` seconds, at least one
+ * ping and heartbeat period), that CPU projected to 100,000 sockets, and, for the plugin,
+ * `--rate` progress reports per second (default 10,000, spread over the jobs) for `--load`
+ * seconds: messages delivered per second and their latency from the report (p50, p99). Each
+ * figure says the load average of the machine when it was taken.
+ *
+ *   npx tsx bench/sockets.ts [--sockets 19500] [--clients 4] [--addresses 4] [--idle 60] [--rate 10000] [--load 10]
+ *
+ * `BENCH_CANDIDATE=<path to a copy of lib/index.ts>` adds that copy as a third system.
+ */
+import { Queue, type Job } from 'bullmq'
+import { randomUUID } from 'node:crypto'
+import { readFileSync } from 'node:fs'
+import WebSocket from 'ws'
+import { Child, killAll } from './lib/proc'
+import { nowMs, serve } from './lib/ipc'
+import { BenchRedis } from './lib/redis'
+import { percentiles } from './lib/stats'
+
+const arg = (name: string, fallback: string): string => {
+  const i = process.argv.indexOf(`--${name}`)
+  return i > 0 ? process.argv[i + 1] : fallback
+}
+
+type System = 'plugin' | 'ws' | 'candidate'
+const OWNER = 'bench'
+/** Progress reports carry their send time as `processed`, in ms after this base, over this total. */
+const TOTAL = 1e9
+
+interface OpenArgs { system: System, port: number, jobs: string[], addresses: string[], base: number }
+
+/** A client process: holds its share of the sockets, and records report latencies when asked. */
+function client (): void {
+  let sockets: WebSocket[] = []
+  let recording = false
+  let latencies: number[] = []
+  let base = 0
+  serve({
+    open: async ({ system, port, jobs, addresses, base: b }: OpenArgs): Promise<{ opened: number, failed: number }> => {
+      base = b
+      let failed = 0
+      // A few hundred handshakes at a time per client process: the server's accept queue is not what is measured.
+      for (let i = 0; i < jobs.length; i += 250) {
+        await Promise.all(jobs.slice(i, i + 250).map(async (jobId, j) => {
+          const path = system === 'ws' ? '/' : '/ws/jobs'
+          const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, { headers: { 'x-owner': OWNER }, localAddress: addresses[(i + j) % addresses.length] })
+          await new Promise<void>(resolve => {
+            ws.on('error', () => { failed++; resolve() })
+            ws.on('message', (data) => {
+              const m = JSON.parse(String(data)) as { type?: string, processed?: number }
+              if (m.type === 'connected') {
+                if (system === 'ws') resolve()
+                else ws.send(JSON.stringify({ action: 'subscribe', job_id: jobId }))
+              } else if (m.type === 'job_update') {
+                resolve()
+                if (recording && typeof m.processed === 'number' && m.processed > 0) latencies.push(nowMs() - base - m.processed)
+              }
+            })
+          })
+          sockets.push(ws)
+        }))
+      }
+      return { opened: sockets.filter(s => s.readyState === WebSocket.OPEN).length, failed }
+    },
+    record: (on: boolean): Float64Array | null => {
+      recording = on
+      if (on) {
+        latencies = []
+        return null
+      }
+      return Float64Array.from(latencies)
+    },
+    close: async () => {
+      for (const s of sockets) s.terminate()
+      sockets = []
+      await new Promise(resolve => setTimeout(resolve, 500))
+    }
+  })
+}
+
+const loadavg = (): string => readFileSync('/proc/loadavg', 'utf8').split(' ')[0]
+const sleep = async (ms: number): Promise<void> => await new Promise(resolve => setTimeout(resolve, ms))
+
+async function main (): Promise<void> {
+  const SOCKETS = Number(arg('sockets', '19500'))
+  const CLIENTS = Number(arg('clients', '4'))
+  const ADDRESSES = Array.from({ length: Number(arg('addresses', '4')) }, (_, i) => `127.0.0.${i + 2}`)
+  const IDLE = Number(arg('idle', '60'))
+  const RATE = Number(arg('rate', '10000'))
+  const LOAD = Number(arg('load', '10'))
+  const redis = await BenchRedis.start()
+  process.on('exit', () => { killAll(); redis.kill() })
+  process.on('SIGINT', () => process.exit(130))
+  const queue = new Queue('sockets', { connection: { host: '127.0.0.1', port: redis.port } })
+  const jobs: Job[] = []
+  for (let i = 0; i < SOCKETS; i += 2000) {
+    const chunk = Array.from({ length: Math.min(2000, SOCKETS - i) }, () => randomUUID())
+    jobs.push(...await queue.addBulk(chunk.map(jobId => ({ name: 'sockets', data: { owner: OWNER }, opts: { jobId } }))))
+  }
+  const ids = jobs.map(j => j.id as string)
+  process.stdout.write(`${SOCKETS} sockets on one instance, each watching its own job; ${CLIENTS} client processes over ${ADDRESSES.length} source addresses (redis ${BenchRedis.version()}, ${process.env.BENCH_CANDIDATE === undefined ? '' : 'with a candidate, '}load average ${loadavg()})\n\n`)
+  const config = JSON.stringify({ redisUrl: redis.url, queues: ['sockets'] })
+  const clients = Array.from({ length: CLIENTS }, (_, i) => new Child('bench/sockets.ts', ['--client'], { label: `clients-${i}`, manyFiles: true }))
+  await Promise.all(clients.map(async c => await c.ready))
+  const candidate = process.env.BENCH_CANDIDATE
+  const systems: System[] = candidate === undefined ? ['plugin', 'ws'] : ['plugin', 'candidate', 'ws']
+  process.stdout.write('| system | opened | open time | RSS per socket | vs ws | idle CPU, % of a core | projected at 100,000 | delivered msgs/s (asked) | p50 / p99 | load average (open, idle, load) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
+  let wsPerSocket = NaN
+  const rows: string[] = []
+  for (const system of systems) {
+    const server = new Child(system === 'ws' ? 'bench/servers/bare-ws.ts' : 'bench/servers/storm-plugin.ts', [], {
+      node: ['--expose-gc'], env: { BENCH_CONFIG: config, ...(system === 'candidate' ? { BENCH_LIB: candidate as string } : {}) }, label: system, manyFiles: true
+    })
+    const { port } = await server.ready as { port: number }
+    const before = (await server.call<{ rss: number }>('memory')).rss
+    const base = nowMs()
+    const loadOpen = loadavg()
+    const started = nowMs()
+    const opened = await Promise.all(clients.map(async (c, k) => await c.call<{ opened: number, failed: number }>('open', { system, port, jobs: ids.filter((_, i) => i % CLIENTS === k), addresses: ADDRESSES, base }, 600_000)))
+    const openMs = nowMs() - started
+    const n = opened.reduce((s, o) => s + o.opened, 0)
+    const after = (await server.call<{ rss: number }>('memory')).rss
+    const perSocket = (after - before) / n / 1024
+    if (system === 'ws') wsPerSocket = perSocket
+    await sleep(2000)
+    const loadIdle = loadavg()
+    const cpu0 = await server.call<number>('cpu')
+    await sleep(IDLE * 1000)
+    const idle = (await server.call<number>('cpu') - cpu0) / IDLE * 100
+    let delivered = '-'
+    let latency = '-'
+    let loadLoad = '-'
+    if (system !== 'ws') {
+      loadLoad = loadavg()
+      await Promise.all(clients.map(async c => await c.call('record', true)))
+      // RATE reports per second, in slices every 10 ms, over the jobs in turn; each carries its send time.
+      const perSlice = RATE / 100
+      let next = 0
+      const end = nowMs() + LOAD * 1000
+      let sent = 0
+      while (nowMs() < end) {
+        const slice = nowMs()
+        for (let i = 0; i < perSlice; i++) {
+          const job = jobs[next++ % jobs.length]
+          sent++
+          void job.updateProgress({ processed: Math.max(1, Math.round(nowMs() - base)), total: TOTAL }).catch(() => {})
+        }
+        await sleep(Math.max(0, 10 - (nowMs() - slice)))
+      }
+      await sleep(2000)
+      const got = await Promise.all(clients.map(async c => await c.call<Float64Array>('record', false)))
+      const p = percentiles(got)
+      delivered = `${(p.n / LOAD).toFixed(0)} (${(sent / LOAD).toFixed(0)})`
+      latency = `${p.p50.toFixed(0)} / ${p.p99.toFixed(0)} ms`
+    }
+    await Promise.all(clients.map(async c => await c.call('close')))
+    await server.stop()
+    rows.push(`| ${system} | ${n} (${opened.reduce((s, o) => s + o.failed, 0)} failed) | ${(openMs / 1000).toFixed(1)} s | ${perSocket.toFixed(2)} KiB | %RATIO% | ${idle.toFixed(2)} | ${(idle * 100_000 / n).toFixed(1)} % | ${delivered} | ${latency} | ${loadOpen}, ${loadIdle}, ${loadLoad} |`)
+    process.stderr.write(`${rows[rows.length - 1].replace('%RATIO%', '-')}\n`)
+    await sleep(2000)
+  }
+  for (const row of rows) {
+    const per = Number(/\| ([\d.]+) KiB/.exec(row)?.[1])
+    process.stdout.write(`${row.replace('%RATIO%', `${(per / wsPerSocket).toFixed(2)} x`)}\n`)
+  }
+  await Promise.all(clients.map(async c => await c.stop()))
+  await queue.close()
+  await redis.stop()
+}
+
+if (process.argv.includes('--client')) client()
+else {
+  main().catch((err: Error) => {
+    process.stderr.write(`${err.stack ?? err.message}\n`)
+    process.exit(1)
+  })
+}
