@@ -73,9 +73,11 @@ for i = 0, n - 1 do
     local id = ARGV[2 + 2 * i]
     local h = redis.call('HMGET', job, 'progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm')
     local where = ''
-    if redis.call('ZSCORE', KEYS[1], id) then where = 'completed'
-    elseif redis.call('ZSCORE', KEYS[2], id) then where = 'failed'
-    elseif redis.call('EXISTS', KEYS[8 + 3 * i]) == 1 then where = 'active'
+    -- BullMQ writes finishedOn in the script that adds a job to completed or failed, and
+    -- processedOn in the one that takes its lock: without them neither set nor the lock is asked.
+    if h[4] and redis.call('ZSCORE', KEYS[1], id) then where = 'completed'
+    elseif h[4] and redis.call('ZSCORE', KEYS[2], id) then where = 'failed'
+    elseif h[5] and redis.call('EXISTS', KEYS[8 + 3 * i]) == 1 then where = 'active'
     elseif redis.call('ZSCORE', KEYS[3], id) then where = 'delayed'
     elseif redis.call('ZSCORE', KEYS[4], id) then where = 'prioritized'
     elseif redis.call('ZSCORE', KEYS[5], id) then where = 'waiting-children'
