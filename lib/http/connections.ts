@@ -1,4 +1,6 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
+import { Server as HttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { Server as HttpsServer } from 'node:https'
 import type { Socket } from 'node:net'
 
 /**
@@ -16,10 +18,46 @@ type OnRequest = (request: FastifyRequest, reply: FastifyReply, done: () => void
  * stream whose client stopped reading, a read waiting on a paused Redis. Uploads are answered 503
  * at the grace (see InFlightUploads); `ANSWER_MS` later, whatever is still open here is destroyed.
  * Connections of the app's own routes are not touched.
+ *
+ * Nor is any connection that is serving no request at all: a client's pool may have opened one
+ * and sent nothing yet (a fetch aborted while its connection was being made leaves such a one),
+ * a client may be half-way through a request's head, or keep one alive between requests. Node
+ * counts the first two as busy, so the server's close does not end them, and it stops the timer
+ * that would have ended them (`headersTimeout`): the close waited until the client hung up (70 s
+ * for the client of my jobs over SSE, none for a silent TCP client). Once the server closes, such
+ * a connection can only ever be answered 503: these too are destroyed with the rest.
  */
 export class Connections {
   readonly #open = new Set<Socket>()
+  /** Every connection of the server, with its requests still being answered (an upgraded one counts as busy for ever). */
+  readonly #all = new Map<Socket, number>()
   #timer: NodeJS.Timeout | null = null
+
+  /**
+   * Follows every connection of `server`, to tell at the grace which serve no request. Only for
+   * HTTP/1 servers: on HTTPS a connection is its TLS socket (a handshake never finished is ended
+   * by Node's own `handshakeTimeout`).
+   */
+  watch (server: unknown): void {
+    const event = server instanceof HttpServer ? 'connection' : server instanceof HttpsServer ? 'secureConnection' : null
+    if (event === null) return
+    const http = server as HttpServer
+    http.on(event, (socket: Socket) => {
+      this.#all.set(socket, 0)
+      socket.once('close', () => this.#all.delete(socket))
+    })
+    http.on('request', (request: IncomingMessage, response: ServerResponse) => {
+      const socket = request.socket
+      const busy = this.#all.get(socket)
+      if (busy === undefined) return
+      this.#all.set(socket, busy + 1)
+      response.once('close', () => {
+        const now = this.#all.get(socket)
+        if (now !== undefined) this.#all.set(socket, now - 1)
+      })
+    })
+    http.on('upgrade', (request: IncomingMessage) => { if (this.#all.has(request.socket)) this.#all.set(request.socket, Infinity) })
+  }
 
   /** Tracks the connections of `route` (a route of the plugin's own, from an `onRoute` hook). */
   adopt (route: RouteOptions): void {
@@ -56,6 +94,7 @@ export class Connections {
       this.#timer = null
       for (const socket of this.#open) socket.destroy()
       this.#open.clear()
+      for (const [socket, busy] of this.#all) if (busy === 0) socket.destroy()
     }, graceMs + ANSWER_MS)
     // Open connections keep the process alive anyway; without them there is nothing to end.
     this.#timer.unref()
@@ -70,6 +109,7 @@ export class Connections {
 /** Ties the plugin's connections to the app's close: a line in the plugin, the rest here. */
 export function trackConnections (fastify: FastifyInstance, graceMs: number): Connections {
   const connections = new Connections()
+  connections.watch(fastify.server)
   fastify.addHook('preClose', async () => { connections.closing(graceMs) })
   fastify.addHook('onClose', async () => { connections.closed() })
   return connections
