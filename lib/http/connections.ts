@@ -56,6 +56,8 @@ export class Connections {
         if (now !== undefined) this.#all.set(socket, now - 1)
       })
     })
+    // (Node hands an upgrade to its 'upgrade' listeners instead of 'request'; the plugin always has
+    // a WebSocket server listening there, so this one changes nothing.)
     http.on('upgrade', (request: IncomingMessage) => { if (this.#all.has(request.socket)) this.#all.set(request.socket, Infinity) })
   }
 
