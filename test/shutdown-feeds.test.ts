@@ -48,7 +48,7 @@ async function silent (t: Test, port: number, head: string): Promise<{ socket: S
 
 t.test('app.close() with connections that serve no request (nothing sent, half a head) and open SSE streams: within the grace + 1 s', async (t) => {
   const redis = await redisFor(t)
-  const s = await startApp(t, redis, { apiKeys: { 'key-alice': 'alice' }, protocols: [jobsProtocol()], uploads: { shutdownGraceMs: GRACE_MS } } as any)
+  const s = await startApp(t, redis, { apiKeys: { 'key-alice': 'alice' }, protocols: [jobsProtocol()], uploads: { shutdownGraceMs: GRACE_MS } })
   const port = Number(new URL(s.url).port)
   const jobId = await uploadAs(s, 'key-alice')
   const auth = { authorization: 'Bearer key-alice' }
