@@ -249,8 +249,15 @@ export class ConnectionLimit {
       answers = batch.map(() => true)
     }
     batch.forEach((t, i) => {
-      if (answers[i]) t.confirmed?.()
-      else if (this.#forget(owner, t.id)) t.refused()
+      if (!answers[i]) {
+        if (this.#forget(owner, t.id)) t.refused()
+      } else if (this.#held.get(owner)?.has(t.id) === true) {
+        t.confirmed?.()
+      } else {
+        // Given back while its take was on the way (its HDEL may have run first): whatever is
+        // left in Redis that this instance no longer holds goes at the next heartbeat.
+        this.#dirty.add(owner)
+      }
     })
   }
 
@@ -267,10 +274,12 @@ export class ConnectionLimit {
     // Refused while counting instances it did not know: read who is alive, and ask again for
     // the refused ones with the ids of dead instances removed.
     await this.#readAlive()
-    const again = ids.filter((_, i) => !out[i])
+    // Only the ids still held: one given back meanwhile must not be taken again after its HDEL.
+    const again = ids.filter((id, i) => !out[i] && this.#held.get(owner)?.has(id) === true)
+    if (again.length === 0) return out
     const [second] = await call(true, again)
-    let j = 0
-    return out.map(ok => ok || second[j++] === 1)
+    const taken = new Set(again.filter((_, j) => second[j] === 1))
+    return ids.map((id, i) => out[i] || taken.has(id))
   }
 
   #forget (owner: string, id: string): boolean {
