@@ -98,7 +98,7 @@ export class OrderedRelay {
         // A round that read several entries says events come faster than a round trip: wait a
         // little, so that the next round takes those that arrive meanwhile in one run. Order
         // is the script's, unchanged; the entries wait in the stream, pending for nobody.
-        if (read > 1) await this.#run.unlessStopped(pause())
+        if (read > 1 && await this.#run.unlessStopped(pause()) === null) break
         read = 0
         // Plain commands on a corked socket (one write), not a pipeline: see StreamReader's
         // publishAndRead. Each script's reply is taken as it arrives: the lifecycle entries it
