@@ -28,7 +28,7 @@ import { registerJobRoutes } from './http/jobs/job-routes'
 import { registerManageRoutes } from './http/jobs/manage-routes'
 import { noBodyValidation, uploadSchema } from './http/schemas'
 import { Session, type SessionContext } from './session/session'
-import { startSessionTimers } from './session/timers'
+import { SessionSet, startSessionTimers } from './session/timers'
 import { registerSseRoutes } from './transports/sse'
 import { registerClientRoute } from './http/client-route'
 import { releaseUpgrade, socketErrorHandler, WebSocketTransport } from './transports/websocket'
@@ -178,7 +178,7 @@ const plugin: FastifyPluginAsync<JobProgressOptions> = async function jobProgres
   }
 
   // Sockets close with 1001 before @fastify/websocket closes the rest: this hook is added first.
-  const sessions = new Set<Session>()
+  const sessions = new SessionSet()
   telemetry.gauge('socketsOpen', () => {
     const by = new Map<string, number>()
     for (const session of sessions) by.set(session.protocol.name, (by.get(session.protocol.name) ?? 0) + 1)

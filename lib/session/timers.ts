@@ -14,37 +14,62 @@ export interface SessionTimerOptions {
   telemetry?: Telemetry
 }
 
-/** Most slices one sweep's period is cut into: each tick visits one slice of the sessions. */
-const SLICES = 100
+/** Buckets the sessions are spread over; a sweep's tick visits one or more of them. */
+const BUCKETS = 100
 /** Shortest tick of a sweep: a short period is cut into fewer slices. */
 const MIN_TICK_MS = 100
 
 /**
- * Visits every session once per `periodMs`, a slice of them per tick, not all of them in one
- * turn of the event loop: at 100,000 sockets one turn that pings them all is a stall of every
- * socket's messages. A round starts every `periodMs` with the sessions there are then, each tick
- * visiting its share; one that opens during a round is visited in it if it comes after the
- * sweep's place (a Set iterates in insertion order and sees what is added behind it).
+ * The instance's sessions, each also kept in one of {@link BUCKETS} buckets (in turn as they
+ * open), so that a sweep can visit a bucket per tick without walking the whole set. A session's
+ * bucket never changes: it is visited at the same place of every round, once per period, however
+ * many sessions come and go. No iterator is held from one tick to the next (a live iterator of a
+ * set keeps what was deleted from it reachable until it moves on).
  */
-function sweep (sessions: Set<Session>, periodMs: number, visit: (session: Session, now: number) => void): NodeJS.Timeout {
-  const slices = Math.max(1, Math.min(SLICES, Math.floor(periodMs / MIN_TICK_MS)))
-  let tick = 0
-  let round: IterableIterator<Session> | null = null
-  let quota = 0
-  return setInterval(() => {
-    if (tick++ % slices === 0) {
-      round = sessions.values()
-      quota = Math.ceil(sessions.size / slices)
+export class SessionSet extends Set<Session> {
+  readonly #buckets = Array.from({ length: BUCKETS }, () => new Set<Session>())
+  readonly #bucketOf = new WeakMap<Session, Set<Session>>()
+  #next = 0
+
+  override add (session: Session): this {
+    if (!this.has(session)) {
+      const bucket = this.#buckets[this.#next++ % BUCKETS]
+      bucket.add(session)
+      this.#bucketOf.set(session, bucket)
     }
-    if (round === null) return
+    return super.add(session)
+  }
+
+  override delete (session: Session): boolean {
+    this.#bucketOf.get(session)?.delete(session)
+    return super.delete(session)
+  }
+
+  override clear (): void {
+    for (const bucket of this.#buckets) bucket.clear()
+    super.clear()
+  }
+
+  /** The sessions of bucket `i` (0 ≤ i < BUCKETS). */
+  bucket (i: number): ReadonlySet<Session> {
+    return this.#buckets[i]
+  }
+}
+
+/**
+ * Visits every session once per `periodMs`, a slice of the buckets per tick, not all of them in
+ * one turn of the event loop: at 100,000 sockets one turn that pings them all is a stall of every
+ * socket's messages. Tick `t` of `k` slices visits the buckets `b` with `b % k === t % k`, so each
+ * bucket, and each session, comes once per period, at the same place.
+ */
+function sweep (sessions: SessionSet, periodMs: number, visit: (session: Session, now: number) => void): NodeJS.Timeout {
+  const slices = Math.max(1, Math.min(BUCKETS, Math.floor(periodMs / MIN_TICK_MS)))
+  let tick = 0
+  return setInterval(() => {
+    const slice = tick++ % slices
     const now = Date.now()
-    for (let i = 0; i < quota; i++) {
-      const next = round.next()
-      if (next.done === true) {
-        round = null
-        return
-      }
-      visit(next.value, now)
+    for (let b = slice; b < BUCKETS; b += slices) {
+      for (const session of sessions.bucket(b)) visit(session, now)
     }
   }, periodMs / slices).unref()
 }
@@ -57,7 +82,7 @@ function sweep (sessions: Set<Session>, periodMs: number, visit: (session: Sessi
  * timer each per instance, never one per connection, and each spread over its period (see
  * {@link sweep}). Returns the function that stops them.
  */
-export function startSessionTimers (sessions: Set<Session>, opts: SessionTimerOptions): () => void {
+export function startSessionTimers (sessions: SessionSet, opts: SessionTimerOptions): () => void {
   const telemetry = opts.telemetry ?? noTelemetry
   // A heartbeat is the same for every session of a protocol at one instant: rendered once per
   // protocol and second, and its bytes (framed once) shared by every socket.
