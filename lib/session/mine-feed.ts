@@ -3,6 +3,11 @@ import type { MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 import type { Outbox } from './outbox'
 import { serialize } from './render'
 
+/** The caller's jobs feed: `watch` calls `receive` with each message until the returned stop. */
+export interface MineContext {
+  watch: (owner: string, receive: (message: MyJobMessage | MyJobsResyncMessage, raw: string) => void) => Promise<() => void>
+}
+
 /**
  * What a session does with each message of the caller's jobs feed: rendered by its protocol and
  * queued keyed per job, so a slow client gets each job's latest state; finals, creations and

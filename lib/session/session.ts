@@ -8,18 +8,10 @@ import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport, TransportEvents } from './transport'
 import type { LogsRequest } from '../channels/logs/live-logs'
 import type { StreamsRequest } from '../channels/streams/live-streams'
-import type { MyJobMessage, MyJobsResyncMessage } from '../wire/messages'
 import { serialize } from './render'
 import { SessionJobs, type JobsConnection, type JobsContext } from './session-jobs'
 import { InboundLimit, type InboundOptions } from './inbound'
-import { mineReceiver } from './mine-feed'
-
-export type { LogsContext } from './session-jobs'
-
-/** The caller's jobs feed: `watch` calls `receive` with each message until the returned stop. */
-export interface MineContext {
-  watch: (owner: string, receive: (message: MyJobMessage | MyJobsResyncMessage, raw: string) => void) => Promise<() => void>
-}
+import { mineReceiver, type MineContext } from './mine-feed'
 
 /** What every session of one plugin instance shares (what its jobs read is in {@link JobsContext}). */
 export interface SessionContext extends JobsContext {
