@@ -1,22 +1,14 @@
-import type { JobStatus } from './types'
+import type { JobStatus, JobUpdate } from './types'
 
-/** One of the caller's jobs, as the list route gives it and the feed keeps it current. */
-export interface MyJob {
-  kind: string
-  jobId: string
-  /** Followed live from the feed. */
-  status: JobStatus
-  /** Percent done, counts, ETA, stage and message: as of the last read of the list (watch the job for its progress). */
-  progress: number
-  processed: number
-  total: number
-  etaSeconds: number | null
-  /** Why it ended, on `failed` and `cancelled` (as of the last read). */
-  error: string | null
+/**
+ * One of the caller's jobs, as the list route gives it and the feed keeps it current: a job's
+ * state without its result, version or data. `status` is followed live from the feed; progress,
+ * counts, ETA, stage, message and `error` are as of the last read of the list (watch the job for
+ * its progress).
+ */
+export interface MyJob extends Pick<JobUpdate, 'kind' | 'jobId' | 'status' | 'progress' | 'processed' | 'total' | 'etaSeconds' | 'error' | 'stage' | 'message'> {
   /** Milliseconds since the epoch (for a job the feed added: when the message was sent, to the second). */
   createdAt: number
-  stage?: string
-  message?: string
 }
 
 /** Which of the caller's jobs to follow: kinds, states (a job that leaves them leaves the list), at most `limit` (1 to 100). */
