@@ -54,7 +54,10 @@ function startReading (client: Client): void {
 
 t.test('a client that stops reading is closed after sendTimeoutMs; the other watcher gets everything', async (t) => {
   const sendTimeoutMs = 1000
-  const { url, ws, app, redis, uploadDir } = await setup(t, { sendTimeoutMs })
+  // Heartbeats keep coming while the big message (three times maxBufferedBytes) is flushed to
+  // both: a message waiting behind it is not a client that does not read (neither is cut for
+  // it), and the stuck one is cut by sendTimeoutMs alone, without a close frame.
+  const { url, ws, app, redis, uploadDir } = await setup(t, { sendTimeoutMs, heartbeatIntervalMs: 100 })
   const up = await upload(`${url}/dataset/upload`, lines(1))
   const jobId = up.body.job_id
   const fast = await watch(t, ws, up.cookie, [jobId])

@@ -19,8 +19,8 @@ export interface OutboxOptions {
   /** Bytes not yet flushed above which messages wait here. @default 16384 */
   highWaterMark?: number
   /**
-   * Bytes waiting here plus those not yet flushed above which the client counts as not reading:
-   * `owner.overflowed()` runs and nothing more is queued. @default Infinity
+   * Bytes waiting here (behind the transport's unflushed ones) above which the client counts as
+   * not reading: `owner.overflowed()` runs and nothing more is queued. @default Infinity
    */
   maxBytes?: number
   owner?: OutboxOwner
@@ -98,7 +98,10 @@ export class Outbox {
         this.#add(`${key}\0${this.#seq++}`, { data, final, bytes })
       }
     }
-    if (this.#queuedBytes + this.#transport.bufferedAmount > this.#maxBytes) {
+    // What waits here, not what the transport holds: a write goes out only below the high-water
+    // mark, so the transport holds at most that and one message however large, and a big result
+    // still flushing to a client that reads says nothing about whether it reads.
+    if (this.#queuedBytes > this.#maxBytes) {
       this.#overflowed = true
       // Nothing queued will ever be read: let it go now, not when the connection is reaped.
       this.#queue = null
