@@ -2,19 +2,26 @@
  * Open sockets on ONE instance: N WebSocket connections (default 19,500, what the machine's
  * 20,000 open files per process allow the server), opened from C client processes (default 4)
  * over A loopback source addresses (127.0.0.2 ..., default 4), each socket watching its own job on
- * the `jobs` protocol with the plugin's defaults (pings and heartbeats every 30 s). The floor in
- * the same run: a bare `ws` server (no pings, no heartbeats, no Redis) with as many sockets.
+ * the `jobs` protocol with the plugin's defaults (pings and heartbeats every 30 s). The floors in
+ * the same run, with as many sockets: a bare `ws` server (no pings, no heartbeats, no Redis), and
+ * `ws+ping`, the same server pinging every socket and sending it a small heartbeat message every
+ * 30 s, one write per socket and period, spread over the period (what any server with end-to-end
+ * liveness pays at least).
  *
  * Per system: the server's RSS per socket (after a full GC, before and after the sockets
  * opened), its CPU while every socket is open and idle (over `--idle` seconds, at least one
- * ping and heartbeat period), that CPU projected to 100,000 sockets, and, for the plugin,
+ * ping and heartbeat period), that CPU projected to 100,000 sockets (what the sockets add,
+ * scaled, over the server's own CPU measured for up to 10 s before they opened), and, for the plugin,
  * `--rate` progress reports per second (default 10,000, spread over the jobs) for `--load`
  * seconds: messages delivered per second and their latency from the report (p50, p99). Each
  * figure says the load average of the machine when it was taken.
  *
  *   npx tsx bench/sockets.ts [--sockets 19500] [--clients 4] [--addresses 4] [--idle 60] [--rate 10000] [--load 10]
+ *     [--systems plugin,ws,ws+ping] [--snapshots <dir>]
  *
- * `BENCH_CANDIDATE=<path to a copy of lib/index.ts>` adds that copy as a third system.
+ * `BENCH_CANDIDATE=<path to a copy of lib/index.ts>` adds that copy as another system.
+ * `--snapshots <dir>` writes each server's heap snapshot before and after its sockets opened
+ * (`<system>-before.heapsnapshot`, `-after`), for bench/heap-diff.ts.
  */
 import { Queue, type Job } from 'bullmq'
 import { randomUUID } from 'node:crypto'
@@ -30,7 +37,9 @@ const arg = (name: string, fallback: string): string => {
   return i > 0 ? process.argv[i + 1] : fallback
 }
 
-type System = 'plugin' | 'ws' | 'candidate'
+type System = 'plugin' | 'ws' | 'ws+ping' | 'candidate'
+/** The plugin's default ping and heartbeat period, which the `ws+ping` floor uses too. */
+const LIVENESS_MS = 30_000
 const OWNER = 'bench'
 /** Progress reports carry their send time as `processed`, in ms after this base, over this total. */
 const TOTAL = 1e9
@@ -50,15 +59,19 @@ function client (): void {
       // A few hundred handshakes at a time per client process: the server's accept queue is not what is measured.
       for (let i = 0; i < jobs.length; i += 250) {
         await Promise.all(jobs.slice(i, i + 250).map(async (jobId, j) => {
-          const path = system === 'ws' ? '/' : '/ws/jobs'
+          const path = system.startsWith('ws') ? '/' : '/ws/jobs'
           const ws = new WebSocket(`ws://127.0.0.1:${port}${path}`, { headers: { 'x-owner': OWNER }, localAddress: addresses[(i + j) % addresses.length] })
+          let subscribed = false
           await new Promise<void>(resolve => {
             ws.on('error', () => { failed++; resolve() })
             ws.on('message', (data) => {
               const m = JSON.parse(String(data)) as { type?: string, processed?: number }
+              // The floors answer the subscribe with a second `connected`: each socket has read
+              // one message there too (ws keeps a little per socket once it has).
               if (m.type === 'connected') {
-                if (system === 'ws') resolve()
+                if (system.startsWith('ws') && subscribed) resolve()
                 else ws.send(JSON.stringify({ action: 'subscribe', job_id: jobId }))
+                subscribed = true
               } else if (m.type === 'job_update') {
                 resolve()
                 if (recording && typeof m.processed === 'number' && m.processed > 0) latencies.push(nowMs() - base - m.processed)
@@ -94,6 +107,7 @@ async function main (): Promise<void> {
   const CLIENTS = Number(arg('clients', '4'))
   const ADDRESSES = Array.from({ length: Number(arg('addresses', '4')) }, (_, i) => `127.0.0.${i + 2}`)
   const IDLE = Number(arg('idle', '60'))
+  const BASE_IDLE = Math.min(10, IDLE)
   const RATE = Number(arg('rate', '10000'))
   const LOAD = Number(arg('load', '10'))
   const redis = await BenchRedis.start()
@@ -111,16 +125,27 @@ async function main (): Promise<void> {
   const clients = Array.from({ length: CLIENTS }, (_, i) => new Child('bench/sockets.ts', ['--client'], { label: `clients-${i}`, manyFiles: true }))
   await Promise.all(clients.map(async c => await c.ready))
   const candidate = process.env.BENCH_CANDIDATE
-  const systems: System[] = candidate === undefined ? ['plugin', 'ws'] : ['plugin', 'candidate', 'ws']
-  process.stdout.write('| system | opened | open time | RSS per socket | vs ws | idle CPU, % of a core | projected at 100,000 | delivered msgs/s (asked) | p50 / p99 | load average (open, idle, load) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
-  let wsPerSocket = NaN
-  const rows: string[] = []
+  const only = arg('systems', '').split(',').filter(s => s !== '')
+  const systems = (['plugin', ...(candidate === undefined ? [] : ['candidate']), 'ws', 'ws+ping'] as System[])
+    .filter(s => only.length === 0 || only.includes(s))
+  const snapshots = arg('snapshots', '')
+  process.stdout.write('| system | opened | open time | RSS per socket | vs ws (vs ws+ping) | idle CPU, % of a core | projected at 100,000 | vs ws+ping | delivered msgs/s (asked) | p50 / p99 | load average (open, idle, load) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
+  const perSocketOf = new Map<System, number>()
+  const projectedOf = new Map<System, number>()
+  const rows: Array<{ system: System, text: string }> = []
   for (const system of systems) {
-    const server = new Child(system === 'ws' ? 'bench/servers/bare-ws.ts' : 'bench/servers/storm-plugin.ts', [], {
+    const bare = system.startsWith('ws')
+    const server = new Child(bare ? 'bench/servers/bare-ws.ts' : 'bench/servers/storm-plugin.ts', system === 'ws+ping' ? ['--liveness', String(LIVENESS_MS)] : [], {
       node: ['--expose-gc'], env: { BENCH_CONFIG: config, ...(system === 'candidate' ? { BENCH_LIB: candidate as string } : {}) }, label: system, manyFiles: true
     })
     const { port } = await server.ready as { port: number }
+    // The server's own idle CPU without sockets (IPC, timers, Redis clients): the projection
+    // scales only what the sockets add.
+    const cpuBase0 = await server.call<number>('cpu')
+    await sleep(BASE_IDLE * 1000)
+    const idleBase = (await server.call<number>('cpu') - cpuBase0) / BASE_IDLE * 100
     const before = (await server.call<{ rss: number }>('memory')).rss
+    if (snapshots !== '') await server.call('heapSnapshot', `${snapshots}/${system}-before.heapsnapshot`, 120_000)
     const base = nowMs()
     const loadOpen = loadavg()
     const started = nowMs()
@@ -129,7 +154,8 @@ async function main (): Promise<void> {
     const n = opened.reduce((s, o) => s + o.opened, 0)
     const after = (await server.call<{ rss: number }>('memory')).rss
     const perSocket = (after - before) / n / 1024
-    if (system === 'ws') wsPerSocket = perSocket
+    perSocketOf.set(system, perSocket)
+    if (snapshots !== '') await server.call('heapSnapshot', `${snapshots}/${system}-after.heapsnapshot`, 120_000)
     await sleep(2000)
     const loadIdle = loadavg()
     const cpu0 = await server.call<number>('cpu')
@@ -138,7 +164,7 @@ async function main (): Promise<void> {
     let delivered = '-'
     let latency = '-'
     let loadLoad = '-'
-    if (system !== 'ws') {
+    if (!bare) {
       loadLoad = loadavg()
       await Promise.all(clients.map(async c => await c.call('record', true)))
       // RATE reports per second, in slices every 10 ms, over the jobs in turn; each carries its send time.
@@ -163,13 +189,17 @@ async function main (): Promise<void> {
     }
     await Promise.all(clients.map(async c => await c.call('close')))
     await server.stop()
-    rows.push(`| ${system} | ${n} (${opened.reduce((s, o) => s + o.failed, 0)} failed) | ${(openMs / 1000).toFixed(1)} s | ${perSocket.toFixed(2)} KiB | %RATIO% | ${idle.toFixed(2)} | ${(idle * 100_000 / n).toFixed(1)} % | ${delivered} | ${latency} | ${loadOpen}, ${loadIdle}, ${loadLoad} |`)
-    process.stderr.write(`${rows[rows.length - 1].replace('%RATIO%', '-')}\n`)
+    const projected = idleBase + Math.max(0, idle - idleBase) * 100_000 / n
+    projectedOf.set(system, projected)
+    rows.push({ system, text: `| ${system} | ${n} (${opened.reduce((s, o) => s + o.failed, 0)} failed) | ${(openMs / 1000).toFixed(1)} s | ${perSocket.toFixed(2)} KiB | %MEMORY% | ${idle.toFixed(2)} (${idleBase.toFixed(2)} without sockets) | ${projected.toFixed(1)} % | %CPU% | ${delivered} | ${latency} | ${loadOpen}, ${loadIdle}, ${loadLoad} |` })
+    process.stderr.write(`${rows[rows.length - 1].text.replace('%MEMORY%', '-').replace('%CPU%', '-')}\n`)
     await sleep(2000)
   }
-  for (const row of rows) {
-    const per = Number(/\| ([\d.]+) KiB/.exec(row)?.[1])
-    process.stdout.write(`${row.replace('%RATIO%', `${(per / wsPerSocket).toFixed(2)} x`)}\n`)
+  const ratio = (a: number | undefined, b: number | undefined): string => a === undefined || b === undefined ? '-' : `${(a / b).toFixed(2)} x`
+  for (const { system, text } of rows) {
+    const per = perSocketOf.get(system)
+    const memory = `${ratio(per, perSocketOf.get('ws'))} (${ratio(per, perSocketOf.get('ws+ping'))})`
+    process.stdout.write(`${text.replace('%MEMORY%', memory).replace('%CPU%', ratio(projectedOf.get(system), projectedOf.get('ws+ping')))}\n`)
   }
   await Promise.all(clients.map(async c => await c.stop()))
   await queue.close()
