@@ -32,6 +32,21 @@ export class Connections {
   /** Every connection of the server, with its requests still being answered (an upgraded one counts as busy for ever). */
   readonly #all = new Map<Socket, number>()
   #timer: NodeJS.Timeout | null = null
+  /**
+   * The one `close` listener of every connection followed here (`this` is the socket), instead of
+   * a closure and a once-wrapper per socket and per map: an open WebSocket would keep them for its
+   * whole life (about 600 bytes a socket).
+   */
+  readonly #forget: (this: Socket) => void
+
+  constructor () {
+    const all = this.#all
+    const open = this.#open
+    this.#forget = function (this: Socket): void {
+      all.delete(this)
+      open.delete(this)
+    }
+  }
 
   /**
    * Follows every connection of `server`, to tell at the grace which serve no request. Only for
@@ -44,7 +59,7 @@ export class Connections {
     const http = server as HttpServer
     http.on(event, (socket: Socket) => {
       this.#all.set(socket, 0)
-      socket.once('close', () => this.#all.delete(socket))
+      socket.on('close', this.#forget)
     })
     http.on('request', (request: IncomingMessage, response: ServerResponse) => {
       const socket = request.socket
@@ -76,16 +91,11 @@ export class Connections {
     const socket = request.raw.socket as Socket | null
     if (socket !== null && !socket.destroyed && !this.#open.has(socket)) {
       this.#open.add(socket)
-      const forget = (): void => { this.#open.delete(socket) }
-      socket.once('close', forget)
+      // A connection the server's own listener does not follow (HTTPS) gets the listener here, once.
+      if (!this.#all.has(socket) && !socket.listeners('close').includes(this.#forget)) socket.on('close', this.#forget)
       // A socket upgraded to a WebSocket counts until it closes; a kept-alive HTTP connection
       // only until this answer is done (it may serve the app's own routes next).
-      if (request.raw.headers.upgrade === undefined) {
-        reply.raw.once('close', () => {
-          socket.off('close', forget)
-          forget()
-        })
-      }
+      if (request.raw.headers.upgrade === undefined) reply.raw.once('close', () => { this.#open.delete(socket) })
     }
     done()
   }
