@@ -10,7 +10,7 @@
  *
  * Per system and round: the time from the storm's start until every subscription had its first
  * message (a `job_update` on the plugin, the acknowledgement on Socket.IO), the per-subscription
- * p50/p99 from the storm's start and from the subscribe's send, the RSS of each instance after
+ * p50/p99 from the storm's start and from the subscribe's send, the RSS of each instance before and after
  * the storm (sockets still open, after a full GC), Redis commands per subscription, and the load
  * average of the machine before the round, the CPU the instances and Redis spent on it. With
  * `--profile`, a CPU profile of instance 0 of each system per measured storm (summarise it with
@@ -142,8 +142,9 @@ async function main (): Promise<void> {
   await Promise.all(clients.map(async c => await c.ready))
 
   /** One storm: returns the merged latencies, the instances' RSS after it, and Redis commands per subscription. */
-  const storm = async (system: System, jobs: string[], sockets: number): Promise<{ all: number, fromStart: ReturnType<typeof percentiles>, fromSend: ReturnType<typeof percentiles>, missing: number, rss: number[], commands: number, byCommand: string, load: string, cpu: number, redisCpu: number }> => {
+  const storm = async (system: System, jobs: string[], sockets: number): Promise<{ all: number, fromStart: ReturnType<typeof percentiles>, fromSend: ReturnType<typeof percentiles>, missing: number, rssBefore: number[], rss: number[], commands: number, byCommand: string, load: string, cpu: number, redisCpu: number }> => {
     const load = loadavg()
+    const rssBefore = await Promise.all((servers[system] as Child[]).map(async s => (await s.call<{ rss: number }>('memory')).rss / 2 ** 20))
     const perSocket = Array.from({ length: sockets }, (_, s) => jobs.slice(s * PER_SOCKET, (s + 1) * PER_SOCKET))
     const before = await redis.snapshot()
     const cpuBefore = await Promise.all((servers[system] as Child[]).map(async s => await s.call<number>('cpu')))
@@ -168,7 +169,7 @@ async function main (): Promise<void> {
     const byCommand = Object.entries(d.byCommand).sort((a, b) => b[1] - a[1]).slice(0, 6).map(([k, v]) => `${k} ${(v / n).toFixed(3)}`).join(', ')
     for (const r of results) if (r.closed.length > 0) process.stderr.write(`${system}: sockets closed early: ${r.closed.join('; ')}\n`)
     const fromStart = percentiles(results.map(r => r.fromStart))
-    return { all: fromStart.max, fromStart, fromSend: percentiles(results.map(r => r.fromSend)), missing: results.reduce((s, r) => s + r.missing, 0), rss, commands: d.commands / n, byCommand, load, cpu, redisCpu: d.cpu }
+    return { all: fromStart.max, fromStart, fromSend: percentiles(results.map(r => r.fromSend)), missing: results.reduce((s, r) => s + r.missing, 0), rssBefore, rss, commands: d.commands / n, byCommand, load, cpu, redisCpu: d.cpu }
   }
 
   // Not measured: each system's code compiles on a small storm first.
@@ -177,13 +178,13 @@ async function main (): Promise<void> {
     await new Promise(resolve => setTimeout(resolve, 1000))
   }
   const jobs = ids.slice(0, SOCKETS * PER_SOCKET)
-  process.stdout.write('\n| round | system | all first messages | p50 / p99 from the start | p50 / p99 from the send | missing | RSS per instance after (MB) | server CPU s (all instances) | Redis CPU s | Redis commands per subscription | load average before |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
+  process.stdout.write('\n| round | system | all first messages | p50 / p99 from the start | p50 / p99 from the send | missing | RSS per instance before / after (MB) | server CPU s (all instances) | Redis CPU s | Redis commands per subscription | load average before |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
   for (let round = 0; round < ROUNDS; round++) {
     const order = systems.map((_, i) => systems[(i + round) % systems.length])
     for (const system of order) {
       const r = await storm(system, jobs, SOCKETS)
       const s = (ms: number): string => (ms / 1000).toFixed(2)
-      process.stdout.write(`| ${round + 1} | ${system} | ${s(r.all)} s | ${s(r.fromStart.p50)} / ${s(r.fromStart.p99)} s | ${s(r.fromSend.p50)} / ${s(r.fromSend.p99)} s | ${r.missing} | ${r.rss.map(x => x.toFixed(0)).join(', ')} | ${r.cpu.toFixed(2)} | ${r.redisCpu.toFixed(2)} | ${r.commands.toFixed(3)} (${r.byCommand}) | ${r.load} |\n`)
+      process.stdout.write(`| ${round + 1} | ${system} | ${s(r.all)} s | ${s(r.fromStart.p50)} / ${s(r.fromStart.p99)} s | ${s(r.fromSend.p50)} / ${s(r.fromSend.p99)} s | ${r.missing} | ${r.rssBefore.map(x => x.toFixed(0)).join(', ')} / ${r.rss.map(x => x.toFixed(0)).join(', ')} | ${r.cpu.toFixed(2)} | ${r.redisCpu.toFixed(2)} | ${r.commands.toFixed(3)} (${r.byCommand}) | ${r.load} |\n`)
       // Unsubscribes and closes settle before the next system's turn.
       await new Promise(resolve => setTimeout(resolve, 3000))
     }

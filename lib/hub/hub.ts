@@ -115,23 +115,47 @@ export class Hub {
    * before it attaches anything.
    */
   async open (target: SnapshotTarget, expectedOwner?: string | null): Promise<OpenedJob | null> {
+    return (await this.openAny([target], expectedOwner))?.opened ?? null
+  }
+
+  /**
+   * Opens a job that may be in any of `targets` (a bare job id on several kinds) as one entry of
+   * the turn's batch: each channel SUBSCRIBEd, then each place read, in the same two round trips
+   * as one target. The first place found is kept and the others let go at once. Null when it is
+   * in none of them; throws the first failure when none was found and a read failed.
+   */
+  async openAny (targets: SnapshotTarget[], expectedOwner?: string | null): Promise<{ index: number, opened: OpenedJob } | null> {
     if (this.#watches.closed) throw new Error('closed')
     // An expected owner of null is nobody: the script refuses an empty owner like any other.
     const owner = expectedOwner === null ? '' : expectedOwner
-    const watch = this.#watches.acquire(target)
-    let snapshot: Snapshot | null | Error
+    const watches = new Array<Watch>(targets.length)
+    for (let i = 0; i < targets.length; i++) watches[i] = this.#watches.acquire(targets[i])
+    let reads: Array<Snapshot | null | Error>
     try {
-      snapshot = await this.#watches.read(watch, owner)
+      reads = await this.#watches.read(watches, owner)
     } catch (err) {
-      snapshot = err instanceof Error ? err : new Error(String(err))
+      const error = err instanceof Error ? err : new Error(String(err))
+      reads = watches.map(() => error)
     }
-    if (snapshot === null || snapshot instanceof Error) {
-      this.#watches.release(watch)
-      if (snapshot === null) return null
-      throw snapshot
+    let index = -1
+    let failed: Error | null = null
+    for (let i = 0; i < watches.length; i++) {
+      const read = reads[i]
+      if (index < 0 && read !== null && !(read instanceof Error)) {
+        index = i
+        continue
+      }
+      if (read instanceof Error) failed ??= read
+      this.#watches.release(watches[i])
     }
+    if (index < 0) {
+      if (failed !== null) throw failed
+      return null
+    }
+    const watch = watches[index]
+    const snapshot = reads[index] as Snapshot
     this.#first(watch, snapshot)
-    return new Opened(watch, snapshot, this.#watches)
+    return { index, opened: new Opened(watch, snapshot, this.#watches) }
   }
 
   /** Applies an opener's read; the first one also applies what arrived while it was in flight. */

@@ -41,42 +41,53 @@ export class Watches implements WatchedJobs {
   readonly #map = new Map<string, Watch>()
   #closed = false
   /**
-   * Opens of one turn of the event loop: one SUBSCRIBE for their channels, confirmed, then one
-   * pipelined read (each job's owner checked first, in the same script as its snapshot). A
-   * channel watched here already is subscribed again with the rest (Redis takes it as a no-op),
-   * so a job watched here costs what any other costs, and answers no sooner.
+   * Opens of one turn of the event loop, each the watches of the places one job may be: one
+   * SUBSCRIBE for their channels, confirmed, then one pipelined read (each job's owner checked
+   * first, in the same script as its snapshot). A channel watched here already is subscribed
+   * again with the rest (Redis takes it as a no-op), so a job watched here costs what any other
+   * costs, and answers no sooner.
    */
-  readonly #opens = new Batcher<Watch, string | undefined, Snapshot | null | Error>(async (watches, owners) => {
+  readonly #opens = new Batcher<Watch[], string | undefined, Array<Snapshot | null | Error>>(async (opens, owners) => {
     const broker = this.#opts.broker
     const t = this.#opts.telemetry
     // Ride out a reconnect in progress (ioredis retries every 2 s at most), but do not queue a
     // SUBSCRIBE behind an outage the client would wait on for ever.
     if (!await broker.ready(SUBSCRIBER_WAIT_MS)) throw new QueueUnavailableError()
-    const channels = new Set<string>()
-    for (const watch of watches) channels.add(watch.channel)
-    await broker.subscribe([...channels])
-    t.count('redisCommands', { op: 'subscribe' })
     // One read per job and expected owner: many sockets opening one job in one turn (tabs on a
-    // finished job) share it, instead of one script reading its result once per socket.
-    const at = new Map<string, number>()
+    // finished job) share it, instead of one script reading its result once per socket. The
+    // first read of a watch is kept by the watch itself; one asked with another owner is not shared.
+    const at = new Map<Watch, number>()
+    const channels: string[] = []
     const which: number[] = []
     const targets: SnapshotTarget[] = []
     const expected: Array<string | undefined> = []
-    for (let i = 0; i < watches.length; i++) {
-      const key = owners[i] === undefined ? watches[i].channel : `${watches[i].channel}\u0000${owners[i] as string}`
-      let k = at.get(key)
-      if (k === undefined) {
-        k = targets.length
-        at.set(key, k)
-        targets.push(watches[i].target)
-        expected.push(owners[i])
+    for (let i = 0; i < opens.length; i++) {
+      const owner = owners[i]
+      for (const watch of opens[i]) {
+        let k = at.get(watch)
+        if (k === undefined || expected[k] !== owner) {
+          if (k === undefined) channels.push(watch.channel)
+          k = targets.length
+          at.set(watch, k)
+          targets.push(watch.target)
+          expected.push(owner)
+        }
+        which.push(k)
       }
-      which.push(k)
     }
+    await broker.subscribe(channels)
+    t.count('redisCommands', { op: 'subscribe' })
     t.count('snapshotReads', { reason: 'open' }, targets.length)
     t.count('redisCommands', { op: 'snapshot' }, targets.length)
     const reads = await readOpens(this.#opts.redis, this.#opts.keys, targets, expected)
-    return which.map(k => reads[k])
+    const out = new Array<Array<Snapshot | null | Error>>(opens.length)
+    let n = 0
+    for (let i = 0; i < opens.length; i++) {
+      const got = new Array<Snapshot | null | Error>(opens[i].length)
+      for (let j = 0; j < got.length; j++) got[j] = reads[which[n++]]
+      out[i] = got
+    }
+    return out
   })
 
   constructor (opts: WatchesOptions) {
@@ -119,10 +130,13 @@ export class Watches implements WatchedJobs {
     return watch
   }
 
-  /** Subscribes the watch's channel, then reads its job, batched with the other opens of this turn. */
-  read (watch: Watch, owner: string | undefined): Promise<Snapshot | null | Error> {
+  /**
+   * Subscribes the channels of the places one job may be, then reads it in each, batched with
+   * the other opens of this turn: a read (or its error, or null) per watch, in order.
+   */
+  read (watches: Watch[], owner: string | undefined): Promise<Array<Snapshot | null | Error>> {
     // Handed on as it is: no promise of its own on top of the batch's, one per open in a storm.
-    return this.#opens.add(watch, owner)
+    return this.#opens.add(watches, owner)
   }
 
   /** An open that attached nothing (the job is not there, or the read failed) lets go of its watch. */

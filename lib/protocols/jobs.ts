@@ -1,5 +1,4 @@
 import { percent, type JobEvent } from '../core/event'
-import { detailFields } from '../core/progress-details'
 import type { JobUpdateMessage } from '../wire/messages'
 import { parseLogsRequest } from '../channels/logs/live-logs'
 import { parseStreamsRequest } from '../channels/streams/live-streams'
@@ -18,7 +17,7 @@ const ts = (): number => Math.floor(Date.now() / 1000)
  * the same status more than once, which the seed's clients handle.
  */
 export function jobUpdate (event: JobEvent): JobUpdateMessage {
-  return {
+  const message: JobUpdateMessage = {
     type: 'job_update',
     job_id: event.jobId,
     status: STATUS[event.state],
@@ -28,11 +27,15 @@ export function jobUpdate (event: JobEvent): JobUpdateMessage {
     processed: Math.floor(event.processed),
     total: Math.floor(event.total),
     eta_seconds: event.etaSeconds,
-    ts: Math.floor(event.ts / 1000),
-    // Absent rather than undefined: JSON.stringify would drop it anyway, tests compare objects.
-    ...(event.version !== undefined ? { version: event.version } : {}),
-    ...detailFields(event)
+    ts: Math.floor(event.ts / 1000)
   }
+  // Absent rather than undefined: JSON.stringify would drop it anyway, tests compare objects.
+  // Set one by one in this order, not spread: one object per state rendered, not four.
+  if (event.version !== undefined) message.version = event.version
+  if (event.stage !== undefined) message.stage = event.stage
+  if (event.message !== undefined) message.message = event.message
+  if (event.data !== undefined) message.data = event.data
+  return message
 }
 
 const USAGE = 'send {"action": "subscribe" | "unsubscribe", "job_id": "<uuid>"} (subscribe takes "logs": true | {"from": <offset>} and "streams": {"<name>": <offset>}), {"action": "subscribe_mine" | "unsubscribe_mine"} or {"action": "ping"}'
@@ -53,6 +56,7 @@ function parseJobsAction (text: string): ClientAction {
       if (asked === null) return { type: 'invalid', message: 'logs must be true or {"from": <offset, an integer from 0>}' }
       const named = parseStreamsRequest(streams)
       if (named === null) return { type: 'invalid', message: 'streams must be {"<name>": <offset, an integer from 0>}, at most 16 names' }
+      if (asked === undefined && named === undefined) return { type: action, jobId }
       return { type: action, jobId, ...(asked !== undefined ? { logs: asked } : {}), ...(named !== undefined ? { streams: named } : {}) }
     }
     case 'subscribe_mine':

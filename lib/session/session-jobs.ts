@@ -1,7 +1,7 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import { allowed, ownerOnly, type CanAccess, type Identity } from '../core/access'
 import { isFinal, type JobEvent } from '../core/event'
-import type { Hub, OpenedJob, Sink } from '../hub/hub'
+import type { Hub, Sink } from '../hub/hub'
 import { isJobId } from '../core/keys'
 import type { Outbox } from './outbox'
 import type { ProtocolDefinition, ServerMessage } from '../protocols/types'
@@ -14,6 +14,9 @@ import type { StreamsRequest } from '../channels/streams/live-streams'
 import { StreamFeeds, type StreamsContext } from './stream-feed'
 import { logBytes, renderOnce, serialize } from './render'
 import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
+
+/** Where a job may be (one target per kind it may be of) and the owner it must have. */
+interface Located { targets: SnapshotTarget[], expected: string }
 
 /** What an open that attaches nothing hands back when it lets go. */
 const NO_SINK: Sink = { deliver () {} }
@@ -135,24 +138,31 @@ export class SessionJobs implements Deliveries {
   /**
    * Where the job may be and whose it must be for the hub to open it, or null (not found). A job
    * of somebody else and one that does not exist cost the same Redis commands. With the default
-   * policy, nothing is read here: every kind the job may be of is opened at once (the hub's read
-   * checks the owner before it reads the job), so a bare job id on several kinds costs the
-   * SUBSCRIBE and the batched read of any open, not a lookup before them. With a policy of the
-   * application's, one round trip first: each kind's owner read alone, the kind found where the
-   * policy lets the requester in.
+   * policy, nothing is read here (and nothing awaited): every kind the job may be of is opened at
+   * once (the hub's read checks the owner before it reads the job), so a bare job id on several
+   * kinds costs the SUBSCRIBE and the batched read of any open, not a lookup before them. With a
+   * policy of the application's, one round trip first: each kind's owner read alone, the kind
+   * found where the policy lets the requester in.
    */
-  async #locate (jobId: string, kind: string | undefined, requester: string): Promise<{ targets: SnapshotTarget[], expected: string } | null> {
+  #locate (jobId: string, kind: string | undefined, requester: string): Located | null | Promise<Located | null> {
     const identity = this.#c.identity
     const token = identity?.via === 'token'
     // A watch token grants its one job and nothing else, whatever the job.
     if (token && (identity?.job === null || identity?.job === undefined || (kind !== undefined && identity.job.kind !== kind) || identity.job.jobId !== jobId)) return null
     const named = kind ?? (token ? identity?.job?.kind : undefined)
-    const candidates = named === undefined ? this.#ctx.kinds : [{ kind: named, queue: this.#ctx.queueOf(named) }]
-    const served = candidates.filter((c): c is { kind: string, queue: string } => c.queue !== undefined)
-    if (served.length === 0) return null
-    const targets = served.map(c => ({ kind: c.kind, queue: c.queue, jobId }))
-    const policy = !token && this.#ctx.canAccess !== ownerOnly
-    if (!policy) return { targets, expected: requester }
+    const targets: SnapshotTarget[] = []
+    if (named === undefined) {
+      for (const c of this.#ctx.kinds) targets.push({ kind: c.kind, queue: c.queue, jobId })
+    } else {
+      const queue = this.#ctx.queueOf(named)
+      if (queue !== undefined) targets.push({ kind: named, queue, jobId })
+    }
+    if (targets.length === 0) return null
+    if (token || this.#ctx.canAccess === ownerOnly) return { targets, expected: requester }
+    return this.#byPolicy(targets, jobId, requester)
+  }
+
+  async #byPolicy (targets: SnapshotTarget[], jobId: string, requester: string): Promise<Located | null> {
     const owners = await this.#ctx.ownersOf(targets)
     for (const owner of owners) if (owner instanceof Error) throw owner
     const i = owners.findIndex(o => typeof o === 'string')
@@ -162,38 +172,17 @@ export class SessionJobs implements Deliveries {
     return { targets: [targets[i]], expected: owner }
   }
 
-  /**
-   * Opens the job in each place it may be, side by side (one batch of the hub's): the first one
-   * found is kept, the others let go. Null when it is in none of them (or not the caller's).
-   */
-  async #openAny (targets: SnapshotTarget[], expected: string): Promise<{ target: SnapshotTarget, opened: OpenedJob } | null> {
-    const hub = this.#ctx.hub
-    if (targets.length === 1) {
-      const opened = await hub.open(targets[0], expected)
-      return opened === null ? null : { target: targets[0], opened }
-    }
-    const tried = await Promise.allSettled(targets.map(async target => await hub.open(target, expected)))
-    let found: { target: SnapshotTarget, opened: OpenedJob } | null = null
-    let failed: unknown = null
-    tried.forEach((r, i) => {
-      if (r.status === 'rejected') failed ??= r.reason
-      else if (r.value !== null) {
-        if (found === null) found = { target: targets[i], opened: r.value }
-        else r.value.detach(NO_SINK)
-      }
-    })
-    if (found === null && failed !== null) throw failed
-    return found
-  }
-
   async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     const requester = this.#c.owner
     if (requester === null) return this.#notFound(jobId)
-    const located = await this.#locate(jobId, kind, requester)
+    const locating = this.#locate(jobId, kind, requester)
+    const located = locating instanceof Promise ? await locating : locating
     if (located === null) return this.#notFound(jobId)
-    const found = await this.#openAny(located.targets, located.expected)
+    // Every place it may be, as one entry of the hub's batch: the first one found is kept.
+    const found = await this.#ctx.hub.openAny(located.targets, located.expected)
     if (found === null) return this.#notFound(jobId)
-    const { target, opened } = found
+    const target = located.targets[found.index]
+    const opened = found.opened
     if (!this.#c.serving) {
       opened.detach(NO_SINK)
       return
