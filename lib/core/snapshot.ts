@@ -2,6 +2,7 @@ import type { Cluster, Redis } from 'ioredis'
 import { eta, parseProgress, type JobEvent, type JobState } from './event'
 import { progressDetails } from './progress-details'
 import { OWNER_FIELD, type Keys } from './keys'
+import { OWNER_SCRIPT, SNAPSHOT_SCRIPT } from './snapshot-scripts'
 import { formatVersion, NO_ENTRY } from '../wire/version'
 import { isCluster } from './redis-client'
 import { slotOf } from './slot'
@@ -30,87 +31,6 @@ export type Commands = Redis | Cluster
 
 /** Most jobs one snapshot script reads: Redis runs nothing else meanwhile (about 1 ms for 100). */
 const JOBS_PER_SCRIPT = 100
-
-/**
- * One script reads up to {@link JOBS_PER_SCRIPT} jobs of one queue, so each job, where it sits and
- * the stream's last entry id are read at one instant: a relayed event is then newer than the
- * snapshot exactly when its entry id is larger. Every read is O(1) (or O(log N) for the stream's
- * tail): ZSCORE on the sorted sets and EXISTS on the lock, never BullMQ's LPOS over the active or
- * waiting lists, whose cost grows with the queue. One command for many jobs: a storm of
- * subscriptions costs the instance one command to encode and one reply to decode per hundred.
- *
- * KEYS: the queue's completed, failed, delayed, prioritized, waiting-children and events keys,
- * then for each job its hash, its lock and its cancellation mark. ARGV: '1' to read `data`, then
- * for each job its id and the owner expected after a '=' (or '' to read it whoever owns it); after
- * a '?' instead, a job of somebody else answers its owner alone (for an access policy to decide).
- *
- * Each job's owner is read first, alone from its own field; only jobs written before that field
- * existed pay for decoding their data. When owners are checked, a job of somebody else and one
- * that does not exist stop right there, after the same reads as {@link OWNER_SCRIPT}'s, and both
- * answer nil: nothing of the job leaves Redis, and its data is read only once the check passed.
- */
-const SNAPSHOT_SCRIPT = `
-local last = nil
-local out = {}
-local n = (#KEYS - 6) / 3
-for i = 0, n - 1 do
-  local job = KEYS[7 + 3 * i]
-  local o = redis.call('HMGET', job, '${OWNER_FIELD}', 'timestamp')
-  local cancel = redis.call('GET', KEYS[9 + 3 * i])
-  local owner = o[1]
-  local data = false
-  if not owner and o[2] then
-    data = redis.call('HGET', job, 'data')
-    local ok, decoded = pcall(cjson.decode, data or '')
-    if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then owner = decoded.owner end
-  end
-  if not owner then owner = cancel end
-  local want = ARGV[3 + 2 * i]
-  if want ~= '' and (not owner or owner == '' or string.sub(want, 2) ~= owner) then
-    if string.sub(want, 1, 1) == '?' and owner and owner ~= '' then out[i + 1] = owner else out[i + 1] = false end
-  else
-    if ARGV[1] == '1' and not data then data = redis.call('HGET', job, 'data') end
-    local id = ARGV[2 + 2 * i]
-    local h = redis.call('HMGET', job, 'progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm')
-    local where = ''
-    -- BullMQ writes finishedOn in the script that adds a job to completed or failed, and
-    -- processedOn in the one that takes its lock: without them neither set nor the lock is asked.
-    if h[4] and redis.call('ZSCORE', KEYS[1], id) then where = 'completed'
-    elseif h[4] and redis.call('ZSCORE', KEYS[2], id) then where = 'failed'
-    elseif h[5] and redis.call('EXISTS', KEYS[8 + 3 * i]) == 1 then where = 'active'
-    elseif redis.call('ZSCORE', KEYS[3], id) then where = 'delayed'
-    elseif redis.call('ZSCORE', KEYS[4], id) then where = 'prioritized'
-    elseif redis.call('ZSCORE', KEYS[5], id) then where = 'waiting-children'
-    end
-    if not last then
-      local tail = redis.call('XREVRANGE', KEYS[6], '+', '-', 'COUNT', 1)
-      last = '0-0'
-      if tail[1] then last = tail[1][1] end
-    end
-    if ARGV[1] ~= '1' then data = false end
-    -- A cancelled job's hash is gone: the attempt it was cancelled in is kept beside the mark.
-    local cancelled = false
-    if cancel then cancelled = redis.call('GET', KEYS[9 + 3 * i] .. ':attempt') end
-    out[i + 1] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], o[2], where, cancel, last, owner, data, cancelled}
-  end
-end
-return out
-`
-
-/**
- * The owner alone, in one small read, before any other work for a job: a job of somebody else
- * and a job that does not exist then cost the same, so timing tells nothing about job ids.
- */
-const OWNER_SCRIPT = `
-local h = redis.call('HMGET', KEYS[1], '${OWNER_FIELD}', 'timestamp')
-local mark = redis.call('GET', KEYS[2])
-if h[1] then return h[1] end
-if h[2] then
-  local ok, decoded = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'data') or '')
-  if ok and type(decoded) == 'table' and type(decoded.owner) == 'string' then return decoded.owner end
-end
-return mark
-`
 
 interface Scripted {
   jpSnapshots: (...args: Array<string | number>) => Promise<unknown[]>
@@ -206,11 +126,11 @@ async function readJobs (redis: Commands, keys: Keys, targets: SnapshotTarget[],
   }
   const argsOf = (call: number[]): Array<string | number> => {
     const queue = targets[call[0]].queue
-    const args: Array<string | number> = [6 + 3 * call.length,
+    const [prefix, lockSuffix, cancelSuffix] = jobKeyParts(keys, queue)
+    const args: Array<string | number> = [6,
       keys.queueKey(queue, 'completed'), keys.queueKey(queue, 'failed'), keys.queueKey(queue, 'delayed'),
-      keys.queueKey(queue, 'prioritized'), keys.queueKey(queue, 'waiting-children'), keys.queueKey(queue, 'events')]
-    for (const i of call) args.push(keys.job(queue, targets[i].jobId), keys.lock(queue, targets[i].jobId), keys.cancel(queue, targets[i].jobId))
-    args.push(withData ? '1' : '0')
+      keys.queueKey(queue, 'prioritized'), keys.queueKey(queue, 'waiting-children'), keys.queueKey(queue, 'events'),
+      withData ? '1' : '0', prefix, lockSuffix, cancelSuffix]
     for (const i of call) args.push(targets[i].jobId, owners?.[i] ?? '')
     return args
   }
@@ -226,18 +146,52 @@ async function readJobs (redis: Commands, keys: Keys, targets: SnapshotTarget[],
   }
   const out: Array<Snapshot | string | null | Error> = new Array(targets.length)
   calls.forEach((call, c) => {
-    const reply = replies[c]
+    let reply = replies[c]
+    if (!(reply instanceof Error)) {
+      try {
+        reply = JSON.parse(reply as string)
+      } catch (err) {
+        reply = err as Error
+      }
+    }
     call.forEach((i, j) => {
       if (reply instanceof Error) out[i] = reply
       else {
-        const row = (reply as Array<Reply | string | null>)[j]
+        const row = (reply as Array<Array<string | false> | string | false>)[j]
         // A string: the owner alone of somebody else's job ('?').
-        out[i] = row === null || row === undefined ? null : typeof row === 'string' ? row : toSnapshot(targets[i], row, withData, now)
+        out[i] = row === false || row === null || row === undefined ? null : typeof row === 'string' ? row : toSnapshot(targets[i], nils(row), withData, now)
       }
     })
   })
   return out
 }
+
+/** A row of the script's JSON reply with Redis's nil (false there) as null. */
+function nils (row: Array<string | false>): Reply {
+  const out: Reply = new Array(row.length)
+  for (let k = 0; k < row.length; k++) out[k] = row[k] === false ? null : row[k] as string
+  return out
+}
+
+/**
+ * A job's hash key of `queue` without the id, then the suffixes of its lock and its cancellation
+ * mark, as {@link Keys} makes them (checked on a sample id, so the two cannot disagree).
+ */
+function jobKeyParts (keys: Keys, queue: string): [string, string, string] {
+  const cached = keyParts.get(keys)?.get(queue)
+  if (cached !== undefined) return cached
+  const probe = '00000000-0000-4000-8000-000000000000'
+  const job = keys.job(queue, probe)
+  const lock = keys.lock(queue, probe)
+  const cancel = keys.cancel(queue, probe)
+  if (!job.endsWith(probe) || !lock.startsWith(job) || !cancel.startsWith(job)) throw new Error('job keys must be the job hash key followed by a suffix')
+  const parts: [string, string, string] = [job.slice(0, -probe.length), lock.slice(job.length), cancel.slice(job.length)]
+  let byQueue = keyParts.get(keys)
+  if (byQueue === undefined) keyParts.set(keys, byQueue = new Map())
+  byQueue.set(queue, parts)
+  return parts
+}
+const keyParts = new WeakMap<Keys, Map<string, [string, string, string]>>()
 
 type Pipe = Scripted & { exec: () => Promise<Array<[Error | null, unknown]> | null> }
 
