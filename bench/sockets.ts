@@ -17,11 +17,13 @@
  * figure says the load average of the machine when it was taken.
  *
  *   npx tsx bench/sockets.ts [--sockets 19500] [--clients 4] [--addresses 4] [--idle 60] [--rate 10000] [--load 10]
- *     [--systems plugin,ws,ws+ping] [--snapshots <dir>]
+ *     [--systems plugin,ws,ws+ping] [--snapshots <dir>] [--profile <dir>]
  *
  * `BENCH_CANDIDATE=<path to a copy of lib/index.ts>` adds that copy as another system.
  * `--snapshots <dir>` writes each server's heap snapshot before and after its sockets opened
  * (`<system>-before.heapsnapshot`, `-after`), for bench/heap-diff.ts.
+ * `--profile <dir>` records each server's CPU profile over the idle sockets and over the load
+ * (`<system>-idle.cpuprofile`, `-load`), for bench/profile.ts.
  */
 import { Queue, type Job } from 'bullmq'
 import { randomUUID } from 'node:crypto'
@@ -129,6 +131,7 @@ async function main (): Promise<void> {
   const systems = (['plugin', ...(candidate === undefined ? [] : ['candidate']), 'ws', 'ws+ping'] as System[])
     .filter(s => only.length === 0 || only.includes(s))
   const snapshots = arg('snapshots', '')
+  const profile = arg('profile', '')
   process.stdout.write('| system | opened | open time | RSS per socket | vs ws (vs ws+ping) | idle CPU, % of a core | projected at 100,000 | vs ws+ping | delivered msgs/s (asked) | p50 / p99 | load average (open, idle, load) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
   const perSocketOf = new Map<System, number>()
   const projectedOf = new Map<System, number>()
@@ -158,15 +161,18 @@ async function main (): Promise<void> {
     if (snapshots !== '') await server.call('heapSnapshot', `${snapshots}/${system}-after.heapsnapshot`, 120_000)
     await sleep(2000)
     const loadIdle = loadavg()
+    if (profile !== '') await server.call('profileStart')
     const cpu0 = await server.call<number>('cpu')
     await sleep(IDLE * 1000)
     const idle = (await server.call<number>('cpu') - cpu0) / IDLE * 100
+    if (profile !== '') await server.call('profileStop', `${profile}/${system}-idle.cpuprofile`)
     let delivered = '-'
     let latency = '-'
     let loadLoad = '-'
     if (!bare) {
       loadLoad = loadavg()
       await Promise.all(clients.map(async c => await c.call('record', true)))
+      if (profile !== '') await server.call('profileStart')
       // RATE reports per second, in slices every 10 ms, over the jobs in turn; each carries its send time.
       const perSlice = RATE / 100
       let next = 0
@@ -182,6 +188,7 @@ async function main (): Promise<void> {
         await sleep(Math.max(0, 10 - (nowMs() - slice)))
       }
       await sleep(2000)
+      if (profile !== '') await server.call('profileStop', `${profile}/${system}-load.cpuprofile`)
       const got = await Promise.all(clients.map(async c => await c.call<Float64Array>('record', false)))
       const p = percentiles(got)
       delivered = `${(p.n / LOAD).toFixed(0)} (${(sent / LOAD).toFixed(0)})`
