@@ -13,6 +13,8 @@ const size = (data: OutboxData): number => typeof data === 'string' ? Buffer.byt
 /** Who is told when the client counts as not reading: an object with a method (a session passes itself, not a closure made for it). */
 export interface OutboxOwner {
   overflowed: () => void
+  /** A send is in flight again after none was: until it is flushed, the client may be stalled. */
+  sending?: () => void
 }
 
 export interface OutboxOptions {
@@ -128,7 +130,10 @@ export class Outbox {
   }
 
   #write (data: OutboxData): void {
-    if (this.#inFlight++ === 0) this.#waitingSince = Date.now()
+    if (this.#inFlight++ === 0) {
+      this.#waitingSince = Date.now()
+      this.#owner.sending?.()
+    }
     this.#transport.write(data, this.#flushed)
   }
 

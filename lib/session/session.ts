@@ -1,34 +1,17 @@
 import type { FastifyRequest } from 'fastify'
-import { ownerOnly, type Authenticator, type Identity } from '../core/access'
+import { ownerOnly, type Identity } from '../core/access'
 import { UnauthorizedError } from '../errors'
-import type { ConnectionLimit } from './connection-limit'
 import { Outbox } from './outbox'
 import type { ClientAction, ProtocolDefinition, ServerMessage } from '../protocols/types'
 import { CloseCodes, closeReason, NOT_FOUND_REASON } from '../wire/close-codes'
 import type { Transport, TransportEvents } from './transport'
-import type { LogsRequest } from '../channels/logs/live-logs'
-import type { StreamsRequest } from '../channels/streams/live-streams'
 import { serialize } from './render'
-import { SessionJobs, type JobsConnection, type JobsContext } from './session-jobs'
-import { InboundLimit, type InboundOptions } from './inbound'
-import { mineReceiver, type MineContext } from './mine-feed'
+import { SessionJobs, type JobsConnection } from './session-jobs'
+import { InboundLimit } from './inbound'
+import { mineReceiver } from './mine-feed'
+import type { InitialJob, SessionContext } from './session-context'
 
-/** What every session of one plugin instance shares (what its jobs read is in {@link JobsContext}). */
-export interface SessionContext extends JobsContext {
-  owners: Authenticator
-  sessions: Set<Session>
-  /** Connections per owner, counted across every instance. */
-  connectionLimit: ConnectionLimit
-  maxConnectionsPerOwner: number
-  maxPayload: number
-  firstMessageTimeoutMs: number
-  /** What a connection's own messages may make the server do (`inbound` option). */
-  inbound: InboundOptions
-  mine?: MineContext
-}
-
-/** A job a session starts with (named by the route, not by a client message). */
-export interface InitialJob { kind?: string, jobId: string, logs?: LogsRequest, streams?: StreamsRequest }
+export type { InitialJob, SessionContext }
 
 const RESOLVED = Promise.resolve()
 
@@ -142,6 +125,11 @@ export class Session implements TransportEvents, JobsConnection {
     this.#cleanup()
   }
 
+  /** From the outbox: a send is in flight (the instance checks it for a stall until it flushes). */
+  sending (): void {
+    this.#ctx.sessions.sending(this)
+  }
+
   /** From the outbox: the client left more unread than it may. */
   overflowed (): void {
     this.#ctx.log.info({ owner: this.owner }, 'job-progress: closing a client that left too much unread')
@@ -226,6 +214,7 @@ export class Session implements TransportEvents, JobsConnection {
     if (identity.job === null && this.protocol.perJob === true) return this.close(CloseCodes.forbidden, NOT_FOUND_REASON)
     this.#identity = identity
     this.#ready(identity.owner)
+    if (identity.expiresAt !== undefined) this.#ctx.sessions.expires(this)
     if (this.#wantsMine) await this.#subscribeMine()
     for (const job of jobs) await this.#jobs.subscribe(job.jobId, job.kind, true, job.logs, job.streams)
   }

@@ -4,6 +4,7 @@ import { SESSION_EXPIRED, TOKEN_EXPIRED } from '../core/access'
 import { CloseCodes } from '../wire/close-codes'
 import type { Session } from './session'
 import { serialize } from './render'
+import { BUCKETS, SessionRegistry, type BucketSet } from './session-set'
 
 export interface SessionTimerOptions {
   pingIntervalMs: number
@@ -14,47 +15,11 @@ export interface SessionTimerOptions {
   telemetry?: Telemetry
 }
 
-/** Buckets the sessions are spread over; a sweep's tick visits one or more of them. */
-const BUCKETS = 100
+/** The instance's sessions (see {@link SessionRegistry}). */
+export class SessionSet extends SessionRegistry<Session> {}
+
 /** Shortest tick of a sweep: a short period is cut into fewer slices. */
 const MIN_TICK_MS = 100
-
-/**
- * The instance's sessions, each also kept in one of {@link BUCKETS} buckets (in turn as they
- * open), so that a sweep can visit a bucket per tick without walking the whole set. A session's
- * bucket never changes: it is visited at the same place of every round, once per period, however
- * many sessions come and go. No iterator is held from one tick to the next (a live iterator of a
- * set keeps what was deleted from it reachable until it moves on).
- */
-export class SessionSet extends Set<Session> {
-  readonly #buckets = Array.from({ length: BUCKETS }, () => new Set<Session>())
-  readonly #bucketOf = new WeakMap<Session, Set<Session>>()
-  #next = 0
-
-  override add (session: Session): this {
-    if (!this.has(session)) {
-      const bucket = this.#buckets[this.#next++ % BUCKETS]
-      bucket.add(session)
-      this.#bucketOf.set(session, bucket)
-    }
-    return super.add(session)
-  }
-
-  override delete (session: Session): boolean {
-    this.#bucketOf.get(session)?.delete(session)
-    return super.delete(session)
-  }
-
-  override clear (): void {
-    for (const bucket of this.#buckets) bucket.clear()
-    super.clear()
-  }
-
-  /** The sessions of bucket `i` (0 ≤ i < BUCKETS). */
-  bucket (i: number): ReadonlySet<Session> {
-    return this.#buckets[i]
-  }
-}
 
 /**
  * Visits every session once per `periodMs`, a slice of the buckets per tick, not all of them in
@@ -62,7 +27,7 @@ export class SessionSet extends Set<Session> {
  * socket's messages. Tick `t` of `k` slices visits the buckets `b` with `b % k === t % k`, so each
  * bucket, and each session, comes once per period, at the same place.
  */
-function sweep (sessions: SessionSet, periodMs: number, visit: (session: Session, now: number) => void): NodeJS.Timeout {
+function sweep (sessions: BucketSet<Session>, periodMs: number, visit: (session: Session, now: number) => void): NodeJS.Timeout {
   const slices = Math.max(1, Math.min(BUCKETS, Math.floor(periodMs / MIN_TICK_MS)))
   let tick = 0
   return setInterval(() => {
@@ -75,11 +40,12 @@ function sweep (sessions: SessionSet, periodMs: number, visit: (session: Session
 }
 
 /**
- * The three sweeps over an instance's sessions, whatever their transport: keepalive (WebSocket
+ * The sweeps over an instance's sessions, whatever their transport: keepalive (WebSocket
  * ping/pong ends peers that vanished without a close; SSE writes a comment so proxies keep the
  * stream), the protocols' heartbeats, and, at most a second apart, the cut-off for clients whose
- * sends have not drained in time and the close of connections whose credential expired. One
- * timer each per instance, never one per connection, and each spread over its period (see
+ * sends have not drained in time (over the sessions with a send in flight) and the close of
+ * connections whose credential expired (over those whose credential expires). One timer each per
+ * instance, never one per connection, the sweeps over all sessions spread over their period (see
  * {@link sweep}). Returns the function that stops them.
  */
 export function startSessionTimers (sessions: SessionSet, opts: SessionTimerOptions): () => void {
@@ -109,24 +75,36 @@ export function startSessionTimers (sessions: SessionSet, opts: SessionTimerOpti
     ? (session, now) => { beat(session, now); session.transport.keepalive() }
     : (session) => session.transport.keepalive())
   const heartbeat = together ? null : sweep(sessions, opts.heartbeatIntervalMs, beat)
-  const slow = sweep(sessions, Math.min(1_000, Math.ceil(opts.sendTimeoutMs / 4)), (session, now) => {
+  const checkMs = Math.min(1_000, Math.ceil(opts.sendTimeoutMs / 4))
+  const expiry = sweep(sessions.expiring, checkMs, (session, now) => {
     // A connection lives no longer than the credential it authenticated with (a session's
     // `maxAgeSeconds`, a watch token's expiry); the client's next connection is refused alike.
     const expiresAt = session.identity?.expiresAt
     if (expiresAt !== undefined && expiresAt <= now) {
       session.close(CloseCodes.unauthorized, session.identity?.via === 'token' ? TOKEN_EXPIRED : SESSION_EXPIRED)
-      return
-    }
-    if (session.outbox.stalledFor(now) > opts.sendTimeoutMs) {
-      opts.log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
-      // No close frame: it would wait behind what the client does not read.
-      session.transport.terminate()
-      telemetry.count('slowClientsClosed')
     }
   })
+  // Every tenth of the check period, the sessions that sent since: those flushed since are let
+  // go (a message sent again puts them back), the others are checked until they flush.
+  const stalls = setInterval(() => {
+    const now = Date.now()
+    for (const session of sessions.busy) {
+      const stalled = session.outbox.stalledFor(now)
+      if (stalled === 0) {
+        sessions.busy.delete(session)
+      } else if (stalled > opts.sendTimeoutMs) {
+        sessions.busy.delete(session)
+        opts.log.info({ owner: session.owner }, 'job-progress: closing a client that does not read its messages')
+        // No close frame: it would wait behind what the client does not read.
+        session.transport.terminate()
+        telemetry.count('slowClientsClosed')
+      }
+    }
+  }, checkMs / 10).unref()
   return () => {
     clearInterval(ping)
     if (heartbeat !== null) clearInterval(heartbeat)
-    clearInterval(slow)
+    clearInterval(expiry)
+    clearInterval(stalls)
   }
 }
