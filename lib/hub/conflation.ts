@@ -72,16 +72,24 @@ export class Conflation {
     if (event === null || event === watch.emitted) return
     watch.emitted = event
     watch.lastEmitAt = Date.now()
-    if (watch.sinks.size > 0) this.#t.count('eventsRelayed')
+    const count = watch.sinkCount
+    if (count > 0) this.#t.count('eventsRelayed')
     // A state from a sampled report is written inside its delivery span; any other costs a lookup.
-    const delivery = this.#tracing.delivery(event, watch.target.queue, watch.sinks.size)
+    const delivery = this.#tracing.delivery(event, watch.target.queue, count)
+    const many = watch.many
     if (delivery === null) {
-      for (const sink of watch.sinks) sink.deliver(event)
+      if (many !== null) for (const sink of many) sink.deliver(event)
+      else watch.one?.deliver(event)
       return
     }
     try {
-      for (const sink of watch.sinks) {
-        sink.deliver(event)
+      if (many !== null) {
+        for (const sink of many) {
+          sink.deliver(event)
+          delivery.written()
+        }
+      } else if (watch.one !== null) {
+        watch.one.deliver(event)
         delivery.written()
       }
     } finally {

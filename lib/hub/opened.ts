@@ -48,7 +48,7 @@ export class Opened implements OpenedJob {
     this.#attached = true
     const w = this.#watch
     w.opening--
-    w.sinks.add(sink)
+    w.addSink(sink)
     if (w.last !== null) sink.deliver(w.last)
   }
 
@@ -58,7 +58,7 @@ export class Opened implements OpenedJob {
       this.#attached = true
       w.opening--
     } else {
-      w.sinks.delete(sink)
+      w.deleteSink(sink)
     }
     this.#watches.drop(w)
   }

@@ -12,7 +12,12 @@ export interface Sink {
 export class Watch {
   readonly channel: string
   readonly target: SnapshotTarget
-  readonly sinks = new Set<Sink>()
+  /**
+   * Its sinks: the one held as it is, a set made only for a second (a storm watches thousands of
+   * jobs one socket each; a set each would be most of a watch's memory).
+   */
+  one: Sink | null = null
+  many: Set<Sink> | null = null
   /** Opens in flight: a watch is kept while somebody is still deciding to attach. */
   opening = 0
   startedAt: number | null = null
@@ -32,5 +37,23 @@ export class Watch {
   constructor (channel: string, target: SnapshotTarget) {
     this.channel = channel
     this.target = target
+  }
+
+  get sinkCount (): number {
+    return this.many !== null ? this.many.size : this.one === null ? 0 : 1
+  }
+
+  addSink (sink: Sink): void {
+    if (this.many !== null) this.many.add(sink)
+    else if (this.one === null || this.one === sink) this.one = sink
+    else {
+      this.many = new Set([this.one, sink])
+      this.one = null
+    }
+  }
+
+  deleteSink (sink: Sink): void {
+    if (this.many !== null) this.many.delete(sink)
+    else if (this.one === sink) this.one = null
   }
 }

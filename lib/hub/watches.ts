@@ -147,7 +147,7 @@ export class Watches implements WatchedJobs {
 
   /** Forgets a watch and UNSUBSCRIBEs once no socket holds it or is about to. */
   drop (watch: Watch): void {
-    if (watch.sinks.size > 0 || watch.opening > 0) return
+    if (watch.sinkCount > 0 || watch.opening > 0) return
     if (this.#map.get(watch.channel) !== watch) return
     this.#map.delete(watch.channel)
     this.#opts.onDrop?.(watch)

@@ -97,7 +97,9 @@ export class SessionJobs implements Deliveries {
 
   async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     try {
-      await this.#open(jobId, kind, logs, streams)
+      // Most subscribes answer at once or open one new job: no async step of their own between.
+      const opening = this.#open(jobId, kind, logs, streams)
+      if (opening !== undefined) await opening
     } finally {
       if (counted) this.#pending--
       this.#closeIfDone()
@@ -110,29 +112,34 @@ export class SessionJobs implements Deliveries {
     this.#c.error(`Job not found or access denied: ${id}`, id)
   }
 
-  async #open (jobId: unknown, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
+  #open (jobId: unknown, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> | undefined {
     if (!this.#c.serving) return
-    if (!isJobId(jobId)) return this.#notFound(jobId)
+    if (!isJobId(jobId)) {
+      this.#notFound(jobId)
+      return
+    }
     const existing = this.#subs.get(jobId)
     if (existing !== undefined) {
       const protocol = this.#c.protocol
       this.#c.sendControl(protocol.subscribed?.(jobId))
       const data = existing.last === null ? undefined : serialize(protocol.render(existing.last))
       if (data !== undefined && existing.last !== null) this.#c.outbox.send(data, jobId, isFinal(existing.last.state))
-      // Asked again with logs: they start over from the offset now asked for.
-      if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
-      if (streams !== undefined) await this.#restartStreams(existing, streams)
+      if (logs !== undefined || streams !== undefined) return this.#restart(existing, logs, streams)
       return
     }
     if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) {
-      return this.#c.error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`, jobId)
+      this.#c.error(`Subscription limit reached: at most ${this.#ctx.maxSubscriptionsPerConnection} jobs per connection`, jobId)
+      return
     }
+    // Counted against the limit until #openNew settles (it gives it back itself).
     this.#opening++
-    try {
-      await this.#openNew(jobId, kind, logs, streams)
-    } finally {
-      this.#opening--
-    }
+    return this.#openNew(jobId, kind, logs, streams)
+  }
+
+  /** Asked again with logs or streams: they start over from the offsets now asked for. */
+  async #restart (existing: Subscription, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
+    if (logs !== undefined) await this.#restartLogs(existing, existing.target, logs)
+    if (streams !== undefined) await this.#restartStreams(existing, streams)
   }
 
   /**
@@ -172,44 +179,49 @@ export class SessionJobs implements Deliveries {
     return { targets: [targets[i]], expected: owner }
   }
 
+  /** Opens a job new to this connection, counted in #opening until it settles. */
   async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
-    const requester = this.#c.owner
-    if (requester === null) return this.#notFound(jobId)
-    const locating = this.#locate(jobId, kind, requester)
-    const located = locating instanceof Promise ? await locating : locating
-    if (located === null) return this.#notFound(jobId)
-    // Every place it may be, as one entry of the hub's batch: the first one found is kept.
-    const found = await this.#ctx.hub.openAny(located.targets, located.expected)
-    if (found === null) return this.#notFound(jobId)
-    const target = located.targets[found.index]
-    const opened = found.opened
-    if (!this.#c.serving) {
-      opened.detach(NO_SINK)
-      return
-    }
-    const withLogs = logs !== undefined && await this.#logsAllowed(target)
-    const withStreams = streams !== undefined && await this.#streamsAllowed(target)
-    if (!this.#c.serving) {
-      opened.detach(NO_SINK)
-      return
-    }
-    this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))
-    const sub = new Subscription(opened, target, this)
-    this.#subs.add(sub)
-    // The feed is in place before the current state is delivered: a job that has ended sends
-    // its lines first, then its final state.
-    if (withLogs) this.#feed(sub, target, logs)
-    if (withStreams && streams !== undefined) sub.streams = this.#streamFeeds(target, streams)
-    opened.attach(sub.sink)
-    if (!sub.final && sub.logs !== undefined) {
-      sub.logs.feed.start()
-      // The job's next action waits for the catch-up: a client that subscribes and unsubscribes
-      // in a loop gets one log read at a time, not one per message.
-      await sub.logs.feed.idle()
-    }
-    if (!sub.final && sub.streams !== undefined) {
-      sub.streams.start()
-      await sub.streams.idle()
+    try {
+      const requester = this.#c.owner
+      if (requester === null) return this.#notFound(jobId)
+      const locating = this.#locate(jobId, kind, requester)
+      const located = locating instanceof Promise ? await locating : locating
+      if (located === null) return this.#notFound(jobId)
+      // Every place it may be, as one entry of the hub's batch: the first one found is kept.
+      const found = await this.#ctx.hub.openAny(located.targets, located.expected)
+      if (found === null) return this.#notFound(jobId)
+      const target = located.targets[found.index]
+      const opened = found.opened
+      if (!this.#c.serving) {
+        opened.detach(NO_SINK)
+        return
+      }
+      const withLogs = logs !== undefined && await this.#logsAllowed(target)
+      const withStreams = streams !== undefined && await this.#streamsAllowed(target)
+      if (!this.#c.serving) {
+        opened.detach(NO_SINK)
+        return
+      }
+      this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))
+      const sub = new Subscription(opened, target, this)
+      this.#subs.add(sub)
+      // The feed is in place before the current state is delivered: a job that has ended sends
+      // its lines first, then its final state.
+      if (withLogs) this.#feed(sub, target, logs)
+      if (withStreams && streams !== undefined) sub.streams = this.#streamFeeds(target, streams)
+      opened.attach(sub.sink)
+      if (!sub.final && sub.logs !== undefined) {
+        sub.logs.feed.start()
+        // The job's next action waits for the catch-up: a client that subscribes and unsubscribes
+        // in a loop gets one log read at a time, not one per message.
+        await sub.logs.feed.idle()
+      }
+      if (!sub.final && sub.streams !== undefined) {
+        sub.streams.start()
+        await sub.streams.idle()
+      }
+    } finally {
+      this.#opening--
     }
   }
 
