@@ -10,11 +10,11 @@
  *
  * Per system and round: the time from the storm's start until every subscription had its first
  * message (a `job_update` on the plugin, the acknowledgement on Socket.IO), the per-subscription
- * p50/p99 from the storm's start and from the subscribe's send, the RSS of each instance before and after
- * the storm (sockets still open, after a full GC), Redis commands per subscription, and the load
- * average of the machine before the round, the CPU the instances and Redis spent on it. With
- * `--profile`, a CPU profile of instance 0 of each system per measured storm (summarise it with
- * `npx tsx bench/profile.ts <file>`).
+ * p50/p99 from the storm's start and from the subscribe's send, the RSS of each instance before
+ * and after the storm and its JS heap used after (sockets still open, after a full GC), Redis
+ * commands per subscription, the load average of the machine before the round, the CPU the
+ * instances and Redis spent on it. With `--profile`, a CPU profile of instance 0 of each system
+ * per measured storm (summarise it with `npx tsx bench/profile.ts <file>`).
  *
  *   npx tsx bench/storm.ts [--jobs 100000] [--instances 4] [--sockets 1000] [--per-socket 100] [--kinds 2] [--clients 2] [--rounds 2] [--profile]
  */
@@ -142,7 +142,7 @@ async function main (): Promise<void> {
   await Promise.all(clients.map(async c => await c.ready))
 
   /** One storm: returns the merged latencies, the instances' RSS after it, and Redis commands per subscription. */
-  const storm = async (system: System, jobs: string[], sockets: number): Promise<{ all: number, fromStart: ReturnType<typeof percentiles>, fromSend: ReturnType<typeof percentiles>, missing: number, rssBefore: number[], rss: number[], commands: number, byCommand: string, load: string, cpu: number, redisCpu: number }> => {
+  const storm = async (system: System, jobs: string[], sockets: number): Promise<{ all: number, fromStart: ReturnType<typeof percentiles>, fromSend: ReturnType<typeof percentiles>, missing: number, rssBefore: number[], rss: number[], heap: number[], commands: number, byCommand: string, load: string, cpu: number, redisCpu: number }> => {
     const load = loadavg()
     const rssBefore = await Promise.all((servers[system] as Child[]).map(async s => (await s.call<{ rss: number }>('memory')).rss / 2 ** 20))
     const perSocket = Array.from({ length: sockets }, (_, s) => jobs.slice(s * PER_SOCKET, (s + 1) * PER_SOCKET))
@@ -163,13 +163,15 @@ async function main (): Promise<void> {
       await (servers[system] as Child[])[0].call('profileStop', profile)
       process.stderr.write(`${system}: profile of instance 0 in ${profile}\n`)
     }
-    const rss = await Promise.all((servers[system] as Child[]).map(async s => (await s.call<{ rss: number }>('memory')).rss / 2 ** 20))
+    const after = await Promise.all((servers[system] as Child[]).map(async s => await s.call<{ rss: number, heapUsed: number }>('memory')))
+    const rss = after.map(m => m.rss / 2 ** 20)
+    const heap = after.map(m => m.heapUsed / 2 ** 20)
     await Promise.all(clients.map(async c => await c.call('close')))
     const n = jobs.length
     const byCommand = Object.entries(d.byCommand).sort((a, b) => b[1] - a[1]).slice(0, 6).map(([k, v]) => `${k} ${(v / n).toFixed(3)}`).join(', ')
     for (const r of results) if (r.closed.length > 0) process.stderr.write(`${system}: sockets closed early: ${r.closed.join('; ')}\n`)
     const fromStart = percentiles(results.map(r => r.fromStart))
-    return { all: fromStart.max, fromStart, fromSend: percentiles(results.map(r => r.fromSend)), missing: results.reduce((s, r) => s + r.missing, 0), rssBefore, rss, commands: d.commands / n, byCommand, load, cpu, redisCpu: d.cpu }
+    return { all: fromStart.max, fromStart, fromSend: percentiles(results.map(r => r.fromSend)), missing: results.reduce((s, r) => s + r.missing, 0), rssBefore, rss, heap, commands: d.commands / n, byCommand, load, cpu, redisCpu: d.cpu }
   }
 
   // Not measured: each system's code compiles on a small storm first.
@@ -178,13 +180,13 @@ async function main (): Promise<void> {
     await new Promise(resolve => setTimeout(resolve, 1000))
   }
   const jobs = ids.slice(0, SOCKETS * PER_SOCKET)
-  process.stdout.write('\n| round | system | all first messages | p50 / p99 from the start | p50 / p99 from the send | missing | RSS per instance before / after (MB) | server CPU s (all instances) | Redis CPU s | Redis commands per subscription | load average before |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
+  process.stdout.write('\n| round | system | all first messages | p50 / p99 from the start | p50 / p99 from the send | missing | RSS per instance before / after (MB) | JS heap used after (MB) | server CPU s (all instances) | Redis CPU s | Redis commands per subscription | load average before |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n')
   for (let round = 0; round < ROUNDS; round++) {
     const order = systems.map((_, i) => systems[(i + round) % systems.length])
     for (const system of order) {
       const r = await storm(system, jobs, SOCKETS)
       const s = (ms: number): string => (ms / 1000).toFixed(2)
-      process.stdout.write(`| ${round + 1} | ${system} | ${s(r.all)} s | ${s(r.fromStart.p50)} / ${s(r.fromStart.p99)} s | ${s(r.fromSend.p50)} / ${s(r.fromSend.p99)} s | ${r.missing} | ${r.rssBefore.map(x => x.toFixed(0)).join(', ')} / ${r.rss.map(x => x.toFixed(0)).join(', ')} | ${r.cpu.toFixed(2)} | ${r.redisCpu.toFixed(2)} | ${r.commands.toFixed(3)} (${r.byCommand}) | ${r.load} |\n`)
+      process.stdout.write(`| ${round + 1} | ${system} | ${s(r.all)} s | ${s(r.fromStart.p50)} / ${s(r.fromStart.p99)} s | ${s(r.fromSend.p50)} / ${s(r.fromSend.p99)} s | ${r.missing} | ${r.rssBefore.map(x => x.toFixed(0)).join(', ')} / ${r.rss.map(x => x.toFixed(0)).join(', ')} | ${r.heap.map(x => x.toFixed(0)).join(', ')} | ${r.cpu.toFixed(2)} | ${r.redisCpu.toFixed(2)} | ${r.commands.toFixed(3)} (${r.byCommand}) | ${r.load} |\n`)
       // Unsubscribes and closes settle before the next system's turn.
       await new Promise(resolve => setTimeout(resolve, 3000))
     }
