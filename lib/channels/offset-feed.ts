@@ -1,3 +1,5 @@
+import type { Broker } from '../broker/broker'
+
 /** How often a watcher that fell behind is checked for having caught up. */
 const DRAIN_CHECK_MS = 50
 
@@ -177,4 +179,42 @@ export abstract class OffsetFeed<T, M> {
     await this.#catching
     this.settled()
   }
+}
+
+/**
+ * Every feed of one kind (log lines, stream chunks) on this instance, by job channel: reads the
+ * messages the broker receives on channels the hub already subscribes (a feed lives only while its
+ * watcher's subscription does), so these feeds cost no subscription and no read of their own.
+ * Items published while the subscriber was away are gone from pub/sub, not from the list: each
+ * feed reads it again on recovery. A subclass turns a channel's message into its feeds' items.
+ */
+export abstract class OffsetFeeds<F extends OffsetFeed<unknown, unknown>> {
+  readonly #feeds = new Map<string, Set<F>>()
+
+  constructor (broker: Broker) {
+    broker.onMessage((channel, raw) => {
+      const feeds = this.#feeds.get(channel)
+      if (feeds !== undefined) this.deliver(feeds, channel, raw)
+    })
+    broker.onRecover(() => {
+      for (const feeds of this.#feeds.values()) for (const feed of feeds) feed.resync()
+    })
+  }
+
+  /** Adds `feed` to `channel`'s; returns what closes it and removes it. */
+  add (channel: string, feed: F): () => void {
+    let set = this.#feeds.get(channel)
+    if (set === undefined) this.#feeds.set(channel, set = new Set())
+    set.add(feed)
+    return () => {
+      feed.close()
+      const s = this.#feeds.get(channel)
+      if (s === undefined) return
+      s.delete(feed)
+      if (s.size === 0) this.#feeds.delete(channel)
+    }
+  }
+
+  /** A message on a channel with feeds: what it means for them. */
+  protected abstract deliver (feeds: ReadonlySet<F>, channel: string, raw: string): void
 }

@@ -1,9 +1,8 @@
-import type { Broker } from '../../broker/broker'
 import { cutLine, type LogsRead } from './job-logs'
 import type { LogLineMessage, LogMessage } from '../../wire/messages'
 import { parseLogRelay } from '../../wire/relay'
 import { Keys } from '../../core/keys'
-import { OffsetFeed, type OffsetFeedOptions } from '../offset-feed'
+import { OffsetFeed, OffsetFeeds, type OffsetFeedOptions } from '../offset-feed'
 
 /** What a watcher asks for: lines from an absolute offset, or (null) from the oldest line kept. */
 export interface LogsRequest { from: number | null }
@@ -80,45 +79,12 @@ export class LogFeed extends OffsetFeed<string, LogMessage> {
   }
 }
 
-/**
- * Every log feed of this instance, by job channel: reads the log messages the broker receives on
- * channels the hub already subscribes (a feed lives only while its watcher's subscription does),
- * so live logs cost no subscription and no read of their own.
- */
-export class LiveLogs {
-  readonly #feeds = new Map<string, Set<LogFeed>>()
-
-  constructor (broker: Broker) {
-    broker.onMessage((channel, raw) => this.#onMessage(channel, raw))
-    // Lines published while the subscriber was away are gone from pub/sub, not from the list.
-    broker.onRecover(() => {
-      for (const feeds of this.#feeds.values()) for (const feed of feeds) feed.resync()
-    })
-  }
-
-  add (channel: string, feed: LogFeed): () => void {
-    let set = this.#feeds.get(channel)
-    if (set === undefined) {
-      set = new Set()
-      this.#feeds.set(channel, set)
-    }
-    set.add(feed)
-    return () => {
-      feed.close()
-      const s = this.#feeds.get(channel)
-      if (s === undefined) return
-      s.delete(feed)
-      if (s.size === 0) this.#feeds.delete(channel)
-    }
-  }
-
-  #onMessage (channel: string, raw: string): void {
-    const feeds = this.#feeds.get(channel)
-    if (feeds === undefined) return
+/** Every log feed of this instance, by job channel (see {@link OffsetFeeds}). */
+export class LiveLogs extends OffsetFeeds<LogFeed> {
+  protected deliver (feeds: ReadonlySet<LogFeed>, channel: string, raw: string): void {
     const relayed = parseLogRelay(raw)
     if (relayed === null) return
-    const parsed = Keys.parseChannel(channel)
-    const message = logLine(parsed?.jobId ?? '', relayed.o, relayed.l)
+    const message = logLine(Keys.parseChannel(channel)?.jobId ?? '', relayed.o, relayed.l)
     for (const feed of feeds) feed.live(relayed.o, relayed.l, message)
   }
 }

@@ -1,8 +1,7 @@
-import type { Broker } from '../../broker/broker'
 import { Keys } from '../../core/keys'
 import { isStreamName, parseStreamRelay, type StreamChunkMessage, type StreamEndReason, type StreamMessage } from '../../wire/streams'
 import type { StreamRead } from './stream-store'
-import { OffsetFeed, type OffsetFeedOptions } from '../offset-feed'
+import { OffsetFeed, OffsetFeeds, type OffsetFeedOptions } from '../offset-feed'
 
 /** What a watcher asks for: each named stream from an absolute offset. */
 export type StreamsRequest = Record<string, number>
@@ -107,37 +106,9 @@ export class StreamFeed extends OffsetFeed<unknown, StreamMessage> {
   }
 }
 
-/**
- * Every stream feed of this instance, by job channel: reads the stream messages the broker
- * receives on channels the hub already subscribes, as live logs do, so streams cost no
- * subscription and no read of their own.
- */
-export class LiveStreams {
-  readonly #feeds = new Map<string, Set<StreamFeed>>()
-
-  constructor (broker: Broker) {
-    broker.onMessage((channel, raw) => this.#onMessage(channel, raw))
-    broker.onRecover(() => {
-      for (const feeds of this.#feeds.values()) for (const feed of feeds) feed.resync()
-    })
-  }
-
-  add (channel: string, feed: StreamFeed): () => void {
-    let set = this.#feeds.get(channel)
-    if (set === undefined) this.#feeds.set(channel, set = new Set())
-    set.add(feed)
-    return () => {
-      feed.close()
-      const s = this.#feeds.get(channel)
-      if (s === undefined) return
-      s.delete(feed)
-      if (s.size === 0) this.#feeds.delete(channel)
-    }
-  }
-
-  #onMessage (channel: string, raw: string): void {
-    const feeds = this.#feeds.get(channel)
-    if (feeds === undefined) return
+/** Every stream feed of this instance, by job channel (see {@link OffsetFeeds}). */
+export class LiveStreams extends OffsetFeeds<StreamFeed> {
+  protected deliver (feeds: ReadonlySet<StreamFeed>, channel: string, raw: string): void {
     const relayed = parseStreamRelay(raw)
     if (relayed === null) return
     const jobId = Keys.parseChannel(channel)?.jobId ?? ''
