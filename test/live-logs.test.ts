@@ -6,7 +6,7 @@ import type { Redis } from 'ioredis'
 import { createJobWorker, DiskStorage, jobProgress, jobsProtocol } from '../lib/index'
 import { LogFeed } from '../lib/channels/logs/live-logs'
 import type { LogMessage } from '../lib/wire/messages'
-import { connect, eventually, gate, JOBS_PATH, lines, tempDir, TWO_APP_KEYS, twoApps, upload, uploadAs, type Client, type TestApp } from './helpers/index'
+import { connect, eventually, gate, JOBS_PATH, jobsClient, lines, tempDir, TWO_APP_KEYS, twoApps, upload, uploadAs, type TestApp } from './helpers/index'
 import { RedisCluster } from './helpers/redis-cluster'
 import { sse } from './helpers/sse'
 import type { RedisServer } from './helpers/redis'
@@ -50,12 +50,6 @@ function scriptedWorker (t: Teardown, redis: RedisServer, app: TestApp, warn?: (
     write: async (n: number, line?: string) => await new Promise<number[]>(resolve => { steps.push({ n, line, done: resolve }); poke() }),
     finish: () => { finished = true; poke() }
   }
-}
-
-async function jobsClient (t: Teardown, app: TestApp, key: string): Promise<Client> {
-  const client = connect(t, `${app.ws}${PATH}?api_key=${key}`)
-  await client.waitFor(m => m.type === 'connected')
-  return client
 }
 
 const logsOf = (messages: any[], jobId: string): any[] => messages.filter(m => m.type === 'log' && m.job_id === jobId)

@@ -5,27 +5,12 @@ import { JobProgressClient } from '../client/index'
 import { openJobStream, StreamBackpressureError, StreamLimitError, STREAM_LIMITS } from '../lib/index'
 import { appendChunks } from '../lib/channels/streams/stream-store'
 import { Keys } from '../lib/core/keys'
-import { connect, eventually, JOBS_PATH, twoApps, uploadAs, type Client, type TestApp } from './helpers/index'
-import type { RedisServer } from './helpers/redis'
+import { eventually, JOBS_PATH, jobsClient, redisClient, twoApps, uploadAs } from './helpers/index'
 
 // The stream writer: chunks written while a store is in flight go to Redis together, in the order
 // of the calls, with absolute offsets; limits cut a batch at the chunk that crosses them; the queue
 // of chunks waiting in the writer's process is bounded (write() refuses, pipe() waits). And the
 // client asks again when a chunk arrives past the one it expects.
-
-interface Teardown { teardown: (fn: () => unknown) => void }
-
-async function jobsClient (t: Teardown, app: TestApp, key: string): Promise<Client> {
-  const client = connect(t, `${app.ws}${JOBS_PATH}?api_key=${key}`)
-  await client.waitFor(m => m.type === 'connected')
-  return client
-}
-
-function redisClient (t: Teardown, redis: RedisServer): Redis {
-  const r = new Redis(redis.url)
-  t.teardown(() => r.disconnect())
-  return r
-}
 
 /** RPUSH calls Redis ran so far, inside scripts included: one per append script call that stores. */
 async function rpushCalls (r: Redis): Promise<number> {

@@ -1,31 +1,15 @@
 import t from 'tap'
-import { Redis } from 'ioredis'
 import WebSocket from 'ws'
 import { JobProgressClient } from '../client/index'
 import { createJobWorker, DiskStorage, openJobStream, StreamLimitError } from '../lib/index'
-import { connect, eventually, gate, JOBS_PATH, twoApps, uploadAs, type Client, type TestApp } from './helpers/index'
+import { eventually, gate, JOBS_PATH, jobsClient, redisClient, twoApps, uploadAs } from './helpers/index'
 import { sse } from './helpers/sse'
 import { StreamFeed } from '../lib/channels/streams/live-streams'
 import type { StreamMessage } from '../lib/wire/streams'
-import type { RedisServer } from './helpers/redis'
 
 // Named streams: chunks a worker writes with ctx.stream(name) reach watchers in order, each once,
 // from any offset, over the jobs protocol, SSE (resumed by Last-Event-ID) and the stream route;
 // limits end a stream visibly; ownership as for logs; every key expires.
-
-interface Teardown { teardown: (fn: () => unknown) => void }
-
-async function jobsClient (t: Teardown, app: TestApp, key: string): Promise<Client> {
-  const client = connect(t, `${app.ws}${JOBS_PATH}?api_key=${key}`)
-  await client.waitFor(m => m.type === 'connected')
-  return client
-}
-
-function redisClient (t: Teardown, redis: RedisServer): Redis {
-  const r = new Redis(redis.url)
-  t.teardown(() => r.disconnect())
-  return r
-}
 
 const chunk = (i: number): unknown => i % 2 === 0 ? `token ${i} ` : { i }
 const offsetsOf = (messages: any[], name = 'out'): number[] => messages.filter(m => m.type === 'stream' && m.name === name).map(m => m.offset)

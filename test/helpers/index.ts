@@ -1,4 +1,5 @@
 import Fastify, { type FastifyInstance } from 'fastify'
+import { Redis } from 'ioredis'
 import { setTimeout as sleep } from 'node:timers/promises'
 import WebSocket from 'ws'
 import { createJobWorker, DiskStorage, jobProgress, jobsProtocol, type JobContext, type JobProgressOptions } from '../../lib/index'
@@ -80,6 +81,20 @@ export async function twoApps (t: Teardown, opts: Partial<JobProgressOptions> = 
   const a = await startApp(t, redis, options)
   const b = await startApp(t, redis, { ...options, uploadDir: a.uploadDir })
   return { redis, a, b }
+}
+
+/** A client with an API key on `app`'s jobs socket (at {@link JOBS_PATH}), once it has seen `connected`. */
+export async function jobsClient (t: Teardown, app: { ws: string }, key: string): Promise<Client> {
+  const client = connect(t, `${app.ws}${JOBS_PATH}?api_key=${key}`)
+  await client.waitFor(m => m.type === 'connected')
+  return client
+}
+
+/** An ioredis client of `redis`, disconnected when the test ends. */
+export function redisClient (t: Teardown, redis: RedisServer): Redis {
+  const r = new Redis(redis.url)
+  t.teardown(() => r.disconnect())
+  return r
 }
 
 /** Uploads with an API key; resolves with the job id (throws unless accepted). */
