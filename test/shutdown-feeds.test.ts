@@ -4,7 +4,7 @@ import { connect as tcp, type Socket } from 'node:net'
 import { jobsProtocol } from '../lib/index'
 import { ANSWER_MS } from '../lib/http/connections'
 import { sse } from './helpers/sse'
-import { redisFor, startApp, uploadAs } from './helpers/index'
+import { redisFor, startApp, timed, uploadAs } from './helpers/index'
 
 // app.close() ends within its grace (guarantee 7) with the long-lived HTTP answers left open
 // (the my-jobs feed, a job's SSE with its logs, the multiplexed SSE), and with connections that
@@ -19,18 +19,6 @@ const BOUND_MS = GRACE_MS + ANSWER_MS
 const SLACK_MS = 4_000
 
 const seconds = (ms: number): string => (ms / 1000).toFixed(2)
-
-/** Resolves with the milliseconds `promise` took, or null when it had not settled after `capMs`. */
-async function timed (promise: Promise<unknown>, capMs: number): Promise<number | null> {
-  const started = Date.now()
-  let timer: NodeJS.Timeout | undefined
-  const done = await Promise.race([
-    promise.then(() => true, () => true),
-    new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(false), capMs) })
-  ])
-  clearTimeout(timer)
-  return done ? Date.now() - started : null
-}
 
 /** A raw TCP client that connects, sends `head` (maybe nothing) and never more; destroyed at teardown. */
 async function silent (t: Test, port: number, head: string): Promise<{ socket: Socket, closed: Promise<void> }> {

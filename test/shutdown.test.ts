@@ -5,7 +5,7 @@ import { connect as tcp, type Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { createJobWorker, jobProgress } from '../lib/index'
 import { LOAD_TS, Proc, SESSION_SECRET } from './helpers/cluster'
-import { connect, eventually, filesIn, freePort, lines, RedisServer, tempDir, upload } from './helpers/index'
+import { connect, eventually, filesIn, freePort, lines, RedisServer, tempDir, timed, upload } from './helpers/index'
 
 // Shutdown ends within stated bounds whatever clients and Redis do (guarantee 7). Each case
 // prints the seconds it measured; the assertions allow 6 s over the bound for a loaded machine.
@@ -55,18 +55,6 @@ async function startExample (t: Test, redis: RedisServer): Promise<{ proc: Proc,
   }, 30_000, 100)
   if (!ready || !proc.running) throw new Error(`the example did not start:\n${proc.output}`)
   return { proc, url, port, uploadDir }
-}
-
-/** Resolves with the milliseconds `promise` took, or null when it had not settled after `capMs`. */
-async function timed (promise: Promise<unknown>, capMs: number): Promise<number | null> {
-  const started = Date.now()
-  let timer: NodeJS.Timeout | undefined
-  const done = await Promise.race([
-    promise.then(() => true, () => true),
-    new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(false), capMs) })
-  ])
-  clearTimeout(timer)
-  return done ? Date.now() - started : null
 }
 
 /**

@@ -275,3 +275,15 @@ export function gate<T = void> (): { promise: Promise<T>, open: (value: T) => vo
   const promise = new Promise<T>(resolve => { open = resolve })
   return { promise, open }
 }
+
+/** Resolves with the milliseconds `promise` took, or null when it had not settled after `capMs`. */
+export async function timed (promise: Promise<unknown>, capMs: number): Promise<number | null> {
+  const started = Date.now()
+  let timer: NodeJS.Timeout | undefined
+  const done = await Promise.race([
+    promise.then(() => true, () => true),
+    new Promise<boolean>(resolve => { timer = setTimeout(() => resolve(false), capMs) })
+  ])
+  clearTimeout(timer)
+  return done ? Date.now() - started : null
+}
