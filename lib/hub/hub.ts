@@ -13,6 +13,7 @@ import { STREAM_PREFIX } from '../wire/streams'
 import { compareEntryIds, formatVersion, NO_ENTRY } from '../wire/version'
 import { Conflation } from './conflation'
 import { Convergence } from './convergence'
+import type { BatchReceiver } from './batcher'
 import { Opened, type OpenedJob } from './opened'
 import { Sweep } from './sweep'
 import type { Watch } from './watch'
@@ -21,6 +22,69 @@ import { Watches } from './watches'
 export type { RelayMessage } from '../wire/relay'
 export type { OpenedJob } from './opened'
 export type { Sink } from './watch'
+
+/** Told the outcome of one {@link Hub.openEach}, once. */
+export interface OpenWaiter {
+  /** Found at `targets[index]`: attach a sink to it or detach to let go. */
+  opened: (index: number, opened: OpenedJob) => void
+  /** In none of the places (or not the expected owner's). */
+  notFound: () => void
+  /** Not found, and a read failed. */
+  failed: (err: Error) => void
+}
+
+/** What a pending open needs of its hub: the watches, and how a first read is applied. */
+interface OpenCore {
+  watches: Watches
+  first: (watch: Watch, snapshot: Snapshot) => void
+}
+
+/**
+ * One {@link Hub.openEach} waiting for its batch: its watches and who to tell. Once the reads are
+ * back, the first place found is kept and the others let go.
+ */
+class PendingOpen implements BatchReceiver<Array<Snapshot | null | Error>> {
+  readonly #core: OpenCore
+  readonly #watches: Watch[]
+  readonly #waiter: OpenWaiter
+  constructor (core: OpenCore, watches: Watch[], waiter: OpenWaiter) {
+    this.#core = core
+    this.#watches = watches
+    this.#waiter = waiter
+  }
+
+  fail (err: unknown): void {
+    const error = err instanceof Error ? err : new Error(String(err))
+    this.settle(this.#watches.map(() => error))
+  }
+
+  settle (reads: Array<Snapshot | null | Error>): void {
+    const watches = this.#watches
+    const waiter = this.#waiter
+    let index = -1
+    let failed: Error | null = null
+    for (let i = 0; i < watches.length; i++) {
+      const read = reads[i]
+      if (index < 0 && read !== null && !(read instanceof Error)) {
+        index = i
+        continue
+      }
+      if (read instanceof Error) failed ??= read
+      this.#core.watches.release(watches[i])
+    }
+    if (index < 0) return failed !== null ? waiter.failed(failed) : waiter.notFound()
+    const watch = watches[index]
+    const snapshot = reads[index] as Snapshot
+    let opened: Opened
+    try {
+      this.#core.first(watch, snapshot)
+      opened = new Opened(watch, snapshot, this.#core.watches)
+    } catch (err) {
+      return waiter.failed(err instanceof Error ? err : new Error(String(err)))
+    }
+    waiter.opened(index, opened)
+  }
+}
 
 export interface HubOptions {
   /** Commands (snapshots). */
@@ -84,6 +148,7 @@ export class Hub {
     if (opts.broker === undefined && opts.subscriber === undefined) throw new TypeError('Hub needs a broker or a subscriber connection')
     const broker = opts.broker ?? createBroker(opts.redis as Redis, opts.subscriber as Redis, 'classic')
     this.#watches = new Watches({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, onDrop: (watch) => this.#sweep.forget(watch) })
+    this.#opening = { watches: this.#watches, first: (watch, snapshot) => this.#first(watch, snapshot) }
     this.#tracing = opts.tracing ?? noTracing
     this.#conflation = new Conflation(opts.throttleMs, this.#t, (watch) => this.#sweep.read(watch), this.#tracing)
     this.#convergence = new Convergence({ redis: opts.redis, broker, keys: opts.keys, telemetry: this.#t, log: opts.log, watches: this.#watches, conflation: this.#conflation, onJobLost: opts.onJobLost })
@@ -98,6 +163,9 @@ export class Hub {
   }
 
   readonly #onCommandsReady = (): void => this.#convergence.commandsReady()
+
+  /** What a pending open needs of the hub once its reads are back: one object for them all. */
+  readonly #opening: OpenCore
 
   /** Jobs watched on this instance (for tests and metrics). */
   get watchedCount (): number {
@@ -125,37 +193,23 @@ export class Hub {
    * in none of them; throws the first failure when none was found and a read failed.
    */
   async openAny (targets: SnapshotTarget[], expectedOwner?: string | null): Promise<{ index: number, opened: OpenedJob } | null> {
-    if (this.#watches.closed) throw new Error('closed')
+    return await new Promise((resolve, reject) => {
+      this.openEach(targets, expectedOwner, { opened: (index, opened) => resolve({ index, opened }), notFound: () => resolve(null), failed: reject })
+    })
+  }
+
+  /**
+   * {@link openAny} without a promise: the outcome is told to `waiter` when the batch's reads
+   * come back (at once when the hub is closed). A storm makes one per subscribe; a promise and
+   * the async steps around it would each live across the two round trips.
+   */
+  openEach (targets: SnapshotTarget[], expectedOwner: string | null | undefined, waiter: OpenWaiter): void {
+    if (this.#watches.closed) return waiter.failed(new Error('closed'))
     // An expected owner of null is nobody: the script refuses an empty owner like any other.
     const owner = expectedOwner === null ? '' : expectedOwner
     const watches = new Array<Watch>(targets.length)
     for (let i = 0; i < targets.length; i++) watches[i] = this.#watches.acquire(targets[i])
-    let reads: Array<Snapshot | null | Error>
-    try {
-      reads = await this.#watches.read(watches, owner)
-    } catch (err) {
-      const error = err instanceof Error ? err : new Error(String(err))
-      reads = watches.map(() => error)
-    }
-    let index = -1
-    let failed: Error | null = null
-    for (let i = 0; i < watches.length; i++) {
-      const read = reads[i]
-      if (index < 0 && read !== null && !(read instanceof Error)) {
-        index = i
-        continue
-      }
-      if (read instanceof Error) failed ??= read
-      this.#watches.release(watches[i])
-    }
-    if (index < 0) {
-      if (failed !== null) throw failed
-      return null
-    }
-    const watch = watches[index]
-    const snapshot = reads[index] as Snapshot
-    this.#first(watch, snapshot)
-    return { index, opened: new Opened(watch, snapshot, this.#watches) }
+    this.#watches.readInto(watches, owner, new PendingOpen(this.#opening, watches, waiter))
   }
 
   /** Applies an opener's read; the first one also applies what arrived while it was in flight. */

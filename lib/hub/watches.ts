@@ -4,7 +4,7 @@ import type { Keys } from '../core/keys'
 import type { Broker } from '../broker/broker'
 import type { Telemetry } from '../core/telemetry'
 import { readOpens, type Commands, type Snapshot, type SnapshotTarget } from '../core/snapshot'
-import { BATCH, Batcher } from './batcher'
+import { BATCH, Batcher, type BatchReceiver } from './batcher'
 import { Watch } from './watch'
 
 /** How long a socket may wait for the subscriber connection to come back. */
@@ -132,11 +132,11 @@ export class Watches implements WatchedJobs {
 
   /**
    * Subscribes the channels of the places one job may be, then reads it in each, batched with
-   * the other opens of this turn: a read (or its error, or null) per watch, in order.
+   * the other opens of this turn: a read (or its error, or null) per watch, in order, told to
+   * `receiver` (no promise: a storm makes one per subscribe).
    */
-  read (watches: Watch[], owner: string | undefined): Promise<Array<Snapshot | null | Error>> {
-    // Handed on as it is: no promise of its own on top of the batch's, one per open in a storm.
-    return this.#opens.add(watches, owner)
+  readInto (watches: Watch[], owner: string | undefined, receiver: BatchReceiver<Array<Snapshot | null | Error>>): void {
+    this.#opens.send(watches, owner, receiver)
   }
 
   /** An open that attached nothing (the job is not there, or the read failed) lets go of its watch. */

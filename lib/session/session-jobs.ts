@@ -14,9 +14,8 @@ import type { StreamsRequest } from '../channels/streams/live-streams'
 import { StreamFeeds, type StreamsContext } from './stream-feed'
 import { logBytes, renderOnce, serialize } from './render'
 import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
-
-/** Where a job may be (one target per kind it may be of) and the owner it must have. */
-interface Located { targets: SnapshotTarget[], expected: string }
+import { locate, quickly } from './locate'
+import { SubscribeWaiter, type QuickOpens } from './subscribe-waiter'
 
 /** What an open that attaches nothing hands back when it lets go. */
 const NO_SINK: Sink = { deliver () {} }
@@ -95,12 +94,52 @@ export class SessionJobs implements Deliveries {
     this.#pending += count
   }
 
-  async subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
+  subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
+    const quick = logs === undefined && streams === undefined ? this.#quickOpen(jobId, kind, counted) : null
+    return quick ?? this.#subscribe(jobId, kind, counted, logs, streams)
+  }
+
+  async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     try {
       // Most subscribes answer at once or open one new job: no async step of their own between.
       const opening = this.#open(jobId, kind, logs, streams)
       if (opening !== undefined) await opening
     } finally {
+      if (counted) this.#pending--
+      this.#closeIfDone()
+    }
+  }
+
+  /**
+   * A subscribe to a job new to this connection, without logs or streams, under the default
+   * policy (or a watch token): the hub tells a {@link SubscribeWaiter} how its open went, and no
+   * async step waits across the two round trips. Null when the subscribe takes the general path
+   * (nothing was done yet).
+   */
+  #quickOpen (jobId: unknown, kind: string | undefined, counted: boolean): Promise<void> | null {
+    const requester = this.#c.owner
+    if (!this.#c.serving || requester === null || !isJobId(jobId) || !quickly(this.#ctx, this.#c) || this.#subs.get(jobId) !== undefined) return null
+    if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) return null
+    const located = locate(this.#ctx, this.#c, jobId, kind, requester)
+    if (located === null || located instanceof Promise) return null
+    this.#opening++
+    return new Promise<void>((resolve, reject) => {
+      this.#ctx.hub.openEach(located.targets, located.expected, new SubscribeWaiter(this.#quick, jobId, located.targets, counted, resolve, reject))
+    })
+  }
+
+  /** What a {@link SubscribeWaiter} does to this connection's jobs: one object per session. */
+  readonly #quick: QuickOpens = {
+    adopt: (jobId, target, opened) => {
+      if (!this.#c.serving) return opened.detach(NO_SINK)
+      this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))
+      const sub = new Subscription(opened, target, this)
+      this.#subs.add(sub)
+      opened.attach(sub.sink)
+    },
+    missed: (jobId) => this.#notFound(jobId),
+    settled: (counted) => {
+      this.#opening--
       if (counted) this.#pending--
       this.#closeIfDone()
     }
@@ -142,49 +181,12 @@ export class SessionJobs implements Deliveries {
     if (streams !== undefined) await this.#restartStreams(existing, streams)
   }
 
-  /**
-   * Where the job may be and whose it must be for the hub to open it, or null (not found). A job
-   * of somebody else and one that does not exist cost the same Redis commands. With the default
-   * policy, nothing is read here (and nothing awaited): every kind the job may be of is opened at
-   * once (the hub's read checks the owner before it reads the job), so a bare job id on several
-   * kinds costs the SUBSCRIBE and the batched read of any open, not a lookup before them. With a
-   * policy of the application's, one round trip first: each kind's owner read alone, the kind
-   * found where the policy lets the requester in.
-   */
-  #locate (jobId: string, kind: string | undefined, requester: string): Located | null | Promise<Located | null> {
-    const identity = this.#c.identity
-    const token = identity?.via === 'token'
-    // A watch token grants its one job and nothing else, whatever the job.
-    if (token && (identity?.job === null || identity?.job === undefined || (kind !== undefined && identity.job.kind !== kind) || identity.job.jobId !== jobId)) return null
-    const named = kind ?? (token ? identity?.job?.kind : undefined)
-    const targets: SnapshotTarget[] = []
-    if (named === undefined) {
-      for (const c of this.#ctx.kinds) targets.push({ kind: c.kind, queue: c.queue, jobId })
-    } else {
-      const queue = this.#ctx.queueOf(named)
-      if (queue !== undefined) targets.push({ kind: named, queue, jobId })
-    }
-    if (targets.length === 0) return null
-    if (token || this.#ctx.canAccess === ownerOnly) return { targets, expected: requester }
-    return this.#byPolicy(targets, jobId, requester)
-  }
-
-  async #byPolicy (targets: SnapshotTarget[], jobId: string, requester: string): Promise<Located | null> {
-    const owners = await this.#ctx.ownersOf(targets)
-    for (const owner of owners) if (owner instanceof Error) throw owner
-    const i = owners.findIndex(o => typeof o === 'string')
-    if (i < 0) return null
-    const owner = owners[i] as string
-    if (!await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: targets[i].kind, jobId, owner, data: null }, 'watch', requester)) return null
-    return { targets: [targets[i]], expected: owner }
-  }
-
   /** Opens a job new to this connection, counted in #opening until it settles. */
   async #openNew (jobId: string, kind?: string, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
     try {
       const requester = this.#c.owner
       if (requester === null) return this.#notFound(jobId)
-      const locating = this.#locate(jobId, kind, requester)
+      const locating = locate(this.#ctx, this.#c, jobId, kind, requester)
       const located = locating instanceof Promise ? await locating : locating
       if (located === null) return this.#notFound(jobId)
       // Every place it may be, as one entry of the hub's batch: the first one found is kept.
@@ -281,10 +283,6 @@ export class SessionJobs implements Deliveries {
     return true
   }
 
-  /**
-   * Starts a subscription's log lines: registered for live lines first, then caught up from the
-   * job's log list, so no line falls between. A policy of the application's is asked for `logs`.
-   */
   /** A subscription asked for lines again: they start over from the offset now asked for. */
   async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
     if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
