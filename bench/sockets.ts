@@ -144,6 +144,8 @@ async function main (): Promise<void> {
     const { port } = await server.ready as { port: number }
     // The server's own idle CPU without sockets (IPC, timers, Redis clients): the projection
     // scales only what the sockets add.
+    // (After its start has settled: the first seconds compile and connect.)
+    await sleep(3000)
     const cpuBase0 = await server.call<number>('cpu')
     await sleep(BASE_IDLE * 1000)
     const idleBase = (await server.call<number>('cpu') - cpuBase0) / BASE_IDLE * 100
