@@ -55,6 +55,9 @@ for i = 0, n - 1 do
     if h[4] and redis.call('ZSCORE', KEYS[1], id) then where = 'completed'
     elseif h[4] and redis.call('ZSCORE', KEYS[2], id) then where = 'failed'
     elseif h[5] and redis.call('EXISTS', job .. lockSuffix) == 1 then where = 'active'
+    -- Neither finished nor locked, its hash there: queued, whether it waits in the list, delayed,
+    -- prioritized or for its children (the state is the same): the three sets are not asked.
+    elseif not h[4] and o[2] then where = ''
     elseif redis.call('ZSCORE', KEYS[3], id) then where = 'delayed'
     elseif redis.call('ZSCORE', KEYS[4], id) then where = 'prioritized'
     elseif redis.call('ZSCORE', KEYS[5], id) then where = 'waiting-children'
