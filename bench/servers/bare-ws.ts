@@ -51,7 +51,7 @@ async function main (): Promise<void> {
   let timer: NodeJS.Timeout | null = null
   if (periodMs > 0) {
     let tick = 0
-    let frame = { at: -1, bytes: Buffer.alloc(0) }
+    let frame: { at: number, bytes: Buffer } = { at: -1, bytes: Buffer.alloc(0) }
     timer = setInterval(() => {
       const now = Date.now()
       const second = Math.floor(now / 1000)

@@ -1,13 +1,26 @@
 import type { FastifyRequest } from 'fastify'
-import { allowed, ownerOnly } from '../core/access'
+import { allowed, ownerOnly, type CanAccess, type Identity } from '../core/access'
 import type { SnapshotTarget } from '../core/snapshot'
-import type { JobsConnection, JobsContext } from './session-jobs'
+
+/** What locating a job reads of the jobs' context (a slice of `JobsContext`). */
+export interface LocateContext {
+  queueOf: (kind: string) => string | undefined
+  kinds: Array<{ kind: string, queue: string }>
+  ownersOf: (targets: SnapshotTarget[]) => Promise<Array<string | null | Error>>
+  canAccess: CanAccess
+}
+
+/** What locating a job reads of the connection. */
+export interface LocateConnection {
+  readonly identity: Identity | null
+  readonly request: FastifyRequest | null
+}
 
 /** Where a job may be (one target per kind it may be of) and the owner it must have. */
 export interface Located { targets: SnapshotTarget[], expected: string }
 
 /** Whether {@link locate} answers without reading anything: a watch token, or the default policy. */
-export function quickly (ctx: JobsContext, c: JobsConnection): boolean {
+export function quickly (ctx: LocateContext, c: LocateConnection): boolean {
   return c.identity?.via === 'token' || ctx.canAccess === ownerOnly
 }
 
@@ -20,7 +33,7 @@ export function quickly (ctx: JobsContext, c: JobsConnection): boolean {
  * policy of the application's, one round trip first: each kind's owner read alone, the kind
  * found where the policy lets the requester in.
  */
-export function locate (ctx: JobsContext, c: JobsConnection, jobId: string, kind: string | undefined, requester: string): Located | null | Promise<Located | null> {
+export function locate (ctx: LocateContext, c: LocateConnection, jobId: string, kind: string | undefined, requester: string): Located | null | Promise<Located | null> {
   const identity = c.identity
   const token = identity?.via === 'token'
   // A watch token grants its one job and nothing else, whatever the job.
@@ -38,7 +51,7 @@ export function locate (ctx: JobsContext, c: JobsConnection, jobId: string, kind
   return byPolicy(ctx, c, targets, jobId, requester)
 }
 
-async function byPolicy (ctx: JobsContext, c: JobsConnection, targets: SnapshotTarget[], jobId: string, requester: string): Promise<Located | null> {
+async function byPolicy (ctx: LocateContext, c: LocateConnection, targets: SnapshotTarget[], jobId: string, requester: string): Promise<Located | null> {
   const owners = await ctx.ownersOf(targets)
   for (const owner of owners) if (owner instanceof Error) throw owner
   const i = owners.findIndex(o => typeof o === 'string')
