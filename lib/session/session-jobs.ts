@@ -1,7 +1,7 @@
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import { allowed, ownerOnly, type CanAccess, type Identity } from '../core/access'
 import { isFinal, type JobEvent } from '../core/event'
-import type { Hub, Sink } from '../hub/hub'
+import type { Hub, OpenedJob, Sink } from '../hub/hub'
 import { isJobId } from '../core/keys'
 import type { Outbox } from './outbox'
 import type { ProtocolDefinition, ServerMessage } from '../protocols/types'
@@ -71,7 +71,7 @@ export interface JobsConnection {
  * job's events to the outbox, its log lines when asked for, and the close of a close-on-final
  * connection once every job it watches has ended.
  */
-export class SessionJobs implements Deliveries {
+export class SessionJobs implements Deliveries, QuickOpens {
   readonly #ctx: JobsContext
   readonly #c: JobsConnection
   readonly #subs = new Subscriptions()
@@ -124,25 +124,29 @@ export class SessionJobs implements Deliveries {
     if (located === null || located instanceof Promise) return null
     this.#opening++
     return new Promise<void>((resolve, reject) => {
-      this.#ctx.hub.openEach(located.targets, located.expected, new SubscribeWaiter(this.#quick, jobId, located.targets, counted, resolve, reject))
+      this.#ctx.hub.openEach(located.targets, located.expected, new SubscribeWaiter(this, jobId, located.targets, counted, resolve, reject))
     })
   }
 
-  /** What a {@link SubscribeWaiter} does to this connection's jobs: one object per session. */
-  readonly #quick: QuickOpens = {
-    adopt: (jobId, target, opened) => {
-      if (!this.#c.serving) return opened.detach(NO_SINK)
-      this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))
-      const sub = new Subscription(opened, target, this)
-      this.#subs.add(sub)
-      opened.attach(sub.sink)
-    },
-    missed: (jobId) => this.#notFound(jobId),
-    settled: (counted) => {
-      this.#opening--
-      if (counted) this.#pending--
-      this.#closeIfDone()
-    }
+  /** From a {@link SubscribeWaiter}: found at `target` (methods of the session's jobs, not closures made for each session). */
+  adopt (jobId: string, target: SnapshotTarget, opened: OpenedJob): void {
+    if (!this.#c.serving) return opened.detach(NO_SINK)
+    this.#c.sendControl(this.#c.protocol.subscribed?.(jobId))
+    const sub = new Subscription(opened, target, this)
+    this.#subs.add(sub)
+    opened.attach(sub.sink)
+  }
+
+  /** From a {@link SubscribeWaiter}: not found, or not the caller's. */
+  missed (jobId: string): void {
+    this.#notFound(jobId)
+  }
+
+  /** From a {@link SubscribeWaiter}: answered, whatever the outcome. */
+  settled (counted: boolean): void {
+    this.#opening--
+    if (counted) this.#pending--
+    this.#closeIfDone()
   }
 
   #notFound (jobId: unknown): void {
