@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto'
+import { once } from 'node:events'
 import { createReadStream, createWriteStream } from 'node:fs'
 import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises'
 import { resolve, sep } from 'node:path'
@@ -102,10 +103,14 @@ export class DiskStorage implements Storage {
       }
     })
     this.#writing.set(key, partial)
+    const out = createWriteStream(partial, { flags: 'wx' })
     try {
-      await pipeline(source, count, createWriteStream(partial, { flags: 'wx' }))
+      await pipeline(source, count, out)
       await rename(partial, final)
     } catch (err) {
+      // A body that breaks off at once fails the pipeline while the file is still being opened:
+      // removed before its stream has closed, the file would be created after the removal.
+      if (!out.closed) await once(out, 'close').catch(() => {})
       await rm(partial, { force: true })
       throw err
     } finally {
