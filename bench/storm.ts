@@ -5,7 +5,9 @@
  * 100) as soon as it may. The plugin runs the `jobs` protocol with K kinds (default 2: the bare
  * job id is looked for in each); the peer is Socket.IO with its Redis adapter, each subscription
  * an owner read then a room join, acknowledged. Both systems are up in the same run and take
- * turns, the order rotating each round. `BENCH_CANDIDATE=<path to a copy of lib/index.ts>` adds
+ * turns, the order rotating each round. The floor (bench/servers/storm-floor.ts) is the least any
+ * design with a channel per job pays: one SUBSCRIBE per turn, then an owner read per job, on a bare
+ * `ws` server. `BENCH_CANDIDATE=<path to a copy of lib/index.ts>` adds
  * that copy as a third system.
  *
  * Per system and round: the time from the storm's start until every subscription had its first
@@ -16,7 +18,7 @@
  * instances and Redis spent on it. With `--profile`, a CPU profile of instance 0 of each system
  * per measured storm (summarise it with `npx tsx bench/profile.ts <file>`).
  *
- *   npx tsx bench/storm.ts [--jobs 100000] [--instances 4] [--sockets 1000] [--per-socket 100] [--kinds 2] [--clients 2] [--rounds 2] [--profile]
+ *   npx tsx bench/storm.ts [--jobs 100000] [--instances 4] [--sockets 1000] [--per-socket 100] [--kinds 2] [--clients 2] [--rounds 2] [--systems plugin,socket.io,floor] [--profile]
  */
 import { Queue } from 'bullmq'
 import { randomUUID } from 'node:crypto'
@@ -35,7 +37,7 @@ const arg = (name: string, fallback: string): string => {
   return i > 0 ? process.argv[i + 1] : fallback
 }
 
-type System = 'plugin' | 'socket.io' | 'candidate'
+type System = 'plugin' | 'socket.io' | 'floor' | 'candidate'
 const OWNER = 'bench'
 
 interface StormArgs { system: System, ports: number[], jobs: string[][], t0: number, timeoutMs: number }
@@ -130,11 +132,12 @@ async function main (): Promise<void> {
   const start = (script: string, label: string, env: Record<string, string> = {}): Child => new Child(script, [], { node: ['--expose-gc'], env: { BENCH_CONFIG: config, ...env }, label, manyFiles: true })
   // BENCH_CANDIDATE: another copy of lib/index.ts, as a third system in the same run.
   const candidate = process.env.BENCH_CANDIDATE
-  const systems: System[] = candidate === undefined ? ['plugin', 'socket.io'] : ['plugin', 'socket.io', 'candidate']
+  const systems = arg('systems', 'plugin,socket.io,floor').split(',') as System[]
+  if (candidate !== undefined) systems.push('candidate')
   const servers: Partial<Record<System, Child[]>> = {}
   const ports: Partial<Record<System, number[]>> = {}
   for (const system of systems) {
-    const script = system === 'socket.io' ? 'bench/servers/storm-sio.ts' : 'bench/servers/storm-plugin.ts'
+    const script = system === 'socket.io' ? 'bench/servers/storm-sio.ts' : system === 'floor' ? 'bench/servers/storm-floor.ts' : 'bench/servers/storm-plugin.ts'
     servers[system] = Array.from({ length: INSTANCES }, (_, i) => start(script, `${system}-${i}`, system === 'candidate' ? { BENCH_LIB: candidate as string } : {}))
   }
   for (const system of systems) ports[system] = (await Promise.all((servers[system] as Child[]).map(async s => await s.ready))).map((r: { port: number }) => r.port)
