@@ -14,7 +14,8 @@ import type { StreamsRequest } from '../channels/streams/live-streams'
 import { StreamFeeds, type StreamsContext } from './stream-feed'
 import { logBytes, renderOnce, serialize } from './render'
 import { Subscription, Subscriptions, type Deliveries } from './subscriptions'
-import { locate, quickly } from './locate'
+import { locate, quickly, type Located } from './locate'
+import type { StepEnd } from './step-order'
 import { SubscribeWaiter, type QuickOpens } from './subscribe-waiter'
 
 /** What an open that attaches nothing hands back when it lets go. */
@@ -95,8 +96,23 @@ export class SessionJobs implements Deliveries, QuickOpens {
   }
 
   subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
-    const quick = logs === undefined && streams === undefined ? this.#quickOpen(jobId, kind, counted) : null
-    return quick ?? this.#subscribe(jobId, kind, counted, logs, streams)
+    const located = logs === undefined && streams === undefined ? this.#quickly(jobId, kind) : null
+    if (located === null) return this.#subscribe(jobId, kind, counted, logs, streams)
+    return new Promise<void>((resolve, reject) => this.#openQuickly(jobId as string, located, counted, { end: (err) => err === null ? resolve() : reject(err) }))
+  }
+
+  /**
+   * A subscribe its session starts at once, with nothing to wait for (`steps` says whether it
+   * may): true when it was started, its end told to what `steps` gave; false when it takes the
+   * general path ({@link subscribe}, nothing was done).
+   */
+  subscribeNow (jobId: unknown, steps: { start: (jobId: string) => StepEnd | null }): boolean {
+    const located = this.#quickly(jobId, undefined)
+    const end = located === null ? null : steps.start(jobId as string)
+    if (end === null) return false
+    this.#pending++
+    this.#openQuickly(jobId as string, located as Located, true, end)
+    return true
   }
 
   async #subscribe (jobId: unknown, kind: string | undefined, counted: boolean, logs?: LogsRequest, streams?: StreamsRequest): Promise<void> {
@@ -111,21 +127,22 @@ export class SessionJobs implements Deliveries, QuickOpens {
   }
 
   /**
-   * A subscribe to a job new to this connection, without logs or streams, under the default
-   * policy (or a watch token): the hub tells a {@link SubscribeWaiter} how its open went, and no
-   * async step waits across the two round trips. Null when the subscribe takes the general path
-   * (nothing was done yet).
+   * Where a subscribe to a job new to this connection, without logs or streams, under the default
+   * policy (or a watch token), may find it: the hub then tells a {@link SubscribeWaiter} how its
+   * open went, and no async step waits across the two round trips. Null when the subscribe takes
+   * the general path.
    */
-  #quickOpen (jobId: unknown, kind: string | undefined, counted: boolean): Promise<void> | null {
+  #quickly (jobId: unknown, kind: string | undefined): Located | null {
     const requester = this.#c.owner
     if (!this.#c.serving || requester === null || !isJobId(jobId) || !quickly(this.#ctx, this.#c) || this.#subs.get(jobId) !== undefined) return null
     if (this.#subs.size + this.#opening >= this.#ctx.maxSubscriptionsPerConnection) return null
     const located = locate(this.#ctx, this.#c, jobId, kind, requester)
-    if (located === null || located instanceof Promise) return null
+    return located instanceof Promise ? null : located
+  }
+
+  #openQuickly (jobId: string, located: Located, counted: boolean, end: StepEnd): void {
     this.#opening++
-    return new Promise<void>((resolve, reject) => {
-      this.#ctx.hub.openEach(located.targets, located.expected, new SubscribeWaiter(this, jobId, located.targets, counted, resolve, reject))
-    })
+    this.#ctx.hub.openEach(located.targets, located.expected, new SubscribeWaiter(this, jobId, located.targets, counted, end))
   }
 
   /** From a {@link SubscribeWaiter}: found at `target` (methods of the session's jobs, not closures made for each session). */
@@ -202,8 +219,8 @@ export class SessionJobs implements Deliveries, QuickOpens {
         opened.detach(NO_SINK)
         return
       }
-      const withLogs = logs !== undefined && await this.#logsAllowed(target)
-      const withStreams = streams !== undefined && await this.#streamsAllowed(target)
+      const withLogs = logs !== undefined && await this.#allowed(target, 'logs')
+      const withStreams = streams !== undefined && await this.#allowed(target, 'streams')
       if (!this.#c.serving) {
         opened.detach(NO_SINK)
         return
@@ -231,17 +248,21 @@ export class SessionJobs implements Deliveries, QuickOpens {
     }
   }
 
-  /** Whether this connection may have a job's streams (the `logs` action of a policy); says why not when it may not. */
-  async #streamsAllowed (target: SnapshotTarget): Promise<boolean> {
-    if (this.#ctx.streams === undefined || this.#c.protocol.streams === undefined) {
-      this.#c.error('This connection serves no streams', target.jobId)
+  /**
+   * Whether this connection may have a job's log lines or streams (both the `logs` action of an
+   * access policy); says why not when it may not.
+   */
+  async #allowed (target: SnapshotTarget, what: 'logs' | 'streams'): Promise<boolean> {
+    const name = what === 'logs' ? 'Logs' : 'Streams'
+    if (this.#ctx[what] === undefined || this.#c.protocol[what] === undefined) {
+      this.#c.error(`This connection serves no ${what}`, target.jobId)
       return false
     }
     const requester = this.#c.owner
     if (this.#c.identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && requester !== null) {
       const owner = await this.#ctx.ownerOf(target)
       if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', requester)) {
-        this.#c.error(`Streams not available: ${target.jobId}`, target.jobId)
+        this.#c.error(`${name} not available: ${target.jobId}`, target.jobId)
         return false
       }
     }
@@ -254,51 +275,28 @@ export class SessionJobs implements Deliveries, QuickOpens {
 
   /** A subscription asked for streams again: they start over from the offsets now asked for. */
   async #restartStreams (sub: Subscription, request: StreamsRequest): Promise<void> {
-    if (!await this.#streamsAllowed(sub.target) || this.#subs.get(sub.target.jobId) !== sub) return
+    if (!await this.#allowed(sub.target, 'streams') || this.#subs.get(sub.target.jobId) !== sub) return
     await sub.streams?.idle()
     if (this.#subs.get(sub.target.jobId) !== sub) return
     sub.streams?.stop()
-    const feeds = sub.streams = this.#streamFeeds(sub.target, request)
-    if (!sub.final) {
-      feeds.start()
-      return await feeds.idle()
-    }
-    this.#pending++
-    feeds.finish().finally(() => {
-      this.#pending--
-      this.#closeIfDone()
-    })
-  }
-
-  /** Whether this connection may have a job's lines; says why not when it may not. */
-  async #logsAllowed (target: SnapshotTarget): Promise<boolean> {
-    if (this.#ctx.logs === undefined || this.#c.protocol.logs === undefined) {
-      this.#c.error('This connection serves no logs', target.jobId)
-      return false
-    }
-    const requester = this.#c.owner
-    if (this.#c.identity?.via !== 'token' && this.#ctx.canAccess !== ownerOnly && requester !== null) {
-      const owner = await this.#ctx.ownerOf(target)
-      if (owner === null || !await allowed(this.#ctx.canAccess, this.#c.request as FastifyRequest, { kind: target.kind, jobId: target.jobId, owner, data: null }, 'logs', requester)) {
-        this.#c.error(`Logs not available: ${target.jobId}`, target.jobId)
-        return false
-      }
-    }
-    return true
+    await this.#rerun(sub, sub.streams = this.#streamFeeds(sub.target, request))
   }
 
   /** A subscription asked for lines again: they start over from the offset now asked for. */
   async #restartLogs (sub: Subscription, target: SnapshotTarget, request: LogsRequest): Promise<void> {
-    if (!await this.#logsAllowed(target) || this.#subs.get(target.jobId) !== sub) return
+    if (!await this.#allowed(target, 'logs') || this.#subs.get(target.jobId) !== sub) return
     // The replaced feed's read in flight ends first: asking again and again costs one read at a time.
     await sub.logs?.feed.idle()
     if (this.#subs.get(target.jobId) !== sub) return
-    const feed = this.#feed(sub, target, request)
+    await this.#rerun(sub, this.#feed(sub, target, request))
+  }
+
+  /** A feed started over: live while its job runs; once it has ended (its final state sent), what is left follows. */
+  async #rerun (sub: Subscription, feed: { start: () => void, idle: () => Promise<void>, finish: () => Promise<void> }): Promise<void> {
     if (!sub.final) {
       feed.start()
       return await feed.idle()
     }
-    // Its final state was sent already; what is left of its log follows it.
     this.#pending++
     feed.finish().finally(() => {
       this.#pending--

@@ -10,10 +10,9 @@ import { SessionJobs, type JobsConnection } from './session-jobs'
 import { InboundLimit } from './inbound'
 import { mineReceiver } from './mine-feed'
 import type { InitialJob, SessionContext } from './session-context'
+import { StepOrder } from './step-order'
 
 export type { InitialJob, SessionContext }
-
-const RESOLVED = Promise.resolve()
 
 /**
  * One client connection under one protocol, over any transport: authenticates it, checks
@@ -39,7 +38,8 @@ export class Session implements TransportEvents, JobsConnection {
   /** The jobs it watches. */
   readonly #jobs: SessionJobs
   #state: 'auth' | 'ready' | 'closed' = 'auth'
-  #chain: Promise<void> = RESOLVED
+  /** The order its steps run in. */
+  readonly #steps: StepOrder
   /** Messages that arrived before authentication ended. */
   #early: string[] | null = null
   #authTimer: NodeJS.Timeout | null = null
@@ -48,10 +48,6 @@ export class Session implements TransportEvents, JobsConnection {
   /** Stops the caller's jobs feed, while subscribed. */
   #mine: (() => void) | null = null
   #wantsMine: boolean
-  /** Per job, its subscribes in the order asked: jobs do not wait on each other. */
-  #jobChains: Map<string, Promise<void>> | null = null
-  /** The last unsubscribe: steps asked after it wait for it. */
-  #barrier: Promise<void> | null = null
   /** Its message rate and its actions in flight. */
   readonly #inbound: InboundLimit
 
@@ -65,6 +61,7 @@ export class Session implements TransportEvents, JobsConnection {
     this.outbox = new Outbox(transport, { maxBytes: ctx.maxBufferedBytes, owner: this })
     this.#jobs = new SessionJobs(ctx, this)
     this.#inbound = new InboundLimit(ctx.inbound)
+    this.#steps = new StepOrder(this.#failed, this.#answered)
     ctx.sessions.add(this)
     transport.bind(this)
     if (protocol.auth === 'first-message') {
@@ -72,7 +69,7 @@ export class Session implements TransportEvents, JobsConnection {
       this.#authTimer = setTimeout(() => this.#refuse('authentication timeout: send {"token": "..."} first'), ctx.firstMessageTimeoutMs).unref()
     } else {
       this.#jobs.expect(jobs.length)
-      this.#enqueue(() => this.#authenticate(jobs))
+      this.#steps.enqueue(async () => await this.#authenticate(jobs))
     }
   }
 
@@ -139,47 +136,14 @@ export class Session implements TransportEvents, JobsConnection {
     setTimeout(() => this.transport.terminate(), 3_000).unref()
   }
 
-  #enqueue (step: () => Promise<void> | void): void {
-    const tail = this.#chain.then(step).catch((err: Error) => {
-      this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
-      this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
-    })
-    this.#chain = tail
-    // Once done, an idle connection does not keep the settled chain.
-    void tail.then(() => { if (this.#chain === tail) this.#chain = RESOLVED })
+  /** A step failed: the client is told to come back later. */
+  readonly #failed = (err: Error): void => {
+    this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
+    this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
   }
 
-  /**
-   * Subscribes run beside each other (a socket that subscribes 100 jobs waits about one open, not
-   * 100 in a row, each a few round trips), after the same job's earlier steps. An unsubscribe
-   * waits for everything asked before it and holds back everything asked after it, so the room
-   * it frees under the subscription limit is there for the next subscribe.
-   */
-  #enqueueFor (jobId: unknown, step: () => Promise<void>, barrier = false): void {
-    const key = typeof jobId === 'string' ? jobId : ''
-    const base = this.#barrier ?? this.#chain
-    const chains = this.#jobChains ??= new Map()
-    const after = barrier
-      ? Promise.all([base, ...chains.values()])
-      : (chains.get(key) ?? base)
-    const tail = after.then(step).catch((err: Error) => {
-      this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
-      this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
-    })
-    if (barrier) {
-      this.#barrier = tail
-      this.#jobChains = null
-      // Once done, an idle connection does not keep the settled unsubscribe.
-      void tail.then(() => { if (this.#barrier === tail) this.#barrier = null })
-      return
-    }
-    chains.set(key, tail)
-    void tail.then(() => {
-      if (chains.get(key) !== tail) return
-      chains.delete(key)
-      if (chains.size === 0 && this.#jobChains === chains) this.#jobChains = null
-    })
-  }
+  /** An action counted in flight was answered (or failed). */
+  readonly #answered = (): void => this.#inbound.end()
 
   /**
    * Lets the upgrade request go once nothing can ask for it again: only the application's access
@@ -276,7 +240,7 @@ export class Session implements TransportEvents, JobsConnection {
       if (this.protocol.auth === 'first-message' && this.#authTimer !== null) {
         clearTimeout(this.#authTimer)
         this.#authTimer = null
-        this.#enqueue(() => this.#authenticateWith(text))
+        this.#steps.enqueue(async () => await this.#authenticateWith(text))
         return
       }
       const early = this.#early ??= []
@@ -291,15 +255,17 @@ export class Session implements TransportEvents, JobsConnection {
     const action: ClientAction = this.protocol.parse?.(text) ?? { type: 'ignore' }
     switch (action.type) {
       case 'subscribe': {
-        const step = this.#counted(() => this.#jobs.subscribe(action.jobId, undefined, true, action.logs, action.streams))
-        if (step === null) return
+        const over = this.#inbound.begin()
+        if (over !== null) return this.#abuse(over)
+        // Nothing to wait for (the common case: a job new to the connection): it starts now.
+        if (action.logs === undefined && action.streams === undefined && this.#jobs.subscribeNow(action.jobId, this.#steps)) break
         this.#jobs.expect(1)
-        this.#enqueueFor(action.jobId, step)
+        this.#steps.enqueueFor(action.jobId, this.#begun(async () => await this.#jobs.subscribe(action.jobId, undefined, true, action.logs, action.streams)))
         break
       }
       case 'subscribe_mine': {
         const step = this.#counted(() => this.#subscribeMine())
-        if (step !== null) this.#enqueue(step)
+        if (step !== null) this.#steps.enqueue(step)
         break
       }
       case 'unsubscribe_mine': {
@@ -308,12 +274,12 @@ export class Session implements TransportEvents, JobsConnection {
           this.#mine?.()
           this.#mine = null
         })
-        if (step !== null) this.#enqueue(step)
+        if (step !== null) this.#steps.enqueue(step)
         break
       }
       case 'unsubscribe': {
         const step = this.#counted(() => this.#jobs.unsubscribe(action.jobId))
-        if (step !== null) this.#enqueueFor(action.jobId, step, true)
+        if (step !== null) this.#steps.enqueueFor(action.jobId, step, true)
         break
       }
       case 'ping':
@@ -335,6 +301,11 @@ export class Session implements TransportEvents, JobsConnection {
       this.#abuse(over)
       return null
     }
+    return this.#begun(step)
+  }
+
+  /** A step of an action counted in flight ({@link InboundLimit.begin}): answered when it ends. */
+  #begun (step: () => Promise<void> | void): () => Promise<void> {
     return async () => {
       try {
         await step()

@@ -1,5 +1,6 @@
 import type { OpenedJob, OpenWaiter } from '../hub/hub'
 import type { SnapshotTarget } from '../core/snapshot'
+import type { StepEnd } from './step-order'
 
 /** What a waiting subscribe does to its connection's jobs (lib/session/session-jobs.ts). */
 export interface QuickOpens {
@@ -12,25 +13,23 @@ export interface QuickOpens {
 }
 
 /**
- * One subscribe waiting for the hub's batch, as one object: what it asked for, and the ends of
- * the promise its session waits on. Never throws back into the batch: a failure rejects that
- * promise (the session then closes the connection, as for any failed step).
+ * One subscribe waiting for the hub's batch, as one object: what it asked for, and what to tell
+ * when it has ended (lib/session/step-order.ts). Never throws back into the batch: a failure is
+ * told there (the session then closes the connection, as for any failed step).
  */
 export class SubscribeWaiter implements OpenWaiter {
   readonly #jobs: QuickOpens
   readonly #jobId: string
   readonly #targets: SnapshotTarget[]
   readonly #counted: boolean
-  readonly #resolve: () => void
-  readonly #reject: (err: unknown) => void
+  readonly #end: StepEnd
 
-  constructor (jobs: QuickOpens, jobId: string, targets: SnapshotTarget[], counted: boolean, resolve: () => void, reject: (err: unknown) => void) {
+  constructor (jobs: QuickOpens, jobId: string, targets: SnapshotTarget[], counted: boolean, end: StepEnd) {
     this.#jobs = jobs
     this.#jobId = jobId
     this.#targets = targets
     this.#counted = counted
-    this.#resolve = resolve
-    this.#reject = reject
+    this.#end = end
   }
 
   opened (index: number, opened: OpenedJob): void {
@@ -57,7 +56,6 @@ export class SubscribeWaiter implements OpenWaiter {
     } catch (err) {
       error ??= err
     }
-    if (error === null) this.#resolve()
-    else this.#reject(error)
+    this.#end.end(error)
   }
 }
