@@ -104,10 +104,54 @@ t.test('a storm of connections of one owner takes its slots in one script call, 
   const before = await calls()
   const taken = await Promise.all(Array.from({ length: 50 }, async () => await limit.acquire('storm')))
   t.ok(taken.every(id => id !== null), '50 slots taken')
+  const took = await calls()
   for (const id of taken) limit.release('storm', id as string)
   await eventually(async () => (await conn.hlen('jp:conn-ids:{storm}')) === 0)
   const after = await calls()
-  t.ok((after.eval ?? 0) - (before.eval ?? 0) <= 1, `EVAL with the script text: ${(after.eval ?? 0) - (before.eval ?? 0)} (at most once)`)
+  const scripts = (a: Record<string, number>, b: Record<string, number>): number => (a.eval ?? 0) + (a.evalsha ?? 0) - (b.eval ?? 0) - (b.evalsha ?? 0)
+  // The take's and the give-back's texts, once each at most; every other call by hash.
+  t.ok((after.eval ?? 0) - (before.eval ?? 0) <= 2, `EVAL with the script text: ${(after.eval ?? 0) - (before.eval ?? 0)} (at most once per script)`)
   // Taken in one turn by one owner: one call for all of them, not one per connection.
-  t.ok((after.eval ?? 0) + (after.evalsha ?? 0) - (before.eval ?? 0) - (before.evalsha ?? 0) <= 2, `${(after.eval ?? 0) + (after.evalsha ?? 0) - (before.eval ?? 0) - (before.evalsha ?? 0)} script calls for 50 connections`)
+  t.ok(scripts(took, before) <= 2, `${scripts(took, before)} script calls to take 50 connections`)
+  t.equal(await conn.exists('jp:conn-n:{storm}'), 0, 'given back: no count left')
+})
+
+t.test('a take reads one count per instance, not every id of the owner; ids an older version wrote without counts are counted once from the ids', async (t) => {
+  const redis = await redisFor(t)
+  const conn = new Redis(redis.url)
+  const watcher = new Redis(redis.url)
+  const monitor = await watcher.monitor()
+  const limit = new ConnectionLimit({ redis: conn, keys: new Keys({ prefix: 'bull', channelPrefix: 'jp' }), instanceId: 'one', max: 3, heartbeatMs: 60_000, log: pino({ level: 'silent' }) })
+  t.teardown(async () => { await limit.close(); await conn.quit(); monitor.disconnect(); watcher.disconnect() })
+  await limit.start()
+  // An older version's ids (no counts beside them), held by an instance that is alive.
+  await conn.zadd('jp:instances', String(Date.now()), 'older')
+  await conn.hset('jp:conn-ids:{svc}', 'older:0', 'older', 'older:1', 'older', 'older:2', 'older')
+  const reads: string[] = []
+  let marks = 0
+  monitor.on('monitor', (_time: string, args: string[]) => {
+    if (args[0].toLowerCase() === 'hgetall') reads.push(args[1])
+    if (args[0].toLowerCase() === 'echo') marks++
+  })
+  // What the monitor saw up to now (it reports in order, a little later).
+  const seen = async (): Promise<void> => {
+    const want = marks + 1
+    await conn.echo('mark')
+    await eventually(async () => marks >= want)
+  }
+  const first = await limit.acquire('svc')
+  t.equal(first, null, 'three held by the older instance: the fourth is refused (counted from the ids)')
+  t.same(await conn.hgetall('jp:conn-n:{svc}'), { older: '3' }, 'the counts were made from the ids')
+  await conn.hdel('jp:conn-ids:{svc}', 'older:0')
+  await conn.hincrby('jp:conn-n:{svc}', 'older', -1)
+  await seen()
+  reads.length = 0
+  const second = await limit.acquire('svc')
+  await seen()
+  t.type(second, 'string', 'one given back: taken')
+  t.same(reads, ['jp:conn-n:{svc}'], 'the take read the counts, not the ids')
+  t.same(await conn.hgetall('jp:conn-n:{svc}'), { older: '2', one: '1' })
+  limit.release('svc', second as string)
+  await eventually(async () => await conn.hexists('jp:conn-n:{svc}', 'one') === 0)
+  t.equal(await conn.hlen('jp:conn-ids:{svc}'), 2, 'given back: its id gone, the count of its instance with it')
 })

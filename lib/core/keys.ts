@@ -173,6 +173,11 @@ export class Keys {
   connections (owner: string): string {
     return `${this.channelPrefix}:conn-ids:{${owner}}`
   }
+
+  /** How many of {@link connections} each instance holds (hash: instance → count), in the same slot. */
+  connectionCounts (owner: string): string {
+    return `${this.channelPrefix}:conn-n:{${owner}}`
+  }
 }
 
 /**

@@ -16,38 +16,66 @@ export interface ConnectionLimitOptions {
 }
 
 /**
- * Takes slots, by the connections' ids, on the owner's key only (one slot, so it runs on a Redis
- * Cluster too): every connection of one owner that opened on this instance in one turn of the
- * event loop, in one call. The owner's hash maps each open connection's id to the instance
- * holding it; the count is the number of ids held by this instance (ARGV[1]), by instances known
- * alive (ARGV[5 + k ..]), and by instances this one has not heard of (a new one, or a dead one:
- * counted until the caller has read who is alive, so a new instance's connections count at
- * once). With ARGV[3] = '1' (who is alive was just read) ids of instances not alive are removed
- * instead. ARGV[4] is k, the number of ids (ARGV[5 .. 4 + k]). Idempotent: an id already there (a
- * call sent again after a reconnect) is not counted twice. Returns each id's answer (1 taken, 0
- * full), then the instances it did not know.
+ * The owner's count per instance (KEYS[2]), as a Lua table, checked against its ids (KEYS[1]):
+ * when they disagree (ids written by an older version, which kept no counts) the counts are
+ * made again from the ids, once. So a call costs one read per instance, not per connection.
  */
-const ACQUIRE = `
+const COUNTS = `
+local function counts()
+  local flat = redis.call('HGETALL', KEYS[2])
+  local by, sum = {}, 0
+  for i = 1, #flat, 2 do
+    local n = tonumber(flat[i + 1])
+    by[flat[i]] = n
+    sum = sum + n
+  end
+  if sum == redis.call('HLEN', KEYS[1]) then return by end
+  by = {}
+  local ids = redis.call('HGETALL', KEYS[1])
+  for i = 2, #ids, 2 do by[ids[i]] = (by[ids[i]] or 0) + 1 end
+  redis.call('DEL', KEYS[2])
+  for instance, n in pairs(by) do redis.call('HSET', KEYS[2], instance, n) end
+  return by
+end
+`
+
+/**
+ * Takes slots, by the connections' ids, on the owner's keys only (one slot, so it runs on a Redis
+ * Cluster too): every connection of one owner that opened on this instance in one turn of the
+ * event loop, in one call. The owner's hash (KEYS[1]) maps each open connection's id to the
+ * instance holding it, and KEYS[2] counts them per instance; the count is the number of ids held
+ * by this instance (ARGV[1]), by instances known alive (ARGV[5 + k ..]), and by instances this one
+ * has not heard of (a new one, or a dead one: counted until the caller has read who is alive, so
+ * a new instance's connections count at once). With ARGV[3] = '1' (who is alive was just read)
+ * the ids of instances not alive are removed instead: the one call that reads every id, once per
+ * dead instance. ARGV[4] is k, the number of ids (ARGV[5 .. 4 + k]). Idempotent: an id already
+ * there (a call sent again after a reconnect) is not counted twice. Returns each id's answer (1
+ * taken, 0 full), then the instances it did not know.
+ */
+const ACQUIRE = `${COUNTS}
 local k = tonumber(ARGV[4])
-local ids = redis.call('HGETALL', KEYS[1])
 local alive = {}
 for i = 5 + k, #ARGV do alive[ARGV[i]] = true end
 local total = 0
 local unknown = {}
-local seen = {}
-for i = 1, #ids, 2 do
-  local instance = ids[i + 1]
+local dead = nil
+for instance, n in pairs(counts()) do
   if instance == ARGV[1] or alive[instance] then
-    total = total + 1
+    total = total + n
   elseif ARGV[3] == '1' then
-    redis.call('HDEL', KEYS[1], ids[i])
+    dead = dead or {}
+    dead[instance] = true
   else
-    total = total + 1
-    if not seen[instance] then
-      seen[instance] = true
-      unknown[#unknown + 1] = instance
-    end
+    total = total + n
+    unknown[#unknown + 1] = instance
   end
+end
+if dead then
+  local ids = redis.call('HGETALL', KEYS[1])
+  for i = 1, #ids, 2 do
+    if dead[ids[i + 1]] then redis.call('HDEL', KEYS[1], ids[i]) end
+  end
+  for instance in pairs(dead) do redis.call('HDEL', KEYS[2], instance) end
 end
 local max = tonumber(ARGV[2])
 local answers = {}
@@ -57,6 +85,7 @@ for j = 1, k do
     answers[j] = 1
   elseif total < max then
     redis.call('HSET', KEYS[1], id, ARGV[1])
+    redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
     total = total + 1
     answers[j] = 1
   else
@@ -66,9 +95,18 @@ end
 return {answers, unknown}
 `
 
+/** Gives back ids of this instance (ARGV[1]): ARGV[2..]. An id not there any more is not counted. */
+const RELEASE = `
+local n = 0
+for i = 2, #ARGV do n = n + redis.call('HDEL', KEYS[1], ARGV[i]) end
+if n > 0 and redis.call('HINCRBY', KEYS[2], ARGV[1], -n) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+return n
+`
+
 /**
  * This instance's ids of one owner that are not in ARGV[2..] (its connections still open or
  * opening) go: what a failed release, or a take sent again after its connection closed, left.
+ * Reads every id of the owner: only after a failure, at a heartbeat.
  */
 const REPAIR = `
 local ids = redis.call('HGETALL', KEYS[1])
@@ -81,6 +119,7 @@ for i = 1, #ids, 2 do
     removed = removed + 1
   end
 end
+if removed > 0 and redis.call('HINCRBY', KEYS[2], ARGV[1], -removed) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
 return removed
 `
 
@@ -92,6 +131,7 @@ interface Take {
 
 interface Scripts {
   jpConnTake: (...args: string[]) => Promise<unknown>
+  jpConnRelease: (...args: string[]) => Promise<unknown>
   jpConnRepair: (...args: string[]) => Promise<unknown>
 }
 
@@ -100,12 +140,15 @@ interface Scripts {
  * owner's hash (`<channelPrefix>:conn-ids:{<owner>}`) holds the ids of its open connections, each
  * with the instance holding it, and the limit is the number of ids held by live instances. Taking
  * and giving back a slot are idempotent (a set of ids, not a counter), so a command sent twice,
- * or a give-back that races a take, cannot make the count drift.
+ * or a give-back that races a take, cannot make the count drift. Beside it, in the same slot,
+ * `<channelPrefix>:conn-n:{<owner>}` counts the ids per instance, changed in the same scripts: a
+ * take reads one count per instance, not every id, so an owner allowed thousands of connections
+ * (a service's API key) costs what an owner with three does.
  *
  * Instances say they are alive in a sorted set (`<channelPrefix>:instances`, score = last
  * heartbeat) from one timer per instance. Connections cost one script call per owner and turn of
- * the event loop when they open (not awaited by the connection: see {@link take}) and one HDEL
- * each when they close; the heartbeat costs two commands per interval per instance, plus one
+ * the event loop when they open (not awaited by the connection: see {@link take}) and one
+ * script call each when they close; the heartbeat costs two commands per interval per instance, plus one
  * repair call per owner whose slot could not be given back (Redis away), whatever the number of
  * connections. So:
  * - a slot goes with its connection however that ends (the session gives it back on close);
@@ -134,8 +177,9 @@ export class ConnectionLimit {
     // script once per socket.
     const r = opts.redis as Redis & Partial<Scripts>
     if (typeof r.jpConnTake !== 'function') {
-      opts.redis.defineCommand('jpConnTake', { numberOfKeys: 1, lua: ACQUIRE })
-      opts.redis.defineCommand('jpConnRepair', { numberOfKeys: 1, lua: REPAIR })
+      opts.redis.defineCommand('jpConnTake', { numberOfKeys: 2, lua: ACQUIRE })
+      opts.redis.defineCommand('jpConnRelease', { numberOfKeys: 2, lua: RELEASE })
+      opts.redis.defineCommand('jpConnRepair', { numberOfKeys: 2, lua: REPAIR })
     }
   }
 
@@ -143,8 +187,9 @@ export class ConnectionLimit {
     return this.#o.redis as unknown as Scripts
   }
 
-  #key (owner: string): string {
-    return this.#o.keys.connections(owner)
+  /** The owner's ids and its counts per instance (one slot). */
+  #keys (owner: string): [string, string] {
+    return [this.#o.keys.connections(owner), this.#o.keys.connectionCounts(owner)]
   }
 
   /** Registers this instance as alive and keeps it so. */
@@ -174,7 +219,7 @@ export class ConnectionLimit {
     for (const owner of [...this.#dirty]) {
       this.#dirty.delete(owner)
       try {
-        await this.#scripts.jpConnRepair(this.#key(owner), this.#o.instanceId, ...(this.#held.get(owner) ?? []))
+        await this.#scripts.jpConnRepair(...this.#keys(owner), this.#o.instanceId, ...(this.#held.get(owner) ?? []))
       } catch (err) {
         this.#dirty.add(owner)
         this.#o.log.debug({ err }, 'job-progress: cannot put connection slots right yet; will retry')
@@ -262,7 +307,7 @@ export class ConnectionLimit {
   }
 
   async #take (owner: string, ids: string[]): Promise<boolean[]> {
-    const call = async (forget: boolean, asked: string[]): Promise<[number[], string[]]> => await this.#scripts.jpConnTake(this.#key(owner), this.#o.instanceId, String(this.#o.max), forget ? '1' : '0', String(asked.length), ...asked, ...this.#alive) as [number[], string[]]
+    const call = async (forget: boolean, asked: string[]): Promise<[number[], string[]]> => await this.#scripts.jpConnTake(...this.#keys(owner), this.#o.instanceId, String(this.#o.max), forget ? '1' : '0', String(asked.length), ...asked, ...this.#alive) as [number[], string[]]
     const [answers, unknown] = await call(false, ids)
     const out = answers.map(a => a === 1)
     if (unknown.length === 0 || out.every(Boolean)) {
@@ -292,7 +337,7 @@ export class ConnectionLimit {
   /** Gives back a slot taken with {@link acquire}; a second call for one id does nothing. */
   release (owner: string, id: string): void {
     if (!this.#forget(owner, id)) return
-    this.#o.redis.hdel(this.#key(owner), id).catch((err: Error) => {
+    this.#scripts.jpConnRelease(...this.#keys(owner), this.#o.instanceId, id).catch((err: Error) => {
       this.#dirty.add(owner)
       this.#o.log.debug({ err }, 'job-progress: cannot give back a connection slot yet; retried at the next heartbeat')
     })
@@ -309,7 +354,7 @@ export class ConnectionLimit {
     await Promise.all([
       ...[...owners].map(async owner => {
         const ids = [...held.get(owner) ?? []]
-        await (ids.length > 0 ? this.#o.redis.hdel(this.#key(owner), ...ids) : this.#scripts.jpConnRepair(this.#key(owner), this.#o.instanceId))
+        await (ids.length > 0 ? this.#scripts.jpConnRelease(...this.#keys(owner), this.#o.instanceId, ...ids) : this.#scripts.jpConnRepair(...this.#keys(owner), this.#o.instanceId))
       }),
       this.#o.redis.zrem(this.#instances, this.#o.instanceId)
     ].map(async p => { await p.catch(() => {}) }))
