@@ -19,10 +19,12 @@ import { OWNER_FIELD } from './keys'
  * The reply is one JSON text (an array, a row per job, false for Redis's nil): one string for
  * the instance to decode per hundred jobs, not fourteen values per job.
  *
- * Each job's owner is read first, alone from its own field; only jobs written before that field
- * existed pay for decoding their data. When owners are checked, a job of somebody else and one
- * that does not exist stop right there, after the same reads as {@link OWNER_SCRIPT}'s, and both
- * answer false: nothing of the job leaves Redis, and its data is read only once the check passed.
+ * Each job's owner is read first, from its own field, in one HMGET with the job's small fields
+ * (timestamps, attempts, progress): a waiting or running job costs that, its cancellation mark and
+ * nothing else. Only jobs written before the owner field existed pay for decoding their data.
+ * When owners are checked, a job of somebody else and one that does not exist stop right there,
+ * after the same commands as {@link OWNER_SCRIPT}'s, and both answer false: nothing of the job
+ * leaves Redis, and its data, result and error are read only once the check passed.
  */
 export const SNAPSHOT_SCRIPT = `
 local last = nil
@@ -33,7 +35,7 @@ for i = 0, n - 1 do
   local id = ARGV[5 + 2 * i]
   local job = prefix .. id
   local cancelKey = job .. cancelSuffix
-  local o = redis.call('HMGET', job, '${OWNER_FIELD}', 'timestamp')
+  local o = redis.call('HMGET', job, '${OWNER_FIELD}', 'timestamp', 'progress', 'finishedOn', 'processedOn', 'ats', 'atm')
   local cancel = redis.call('GET', cancelKey)
   local owner = o[1]
   local data = false
@@ -48,16 +50,18 @@ for i = 0, n - 1 do
     if string.sub(want, 1, 1) == '?' and owner and owner ~= '' then out[i + 1] = owner else out[i + 1] = false end
   else
     if ARGV[1] == '1' and not data then data = redis.call('HGET', job, 'data') end
-    local h = redis.call('HMGET', job, 'progress', 'returnvalue', 'failedReason', 'finishedOn', 'processedOn', 'ats', 'atm')
+    -- A result and an error only once the job has finished (they can be large).
+    local ended = {false, false}
+    if o[4] then ended = redis.call('HMGET', job, 'returnvalue', 'failedReason') end
     local where = ''
     -- BullMQ writes finishedOn in the script that adds a job to completed or failed, and
     -- processedOn in the one that takes its lock: without them neither set nor the lock is asked.
-    if h[4] and redis.call('ZSCORE', KEYS[1], id) then where = 'completed'
-    elseif h[4] and redis.call('ZSCORE', KEYS[2], id) then where = 'failed'
-    elseif h[5] and redis.call('EXISTS', job .. lockSuffix) == 1 then where = 'active'
+    if o[4] and redis.call('ZSCORE', KEYS[1], id) then where = 'completed'
+    elseif o[4] and redis.call('ZSCORE', KEYS[2], id) then where = 'failed'
+    elseif o[5] and redis.call('EXISTS', job .. lockSuffix) == 1 then where = 'active'
     -- Neither finished nor locked, its hash there: queued, whether it waits in the list, delayed,
     -- prioritized or for its children (the state is the same): the three sets are not asked.
-    elseif not h[4] and o[2] then where = ''
+    elseif not o[4] and o[2] then where = ''
     elseif redis.call('ZSCORE', KEYS[3], id) then where = 'delayed'
     elseif redis.call('ZSCORE', KEYS[4], id) then where = 'prioritized'
     elseif redis.call('ZSCORE', KEYS[5], id) then where = 'waiting-children'
@@ -71,7 +75,7 @@ for i = 0, n - 1 do
     -- A cancelled job's hash is gone: the attempt it was cancelled in is kept beside the mark.
     local cancelled = false
     if cancel then cancelled = redis.call('GET', cancelKey .. ':attempt') end
-    out[i + 1] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], o[2], where, cancel, last, owner, data, cancelled}
+    out[i + 1] = {o[3], ended[1], ended[2], o[4], o[5], o[6], o[7], o[2], where, cancel, last, owner, data, cancelled}
   end
 end
 return cjson.encode(out)
