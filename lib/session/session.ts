@@ -10,7 +10,7 @@ import { SessionJobs, type JobsConnection } from './session-jobs'
 import { InboundLimit } from './inbound'
 import { mineReceiver } from './mine-feed'
 import type { InitialJob, SessionContext } from './session-context'
-import { StepOrder } from './step-order'
+import { StepOrder, type StepOwner } from './step-order'
 
 export type { InitialJob, SessionContext }
 
@@ -26,7 +26,7 @@ export type { InitialJob, SessionContext }
  * The session owns the connection: authentication, the order of a client's steps, the jobs feed
  * and the close. What it does for each job it watches is in {@link SessionJobs}.
  */
-export class Session implements TransportEvents, JobsConnection {
+export class Session implements TransportEvents, JobsConnection, StepOwner {
   readonly transport: Transport
   readonly outbox: Outbox
   readonly protocol: ProtocolDefinition
@@ -61,7 +61,7 @@ export class Session implements TransportEvents, JobsConnection {
     this.outbox = new Outbox(transport, { maxBytes: ctx.maxBufferedBytes, owner: this })
     this.#jobs = new SessionJobs(ctx, this)
     this.#inbound = new InboundLimit(ctx.inbound)
-    this.#steps = new StepOrder(this.#failed, this.#answered)
+    this.#steps = new StepOrder(this)
     ctx.sessions.add(this)
     transport.bind(this)
     if (protocol.auth === 'first-message') {
@@ -136,14 +136,16 @@ export class Session implements TransportEvents, JobsConnection {
     setTimeout(() => this.transport.terminate(), 3_000).unref()
   }
 
-  /** A step failed: the client is told to come back later. */
-  readonly #failed = (err: Error): void => {
+  /** From its steps: one failed, and the client is told to come back later. */
+  stepFailed (err: Error): void {
     this.#ctx.log.error({ err }, 'job-progress: connection handler failed')
     this.close(CloseCodes.tryAgainLater, 'temporarily unavailable, try again')
   }
 
-  /** An action counted in flight was answered (or failed). */
-  readonly #answered = (): void => this.#inbound.end()
+  /** From its steps: an action counted in flight was answered (or failed). */
+  stepAnswered (): void {
+    this.#inbound.end()
+  }
 
   /**
    * Lets the upgrade request go once nothing can ask for it again: only the application's access

@@ -5,6 +5,13 @@ export interface StepEnd {
   end: (err: unknown) => void
 }
 
+/** Whose steps they are: told of a failed step (the connection is then closed) and of each action answered. */
+export interface StepOwner {
+  stepFailed: (err: Error) => void
+  /** A step started at once ({@link StepOrder.start}) ended: its action is answered. */
+  stepAnswered: () => void
+}
+
 /**
  * A step started at once ({@link StepOrder.start}): no promise of its own unless a later step
  * has to wait for it (most never do: a storm's subscribes are each the only step of their job).
@@ -47,9 +54,8 @@ class StartedStep implements StepEnd {
  * small object, and a later step of the same job (or an unsubscribe) waits for its end.
  */
 export class StepOrder {
-  /** Told of a step that failed (the connection is then closed), and of each step started at once when it ends. */
-  readonly #failed: (err: Error) => void
-  readonly #startedEnded: () => void
+  /** The session: a method each, not a closure per session (a server holds thousands). */
+  readonly #owner: StepOwner
   #chain: Promise<void> = RESOLVED
   /** Per job, its waiting steps in the order asked. */
   #jobChains: Map<string, Promise<void>> | null = null
@@ -58,14 +64,13 @@ export class StepOrder {
   /** The last unsubscribe: steps asked after it wait for it. */
   #barrier: Promise<void> | null = null
 
-  constructor (failed: (err: Error) => void, startedEnded: () => void) {
-    this.#failed = failed
-    this.#startedEnded = startedEnded
+  constructor (owner: StepOwner) {
+    this.#owner = owner
   }
 
   /** A step of the connection as a whole, after every such step asked before it. */
   enqueue (step: () => Promise<void> | void): void {
-    const tail = this.#chain.then(step).catch(this.#failed)
+    const tail = this.#chain.then(step).catch((err: Error) => this.#owner.stepFailed(err))
     this.#chain = tail
     // Once done, an idle connection does not keep the settled chain.
     void tail.then(() => { if (this.#chain === tail) this.#chain = RESOLVED })
@@ -80,7 +85,7 @@ export class StepOrder {
     const after = barrier
       ? Promise.all([base, ...chains.values(), ...(started === null ? [] : [...started.values()].map(s => s.done))])
       : (chains.get(key) ?? started?.get(key)?.done ?? base)
-    const tail = after.then(step).catch(this.#failed)
+    const tail = after.then(step).catch((err: Error) => this.#owner.stepFailed(err))
     if (barrier) {
       this.#barrier = tail
       this.#jobChains = null
@@ -115,7 +120,7 @@ export class StepOrder {
       started.delete(key)
       if (started.size === 0) this.#started = null
     }
-    this.#startedEnded()
-    if (err !== null) this.#failed(err instanceof Error ? err : new Error(String(err)))
+    this.#owner.stepAnswered()
+    if (err !== null) this.#owner.stepFailed(err instanceof Error ? err : new Error(String(err)))
   }
 }
