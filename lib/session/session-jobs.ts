@@ -102,16 +102,19 @@ export class SessionJobs implements Deliveries, QuickOpens {
   }
 
   /**
-   * A subscribe its session starts at once, with nothing to wait for (`steps` says whether it
-   * may): true when it was started, its end told to what `steps` gave; false when it takes the
-   * general path ({@link subscribe}, nothing was done).
+   * A subscribe its session starts at once, when `steps` says nothing is to wait for: true when it
+   * was (its end told to what `steps` gave), false when it takes the general path ({@link subscribe}).
    */
   subscribeNow (jobId: unknown, steps: { start: (jobId: string) => StepEnd | null }): boolean {
     const located = this.#quickly(jobId, undefined)
     const end = located === null ? null : steps.start(jobId as string)
     if (end === null) return false
     this.#pending++
-    this.#openQuickly(jobId as string, located as Located, true, end)
+    try {
+      this.#openQuickly(jobId as string, located as Located, true, end)
+    } catch (err) {
+      end.end(err)
+    }
     return true
   }
 
