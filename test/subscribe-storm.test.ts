@@ -54,6 +54,25 @@ t.test('100 subscribes sent at once: read in a few pipelined batches, every job 
   t.same(order.slice(0, 2), ['unsubscribed', 'subscribed'])
 })
 
+t.test('a subscribe that starts at once and an unsubscribe of the same job sent right after it: answered in that order, nothing left watched', async (t) => {
+  const redis = await redisFor(t)
+  const { app, url, ws } = await startApp(t, redis, { protocols: [jobsProtocol({ path: PATH })] })
+  const up = await upload(`${url}/batch/upload`, '1\n')
+  const id = String(up.body.job_id)
+  const client = connect(t, `${ws}${PATH}`, { cookie: up.cookie })
+  await client.waitFor(m => m.type === 'connected')
+  // In one frame batch: the subscribe has nothing to wait for and starts at once, the
+  // unsubscribe, and the subscribe after it, wait for it.
+  client.send({ action: 'subscribe', job_id: id })
+  client.send({ action: 'unsubscribe', job_id: id })
+  client.send({ action: 'subscribe', job_id: id })
+  client.send({ action: 'unsubscribe', job_id: id })
+  await client.waitFor(() => client.messages.filter(m => m.type === 'unsubscribed' && m.job_id === id).length === 2)
+  const order = client.messages.filter(m => m.job_id === id && (m.type === 'subscribed' || m.type === 'unsubscribed')).map(m => m.type)
+  t.same(order, ['subscribed', 'unsubscribed', 'subscribed', 'unsubscribed'], 'each step after the one asked before it')
+  t.equal(app.jobProgress.stats().watchedJobs, 0, 'no subscription left behind')
+})
+
 t.test('on a Redis Cluster, one batch of owner reads over queues in different slots: one pipeline per slot, every owner in its place', async (t) => {
   const cluster = await RedisCluster.start(t, { replicas: 0, persist: false })
   const client = cluster.client()

@@ -95,11 +95,18 @@ end
 return {answers, unknown}
 `
 
+/** This instance's (ARGV[1]) count goes down by `n` ids given back; a count at 0 goes. */
+const UNCOUNT = `
+local function uncount(n)
+  if n > 0 and redis.call('HINCRBY', KEYS[2], ARGV[1], -n) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+end
+`
+
 /** Gives back ids of this instance (ARGV[1]): ARGV[2..]. An id not there any more is not counted. */
-const RELEASE = `
+const RELEASE = `${UNCOUNT}
 local n = 0
 for i = 2, #ARGV do n = n + redis.call('HDEL', KEYS[1], ARGV[i]) end
-if n > 0 and redis.call('HINCRBY', KEYS[2], ARGV[1], -n) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+uncount(n)
 return n
 `
 
@@ -108,7 +115,7 @@ return n
  * opening) go: what a failed release, or a take sent again after its connection closed, left.
  * Reads every id of the owner: only after a failure, at a heartbeat.
  */
-const REPAIR = `
+const REPAIR = `${UNCOUNT}
 local ids = redis.call('HGETALL', KEYS[1])
 local live = {}
 for i = 2, #ARGV do live[ARGV[i]] = true end
@@ -119,7 +126,7 @@ for i = 1, #ids, 2 do
     removed = removed + 1
   end
 end
-if removed > 0 and redis.call('HINCRBY', KEYS[2], ARGV[1], -removed) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+uncount(removed)
 return removed
 `
 

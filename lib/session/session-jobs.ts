@@ -109,7 +109,7 @@ export class SessionJobs implements Deliveries, QuickOpens {
     const located = this.#quickly(jobId, undefined)
     const end = located === null ? null : steps.start(jobId as string)
     if (end === null) return false
-    this.#pending++
+    this.expect(1)
     try {
       this.#openQuickly(jobId as string, located as Located, true, end)
     } catch (err) {

@@ -79,12 +79,14 @@ export class StepOrder {
   /** A step of one job (a barrier for an unsubscribe): see the class. */
   enqueueFor (jobId: unknown, step: () => Promise<void>, barrier = false): void {
     const key = typeof jobId === 'string' ? jobId : ''
-    const base = this.#barrier ?? this.#chain
     const chains = this.#jobChains ??= new Map()
     const started = this.#started
+    // No step starts at once while an unsubscribe waits: the ones started are all before it,
+    // and it waits for them.
+    const base = this.#barrier ?? started?.get(key)?.done ?? this.#chain
     const after = barrier
       ? Promise.all([base, ...chains.values(), ...(started === null ? [] : [...started.values()].map(s => s.done))])
-      : (chains.get(key) ?? started?.get(key)?.done ?? base)
+      : (chains.get(key) ?? base)
     const tail = after.then(step).catch((err: Error) => this.#owner.stepFailed(err))
     if (barrier) {
       this.#barrier = tail
